@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Command-line entry points catch it and print its message as a single line (exit code 2), so every
+message must name the problem and the fix.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: a file, a flag or a combination of them."""

@@ -1,0 +1,207 @@
+"""The GLiT model family: the Global-Local block, the standalone network, timm registrations.
+
+A GL-block splits its (pre-normed) input channels: the first C*G/H go through G self-attention
+heads, the last C*L/H through the Conformer convolution module, and the two outputs are
+concatenated (global first) with no projection after. Then the usual pre-norm MLP. See
+`../shared/reference/glit.md` for the spec this file follows.
+
+After `import glit_ray`, `timm.create_model('glit_tiny_patch16_224')` builds the published
+GLiT-Tiny; Small and Base are the same architecture with the head split scaled to 6 and 12 heads.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from .arch import Architecture, Block
+from .space import SearchSpace
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module over the token sequence, read as a 1-D signal (B, N, C)."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int):
+        super().__init__()
+        self.pw1 = nn.Conv1d(dim, 2 * hidden, 1)
+        self.glu = nn.GLU(dim=1)
+        self.dw = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.act = nn.SiLU()
+        self.pw2 = nn.Conv1d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.glu(self.pw1(x.transpose(1, 2)))
+        x = self.pw2(self.act(self.bn(self.dw(x))))
+        return x.transpose(1, 2)
+
+
+def block_parts(space: SearchSpace, block: Block) -> dict[str, nn.Module | None]:
+    """Fresh modules for one block's own operations (attention, convolution, MLP)."""
+    w = space.widths(block)
+    return {
+        "attn": Attention(w["global"], num_heads=block.g, attn_head_dim=w["attn_head"], qkv_bias=True)
+        if w["global"] else None,
+        "conv": ConvModule(w["local"], w["conv_hidden"], block.kernel) if w["local"] else None,
+        "mlp": Mlp(space.embed_dim, w["mlp_hidden"], act_layer=nn.GELU),
+    }
+
+
+def gl_block(x, split: int, norm1, attn, conv, norm2, mlp, drop_path) -> torch.Tensor:
+    """One GL-block step; shared by the standalone block and the supernet's chosen path."""
+    y = norm1(x)
+    if attn is None:
+        y = conv(y)
+    elif conv is None:
+        y = attn(y)
+    else:
+        y = torch.cat([attn(y[..., :split]), conv(y[..., split:])], dim=-1)
+    x = x + drop_path(y)
+    return x + drop_path(mlp(norm2(x)))
+
+
+class GLBlock(nn.Module):
+    """A standalone Global-Local block with fixed G and sizes."""
+
+    def __init__(self, space: SearchSpace, block: Block, drop_path: float = 0.0):
+        super().__init__()
+        self.split = space.widths(block)["global"]
+        self.norm1 = LayerNorm(space.embed_dim)
+        parts = block_parts(space, block)
+        self.attn, self.conv = parts["attn"], parts["conv"]
+        self.norm2 = LayerNorm(space.embed_dim)
+        self.mlp = parts["mlp"]
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gl_block(x, self.split, self.norm1, self.attn, self.conv, self.norm2, self.mlp, self.drop_path)
+
+
+class VisionTransformerShell(nn.Module):
+    """Patch embedding, class token, positions, final norm and head: what every GLiT shares.
+
+    Subclasses add `self.blocks`; the standalone model and the supernet differ only there.
+    """
+
+    def __init__(self, space: SearchSpace, num_classes: int = 1000, img_size: int | None = None,
+                 in_chans: int | None = None, drop_rate: float = 0.0):
+        super().__init__()
+        self.space = space
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = space.embed_dim
+        self.patch_embed = PatchEmbed(img_size or space.img_size, space.patch_size, in_chans or space.in_chans, space.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, space.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, space.embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.norm = LayerNorm(space.embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(space.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self):
+        """timm's ViT initialisation: truncated-normal positions and linears, tiny class token."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.norm(x)[:, 0])
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def drop_path_rates(depth: int, rate: float) -> list[float]:
+    """DeiT's stochastic depth: rising linearly from 0 at the first block to `rate` at the last."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+class GLiT(VisionTransformerShell):
+    """A standalone GLiT network for one architecture of one space."""
+
+    def __init__(self, arch: Architecture | str, space: SearchSpace | str = "glit_tiny", num_classes: int = 1000,
+                 img_size: int | None = None, in_chans: int | None = None, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
+        arch = space.validate(Architecture.parse(arch) if isinstance(arch, str) else arch)
+        super().__init__(space, num_classes, img_size, in_chans, drop_rate)
+        self.arch = arch
+        rates = drop_path_rates(space.depth, drop_path_rate)
+        self.blocks = nn.Sequential(*(GLBlock(space, b, r) for b, r in zip(arch.blocks, rates)))
+        self.init_weights()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.embed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# The published GLiT-Tiny (reference table: block G and low-level choice), in architecture-string form.
+GLIT_TINY_ARCH = (
+    "3:v0.5m4-0:k31c2m4-1:k31c4v1m6-3:v1m4-0:k45c4m4-1:k31c4v1m6-"
+    "3:v1m2-1:k31c4v1m2-0:k45c4m4-3:v1m4-0:k31c4m4-3:v2m6"
+)
+
+
+def scaled_arch(arch: str, factor: int) -> Architecture:
+    """GLiT-Tiny's architecture with every head count multiplied by `factor` (Small 2, Base 4)."""
+    return Architecture(tuple(replace(b, g=b.g * factor) for b in Architecture.parse(arch).blocks))
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "glit_tiny_patch16_224": _cfg(),
+    "glit_small_patch16_224": _cfg(),
+    "glit_base_patch16_224": _cfg(),
+})
+
+
+def _create_glit(variant: str, pretrained: bool, space: str, factor: int, **kwargs) -> GLiT:
+    return build_model_with_cfg(GLiT, variant, pretrained, arch=scaled_arch(GLIT_TINY_ARCH, factor),
+                                space=space, **kwargs)
+
+
+@register_model
+def glit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
+    """GLiT-Tiny as published (76.3 top-1 on ImageNet-1k, 1.4 G FLOPs, 7.2 M params)."""
+    return _create_glit("glit_tiny_patch16_224", pretrained, "glit_tiny", 1, **kwargs)
+
+
+@register_model
+def glit_small_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
+    """GLiT-Tiny's architecture at DeiT-Small scale (embedding 384, 6 heads)."""
+    return _create_glit("glit_small_patch16_224", pretrained, "glit_small", 2, **kwargs)
+
+
+@register_model
+def glit_base_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
+    """GLiT-Tiny's architecture at DeiT-Base scale (embedding 768, 12 heads)."""
+    return _create_glit("glit_base_patch16_224", pretrained, "glit_base", 4, **kwargs)

@@ -1,0 +1,103 @@
+"""The weight-sharing supernet of one search level (SPOS).
+
+Every candidate operation of every block is held once: an attention module per (G, attention
+expansion), a convolution module per (L, kernel, conv expansion), an MLP per ratio. Options that
+use the same operation share its weights (at the low level, a mixed block's 9 options share 3
+convolution modules and 3 MLPs). `forward(x, arch)` looks the chosen operations up and runs only
+those, through the same `gl_block` step as the standalone model, so a sampled step costs what the
+standalone subnet costs. `extract(arch)` copies the chosen weights into a standalone `GLiT`.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from .arch import Architecture, Block
+from .model import GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates, gl_block
+from .space import SearchSpace, check_level
+
+
+def _key(*parts: float) -> str:
+    """A ModuleDict key for an operation's sizes ('.' is not allowed in module names)."""
+    return "_".join(f"{p:g}".replace(".", "p") for p in parts)
+
+
+class SuperBlock(nn.Module):
+    """All operations one depth position can choose from, each held once."""
+
+    def __init__(self, space: SearchSpace, allowed: tuple[Block, ...], drop_path: float = 0.0):
+        super().__init__()
+        self.space = space
+        self.norm1 = LayerNorm(space.embed_dim)
+        self.norm2 = LayerNorm(space.embed_dim)
+        self.attn, self.conv, self.mlp = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        for block in allowed:
+            keys = self.keys(block)
+            for name, module in block_parts(space, block).items():
+                store = getattr(self, name)
+                if module is not None and keys[name] not in store:
+                    store[keys[name]] = module
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def keys(self, block: Block) -> dict[str, str]:
+        local = self.space.num_heads - block.g
+        return {
+            "attn": _key(block.g, block.attn_expansion or 0),
+            "conv": _key(local, block.kernel or 0, block.conv_expansion or 0),
+            "mlp": _key(block.mlp_ratio),
+        }
+
+    def path(self, block: Block) -> dict[str, nn.Module | None]:
+        """The modules `block` runs through, named as in a standalone `GLBlock`."""
+        keys = self.keys(block)
+        return {
+            "norm1": self.norm1,
+            "attn": self.attn[keys["attn"]] if block.g else None,
+            "conv": self.conv[keys["conv"]] if block.g < self.space.num_heads else None,
+            "norm2": self.norm2,
+            "mlp": self.mlp[keys["mlp"]],
+        }
+
+    def forward(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        return gl_block(x, self.space.widths(block)["global"], **self.path(block), drop_path=self.drop_path)
+
+
+class GLiTSupernet(VisionTransformerShell):
+    """One level's supernet: high (G per block, sizes at defaults) or low (sizes, G fixed)."""
+
+    def __init__(self, space: SearchSpace, level: str, distribution: tuple[int, ...] | None = None,
+                 num_classes: int = 1000, img_size: int | None = None, in_chans: int | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__(space, num_classes, img_size, in_chans, drop_rate)
+        self.level = check_level(level)
+        self.distribution = tuple(distribution) if level == "low" else None
+        self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
+        rates = drop_path_rates(space.depth, drop_path_rate)
+        choices = space.block_choices(level, self.distribution)
+        self.blocks = nn.ModuleList(SuperBlock(space, allowed, r) for allowed, r in zip(choices, rates))
+        self.init_weights()
+
+    def forward_features(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
+        x = self.embed(x)
+        for block, gene in zip(self.blocks, arch.blocks, strict=True):
+            x = block(x, gene)
+        return x
+
+    def forward(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, arch))
+
+    def extract(self, arch: Architecture) -> GLiT:
+        """A standalone GLiT for `arch` carrying this supernet's weights for that path."""
+        self.space.validate(arch, self.level)
+        if self.level == "low" and arch.distribution != self.distribution:
+            raise ValueError(f"{arch} does not have this supernet's distribution {self.distribution}")
+        model = GLiT(arch, self.space, self.num_classes, self.patch_embed.img_size[0],
+                     self.patch_embed.proj.in_channels, self.drop_rate, self.drop_path_rate)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("blocks.")}
+        for i, (block, gene) in enumerate(zip(self.blocks, arch.blocks)):
+            for name, module in block.path(gene).items():
+                if module is not None:
+                    state.update({f"blocks.{i}.{name}.{k}": v for k, v in module.state_dict().items()})
+        model.load_state_dict(state)
+        return model.to(self.pos_embed.device).train(self.training)

@@ -1,0 +1,1 @@
+"""The built-in GLiT search spaces, shipped inside the package as glit_ray.search_spaces."""
