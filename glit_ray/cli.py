@@ -1,0 +1,16 @@
+"""What every `python -m glit_ray.*` entry point shares: bad input ends in one line and exit code 2."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from .errors import UserError
+
+
+def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Call `main(argv)`; a UserError prints `error: <message>` on stderr and exits with code 2."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,159 @@
+"""Datasets: train, held-out and test splits for the supernet, the search and retraining.
+
+The held-out split is what the search scores candidates on. It is carved from the training data
+with a fixed seed (SPOS: 50,000 ImageNet training images), so the test split is never seen during
+search. Sources, named by a spec string:
+
+- `digits`: scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes), shipped
+  with the package: real data that needs no download. Its test split is a fixed 20 %.
+- `cifar10:PATH`, `cifar100:PATH`: the python version of CIFAR in a local folder (checksums verified).
+- `imagefolder:PATH`: ImageNet layout, PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg (val is the
+  test split).
+
+Image datasets use timm's transforms with the DeiT recipe (RandAugment, random erasing, bicubic);
+`mixup_for` gives the DeiT mixup/cutmix for their training batches.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+
+from .errors import UserError
+
+SPEC_FORMS = "digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH"
+SPLIT_SEED = 0  # fixed: the held-out and test splits never change with the run's seed
+HELDOUT_FRACTION, HELDOUT_MAX = 0.2, 50_000
+# DeiT's training recipe, as timm's create_transform and Mixup spell it.
+DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "interpolation": "bicubic"}
+DEIT_MIXUP = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    heldout: Dataset
+    test: Dataset
+    num_classes: int
+    natural_images: bool  # True when the DeiT image recipe (mixup/cutmix) applies
+
+
+def parse_spec(spec: str) -> tuple[str, Path | None]:
+    kind, _, path = spec.partition(":")
+    if kind == "digits" and not path:
+        return kind, None
+    if kind in ("cifar10", "cifar100", "imagefolder") and path:
+        return kind, Path(path).expanduser()
+    raise UserError(f"unknown dataset {spec!r}: use {SPEC_FORMS}")
+
+
+def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
+    """The three splits of dataset `spec`, at the image size and channels a space expects."""
+    kind, path = parse_spec(spec)
+    if kind == "digits":
+        return _digits(img_size, in_chans)
+    if in_chans != 3:
+        raise UserError(f"{kind} has RGB images but the search space takes in_chans {in_chans}; use a space with in_chans: 3")
+    if not path.exists():
+        raise UserError(f"dataset path {path} does not exist: point {kind}:PATH at the local copy (no download is attempted)")
+    train_tf = create_transform(img_size, is_training=True, **DEIT_AUGMENT)
+    eval_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=1.0 if img_size < 64 else 0.875)
+    if kind == "imagefolder":
+        make = _imagefolder(path)
+    else:
+        make = _cifar(kind, path)
+    train_view, heldout_view, test = make(True, train_tf), make(True, eval_tf), make(False, eval_tf)
+    if test.classes != train_view.classes:
+        raise UserError(f"{path}: the test split's classes differ from the training split's; give both the same class folders")
+    train_idx, heldout_idx = _carve(len(train_view))
+    return Splits(Subset(train_view, train_idx), Subset(heldout_view, heldout_idx), test, len(train_view.classes), True)
+
+
+def _carve(n: int) -> tuple[list[int], list[int]]:
+    """Split n training indices into (train, held-out) with the fixed split seed."""
+    count = min(round(HELDOUT_FRACTION * n), HELDOUT_MAX)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def _digits(img_size: int, in_chans: int) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    if img_size != images.shape[-1]:
+        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    images = images.expand(-1, in_chans, -1, -1).contiguous()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = round(0.2 * len(labels))
+    test_idx, rest = order[:n_test], order[n_test:]
+    train_pos, heldout_pos = _carve(len(rest))
+    train_idx, heldout_idx = rest[train_pos], rest[heldout_pos]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+
+    def split(idx):
+        return TensorDataset(images[idx], labels[idx])
+
+    return Splits(split(train_idx), split(heldout_idx), split(test_idx), 10, False)
+
+
+def _cifar(kind: str, path: Path):
+    cls = CIFAR10 if kind == "cifar10" else CIFAR100
+    root = path.parent if path.name == cls.base_folder else path
+    expected = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+    def make(train: bool, transform):
+        try:
+            return cls(str(root), train=train, transform=transform, download=False)
+        except RuntimeError:  # torchvision's word for missing files or a checksum mismatch
+            raise UserError(
+                f"{root / cls.base_folder} is not a complete {kind} folder (needs {', '.join(expected)} with their "
+                f"published checksums): extract the python version of {kind} there"
+            ) from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{root / cls.base_folder}: a batch file is corrupt ({type(exc).__name__}); re-extract {kind}") from None
+
+    return make
+
+
+def _imagefolder(path: Path):
+    def make(train: bool, transform):
+        split = path / ("train" if train else "val")
+        if not split.is_dir():
+            raise UserError(f"{split} is missing: imagefolder:PATH needs PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg")
+        try:
+            return ImageFolder(str(split), transform=transform)
+        except (FileNotFoundError, OSError) as exc:
+            raise UserError(f"{split}: {exc}; put images in one sub-folder per class") from None
+
+    return make
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader; training loaders shuffle with a seeded generator and drop the last batch."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed) if train else None,
+    )
+
+
+def mixup_for(splits: Splits, label_smoothing: float = DEIT_MIXUP["label_smoothing"]) -> Mixup | None:
+    """DeiT's mixup/cutmix for natural-image datasets; None for digits (8x8 glyphs)."""
+    if not splits.natural_images:
+        return None
+    return Mixup(mixup_alpha=DEIT_MIXUP["mixup_alpha"], cutmix_alpha=DEIT_MIXUP["cutmix_alpha"],
+                 label_smoothing=label_smoothing, num_classes=splits.num_classes)

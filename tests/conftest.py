@@ -1,0 +1,40 @@
+import copy
+import random
+
+import pytest
+import yaml
+
+from glit_ray.space import SearchSpace
+
+
+@pytest.fixture(scope="session")
+def micro() -> SearchSpace:
+    return SearchSpace.load("glit_micro")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> SearchSpace:
+    return SearchSpace.load("glit_tiny")
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)
+
+
+@pytest.fixture
+def micro_dict(micro) -> dict:
+    """A fresh, editable copy of the micro space's YAML mapping."""
+    return copy.deepcopy(micro.to_dict())
+
+
+@pytest.fixture
+def write_space(tmp_path):
+    """Write a space mapping to a YAML file and return its path."""
+
+    def write(data, name="space.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+        return path
+
+    return write

@@ -1,0 +1,83 @@
+import random
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from glit_ray.cost import arch_cost
+from glit_ray.errors import UserError
+from glit_ray.supernet import GLiTSupernet
+
+DIST = (0, 1, 2, 3, 1, 0)
+
+
+def trained_supernet(space, level, steps=4, seed=0):
+    """A supernet after a few SPOS steps, so weights and BatchNorm statistics are not at init."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    net = GLiTSupernet(space, level, DIST if level == "low" else None, num_classes=10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        arch = space.sample(level, rng, DIST)
+        loss = net(torch.randn(8, 1, 8, 8), arch).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, rng
+
+
+@pytest.mark.parametrize("level", ["high", "low"])
+def test_supernet_path_equals_extracted_subnet(micro, level):
+    net, rng = trained_supernet(micro, level)
+    net.eval()
+    x = torch.randn(16, 1, 8, 8)
+    for _ in range(5):
+        arch = micro.sample(level, rng, DIST)
+        subnet = net.extract(arch)
+        assert not subnet.training and subnet.arch == arch
+        torch.testing.assert_close(subnet(x), net(x, arch), atol=1e-5, rtol=0)
+
+
+def test_extracted_subnet_owns_its_weights(micro):
+    net, rng = trained_supernet(micro, "high")
+    arch = micro.sample("high", rng)
+    subnet = net.extract(arch).eval()
+    x = torch.randn(2, 1, 8, 8)
+    before = subnet(x)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(subnet(x), before)
+
+
+@pytest.mark.parametrize("level", ["high", "low"])
+def test_forward_touches_only_the_chosen_path(micro, level):
+    net, rng = trained_supernet(micro, level, steps=0)
+    arch = micro.sample(level, rng, DIST)
+    net.zero_grad(set_to_none=True)
+    net(torch.randn(4, 1, 8, 8), arch).sum().backward()
+    touched = sum(p.numel() for p in net.parameters() if p.grad is not None)
+    assert touched == arch_cost(micro, arch, 10).params
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.eval()(torch.zeros(1, 1, 8, 8), arch)
+    assert counter.get_total_flops() // 2 == arch_cost(micro, arch, 10).flops
+
+
+def test_each_operation_is_held_once(micro):
+    high = GLiTSupernet(micro, "high", num_classes=10)
+    block = high.blocks[0]
+    assert (len(block.attn), len(block.conv), len(block.mlp)) == (3, 3, 1)  # attn per G>0, conv per L>0
+    low = GLiTSupernet(micro, "low", DIST, num_classes=10)
+    sizes = [(len(b.attn), len(b.conv), len(b.mlp)) for b in low.blocks]
+    # local: 3 kernels x 3 expansions; mixed: 1 attn, 3 convs, 3 MLPs; global: 3 attns, 3 MLPs
+    assert sizes == [(0, 9, 1), (1, 3, 3), (1, 3, 3), (3, 0, 3), (1, 3, 3), (0, 9, 1)]
+
+
+def test_extract_rejects_an_architecture_of_another_level(micro):
+    net, rng = trained_supernet(micro, "low", steps=0)
+    with pytest.raises(ValueError, match="does not have this supernet's distribution"):
+        net.extract(micro.sample("low", rng, (3,) * 6))
+    high = GLiTSupernet(micro, "high", num_classes=10)
+    with pytest.raises(UserError, match="not the high-level default"):
+        high.extract(micro.sample("low", rng, DIST))
