@@ -9,13 +9,20 @@ standalone subnet costs. `extract(arch)` copies the chosen weights into a standa
 """
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import torch
 from timm.layers import DropPath
 from torch import nn
 
 from .arch import Architecture, Block
+from .errors import UserError
 from .model import GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates, gl_block
+from .runs import write_atomic
 from .space import SearchSpace, check_level
+
+CHECKPOINT_FORMAT = "glit_ray.supernet/1"
 
 
 def _key(*parts: float) -> str:
@@ -101,3 +108,33 @@ class GLiTSupernet(VisionTransformerShell):
                     state.update({f"blocks.{i}.{name}.{k}": v for k, v in module.state_dict().items()})
         model.load_state_dict(state)
         return model.to(self.pos_embed.device).train(self.training)
+
+
+def save_supernet(net: GLiTSupernet, path: Path, **meta) -> None:
+    """One self-describing file (space, level, distribution, classes, weights), written atomically."""
+    record = {
+        "format": CHECKPOINT_FORMAT, "space": net.space.to_dict(), "level": net.level,
+        "distribution": list(net.distribution) if net.distribution else None, "num_classes": net.num_classes,
+        "img_size": net.patch_embed.img_size[0], "in_chans": net.patch_embed.proj.in_channels,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta,
+    }
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    write_atomic(Path(path), buffer.getvalue())
+
+
+def load_supernet(path: Path, map_location: str | torch.device = "cpu") -> tuple[GLiTSupernet, dict]:
+    """Rebuild a supernet saved by `save_supernet`; returns it (eval mode) and its meta."""
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"supernet checkpoint {path} does not exist; train one with python -m glit_ray.train_supernet") from None
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"{path} is not a readable supernet checkpoint ({type(exc).__name__}); retrain or pick another file") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a glit_ray supernet checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    space = SearchSpace.from_dict(record["space"], source=f"{path} (space)")
+    net = GLiTSupernet(space, record["level"], record["distribution"], record["num_classes"],
+                       record["img_size"], record["in_chans"])
+    net.load_state_dict(record["state_dict"])
+    return net.to(map_location).eval(), record["meta"]

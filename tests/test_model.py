@@ -61,9 +61,9 @@ def test_small_and_base_scale_the_head_split(name, heads, factor):
 
 def test_global_heads_take_the_first_channels(micro):
     """Zeroing the local (last) channels' input must not change the global heads' output."""
-    model = GLiT("1:k9c2v1m4-" * 5 + "1:k9c2v1m4", micro, num_classes=10).eval()
+    model = GLiT("1:k5c2v1m4-" * 5 + "1:k5c2v1m4", micro, num_classes=10).eval()
     block = model.blocks[0]
-    x = torch.randn(2, 65, 96)
+    x = torch.randn(2, 17, 96)
     y = block.norm1(x)
     split = 32
     mixed = torch.cat([block.attn(y[..., :split]), block.conv(y[..., split:])], dim=-1)
@@ -83,7 +83,7 @@ def test_drop_path_rises_linearly_and_only_acts_in_training(micro):
 
 def test_model_trains_on_cpu(micro):
     torch.manual_seed(0)
-    model = GLiT("0:k9c2m4-1:k9c2v1m4-2:k9c2v1m4-3:v1m4-0:k9c2m4-3:v1m4", micro, num_classes=4)
+    model = GLiT("0:k5c2m4-1:k5c2v1m4-2:k5c2v1m4-3:v1m4-0:k5c2m4-3:v1m4", micro, num_classes=4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     losses = []

@@ -1,0 +1,68 @@
+"""FLOPs/params limits, and uniform sampling inside them.
+
+Limits are given in millions (`--flops-max 45` means 45 M multiply-accumulates), as NAS papers quote
+them. Sampling inside limits is rejection sampling: uniform over the architectures that fit, with
+a bounded number of draws. Infeasible limits are caught up front from the space's cost range, so
+a run says so before any Ray process starts.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+from .arch import Architecture
+from .cost import Cost, arch_cost, cost_range
+from .errors import UserError
+from .space import SearchSpace
+
+MAX_DRAWS = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Closed bounds in millions; None means unbounded."""
+
+    flops_min: float | None = None
+    flops_max: float | None = None
+    params_min: float | None = None
+    params_max: float | None = None
+
+    def admits(self, cost: Cost) -> bool:
+        flops, params = cost.flops / 1e6, cost.params / 1e6
+        return (
+            (self.flops_min is None or flops >= self.flops_min)
+            and (self.flops_max is None or flops <= self.flops_max)
+            and (self.params_min is None or params >= self.params_min)
+            and (self.params_max is None or params <= self.params_max)
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [f"{k.replace('_', '-')} {v:g}M" for k, v in asdict(self).items() if v is not None]
+        return ", ".join(parts) or "none"
+
+    def check_feasible(self, space: SearchSpace, level: str, num_classes: int,
+                       distribution: tuple[int, ...] | None = None) -> None:
+        """Raise a UserError when no architecture of the level can meet the limits."""
+        low, high = cost_range(space, level, num_classes, distribution)
+        for name, lo, hi in (("flops", low.flops, high.flops), ("params", low.params, high.params)):
+            floor, ceiling = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if floor is not None and ceiling is not None and floor > ceiling:
+                raise UserError(f"--{name}-min {floor:g}M is above --{name}-max {ceiling:g}M; swap or widen them")
+            if (ceiling is not None and ceiling < lo / 1e6) or (floor is not None and floor > hi / 1e6):
+                raise UserError(
+                    f"no architecture of {space.name} ({level} level) meets {self}: its {name} range is "
+                    f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M; widen the limits"
+                )
+
+
+def sample_within(space: SearchSpace, level: str, rng: random.Random, limits: Limits, num_classes: int,
+                  distribution: tuple[int, ...] | None = None) -> Architecture:
+    """A uniformly random architecture of `level` that meets `limits`."""
+    for _ in range(MAX_DRAWS):
+        arch = space.sample(level, rng, distribution)
+        if limits.admits(arch_cost(space, arch, num_classes)):
+            return arch
+    raise UserError(f"{MAX_DRAWS} random draws from {space.name} met none of the limits ({limits}); widen them")

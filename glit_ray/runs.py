@@ -1,0 +1,87 @@
+"""Run directories: atomic writes, and telling a resumable run from a different one.
+
+Every run directory holds `run.json`, the settings that define the run. Running again into the same
+directory with the same settings resumes it; different settings are refused, so nothing a run
+wrote is ever overwritten by another.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .arch import Architecture
+from .errors import UserError
+from .space import SearchSpace
+
+RUN_FILE = "run.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({type(exc).__name__}); it is not a glit_ray run file") from None
+
+
+def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
+    """Claim `out` for a run of `kind` with `settings`; return True when it resumes an earlier one.
+
+    Refuses (UserError) an `out` that holds another run, or `--resume` of a directory that holds none.
+    """
+    settings = json.loads(json.dumps(settings))  # compare as JSON reads it back (tuples become lists)
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        if resume:
+            raise UserError(f"--resume: {out} is not a glit_ray run (no {RUN_FILE}); drop --resume to start one")
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty and is not a glit_ray run; choose a new --out")
+        write_json(run_file, {"kind": kind, "settings": settings})
+        return False
+    existing = read_json(run_file)
+    if existing.get("kind") != kind:
+        raise UserError(f"{out} holds a {existing.get('kind')} run, not a {kind} run; choose another --out")
+    old = existing.get("settings", {})
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
+        raise UserError(f"{out} holds a different {kind} run ({diff}); choose another --out or repeat its settings")
+    return True
+
+
+def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:
+    """The G distribution named by `--distribution`: an architecture string (only its G's count,
+    so `3:-0:-1:...` will do) or a high-level search run directory, whose best architecture it takes."""
+    path = Path(value)
+    if path.is_dir():
+        best = path / "best.json"
+        if not best.is_file():
+            raise UserError(f"--distribution {path}: not a high-level search run (no best.json); run the high-level search first")
+        record = read_json(best)
+        if record.get("level") != "high" or "arch" not in record:
+            raise UserError(f"--distribution {path}: best.json is not from a high-level search")
+        arch = Architecture.parse(record["arch"])
+    else:
+        arch = Architecture.parse(value)
+    return space.validate_distribution(arch.distribution)

@@ -1,0 +1,323 @@
+"""`python -m glit_ray.train_supernet`: train one level's weight-sharing supernet (SPOS) on Ray Train.
+
+Each step samples one path uniformly (inside `--flops-max/--params-max` when given) and trains only
+it. The path is a pure function of the seed and the global step, so every data-parallel worker runs
+the same path without talking to the others (DDP would otherwise average gradients of different
+subnets), and a resumed run replays the same paths. Each epoch checkpoints through Ray Train
+(model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
+TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split.
+
+The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.experimental.tqdm_ray import tqdm
+from rich.console import Console
+from rich.table import Table
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+
+from .arch import Architecture
+from .cli import ArgumentParser, run
+from .constraints import Limits, sample_within
+from .cost import arch_cost
+from .data import build_splits, make_loader, mixup_for, parse_spec
+from .errors import UserError
+from .runs import open_run, resolve_distribution
+from .scoring import evaluate, recalibrate_bn
+from .space import LEVELS, SearchSpace
+from .supernet import GLiTSupernet, load_supernet, save_supernet
+
+SUPERNET_FILE = "supernet.pt"
+CALIB_BATCHES = 4
+PROBE_IMAGES = 2048
+CLIP_GRAD_NORM = 5.0
+LOG_EVERY = 10
+
+
+class PathSampler:
+    """The path of each training step: uniform over the level (inside the limits), keyed by step."""
+
+    def __init__(self, space: SearchSpace, level: str, distribution, limits: Limits, num_classes: int, seed: int):
+        self.space, self.level, self.distribution = space, level, distribution
+        self.limits, self.num_classes, self.seed = limits, num_classes, seed
+
+    def __call__(self, step: int) -> Architecture:
+        rng = random.Random(f"{self.seed}:{step}")
+        return sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution)
+
+    def probes(self) -> dict[str, Architecture]:
+        """Fixed paths scored every epoch: the smallest and largest (when inside the limits), three random."""
+        choices = self.space.block_choices(self.level, self.distribution)
+        cost = lambda b: arch_cost(self.space, Architecture((b,)), self.num_classes).flops  # noqa: E731
+        extremes = {
+            "smallest": Architecture(tuple(min(c, key=cost) for c in choices)),
+            "largest": Architecture(tuple(max(c, key=cost) for c in choices)),
+        }
+        probes = {k: a for k, a in extremes.items() if self.limits.admits(arch_cost(self.space, a, self.num_classes))}
+        rng = random.Random(f"{self.seed}:probes")
+        for i in range(3):
+            probes[f"random{i}"] = sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution)
+        return probes
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
+    value = seed * 100_003 + epoch * 101 + rank
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
+def _check_paths_agree(digest: str, world: int) -> None:
+    if world == 1:
+        return
+    digests = [None] * world
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"workers trained different paths this epoch (digests {digests}); gradients were mixed")
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    space = SearchSpace.from_dict(config["space"], source="run.json")
+    level, seed, epochs = config["level"], config["seed"], config["epochs"]
+    distribution = tuple(config["distribution"]) if config["distribution"] else None
+    splits = build_splits(config["data"], space.img_size, space.in_chans)
+    sampler = PathSampler(space, level, distribution, Limits(**config["limits"]), splits.num_classes,
+                          seed + config.get("_desync_paths_for_test", 0) * rank)
+
+    torch.manual_seed(seed)
+    net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
+    optimizer = create_optimizer_v2(net, "adamw", lr=config["lr"], weight_decay=0.05)
+    train_sampler = DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(splits.train, config["batch_size"], sampler=train_sampler, drop_last=True,
+                        num_workers=config["loader_workers"], pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    warmup = min(5, epochs // 10)
+    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=warmup, warmup_prefix=True,
+                                       warmup_lr=config["lr"] * 0.01, min_lr=config["lr"] * 0.01,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    mixup = mixup_for(splits)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(0.1)
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            try:
+                state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+                net.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+            except Exception as exc:
+                raise UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); "
+                                "start the run again with a new --out") from None
+        start_epoch = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    writer = probes = None
+    if rank == 0:
+        writer = SummaryWriter(str(Path(config["out"]) / "tb"))
+        probes = sampler.probes()
+        calib = [x.to(device) for x, _ in list(make_loader(splits.train, config["batch_size"], train=False))[:CALIB_BATCHES]]
+        heldout = [(x.to(device), y.to(device)) for x, y in make_loader(splits.heldout, config["batch_size"], train=False)]
+        heldout = heldout[: max(1, PROBE_IMAGES // config["batch_size"])]
+
+    for epoch in range(start_epoch, epochs):
+        _seed_epoch(seed, epoch, rank)
+        train_sampler.set_epoch(epoch)
+        model.train()
+        digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"supernet epoch {epoch + 1}/{epochs}") if rank == 0 else None
+        for i, (images, labels) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            arch = sampler(step)
+            digest.update(str(arch).encode())
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixup:
+                images, labels = mixup(images, labels)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = criterion(model(images, arch), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step_update(num_updates=step + 1)
+            total_loss += loss.item()
+            if bar:
+                bar.update(1)
+                if step % LOG_EVERY == 0:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        if bar:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        _check_paths_agree(digest.hexdigest(), world)
+        metrics = {
+            "epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": steps_per_epoch * config["batch_size"] * world / elapsed,
+            "path_digest": digest.hexdigest(), "workers": world,
+        }
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        for name, arch in probes.items():
+            recalibrate_bn(net, arch, calib)
+            metrics[f"probe_{name}_top1"] = evaluate(net, arch, heldout)["top1"]
+        step = (epoch + 1) * steps_per_epoch
+        writer.add_scalar("train/images_per_s", metrics["images_per_s"], step)
+        writer.add_scalar("train/epoch_loss", metrics["loss"], step)
+        for name in probes:
+            writer.add_scalar(f"probe_top1/{name}", metrics[f"probe_{name}_top1"], step)
+        writer.flush()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "epoch": epoch, "step": step}, Path(folder) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if writer:
+        writer.close()
+
+
+def settings_from_args(args) -> dict:
+    """Validate the command line into the settings that define a run (stored in run.json)."""
+    space = SearchSpace.load(args.space)
+    if args.level == "low" and not args.distribution:
+        raise UserError("--level low needs --distribution ARCH_STRING or a high-level RUN_DIR (the G per block)")
+    if args.level == "high" and args.distribution:
+        raise UserError("--distribution applies to --level low only; drop it for the high level")
+    distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
+    parse_spec(args.data)
+    for name in ("epochs", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = Limits(flops_max=args.flops_max, params_max=args.params_max)
+    return {
+        "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
+        "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
+        "lr": args.lr, "drop_path": args.drop_path, "limits": limits.as_dict(), "seed": args.seed,
+    }
+
+
+def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
+    """Per-worker resources: a GPU each when the cluster has GPUs, and the CPUs shared out evenly.
+
+    Ray pins a worker's torch threads to its CPU count, so a CPU-only worker gets its share of
+    the cluster's CPUs rather than one.
+    """
+    cluster = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if cpus_per_worker is None:
+        cpus_per_worker = max(1, int(cluster.get("CPU", 1)) // workers)
+    return {"CPU": cpus_per_worker, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus_per_worker}
+
+
+def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
+                   cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None) -> Path:
+    """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file."""
+    console = console or Console(stderr=True)
+    out = Path(out).resolve()
+    space = SearchSpace.from_dict(settings["space"])
+    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
+    limits = Limits(**settings["limits"])
+    limits.check_feasible(space, settings["level"], splits.num_classes,
+                          tuple(settings["distribution"]) if settings["distribution"] else None)
+    resumed = open_run(out, settings, "supernet", resume)
+    target = out / SUPERNET_FILE
+    if resumed and target.exists():
+        load_supernet(target)  # refuse a damaged file rather than report success
+        console.print(f"supernet already trained: {target}")
+        return target
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    resources = worker_resources(settings["workers"], gpus_per_worker, cpus_per_worker)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={**settings, "out": str(out), "loader_workers": loader_workers},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings["workers"], use_gpu="GPU" in resources,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name="train", storage_path=str(out),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
+                  f"{space.name} on {settings['data']} with {settings['workers']} worker(s) -> {out}")
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        for failure in getattr(exc, "worker_failures", {}).values():
+            if isinstance(failure, UserError):
+                raise UserError(str(failure).strip().splitlines()[-1].removeprefix("glit_ray.errors.UserError: ")) from None
+        raise
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    net = GLiTSupernet(space, settings["level"], settings["distribution"], splits.num_classes)
+    net.load_state_dict(state["model"])
+    probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in result.metrics.items() if k.startswith("probe_")}
+    save_supernet(net, target, data=settings["data"], epochs=settings["epochs"], seed=settings["seed"],
+                  limits=settings["limits"], probe_top1=probes)
+    table = Table(title=f"probe paths, held-out top-1 after epoch {settings['epochs']}")
+    table.add_column("path")
+    table.add_column("top-1 %", justify="right")
+    for name, top1 in probes.items():
+        table.add_row(name, f"{top1:.1f}")
+    console.print(table)
+    console.print(f"supernet: {target}")
+    return target
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m glit_ray.train_supernet", description=__doc__.splitlines()[0])
+    parser.add_argument("--level", required=True, choices=LEVELS)
+    parser.add_argument("--space", default="glit_micro", help="YAML path or built-in name (default: glit_micro)")
+    parser.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
+    parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64, help="per worker")
+    parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--cpus-per-worker", type=int, default=None, help="default: the cluster's CPUs shared out")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (DeiT's at batch 1024)")
+    parser.add_argument("--drop-path", type=float, default=0.0)
+    parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
+    parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    train_supernet(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
+                   args.loader_workers)
+
+
+if __name__ == "__main__":
+    run(main)
