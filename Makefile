@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m glit_ray.summary
+	$(BIN)/python -m glit_ray.train_supernet --level high --out runs/demo/supernet-high
 
 test: install
 	$(BIN)/python -m pytest

@@ -38,3 +38,13 @@ def write_space(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, sized like CI (2 CPUs)."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

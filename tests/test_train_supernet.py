@@ -1,0 +1,170 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from glit_ray.cli import run
+from glit_ray.constraints import Limits
+from glit_ray.cost import arch_cost
+from glit_ray.errors import UserError
+from glit_ray.supernet import load_supernet
+from glit_ray.train_supernet import PathSampler, build_parser, main, settings_from_args, train_supernet
+
+FAST = ["--epochs", "1", "--batch-size", "64"]
+
+
+def settings_for(*argv):
+    return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
+
+
+def state_of(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_path_sampler_is_a_function_of_seed_and_step(micro):
+    a = PathSampler(micro, "high", None, Limits(), 10, seed=3)
+    b = PathSampler(micro, "high", None, Limits(), 10, seed=3)
+    assert [str(a(step)) for step in range(50)] == [str(b(step)) for step in range(50)]
+    assert len({a(step) for step in range(50)}) > 40
+    limited = PathSampler(micro, "high", None, Limits(flops_max=13), 10, seed=3)
+    assert all(arch_cost(micro, limited(s), 10).flops <= 13e6 for s in range(50))
+
+
+def test_two_workers_train_one_epoch_and_the_checkpoint_loads(ray_session, tmp_path):
+    out = tmp_path / "run"
+    path = train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), out)
+    assert path == out.resolve() / "supernet.pt"
+    net, meta = load_supernet(path)
+    assert net.level == "high" and net.num_classes == 10 and meta["epochs"] == 1
+    assert meta["last_epoch"]["workers"] == 2  # both workers ran the epoch and their paths agreed
+    assert set(meta["probe_top1"]) == {"smallest", "largest", "random0", "random1", "random2"}
+    assert all(0 <= v <= 100 for v in meta["probe_top1"].values())
+    arch = net.space.sample("high", __import__("random").Random(0))
+    assert net.extract(arch)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    events = EventAccumulator(str(next((out / "tb").iterdir()))).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "probe_top1/smallest", "probe_top1/largest"} <= tags
+    # running again into the finished run does no work and changes nothing
+    before = path.read_bytes()
+    assert train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), out) == path
+    assert path.read_bytes() == before
+
+
+def test_workers_on_different_paths_are_caught(ray_session, tmp_path):
+    settings = {**settings_for("--level", "high", "--workers", "2", *FAST), "_desync_paths_for_test": 1}
+    with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
+        train_supernet(settings, tmp_path / "run")
+
+
+def test_low_level_trains_on_a_distribution_under_a_flops_limit(ray_session, tmp_path):
+    settings = settings_for("--level", "low", "--distribution", "0:-1:-2:-3:-1:-0:", "--flops-max", "14", *FAST)
+    net, meta = load_supernet(train_supernet(settings, tmp_path / "low"))
+    assert net.level == "low" and net.distribution == (0, 1, 2, 3, 1, 0)
+    assert meta["limits"]["flops_max"] == 14
+
+
+def wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path):
+    argv = ["--level", "high", "--epochs", "3", "--batch-size", "64"]
+    reference = train_supernet(settings_for(*argv), tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "glit_ray.train_supernet", *argv, "--out", str(out)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: any((out / "train").glob("checkpoint_*")), timeout=180), "no checkpoint within 180 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "supernet.pt").exists()
+
+    # a corrupt checkpoint is refused in one line, and the run's files are left as they were
+    states = {path: path.read_bytes() for path in out.glob("train/checkpoint_*/state.pt")}
+    for path in states:
+        path.write_bytes(b"not a checkpoint")
+    run_json = (out / "run.json").read_bytes()
+    with pytest.raises(UserError, match=r"checkpoint .* is corrupt \(.*\); start the run again with a new --out"):
+        train_supernet(settings_for(*argv), out, resume=True)
+    assert (out / "run.json").read_bytes() == run_json and not (out / "supernet.pt").exists()
+    for path, data in states.items():
+        path.write_bytes(data)
+
+    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True)
+    resumed, expected = state_of(out / "supernet.pt"), state_of(reference)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--level", "middle"], "argument --level: invalid choice: 'middle'"),
+    (["--level", "low"], "--level low needs --distribution"),
+    (["--level", "low", "--distribution", "0:-1:-2:"], "distribution has 3 blocks but space glit_micro has depth 6"),
+    (["--level", "low", "--distribution", "0:-1:-2:-3:-4:-0:"], "block 4: G = 4 is not in space glit_micro's global_heads"),
+    (["--level", "high", "--flops-max", "1"], "no architecture of glit_micro (high level) meets flops-max 1M"),
+    (["--level", "high", "--space", "glit_tiny", "--data", "imagefolder:/no/such/dir"], "dataset path /no/such/dir does not exist"),
+    (["--level", "high", "--data", "cifar10:/no/such/dir"], "cifar10 has RGB images but the search space takes in_chans 1"),
+    (["--level", "high", "--data", "mnist"], "unknown dataset 'mnist'"),
+    (["--level", "high", "--space", "glit_nano"], "search space 'glit_nano' not found"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
+    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dirs_that_are_not_runs(capsys, tmp_path):
+    not_a_run = tmp_path / "plain"
+    not_a_run.mkdir()
+    err = one_line_error(capsys, ["--level", "low", "--distribution", str(not_a_run), "--out", str(tmp_path / "x")])
+    assert "not a high-level search run (no best.json)" in err
+    err = one_line_error(capsys, ["--level", "high", "--resume", "--out", str(not_a_run)])
+    assert "is not a glit_ray run (no run.json)" in err
+    (not_a_run / "notes.txt").write_text("mine")
+    err = one_line_error(capsys, ["--level", "high", "--out", str(not_a_run)])
+    assert "is not empty and is not a glit_ray run" in err
+    assert (not_a_run / "notes.txt").read_text() == "mine"
+
+
+def test_a_different_run_is_never_overwritten(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings_for("--level", "high")}))
+    (out / "supernet.pt").write_bytes(b"weights")
+    err = one_line_error(capsys, ["--level", "high", "--epochs", "5", "--out", str(out)])
+    assert "holds a different supernet run (epochs: 30 -> 5)" in err
+    assert (out / "supernet.pt").read_bytes() == b"weights"
+    err = one_line_error(capsys, ["--level", "high", "--out", str(out)])  # same settings: the damaged file is refused
+    assert "is not a readable supernet checkpoint" in err
+    assert (out / "supernet.pt").read_bytes() == b"weights"
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "low", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: --level low needs --distribution ARCH_STRING or a high-level RUN_DIR (the G per block)"]
