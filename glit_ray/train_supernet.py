@@ -214,6 +214,8 @@ def settings_from_args(args) -> dict:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.data != "digits" and args.batch_size % 2:
+        raise UserError(f"--batch-size {args.batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
     limits = Limits(flops_max=args.flops_max, params_max=args.params_max)
     lr = args.lr or (3e-3 if args.data == "digits" else 5e-4 * args.batch_size * args.workers / 512)
     return {

@@ -130,6 +130,7 @@ def one_line_error(capsys, argv) -> str:
     (["--level", "high", "--space", "glit_tiny", "--data", "imagefolder:/no/such/dir"], "dataset path /no/such/dir does not exist"),
     (["--level", "high", "--data", "cifar10:/no/such/dir"], "cifar10 has RGB images but the search space takes in_chans 1"),
     (["--level", "high", "--data", "mnist"], "unknown dataset 'mnist'"),
+    (["--level", "high", "--data", "cifar10:/x", "--batch-size", "33"], "--batch-size 33 is odd"),
     (["--level", "high", "--space", "glit_nano"], "search space 'glit_nano' not found"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):

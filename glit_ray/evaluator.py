@@ -1,0 +1,86 @@
+"""Evaluator actors: each holds one supernet replica and scores candidates on its device.
+
+An actor loads the supernet once, from a reference to its file's bytes in the object store (the
+driver reads the file once; actors on any node get the bytes through Ray), and keeps its
+calibration and held-out batches on its device. Scoring a candidate is then pure compute:
+BatchNorm recalibration on K training batches, one pass over the held-out images.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+
+import ray
+import torch
+
+from .arch import Architecture
+from .cost import arch_cost
+from .data import build_splits, make_loader
+from .scoring import evaluate, recalibrate_bn
+from .supernet import load_supernet
+
+CALIB_BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 256
+
+
+class Evaluator:
+    """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
+
+    def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int):
+        self.actor_id, self.node = actor_id, socket.gethostname()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net, _ = load_supernet(io.BytesIO(supernet_bytes), map_location=self.device)
+        self.loads = 1
+        space = self.net.space
+        splits = build_splits(data, space.img_size, space.in_chans)
+        heldout = splits.heldout
+        if heldout_images is not None and heldout_images < len(heldout):
+            heldout = torch.utils.data.Subset(heldout, range(heldout_images))
+        self.calib = [x.to(self.device) for x, _ in
+                      _take(make_loader(splits.train, CALIB_BATCH_SIZE, train=False), calib_batches)]
+        self.heldout = [(x.to(self.device), y.to(self.device)) for x, y in make_loader(heldout, EVAL_BATCH_SIZE, train=False)]
+        self.fail_next = 0  # test hook: make the next N calls raise
+
+    def score(self, arch_text: str) -> dict:
+        """Recalibrate BatchNorm for `arch`, then top-1/top-5/loss on the held-out split."""
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError(f"injected failure on actor {self.actor_id}")
+        started = time.perf_counter()
+        arch = Architecture.parse(arch_text)
+        recalibrate_bn(self.net, arch, self.calib)
+        metrics = evaluate(self.net, arch, self.heldout)
+        cost = arch_cost(self.net.space, arch, self.net.num_classes)
+        return {**metrics, "flops": cost.flops, "params": cost.params, "eval_seconds": time.perf_counter() - started,
+                "actor": self.actor_id, "node": self.node}
+
+    def stats(self) -> dict:
+        """How often this actor loaded the supernet (once per actor life), and where it runs."""
+        return {"actor": self.actor_id, "loads": self.loads, "pid": os.getpid(), "node": self.node,
+                "device": str(self.device)}
+
+    def inject_failures(self, count: int) -> None:
+        self.fail_next = count
+
+
+def _take(loader, count: int) -> list:
+    batches = []
+    for batch in loader:
+        if len(batches) == count:
+            break
+        batches.append(batch)
+    return batches
+
+
+def start_evaluators(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
+                     actors: int, gpus_per_actor: float | None) -> list:
+    """Start `actors` evaluators: one GPU each when the cluster has GPUs, else a share of the CPUs."""
+    cluster = ray.cluster_resources()
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    cpus = 1.0 if gpus_per_actor else max(0.01, min(1.0, cluster.get("CPU", 1) / actors))
+    ref = ray.put(supernet_bytes)
+    remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=1)
+    return [remote.remote(ref, data, calib_batches, heldout_images, i) for i in range(actors)]
