@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m glit_ray.summary
-	$(BIN)/python -m glit_ray.train_supernet --level high --out runs/demo/supernet-high
+	$(BIN)/python -m glit_ray.search --level high --out runs/demo/search-high
 
 test: install
 	$(BIN)/python -m pytest

@@ -28,7 +28,9 @@ EVAL_BATCH_SIZE = 256
 class Evaluator:
     """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
 
-    def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int):
+    def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int,
+                 threads: int = 1):
+        torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, socket.gethostname()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net, _ = load_supernet(io.BytesIO(supernet_bytes), map_location=self.device)
@@ -75,12 +77,20 @@ def _take(loader, count: int) -> list:
 
 
 def start_evaluators(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
-                     actors: int, gpus_per_actor: float | None) -> list:
-    """Start `actors` evaluators: one GPU each when the cluster has GPUs, else a share of the CPUs."""
+                     actors: int, gpus_per_actor: float | None) -> tuple[list, ray.ObjectRef]:
+    """Start `actors` evaluators: one GPU each when the cluster has GPUs, else a share of the CPUs.
+
+    CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial that feeds them) and
+    run as many torch threads as their share rounds to. Returns the actors and the reference to the
+    supernet's bytes, which the caller must hold while the actors live: a restarted actor reloads
+    from it.
+    """
     cluster = ray.cluster_resources()
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    cpus = 1.0 if gpus_per_actor else max(0.01, min(1.0, cluster.get("CPU", 1) / actors))
+    share = cluster.get("CPU", 1) / actors
+    cpus = 1.0 if gpus_per_actor else 0.9 * share
     ref = ray.put(supernet_bytes)
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=1)
-    return [remote.remote(ref, data, calib_batches, heldout_images, i) for i in range(actors)]
+    threads = max(1, round(share)) if not gpus_per_actor else 1
+    return [remote.remote(ref, data, calib_batches, heldout_images, i, threads) for i in range(actors)], ref

@@ -214,14 +214,21 @@ def settings_from_args(args) -> dict:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.data != "digits" and args.batch_size % 2:
-        raise UserError(f"--batch-size {args.batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
-    limits = Limits(flops_max=args.flops_max, params_max=args.params_max)
-    lr = args.lr or (3e-3 if args.data == "digits" else 5e-4 * args.batch_size * args.workers / 512)
+    return supernet_settings(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
+                             args.lr, args.drop_path, Limits(flops_max=args.flops_max, params_max=args.params_max), args.seed)
+
+
+def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30, batch_size: int = 32,
+                      workers: int = 1, lr: float | None = None, drop_path: float = 0.0, limits: Limits = Limits(),
+                      seed: int = 0) -> dict:
+    """The settings of a supernet run, with the recipe's defaults filled in."""
+    if data != "digits" and batch_size % 2:
+        raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
     return {
-        "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
-        "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
-        "lr": lr, "drop_path": args.drop_path, "limits": limits.as_dict(), "seed": args.seed,
+        "space": space.to_dict(), "level": level, "distribution": list(distribution) if distribution else None,
+        "data": data, "epochs": epochs, "batch_size": batch_size, "workers": workers,
+        "lr": lr or (3e-3 if data == "digits" else 5e-4 * batch_size * workers / 512), "drop_path": drop_path,
+        "limits": limits.as_dict(), "seed": seed,
     }
 
 

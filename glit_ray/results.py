@@ -1,0 +1,106 @@
+"""Search results: one Parquet file per generation, TensorBoard curves, best.json.
+
+A Tune callback on the driver writes each finished generation as
+`RUN_DIR/candidates/gen-NNNN.parquet`, renamed into place, so a kill never leaves a partial file
+and a generation re-run after a resume replaces its own file instead of adding rows.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray import tune
+from torch.utils.tensorboard import SummaryWriter
+
+from .runs import write_atomic, write_json
+
+SCHEMA = pa.schema([
+    ("arch", pa.string()), ("level", pa.string()), ("generation", pa.int32()), ("candidate", pa.int32()),
+    ("parents", pa.list_(pa.string())), ("operator", pa.string()),
+    ("top1", pa.float64()), ("top5", pa.float64()), ("loss", pa.float64()),
+    ("flops", pa.int64()), ("params", pa.int64()), ("eval_seconds", pa.float64()),
+    ("actor", pa.int32()), ("node", pa.string()), ("trial_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ("status", pa.string()), ("error", pa.string()),
+])
+
+
+def generation_file(run_dir: Path, generation: int) -> Path:
+    return Path(run_dir) / "candidates" / f"gen-{generation:04d}.parquet"
+
+
+def write_generation(run_dir: Path, generation: int, rows: list[dict]) -> Path:
+    """Write one generation's rows atomically; returns the file."""
+    table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    path = generation_file(run_dir, generation)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def read_candidates(run_dir: Path) -> pa.Table:
+    """Every candidate row of a search run, in generation order."""
+    files = sorted((Path(run_dir) / "candidates").glob("gen-*.parquet"))
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]) if files else SCHEMA.empty_table()
+
+
+def best_record(rows: list[dict], level: str, topk: int) -> dict | None:
+    """best.json's content: the best scored candidate (every candidate meets the limits) and the top-k."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["top1"], r["arch"]))
+    if not ok:
+        return None
+    keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params")
+    return {"level": level, **{k: ok[0][k] for k in keep}, "topk": [{k: r[k] for k in keep} for r in ok[:topk]]}
+
+
+class ResultsCallback(tune.Callback):
+    """Persists each finished generation: Parquet rows, TensorBoard scalars and HParams, best.json."""
+
+    def __init__(self, run_dir: Path, level: str, topk: int):
+        self.run_dir, self.level, self.topk = Path(run_dir), level, topk
+        self.writer = None
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if "rows" not in result:
+            return
+        generation = result["generation"]
+        rows = [{**row, "level": self.level, "candidate": i, "trial_id": trial.trial_id,
+                 "timestamp": datetime.fromtimestamp(row["timestamp"], tz=timezone.utc)}
+                for i, row in enumerate(result["rows"])]
+        write_generation(self.run_dir, generation, rows)
+        every = read_candidates(self.run_dir).to_pylist()
+        best = best_record(every, self.level, self.topk)
+        if best:
+            write_json(self.run_dir / "best.json", best)
+        self.log(generation, rows, trial.config.get("draws", {}), best)
+
+    def log(self, generation: int, rows: list[dict], draws: dict, best: dict | None) -> None:
+        self.writer = self.writer or SummaryWriter(str(self.run_dir / "tb"))
+        scores = [r["top1"] for r in rows if r["status"] == "ok"]
+        if scores:
+            self.writer.add_scalar("generation/best_top1", max(scores), generation)
+            self.writer.add_scalar("generation/mean_top1", statistics.fmean(scores), generation)
+            self.writer.add_scalar("generation/median_top1", statistics.median(scores), generation)
+        if best:
+            self.writer.add_scalar("search/best_so_far_top1", best["top1"], generation)
+        if draws.get("total"):
+            self.writer.add_scalar("generation/constraint_met_fraction", draws["met"] / draws["total"], generation)
+        self.writer.add_scalar("generation/failed", sum(r["status"] != "ok" for r in rows), generation)
+        for row in rows:
+            if row["status"] == "ok":
+                genes = {f"block{i:02d}": token for i, token in enumerate(row["arch"].split("-"))}
+                self.writer.add_hparams(
+                    {"arch": row["arch"], "generation": generation, "operator": row["operator"], **genes},
+                    {"hparam/top1": row["top1"], "hparam/flops_m": row["flops"] / 1e6, "hparam/params_m": row["params"] / 1e6},
+                    run_name=f"candidates/gen{generation:04d}-{row['candidate']:03d}",
+                )
+        self.writer.flush()
+
+    def on_experiment_end(self, trials, **info):
+        if self.writer:
+            self.writer.close()

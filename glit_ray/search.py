@@ -1,0 +1,235 @@
+"""`python -m glit_ray.search --level high|low`: GLiT's hierarchical evolutionary search on Ray Tune.
+
+The front door. With no `--supernet` it first trains the level's supernet (RUN_DIR/supernet),
+then evolves architectures with `EvolutionSearcher`: one Tune trial per generation, whose
+candidates are scored by `--actors` long-lived evaluator actors holding the supernet. Results go
+to RUN_DIR/candidates/*.parquet (one row per candidate, with lineage), RUN_DIR/best.json and
+RUN_DIR/tb. `--level low` takes the best G distribution of a high-level run (`--distribution
+RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--resume`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+from ray.experimental.tqdm_ray import tqdm
+from rich.console import Console
+from rich.table import Table
+
+from .cli import ArgumentParser, run
+from .constraints import Limits
+from .data import build_splits, parse_spec
+from .errors import UserError
+from .evaluator import start_evaluators
+from .results import ResultsCallback, best_record, read_candidates
+from .runs import open_run, resolve_distribution
+from .searcher import EvolutionSearcher
+from .space import LEVELS, SearchSpace
+from .supernet import load_supernet
+from .train_supernet import supernet_settings, train_supernet
+
+IN_FLIGHT_PER_ACTOR = 2
+CANDIDATE_ATTEMPTS = 2  # a candidate whose scoring errors is tried once more, then recorded as failed
+
+
+def score_candidates(actors: list, archs: list[str], progress=None) -> list[dict]:
+    """Score `archs` on the actors, keeping each busy; results come back in `archs` order."""
+    results: list[dict | None] = [None] * len(archs)
+    attempts = [0] * len(archs)
+    queue = deque(range(len(archs)))
+    in_flight: dict = {}
+    slots = [actor for actor in actors for _ in range(IN_FLIGHT_PER_ACTOR)]
+    while queue or in_flight:
+        while queue and slots:
+            i, actor = queue.popleft(), slots.pop()
+            in_flight[actor.score.remote(archs[i])] = (i, actor)
+        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        i, actor = in_flight.pop(ref)
+        slots.append(actor)
+        attempts[i] += 1
+        try:
+            results[i] = {**ray.get(ref), "status": "ok", "error": None}
+        except Exception as exc:  # the candidate's scoring failed: retry once, then record it
+            if attempts[i] < CANDIDATE_ATTEMPTS:
+                queue.append(i)
+                continue
+            results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"[:500]}
+        results[i]["timestamp"] = time.time()
+        if progress:
+            progress.update(1)
+    return results
+
+
+class GenerationTrial(tune.Trainable):
+    """A Tune trial: score one generation's candidates on the evaluator actors.
+
+    A class trainable, so that Tune reuses its process from generation to generation
+    (`reuse_actors`) instead of starting a fresh one per trial (seconds each).
+    """
+
+    def setup(self, config: dict, actors: list):
+        self.actors = actors
+
+    def reset_config(self, new_config: dict) -> bool:
+        return True
+
+    def step(self) -> dict:
+        candidates = self.config["candidates"]
+        bar = tqdm(total=len(candidates), desc=f"generation {self.config['generation']}")
+        scores = score_candidates(self.actors, [c["arch"] for c in candidates], bar)
+        bar.close()
+        rows = [{**candidate, **score} for candidate, score in zip(candidates, scores)]
+        best = max((r["top1"] for r in rows if r["status"] == "ok"), default=float("nan"))
+        return {"generation": self.config["generation"], "rows": rows, "top1": best, "done": True}
+
+
+def trial_dirname(trial) -> str:
+    return f"gen-{trial.config['generation']:04d}-{trial.trial_id}"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m glit_ray.search", description=__doc__.splitlines()[0])
+    p.add_argument("--level", required=True, choices=LEVELS)
+    p.add_argument("--space", default="glit_micro", help="YAML path or built-in name (default: glit_micro)")
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
+    p.add_argument("--supernet", type=Path, help="a trained supernet.pt (default: train one into RUN_DIR/supernet)")
+    p.add_argument("--distribution", help="low level: ARCH_STRING or a high-level search RUN_DIR")
+    p.add_argument("--population", type=int, default=50)
+    p.add_argument("--generations", type=int, default=20)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--mutations", type=int, default=25)
+    p.add_argument("--crossovers", type=int, default=25)
+    p.add_argument("--mutation-prob", type=float, default=0.1)
+    for bound in ("flops-min", "flops-max", "params-min", "params-max"):
+        p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs are multiply-accumulates)")
+    p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--calib-batches", type=int, default=4, help="training batches for BatchNorm recalibration")
+    p.add_argument("--heldout-images", type=int, default=None, help="score on the first N held-out images (default: all)")
+    p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    return p
+
+
+def settings_from_args(args) -> dict:
+    """Validate the command line into the settings that define a search run (stored in run.json)."""
+    space = SearchSpace.load(args.space)
+    if args.level == "low" and not args.distribution:
+        raise UserError("--level low needs --distribution RUN_DIR (a high-level search run) or an ARCH_STRING")
+    if args.level == "high" and args.distribution:
+        raise UserError("--distribution applies to --level low only; drop it for the high level")
+    distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
+    parse_spec(args.data)
+    for name in ("population", "generations", "topk", "calib_batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.mutation_prob <= 1:
+        raise UserError(f"--mutation-prob {args.mutation_prob} is not a probability; give a value in 0..1")
+    limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max)
+    return {
+        "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
+        "data": args.data, "supernet": str(args.supernet.resolve()) if args.supernet else None,
+        "population": args.population, "generations": args.generations, "topk": args.topk,
+        "mutations": args.mutations, "crossovers": args.crossovers, "mutation_prob": args.mutation_prob,
+        "limits": limits.as_dict(), "calib_batches": args.calib_batches, "heldout_images": args.heldout_images,
+        "supernet_epochs": args.supernet_epochs, "seed": args.seed,
+    }
+
+
+def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> None:
+    net, _ = load_supernet(path)
+    if net.space != space:
+        raise UserError(f"supernet {path} was trained on space {net.space.name}, not this search's {space.name}; "
+                        "pass the matching --space or another --supernet")
+    if net.level != level:
+        raise UserError(f"supernet {path} is a {net.level}-level supernet; the {level}-level search needs its own")
+    if level == "low" and tuple(net.distribution) != tuple(distribution):
+        raise UserError(f"supernet {path} was trained for distribution {net.distribution}, not {tuple(distribution)}")
+
+
+def search(settings: dict, out: Path, resume: bool = False, actors: int | None = None,
+           gpus_per_actor: float | None = None, address: str | None = None, console: Console | None = None) -> dict:
+    """Run (or resume) a search; returns best.json's content."""
+    console = console or Console(stderr=True)
+    out = Path(out).resolve()
+    space = SearchSpace.from_dict(settings["space"])
+    level = settings["level"]
+    distribution = tuple(settings["distribution"]) if settings["distribution"] else None
+    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails before Ray
+    limits = Limits(**settings["limits"])
+    limits.check_feasible(space, level, splits.num_classes, distribution)
+    if settings["supernet"]:
+        check_supernet(Path(settings["supernet"]), space, level, distribution)
+    resumed = open_run(out, settings, "search", resume)
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
+        supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
+                          limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max), seed=settings["seed"]),
+        out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console)
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = actors or (gpus if gpus and gpus_per_actor != 0 else 2)
+    evaluators, supernet_ref = start_evaluators(supernet.read_bytes(), settings["data"], settings["calib_batches"],
+                                  settings["heldout_images"], actors, gpus_per_actor)
+    searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
+                                 settings["generations"], settings["topk"], settings["mutations"],
+                                 settings["crossovers"], settings["mutation_prob"], settings["seed"])
+    trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators), {"cpu": 0.01})
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
+    tune_dir = out / "tune"
+    if resumed and tune.Tuner.can_restore(str(tune_dir)):
+        console.print(f"resuming the {level}-level search in {out}")
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} generations, "
+                      f"{actors} evaluator actor(s) -> {out}")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
+                                        reuse_actors=True, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                                      callbacks=[ResultsCallback(out, level, settings["topk"]), JsonLoggerCallback()]),
+        )
+    tuner.fit()
+    rows = read_candidates(out).to_pylist()
+    best = best_record(rows, level, settings["topk"])
+    if best is None:
+        raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
+    report_topk(console, best, len(rows))
+    loads = ray.get([e.stats.remote() for e in evaluators])
+    console.print(f"best: {best['arch']}  top-1 {best['top1']:.2f}%  ({out / 'best.json'}); "
+                  f"supernet loads per actor: {[s['loads'] for s in loads]}")
+    del supernet_ref  # held until here so that a restarted actor can reload the supernet
+    return best
+
+
+def report_topk(console: Console, best: dict, candidates: int) -> None:
+    table = Table(title=f"top-{len(best['topk'])} of {candidates} candidates ({best['level']} level)")
+    for column in ("#", "architecture", "top-1 %", "top-5 %", "MFLOPs", "M params", "gen", "operator"):
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for rank, row in enumerate(best["topk"], 1):
+        table.add_row(str(rank), row["arch"], f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['flops'] / 1e6:.2f}",
+                      f"{row['params'] / 1e6:.3f}", str(row["generation"]), row["operator"])
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = args.out or Path("runs") / f"search-{args.level}"
+    search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address)
+
+
+if __name__ == "__main__":
+    run(main)

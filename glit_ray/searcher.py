@@ -1,0 +1,141 @@
+"""GLiT's evolution (SPOS-style) as a Ray Tune `Searcher`, one generation per trial.
+
+Generation 0 is `population` random architectures inside the limits. Every later generation
+takes the top-k of all candidates scored so far as parents and breeds `mutations` children by
+mutation and `crossovers` by uniform crossover; a child that breaks a limit or was seen before
+is redrawn (bounded tries, then random candidates fill the gap and the shortfall is recorded).
+
+Each generation is suggested as one trial whose config lists its candidates with their lineage.
+Scoring a candidate takes milliseconds to seconds, far below Tune's per-trial overhead, so
+batching a generation per trial keeps Tune's bookkeeping off the critical path; the trial fans
+the candidates out to evaluator actors. Breeding generation g draws from `Random(seed:g)` and
+ranks results in candidate order, so the evolution is the same whatever order results arrive in,
+and `save`/`restore` hold the whole state for `Tuner.restore`.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+
+from ray.tune.search import Searcher
+
+from .arch import Architecture
+from .constraints import Limits
+from .cost import arch_cost
+from .space import SearchSpace
+
+TRIES_PER_CHILD = 50
+TRIAL_ATTEMPTS = 2  # a generation whose trial errors is run once more, then recorded as failed
+
+
+class EvolutionSearcher(Searcher):
+    def __init__(self, space: SearchSpace, level: str, distribution: tuple[int, ...] | None, limits: Limits,
+                 num_classes: int, population: int = 50, generations: int = 20, topk: int = 10,
+                 mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, seed: int = 0):
+        super().__init__(metric="top1", mode="max")
+        self.space, self.level, self.distribution, self.limits = space, level, distribution, limits
+        self.num_classes, self.population, self.generations, self.topk = num_classes, population, generations, topk
+        self.mutations, self.crossovers, self.mutation_prob, self.seed = mutations, crossovers, mutation_prob, seed
+        self.state = {
+            "generation": 0,   # the next generation to breed
+            "scored": [],      # every finished candidate row, in generation and candidate order
+            "seen": set(),     # arch strings ever suggested
+            "pending": {},     # trial id -> suggested config
+            "attempts": {},    # generation -> trial attempts so far
+            "retry": None,     # a generation's config to suggest again after its trial errored
+        }
+
+    # ---- Tune interface ------------------------------------------------------------------------
+    def suggest(self, trial_id: str):
+        state = self.state
+        if state["generation"] >= self.generations:
+            return Searcher.FINISHED
+        generation = state["generation"]
+        if any(c["generation"] == generation for c in state["pending"].values()):
+            return None  # this generation is being scored; the next needs its results
+        config = state["retry"] or self.breed(generation)
+        state["retry"] = None
+        state["pending"][trial_id] = config
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        config = self.state["pending"].pop(trial_id, None)
+        if config is None:
+            return  # unknown or repeated trial id (restarted or restored trials)
+        generation = config["generation"]
+        attempts = self.state["attempts"][generation] = self.state["attempts"].get(generation, 0) + 1
+        if error or not result or "rows" not in result:
+            if attempts < TRIAL_ATTEMPTS:
+                self.state["retry"] = config
+                return
+            rows = [{**c, "status": "failed", "error": "the generation's trial failed twice"} for c in config["candidates"]]
+        else:
+            rows = result["rows"]
+        self.state["scored"].extend(rows)
+        self.state["generation"] = generation + 1
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    def get_state(self) -> dict:
+        return self.state
+
+    def set_state(self, state: dict):
+        self.state = state
+
+    # ---- evolution -------------------------------------------------------------------------------
+    def parents(self) -> list[Architecture]:
+        """The top-k architectures scored so far (ties broken by the architecture string)."""
+        ok = [r for r in self.state["scored"] if r["status"] == "ok"]
+        ok.sort(key=lambda r: (-r["top1"], r["arch"]))
+        return [Architecture.parse(r["arch"]) for r in ok[: self.topk]]
+
+    def breed(self, generation: int) -> dict:
+        """The config of generation `generation`: its candidates with lineage, and draw statistics."""
+        rng = random.Random(f"{self.seed}:{generation}")
+        seen = self.state["seen"]
+        candidates, draws = [], {"total": 0, "met": 0}
+
+        def admit(arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
+            draws["total"] += 1
+            if not self.limits.admits(arch_cost(self.space, arch, self.num_classes)):
+                return False
+            draws["met"] += 1
+            if str(arch) in seen:
+                return False
+            seen.add(str(arch))
+            candidates.append({"arch": str(arch), "generation": generation, "operator": operator,
+                               "parents": [str(p) for p in parents]})
+            return True
+
+        def draw(count: int, operator: str, make) -> int:
+            made = 0
+            for _ in range(count):
+                for _ in range(TRIES_PER_CHILD):
+                    child, parents = make()
+                    if admit(child, operator, parents):
+                        made += 1
+                        break
+            return made
+
+        parents = self.parents() if generation else []
+        wanted = self.population if not parents else self.mutations + self.crossovers
+        if parents:
+            def mutate():
+                parent = rng.choice(parents)
+                return self.space.mutate(parent, self.level, self.mutation_prob, rng), [parent]
+
+            def cross():
+                pair = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
+                return self.space.crossover(pair[0], pair[1], rng), pair
+
+            draw(self.mutations, "mutation", mutate)
+            draw(self.crossovers, "crossover", cross)
+        # generation 0, and any children the tries could not produce, are random architectures
+        draw(wanted - len(candidates), "random", lambda: (self.space.sample(self.level, rng, self.distribution), []))
+        return {"generation": generation, "candidates": candidates, "draws": draws, "missing": wanted - len(candidates)}
