@@ -60,8 +60,8 @@ def best_record(rows: list[dict], level: str, topk: int) -> dict | None:
 class ResultsCallback(tune.Callback):
     """Persists each finished generation: Parquet rows, TensorBoard scalars and HParams, best.json."""
 
-    def __init__(self, run_dir: Path, level: str, topk: int):
-        self.run_dir, self.level, self.topk = Path(run_dir), level, topk
+    def __init__(self, run_dir: Path, level: str, topk: int, generations: int):
+        self.run_dir, self.level, self.topk, self.generations = Path(run_dir), level, topk, generations
         self.writer = None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -78,6 +78,13 @@ class ResultsCallback(tune.Callback):
         if best:
             write_json(self.run_dir / "best.json", best)
         self.log(generation, rows, trial.config.get("draws", {}), best)
+        scores = [r["top1"] for r in rows if r["status"] == "ok"]
+        line = f"generation {generation + 1}/{self.generations}: {len(rows)} candidates"
+        if scores:
+            line += f", best {max(scores):.2f}%, mean {statistics.fmean(scores):.2f}%"
+        failed, missing = len(rows) - len(scores), trial.config.get("missing", 0)
+        line += (f", {failed} failed" if failed else "") + (f", {missing} fewer than asked (space exhausted)" if missing else "")
+        print(line + (f"; best so far {best['top1']:.2f}%" if best else ""), flush=True)
 
     def log(self, generation: int, rows: list[dict], draws: dict, best: dict | None) -> None:
         self.writer = self.writer or SummaryWriter(str(self.run_dir / "tb"))

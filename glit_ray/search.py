@@ -17,7 +17,6 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.experimental.tqdm_ray import tqdm
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from .constraints import Limits
 from .data import build_splits, parse_spec
 from .errors import UserError
 from .evaluator import start_evaluators
+from .progress import bar, driver_has_terminal
 from .results import ResultsCallback, best_record, read_candidates
 from .runs import open_run, resolve_distribution
 from .searcher import EvolutionSearcher
@@ -72,17 +72,17 @@ class GenerationTrial(tune.Trainable):
     (`reuse_actors`) instead of starting a fresh one per trial (seconds each).
     """
 
-    def setup(self, config: dict, actors: list):
-        self.actors = actors
+    def setup(self, config: dict, actors: list, progress: bool):
+        self.actors, self.progress = actors, progress
 
     def reset_config(self, new_config: dict) -> bool:
         return True
 
     def step(self) -> dict:
         candidates = self.config["candidates"]
-        bar = tqdm(total=len(candidates), desc=f"generation {self.config['generation']}")
-        scores = score_candidates(self.actors, [c["arch"] for c in candidates], bar)
-        bar.close()
+        progress = bar(len(candidates), f"generation {self.config['generation']}", self.progress)
+        scores = score_candidates(self.actors, [c["arch"] for c in candidates], progress)
+        progress.close()
         rows = [{**candidate, **score} for candidate, score in zip(candidates, scores)]
         best = max((r["top1"] for r in rows if r["status"] == "ok"), default=float("nan"))
         return {"generation": self.config["generation"], "rows": rows, "top1": best, "done": True}
@@ -184,7 +184,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"])
-    trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators), {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
     tune_dir = out / "tune"
@@ -200,7 +200,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                                         reuse_actors=True, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                       checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                      callbacks=[ResultsCallback(out, level, settings["topk"]), JsonLoggerCallback()]),
+                                      callbacks=[ResultsCallback(out, level, settings["topk"], settings["generations"]),
+                                                 JsonLoggerCallback()]),
         )
     tuner.fit()
     rows = read_candidates(out).to_pylist()
@@ -218,7 +219,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
 def report_topk(console: Console, best: dict, candidates: int) -> None:
     table = Table(title=f"top-{len(best['topk'])} of {candidates} candidates ({best['level']} level)")
     for column in ("#", "architecture", "top-1 %", "top-5 %", "MFLOPs", "M params", "gen", "operator"):
-        table.add_column(column, justify="left" if column == "architecture" else "right")
+        table.add_column(column, justify="left" if column == "architecture" else "right",
+                         overflow="fold" if column == "architecture" else "ellipsis")
     for rank, row in enumerate(best["topk"], 1):
         table.add_row(str(rank), row["arch"], f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['flops'] / 1e6:.2f}",
                       f"{row['params'] / 1e6:.3f}", str(row["generation"]), row["operator"])

@@ -82,10 +82,22 @@ class EvolutionSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
 
+    _SETTINGS = ("level", "distribution", "num_classes", "population", "generations", "topk", "mutations",
+                 "crossovers", "mutation_prob", "seed")
+
     def get_state(self) -> dict:
-        return self.state
+        """Everything: the settings (so a blank searcher restores into this one) and the evolution."""
+        settings = {name: getattr(self, name) for name in self._SETTINGS}
+        return {"settings": {**settings, "space": self.space.to_dict(), "limits": self.limits.as_dict()}, **self.state}
 
     def set_state(self, state: dict):
+        state = dict(state)
+        settings = state.pop("settings", None)
+        if settings:
+            self.space = SearchSpace.from_dict(settings.pop("space"))
+            self.limits = Limits(**settings.pop("limits"))
+            for name, value in settings.items():
+                setattr(self, name, value)
         self.state = state
 
     # ---- evolution -------------------------------------------------------------------------------

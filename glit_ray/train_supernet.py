@@ -23,7 +23,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.experimental.tqdm_ray import tqdm
 from rich.console import Console
 from rich.table import Table
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -38,6 +37,8 @@ from .constraints import Limits, sample_within
 from .cost import arch_cost
 from .data import build_splits, make_loader, mixup_for, parse_spec
 from .errors import UserError
+from .progress import bar as progress_bar
+from .progress import driver_has_terminal
 from .runs import open_run, resolve_distribution
 from .scoring import evaluate, recalibrate_bn
 from .space import LEVELS, SearchSpace
@@ -150,7 +151,7 @@ def train_loop(config: dict) -> None:
         train_sampler.set_epoch(epoch)
         model.train()
         digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"supernet epoch {epoch + 1}/{epochs}") if rank == 0 else None
+        bar = progress_bar(steps_per_epoch, f"supernet epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
         for i, (images, labels) in enumerate(loader):
             step = epoch * steps_per_epoch + i
             arch = sampler(step)
@@ -168,13 +169,11 @@ def train_loop(config: dict) -> None:
             scaler.update()
             scheduler.step_update(num_updates=step + 1)
             total_loss += loss.item()
-            if bar:
-                bar.update(1)
-                if step % LOG_EVERY == 0:
-                    writer.add_scalar("train/loss", loss.item(), step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-        if bar:
-            bar.close()
+            bar.update(1)
+            if writer and step % LOG_EVERY == 0:
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        bar.close()
         elapsed = time.perf_counter() - started
         _check_paths_agree(digest.hexdigest(), world)
         metrics = {
@@ -194,6 +193,9 @@ def train_loop(config: dict) -> None:
         for name in probes:
             writer.add_scalar(f"probe_top1/{name}", metrics[f"probe_{name}_top1"], step)
         writer.flush()
+        probe_top1 = [metrics[f"probe_{name}_top1"] for name in probes]
+        print(f"supernet epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+              f"probe top-1 {min(probe_top1):.1f}-{max(probe_top1):.1f}%", flush=True)
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step}, Path(folder) / "state.pt")
@@ -268,7 +270,7 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     resources = worker_resources(settings["workers"], gpus_per_worker, cpus_per_worker)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config={**settings, "out": str(out), "loader_workers": loader_workers},
+        train_loop_config={**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()},
         scaling_config=ray.train.ScalingConfig(num_workers=settings["workers"], use_gpu="GPU" in resources,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name="train", storage_path=str(out),

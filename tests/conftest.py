@@ -48,3 +48,13 @@ def ray_session():
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def micro_supernet(ray_session, tmp_path_factory):
+    """A high-level micro supernet trained briefly, once per session (its supernet.pt path)."""
+    from glit_ray.space import SearchSpace
+    from glit_ray.train_supernet import supernet_settings, train_supernet
+
+    settings = supernet_settings(SearchSpace.load("glit_micro"), "high", None, "digits", epochs=2, batch_size=64)
+    return train_supernet(settings, tmp_path_factory.mktemp("supernet") / "run")

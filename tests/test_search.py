@@ -1,0 +1,171 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from glit_ray.arch import Architecture
+from glit_ray.cli import run
+from glit_ray.errors import UserError
+from glit_ray.evaluator import Evaluator, start_evaluators
+from glit_ray.results import read_candidates
+from glit_ray.search import build_parser, main, score_candidates, search, settings_from_args
+
+SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
+         "--supernet-epochs", "2", "--heldout-images", "128"]
+
+
+def settings_for(*argv):
+    return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
+
+
+def check_run(out, level, generations=3):
+    rows = read_candidates(out).to_pylist()
+    assert [r["generation"] for r in rows] == sorted(r["generation"] for r in rows)
+    assert len({r["arch"] for r in rows}) == len(rows)  # each candidate once
+    assert {r["generation"] for r in rows} == set(range(generations))
+    per_generation = {g: [r for r in rows if r["generation"] == g] for g in range(generations)}
+    assert len(per_generation[0]) == 8 and all(len(per_generation[g]) == 8 for g in range(1, generations))
+    earlier = set()
+    for g in range(generations):
+        for row in per_generation[g]:
+            assert row["level"] == level and row["status"] == "ok" and 0 <= row["top1"] <= 100
+            assert row["flops"] > 0 and row["params"] > 0 and row["eval_seconds"] > 0 and row["node"]
+            assert set(row["parents"]) <= earlier  # every parent is an earlier row
+            assert (row["operator"] == "random") == (row["parents"] == [])
+        earlier |= {r["arch"] for r in per_generation[g]}
+    best = lambda g: max(r["top1"] for r in per_generation[g])  # noqa: E731
+    assert best(generations - 1) >= best(0)
+    return rows
+
+
+def test_high_then_low_end_to_end(ray_session, tmp_path):
+    high = tmp_path / "high"
+    best_high = search(settings_for("--level", "high", *SMALL), high)
+    rows = check_run(high, "high")
+    assert best_high["arch"] == max(rows, key=lambda r: (r["top1"], [-ord(c) for c in r["arch"]]))["arch"]
+    assert (high / "supernet" / "supernet.pt").exists() and (high / "best.json").exists()
+    assert any((high / "tb").iterdir())
+
+    low = tmp_path / "low"
+    best_low = search(settings_for("--level", "low", "--distribution", str(high), *SMALL), low)
+    rows = check_run(low, "low")
+    distribution = Architecture.parse(best_high["arch"]).distribution
+    assert all(Architecture.parse(r["arch"]).distribution == distribution for r in rows)
+    assert Architecture.parse(best_low["arch"]).distribution == distribution
+    assert best_low["level"] == "low"
+
+
+def test_each_actor_loads_the_supernet_once_and_keeps_order(ray_session, micro_supernet):
+    actors, ref = start_evaluators(micro_supernet.read_bytes(), "digits", 2, 64, actors=2, gpus_per_actor=0)
+    space = ray.get(actors[0].stats.remote())
+    assert space["loads"] == 1
+    import random
+
+    from glit_ray.space import SearchSpace
+    micro = SearchSpace.load("glit_micro")
+    rng = random.Random(0)
+    archs = list({str(micro.sample("high", rng)) for _ in range(30)})
+    results = score_candidates(actors, archs)
+    assert [r["status"] for r in results] == ["ok"] * len(archs)
+    assert {r["actor"] for r in results} == {0, 1}
+    again = score_candidates(actors, archs)
+    assert [r["top1"] for r in again] == [r["top1"] for r in results]  # scoring is deterministic
+    stats = ray.get([a.stats.remote() for a in actors])
+    assert [s["loads"] for s in stats] == [1, 1]
+    assert len({s["pid"] for s in stats}) == 2
+    for actor in actors:
+        ray.kill(actor)
+
+
+def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_supernet):
+    actor = ray.remote(Evaluator).remote(micro_supernet.read_bytes(), "digits", 1, 32, 0)
+    arch = "3:v1m4-" * 5 + "3:v1m4"
+    ray.get(actor.inject_failures.remote(1))
+    [row] = score_candidates([actor], [arch])
+    assert row["status"] == "ok"
+    ray.get(actor.inject_failures.remote(2))
+    [row] = score_candidates([actor], [arch])
+    assert row["status"] == "failed" and "injected failure" in row["error"]
+    ray.kill(actor)
+
+
+def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet, tmp_path):
+    argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "4",
+            "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
+    reference = search(settings_for(*argv), tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (out / "candidates" / "gen-0001.parquet").exists():
+            assert time.time() < deadline and proc.poll() is None, "search never reached generation 1"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "candidates" / "gen-0003.parquet").exists()
+    for f in (out / "candidates").glob("*.parquet"):
+        pq.read_table(f)  # whatever was there when killed is a whole file
+
+    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True)
+    keys = ("arch", "generation", "operator", "parents", "top1")
+    resumed = [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()]
+    expected = [{k: r[k] for k in keys} for r in read_candidates(tmp_path / "reference").to_pylist()]
+    assert resumed == expected
+    assert len({r["arch"] for r in resumed}) == len(resumed) == 8 * 4
+    import json
+    assert json.loads((out / "best.json").read_text())["arch"] == reference["arch"]
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--level", "sideways"], "argument --level: invalid choice: 'sideways'"),
+    (["--level", "low"], "--level low needs --distribution RUN_DIR"),
+    (["--level", "high", "--flops-max", "2"], "no architecture of glit_micro (high level) meets flops-max 2M"),
+    (["--level", "high", "--params-min", "5", "--params-max", "4"], "--params-min 5M is above --params-max 4M"),
+    (["--level", "high", "--mutation-prob", "1.5"], "--mutation-prob 1.5 is not a probability"),
+])
+def test_bad_input_before_ray(capsys, tmp_path, argv, message):
+    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_supernet_of_another_space_or_level_is_refused(capsys, micro_supernet, tmp_path, micro_dict, write_space):
+    micro_dict["name"], micro_dict["embed_dim"] = "glit_other", 48
+    other = write_space(micro_dict)
+    err = one_line_error(capsys, ["--level", "high", "--space", str(other), "--supernet", str(micro_supernet),
+                                  "--out", str(tmp_path / "a")])
+    assert "was trained on space glit_micro, not this search's glit_other" in err
+    err = one_line_error(capsys, ["--level", "low", "--distribution", "0:-1:-2:-3:-0:-1:", "--supernet",
+                                  str(micro_supernet), "--out", str(tmp_path / "b")])
+    assert "is a high-level supernet; the low-level search needs its own" in err
+    err = one_line_error(capsys, ["--level", "high", "--supernet", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
+    assert "does not exist" in err
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_an_out_dir_holding_a_different_run_is_refused(capsys, micro_supernet, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    settings = settings_for("--level", "high", "--supernet", str(micro_supernet))
+    from glit_ray.runs import write_json
+    write_json(out / "run.json", {"kind": "search", "settings": settings})
+    (out / "best.json").write_text("{}")
+    err = one_line_error(capsys, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
+    assert "holds a different search run (seed: 0 -> 3)" in err
+    assert (out / "best.json").read_text() == "{}"

@@ -1,0 +1,141 @@
+import random
+
+import pytest
+from ray.tune.search import Searcher
+
+from glit_ray.arch import Architecture
+from glit_ray.constraints import Limits
+from glit_ray.cost import arch_cost
+from glit_ray.searcher import EvolutionSearcher
+from glit_ray.space import SearchSpace
+
+BUDGET = dict(population=12, generations=4, topk=4, mutations=5, crossovers=5, mutation_prob=0.3, seed=7)
+
+
+def fake_top1(arch: str) -> float:
+    """A deterministic score: more global heads score higher (with a tie-breaking wobble)."""
+    parsed = Architecture.parse(arch)
+    return 50 + 5 * sum(parsed.distribution) + (hash(arch) % 97) / 100
+
+
+def fake_rows(config, fail=()):
+    return [{**c, "status": "failed", "error": "boom"} if i in fail else
+            {**c, "status": "ok", "error": None, "top1": fake_top1(c["arch"])}
+            for i, c in enumerate(config["candidates"])]
+
+
+def make(space, **overrides):
+    return EvolutionSearcher(space, "high", None, overrides.pop("limits", Limits()), 10, **{**BUDGET, **overrides})
+
+
+def run_to_end(searcher, start=0):
+    configs = []
+    for n in range(start, 100):
+        config = searcher.suggest(f"t{n}")
+        if config == Searcher.FINISHED:
+            return configs
+        configs.append(config)
+        searcher.on_trial_complete(f"t{n}", {"rows": fake_rows(config)})
+    raise AssertionError("never finished")
+
+
+def test_generation_zero_is_random_unique_and_inside_limits(micro):
+    limits = Limits(flops_max=12)
+    config = make(micro, limits=limits).suggest("t0")
+    archs = [c["arch"] for c in config["candidates"]]
+    assert len(archs) == len(set(archs)) == 12
+    assert all(c["operator"] == "random" and c["parents"] == [] for c in config["candidates"])
+    assert all(limits.admits(arch_cost(micro, Architecture.parse(a), 10)) for a in archs)
+    assert 0 < config["draws"]["met"] <= config["draws"]["total"]
+
+
+def test_children_come_from_the_top_k_and_are_new(micro):
+    searcher = make(micro)
+    configs = run_to_end(searcher)
+    assert len(configs) == BUDGET["generations"]
+    seen = set()
+    for config in configs:
+        generation = config["generation"]
+        scored_before = [r for r in searcher.state["scored"] if r["generation"] < generation]
+        top = sorted(scored_before, key=lambda r: (-r["top1"], r["arch"]))[: BUDGET["topk"]]
+        top_archs = {r["arch"] for r in top}
+        for c in config["candidates"]:
+            assert c["arch"] not in seen
+            seen.add(c["arch"])
+            if generation:
+                assert c["operator"] in ("mutation", "crossover")
+                assert set(c["parents"]) <= top_archs
+                assert len(c["parents"]) == (1 if c["operator"] == "mutation" else 2)
+        if generation:
+            assert len(config["candidates"]) == BUDGET["mutations"] + BUDGET["crossovers"]
+    assert len(searcher.state["scored"]) == 12 + 3 * 10
+    assert searcher.suggest("again") == Searcher.FINISHED
+
+
+def test_evolution_is_deterministic_for_a_seed(micro):
+    def archs(seed):
+        return [c["arch"] for config in run_to_end(make(micro, seed=seed)) for c in config["candidates"]]
+    assert archs(3) == archs(3) and archs(3) != archs(4)
+
+
+def test_save_restore_into_a_blank_searcher_continues_the_same_evolution(micro, tmp_path):
+    reference = [c["arch"] for config in run_to_end(make(micro)) for c in config["candidates"]]
+    first = make(micro)
+    done = []
+    for n in range(2):
+        config = first.suggest(f"t{n}")
+        first.on_trial_complete(f"t{n}", {"rows": fake_rows(config)})
+        done.append(config)
+    pending = first.suggest("t2")  # in flight when the run stops
+    first.save(str(tmp_path / "searcher.pkl"))
+
+    blank = make(SearchSpace.load("glit_tiny"), seed=999, topk=1)  # restore brings back settings and state
+    blank.restore(str(tmp_path / "searcher.pkl"))
+    assert blank.suggest("t3") is None  # generation 2 is still being scored
+    blank.on_trial_complete("t2", {"rows": fake_rows(pending)})
+    rest = run_to_end(blank, start=4)
+    resumed = [c["arch"] for config in [*done, pending, *rest] for c in config["candidates"]]
+    assert resumed == reference
+
+
+def test_an_errored_generation_is_retried_once_then_recorded_as_failed(micro):
+    searcher = make(micro)
+    config = searcher.suggest("t0")
+    searcher.on_trial_complete("t0", None, error=True)
+    assert searcher.suggest("t1") == config  # the same candidates again
+    searcher.on_trial_complete("t1", None, error=True)
+    assert searcher.state["generation"] == 1
+    failed = searcher.state["scored"]
+    assert len(failed) == 12 and all(r["status"] == "failed" for r in failed)
+    assert searcher.parents() == []  # failures never count as scores
+    nxt = searcher.suggest("t2")
+    assert all(c["operator"] == "random" for c in nxt["candidates"])  # no parents: random again
+
+
+def test_failed_candidates_are_kept_but_never_parents(micro):
+    searcher = make(micro)
+    config = searcher.suggest("t0")
+    best = max(range(12), key=lambda i: fake_top1(config["candidates"][i]["arch"]))
+    searcher.on_trial_complete("t0", {"rows": fake_rows(config, fail={best})})
+    assert config["candidates"][best]["arch"] not in {str(a) for a in searcher.parents()}
+    assert sum(r["status"] == "failed" for r in searcher.state["scored"]) == 1
+
+
+def test_unknown_and_repeated_trial_ids_are_ignored(micro):
+    searcher = make(micro)
+    config = searcher.suggest("t0")
+    searcher.on_trial_complete("nobody", {"rows": []})
+    searcher.on_trial_complete("t0", {"rows": fake_rows(config)})
+    searcher.on_trial_complete("t0", {"rows": fake_rows(config)})
+    assert len(searcher.state["scored"]) == 12 and searcher.state["generation"] == 1
+
+
+def test_a_space_too_small_for_new_children_says_so(micro_dict):
+    micro_dict["depth"] = 2
+    micro_dict["global_heads"] = [0, 3]
+    space = SearchSpace.from_dict(micro_dict)  # 2^2 = 4 high-level architectures in all
+    searcher = make(space, population=3, generations=3, topk=2, mutations=2, crossovers=2)
+    configs = run_to_end(searcher)
+    assert len(configs[0]["candidates"]) == 3 and configs[0]["missing"] == 0
+    assert len(configs[1]["candidates"]) == 1 and configs[1]["missing"] == 3
+    assert configs[2]["candidates"] == [] and configs[2]["missing"] == 4
