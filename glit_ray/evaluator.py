@@ -11,6 +11,8 @@ import io
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -76,14 +78,15 @@ def _take(loader, count: int) -> list:
     return batches
 
 
-def start_evaluators(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
-                     actors: int, gpus_per_actor: float | None) -> tuple[list, ray.ObjectRef]:
-    """Start `actors` evaluators: one GPU each when the cluster has GPUs, else a share of the CPUs.
+@contextmanager
+def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
+                   actors: int, gpus_per_actor: float | None) -> Iterator[list]:
+    """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
 
     CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial that feeds them) and
-    run as many torch threads as their share rounds to. Returns the actors and the reference to the
-    supernet's bytes, which the caller must hold while the actors live: a restarted actor reloads
-    from it.
+    run as many torch threads as their share rounds to. The supernet's bytes go to the object store
+    once and stay there while the block runs, so that a restarted actor can reload them. On exit
+    the actors are killed: their CPUs and GPUs go back to the cluster for whatever runs next.
     """
     cluster = ray.cluster_resources()
     if gpus_per_actor is None:
@@ -93,4 +96,10 @@ def start_evaluators(supernet_bytes: bytes, data: str, calib_batches: int, heldo
     ref = ray.put(supernet_bytes)
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=1)
     threads = max(1, round(share)) if not gpus_per_actor else 1
-    return [remote.remote(ref, data, calib_batches, heldout_images, i, threads) for i in range(actors)], ref
+    pool = [remote.remote(ref, data, calib_batches, heldout_images, i, threads) for i in range(actors)]
+    try:
+        yield pool
+    finally:
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
+        del ref

@@ -24,7 +24,7 @@ from .cli import ArgumentParser, run
 from .constraints import Limits
 from .data import build_splits, parse_spec
 from .errors import UserError
-from .evaluator import start_evaluators
+from .evaluator import evaluator_pool
 from .progress import bar, driver_has_terminal
 from .results import ResultsCallback, best_record, read_candidates
 from .runs import open_run, resolve_distribution
@@ -179,40 +179,40 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = actors or (gpus if gpus and gpus_per_actor != 0 else 2)
-    evaluators, supernet_ref = start_evaluators(supernet.read_bytes(), settings["data"], settings["calib_batches"],
-                                  settings["heldout_images"], actors, gpus_per_actor)
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"])
-    trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
-    tune_dir = out / "tune"
-    if resumed and tune.Tuner.can_restore(str(tune_dir)):
-        console.print(f"resuming the {level}-level search in {out}")
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} generations, "
-                      f"{actors} evaluator actor(s) -> {out}")
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
-                                        reuse_actors=True, trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                      callbacks=[ResultsCallback(out, level, settings["topk"], settings["generations"]),
-                                                 JsonLoggerCallback()]),
-        )
-    tuner.fit()
+    with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
+                        actors, gpus_per_actor) as evaluators:
+        trainable = tune.with_resources(
+            tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
+        tune_dir = out / "tune"
+        if resumed and tune.Tuner.can_restore(str(tune_dir)):
+            console.print(f"resuming the {level}-level search in {out}")
+            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
+                          f"generations, {actors} evaluator actor(s) -> {out}")
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
+                                            reuse_actors=True, trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
+                                          checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                                          callbacks=[ResultsCallback(out, level, settings["topk"], settings["generations"]),
+                                                     JsonLoggerCallback()]),
+            )
+        tuner.fit()
+        loads = [s["loads"] for s in ray.get([e.stats.remote() for e in evaluators])]
     rows = read_candidates(out).to_pylist()
     best = best_record(rows, level, settings["topk"])
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
     report_topk(console, best, len(rows))
-    loads = ray.get([e.stats.remote() for e in evaluators])
     console.print(f"best: {best['arch']}  top-1 {best['top1']:.2f}%  ({out / 'best.json'}); "
-                  f"supernet loads per actor: {[s['loads'] for s in loads]}")
-    del supernet_ref  # held until here so that a restarted actor can reload the supernet
+                  f"supernet loads per actor: {loads}")
     return best
 
 

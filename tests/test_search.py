@@ -1,4 +1,5 @@
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import ray
 from glit_ray.arch import Architecture
 from glit_ray.cli import run
 from glit_ray.errors import UserError
-from glit_ray.evaluator import Evaluator, start_evaluators
+from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, score_candidates, search, settings_from_args
+from glit_ray.space import SearchSpace
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -61,37 +63,34 @@ def test_high_then_low_end_to_end(ray_session, tmp_path):
 
 
 def test_each_actor_loads_the_supernet_once_and_keeps_order(ray_session, micro_supernet):
-    actors, ref = start_evaluators(micro_supernet.read_bytes(), "digits", 2, 64, actors=2, gpus_per_actor=0)
-    space = ray.get(actors[0].stats.remote())
-    assert space["loads"] == 1
-    import random
-
-    from glit_ray.space import SearchSpace
-    micro = SearchSpace.load("glit_micro")
-    rng = random.Random(0)
-    archs = list({str(micro.sample("high", rng)) for _ in range(30)})
-    results = score_candidates(actors, archs)
-    assert [r["status"] for r in results] == ["ok"] * len(archs)
-    assert {r["actor"] for r in results} == {0, 1}
-    again = score_candidates(actors, archs)
-    assert [r["top1"] for r in again] == [r["top1"] for r in results]  # scoring is deterministic
-    stats = ray.get([a.stats.remote() for a in actors])
-    assert [s["loads"] for s in stats] == [1, 1]
-    assert len({s["pid"] for s in stats}) == 2
-    for actor in actors:
-        ray.kill(actor)
+    with evaluator_pool(micro_supernet.read_bytes(), "digits", 2, 64, actors=2, gpus_per_actor=0) as actors:
+        assert ray.get(actors[0].stats.remote())["loads"] == 1
+        micro = SearchSpace.load("glit_micro")
+        rng = random.Random(0)
+        archs = list({str(micro.sample("high", rng)) for _ in range(30)})
+        results = score_candidates(actors, archs)
+        assert [r["status"] for r in results] == ["ok"] * len(archs)
+        assert {r["actor"] for r in results} == {0, 1}
+        again = score_candidates(actors, archs)
+        assert [r["top1"] for r in again] == [r["top1"] for r in results]  # scoring is deterministic
+        stats = ray.get([a.stats.remote() for a in actors])
+        assert [s["loads"] for s in stats] == [1, 1]
+        assert len({s["pid"] for s in stats}) == 2
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 1.8:  # the pool gives its CPUs back
+        assert time.time() < deadline, ray.available_resources()
+        time.sleep(0.2)
 
 
 def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_supernet):
-    actor = ray.remote(Evaluator).remote(micro_supernet.read_bytes(), "digits", 1, 32, 0)
     arch = "3:v1m4-" * 5 + "3:v1m4"
-    ray.get(actor.inject_failures.remote(1))
-    [row] = score_candidates([actor], [arch])
-    assert row["status"] == "ok"
-    ray.get(actor.inject_failures.remote(2))
-    [row] = score_candidates([actor], [arch])
-    assert row["status"] == "failed" and "injected failure" in row["error"]
-    ray.kill(actor)
+    with evaluator_pool(micro_supernet.read_bytes(), "digits", 1, 32, actors=1, gpus_per_actor=0) as [actor]:
+        ray.get(actor.inject_failures.remote(1))
+        [row] = score_candidates([actor], [arch])
+        assert row["status"] == "ok"
+        ray.get(actor.inject_failures.remote(2))
+        [row] = score_candidates([actor], [arch])
+        assert row["status"] == "failed" and "injected failure" in row["error"]
 
 
 def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet, tmp_path):
