@@ -92,6 +92,30 @@ def trial_dirname(trial) -> str:
     return f"gen-{trial.config['generation']:04d}-{trial.trial_id}"
 
 
+def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, results: tune.Callback,
+                     resume: bool) -> tune.Tuner:
+    """The Tuner running `searcher`'s generations, one reused trial each, on `evaluators`.
+
+    Restored from RUN_DIR/tune when resuming and Tune left a snapshot there (the searcher's state
+    comes back with it); otherwise a fresh one.
+    """
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
+    trainable = tune.with_resources(
+        tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
+    tune_dir = out / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
+                                    reuse_actors=True, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                                  callbacks=[results, JsonLoggerCallback()]),
+    )
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m glit_ray.search", description=__doc__.splitlines()[0])
     p.add_argument("--level", required=True, choices=LEVELS)
@@ -182,28 +206,15 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"])
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
     with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
                         actors, gpus_per_actor) as evaluators:
-        trainable = tune.with_resources(
-            tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
-        tune_dir = out / "tune"
-        if resumed and tune.Tuner.can_restore(str(tune_dir)):
+        if resumed and tune.Tuner.can_restore(str(out / "tune")):
             console.print(f"resuming the {level}-level search in {out}")
-            tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
                           f"generations, {actors} evaluator actor(s) -> {out}")
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
-                                            reuse_actors=True, trial_dirname_creator=trial_dirname),
-                run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
-                                          checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                          callbacks=[ResultsCallback(out, level, settings["topk"], settings["generations"]),
-                                                     JsonLoggerCallback()]),
-            )
+        tuner = generation_tuner(out, searcher, evaluators, ResultsCallback(out, level, settings["topk"],
+                                                                           settings["generations"]), resumed)
         tuner.fit()
         loads = [s["loads"] for s in ray.get([e.stats.remote() for e in evaluators])]
     rows = read_candidates(out).to_pylist()

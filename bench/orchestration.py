@@ -1,0 +1,103 @@
+"""Orchestration throughput: candidates/s with a no-op evaluator, Tune's one-trial-per-candidate loop vs glit_ray's.
+
+Both sides score the same kind of candidate on the same no-op evaluator actors, so what is measured
+is the cost of getting a candidate from the searcher to an evaluator and its result back:
+- `tune default`: Tune's own loop, one function trial per candidate (BasicVariantGenerator,
+  `reuse_actors=True`, 2 trials at a time); the trial asks an evaluator actor to score its candidate.
+- `glit_ray`: the search's real Tuner (`generation_tuner`): EvolutionSearcher, one reused trial per
+  generation fanning its candidates out to the actors, Parquet/TensorBoard results callback.
+
+    python bench/orchestration.py [--candidates 1000] [--baseline-candidates 40]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from glit_ray.constraints import Limits
+from glit_ray.results import ResultsCallback, read_candidates
+from glit_ray.search import generation_tuner
+from glit_ray.searcher import EvolutionSearcher
+from glit_ray.space import SearchSpace
+
+SPACE = "glit_tiny"  # 4^12 high-level architectures: breeding never runs out of new children
+NUM_CLASSES = 1000
+
+
+@ray.remote(num_cpus=0.45)
+class NoOpEvaluator:
+    """Answers like `Evaluator.score` without computing anything."""
+
+    def __init__(self, actor_id: int):
+        self.actor_id = actor_id
+
+    def score(self, arch: str) -> dict:
+        top1 = random.Random(arch).uniform(0, 100)
+        return {"top1": top1, "top5": top1, "loss": 1.0, "flops": 1, "params": 1, "eval_seconds": 0.0,
+                "actor": self.actor_id, "node": "bench"}
+
+
+def tune_default(actors: list, candidates: int, out: Path) -> float:
+    """Candidates/s of Tune's default loop, one trial per candidate."""
+    space = SearchSpace.load(SPACE)
+    rng = random.Random(0)
+    archs = [str(space.sample("high", rng)) for _ in range(candidates)]
+
+    def one_candidate(config):
+        return ray.get(actors[hash(config["arch"]) % len(actors)].score.remote(config["arch"]))
+
+    tuner = tune.Tuner(
+        tune.with_resources(one_candidate, {"cpu": 0.01}),
+        param_space={"arch": tune.grid_search(archs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(out), name="default", verbose=0),
+    )
+    started = time.perf_counter()
+    results = tuner.fit()
+    seconds = time.perf_counter() - started
+    assert len(results) == candidates and not results.errors
+    return candidates / seconds
+
+
+def glit_ray_generations(actors: list, candidates: int, out: Path) -> float:
+    """Candidates/s of the search's own Tuner: one reused trial per generation of 200."""
+    per_generation = 200
+    generations = candidates // per_generation
+    searcher = EvolutionSearcher(SearchSpace.load(SPACE), "high", None, Limits(), NUM_CLASSES, population=per_generation,
+                                 generations=generations, topk=20, mutations=per_generation // 2,
+                                 crossovers=per_generation // 2, mutation_prob=0.1, seed=0)
+    run = out / "glit_ray"
+    tuner = generation_tuner(run, searcher, actors, ResultsCallback(run, "high", 10, generations), resume=False)
+    started = time.perf_counter()
+    tuner.fit()
+    seconds = time.perf_counter() - started
+    rows = read_candidates(run).num_rows
+    assert rows == generations * per_generation, rows
+    return rows / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=1000, help="glit_ray side (generations of 200)")
+    parser.add_argument("--baseline-candidates", type=int, default=40, help="Tune-default side (about 1 per second)")
+    args = parser.parse_args()
+    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    actors = [NoOpEvaluator.remote(i) for i in range(2)]
+    ray.get([a.score.remote("warm-up") for a in actors])
+    with tempfile.TemporaryDirectory() as tmp:
+        default = tune_default(actors, args.baseline_candidates, Path(tmp))
+        ours = glit_ray_generations(actors, args.candidates, Path(tmp))
+    print(f"tune default, 1 trial per candidate : {default:8.1f} candidates/s ({args.baseline_candidates} candidates)")
+    print(f"glit_ray, 1 reused trial per generation: {ours:8.1f} candidates/s ({args.candidates} candidates)")
+    print(f"ratio: {ours / default:.1f}x")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
