@@ -7,12 +7,13 @@ is the cost of getting a candidate from the searcher to an evaluator and its res
 - `glit_ray`: the search's real Tuner (`generation_tuner`): EvolutionSearcher, one reused trial per
   generation fanning its candidates out to the actors, Parquet/TensorBoard results callback.
 
-    python bench/orchestration.py [--candidates 1000] [--baseline-candidates 40]
+    python bench/orchestration.py [--candidates 1000] [--baseline-candidates 100] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,19 +86,23 @@ def glit_ray_generations(actors: list, candidates: int, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=1000, help="glit_ray side (generations of 200)")
-    parser.add_argument("--baseline-candidates", type=int, default=40, help="Tune-default side (about 1 per second)")
+    parser.add_argument("--baseline-candidates", type=int, default=100, help="Tune-default side")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians are compared")
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     actors = [NoOpEvaluator.remote(i) for i in range(2)]
     ray.get([a.score.remote("warm-up") for a in actors])
+    default, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        default = tune_default(actors, args.baseline_candidates, Path(tmp))
-        ours = glit_ray_generations(actors, args.candidates, Path(tmp))
-    print(f"tune default, 1 trial per candidate : {default:8.1f} candidates/s ({args.baseline_candidates} candidates)")
-    print(f"glit_ray, 1 reused trial per generation: {ours:8.1f} candidates/s ({args.candidates} candidates)")
-    print(f"ratio: {ours / default:.1f}x")
+        for repeat in range(args.repeats):
+            default.append(tune_default(actors, args.baseline_candidates, Path(tmp) / str(repeat)))
+            ours.append(glit_ray_generations(actors, args.candidates, Path(tmp) / str(repeat)))
+    for name, rates, n in (("tune default, 1 trial per candidate", default, args.baseline_candidates),
+                           ("glit_ray, 1 reused trial per generation", ours, args.candidates)):
+        print(f"{name:40s}: median {statistics.median(rates):7.1f} candidates/s "
+              f"(runs: {', '.join(f'{r:.1f}' for r in rates)}; {n} candidates each)")
+    print(f"ratio (medians): {statistics.median(ours) / statistics.median(default):.1f}x")
     ray.shutdown()
-
 
 if __name__ == "__main__":
     main()
