@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ class Evaluator:
     def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int,
                  threads: int = 1):
         torch.set_num_threads(threads)
-        self.actor_id, self.node = actor_id, socket.gethostname()
+        self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net, _ = load_supernet(io.BytesIO(supernet_bytes), map_location=self.device)
         self.loads = 1
@@ -45,10 +44,13 @@ class Evaluator:
         self.calib = [x.to(self.device) for x, _ in
                       _take(make_loader(splits.train, CALIB_BATCH_SIZE, train=False), calib_batches)]
         self.heldout = [(x.to(self.device), y.to(self.device)) for x, y in make_loader(heldout, EVAL_BATCH_SIZE, train=False)]
-        self.fail_next = 0  # test hook: make the next N calls raise
+        self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
+        self.exit_next = False
 
     def score(self, arch_text: str) -> dict:
         """Recalibrate BatchNorm for `arch`, then top-1/top-5/loss on the held-out split."""
+        if self.exit_next:
+            os._exit(1)
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError(f"injected failure on actor {self.actor_id}")
@@ -61,12 +63,16 @@ class Evaluator:
                 "actor": self.actor_id, "node": self.node}
 
     def stats(self) -> dict:
-        """How often this actor loaded the supernet (once per actor life), and where it runs."""
+        """How often this actor process loaded the supernet (once), whether Ray restarted it, and where it runs."""
         return {"actor": self.actor_id, "loads": self.loads, "pid": os.getpid(), "node": self.node,
-                "device": str(self.device)}
+                "device": str(self.device), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
     def inject_failures(self, count: int) -> None:
         self.fail_next = count
+
+    def inject_exit(self) -> None:
+        """The next `score` call kills this actor's process mid-candidate, as a crash or a lost node would."""
+        self.exit_next = True
 
 
 def _take(loader, count: int) -> list:
@@ -84,9 +90,11 @@ def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout
     """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
 
     CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial that feeds them) and
-    run as many torch threads as their share rounds to. The supernet's bytes go to the object store
-    once and stay there while the block runs, so that a restarted actor can reload them. On exit
-    the actors are killed: their CPUs and GPUs go back to the cluster for whatever runs next.
+    run as many torch threads as their share rounds to. Actors are spread over the nodes, restart
+    without limit when their process or node dies, and never re-run a call themselves: the
+    `Dispatcher` re-queues the candidate of a call cut short. The supernet's bytes go to the
+    object store once and stay there while the block runs, so that a restarted actor can reload
+    them. On exit the actors are killed: their CPUs and GPUs go back to the cluster.
     """
     cluster = ray.cluster_resources()
     if gpus_per_actor is None:
@@ -94,7 +102,8 @@ def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout
     share = cluster.get("CPU", 1) / actors
     cpus = 1.0 if gpus_per_actor else 0.9 * share
     ref = ray.put(supernet_bytes)
-    remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=1)
+    remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
+                                           scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
     pool = [remote.remote(ref, data, calib_batches, heldout_images, i, threads) for i in range(actors)]
     try:

@@ -10,8 +10,6 @@ RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--
 from __future__ import annotations
 
 import os
-import time
-from collections import deque
 from pathlib import Path
 
 import ray
@@ -23,6 +21,7 @@ from rich.table import Table
 from .cli import ArgumentParser, run
 from .constraints import Limits
 from .data import build_splits, parse_spec
+from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
 from .evaluator import evaluator_pool
 from .progress import bar, driver_has_terminal
@@ -33,38 +32,6 @@ from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .train_supernet import supernet_settings, train_supernet
 
-IN_FLIGHT_PER_ACTOR = 2
-CANDIDATE_ATTEMPTS = 2  # a candidate whose scoring errors is tried once more, then recorded as failed
-
-
-def score_candidates(actors: list, archs: list[str], progress=None) -> list[dict]:
-    """Score `archs` on the actors, keeping each busy; results come back in `archs` order."""
-    results: list[dict | None] = [None] * len(archs)
-    attempts = [0] * len(archs)
-    queue = deque(range(len(archs)))
-    in_flight: dict = {}
-    slots = [actor for actor in actors for _ in range(IN_FLIGHT_PER_ACTOR)]
-    while queue or in_flight:
-        while queue and slots:
-            i, actor = queue.popleft(), slots.pop()
-            in_flight[actor.score.remote(archs[i])] = (i, actor)
-        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-        i, actor = in_flight.pop(ref)
-        slots.append(actor)
-        attempts[i] += 1
-        try:
-            results[i] = {**ray.get(ref), "status": "ok", "error": None}
-        except Exception as exc:  # the candidate's scoring failed: retry once, then record it
-            if attempts[i] < CANDIDATE_ATTEMPTS:
-                queue.append(i)
-                continue
-            results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"[:500]}
-        results[i]["timestamp"] = time.time()
-        if progress:
-            progress.update(1)
-    return results
-
-
 class GenerationTrial(tune.Trainable):
     """A Tune trial: score one generation's candidates on the evaluator actors.
 
@@ -73,7 +40,7 @@ class GenerationTrial(tune.Trainable):
     """
 
     def setup(self, config: dict, actors: list, progress: bool):
-        self.actors, self.progress = actors, progress
+        self.dispatcher, self.progress = Dispatcher(actors), progress
 
     def reset_config(self, new_config: dict) -> bool:
         return True
@@ -81,7 +48,7 @@ class GenerationTrial(tune.Trainable):
     def step(self) -> dict:
         candidates = self.config["candidates"]
         progress = bar(len(candidates), f"generation {self.config['generation']}", self.progress)
-        scores = score_candidates(self.actors, [c["arch"] for c in candidates], progress)
+        scores = self.dispatcher.score([c["arch"] for c in candidates], progress)
         progress.close()
         rows = [{**candidate, **score} for candidate, score in zip(candidates, scores)]
         best = max((r["top1"] for r in rows if r["status"] == "ok"), default=float("nan"))
@@ -216,7 +183,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         tuner = generation_tuner(out, searcher, evaluators, ResultsCallback(out, level, settings["topk"],
                                                                            settings["generations"]), resumed)
         tuner.fit()
-        loads = [s["loads"] for s in ray.get([e.stats.remote() for e in evaluators])]
+        loads = supernet_loads(evaluators)
     rows = read_candidates(out).to_pylist()
     best = best_record(rows, level, settings["topk"])
     if best is None:
@@ -225,6 +192,19 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     console.print(f"best: {best['arch']}  top-1 {best['top1']:.2f}%  ({out / 'best.json'}); "
                   f"supernet loads per actor: {loads}")
     return best
+
+
+def supernet_loads(actors: list) -> list:
+    """Supernet loads of each actor's process (1 unless something is wrong), or 'down' if it does not answer."""
+    pings = [actor.stats.remote() for actor in actors]
+    answered, _ = ray.wait(pings, num_returns=len(pings), timeout=10)  # an actor whose node is gone never answers
+    loads = []
+    for ping in pings:
+        try:
+            loads.append(ray.get(ping)["loads"] if ping in answered else "down")
+        except ACTOR_LOST:
+            loads.append("down")
+    return loads
 
 
 def report_topk(console: Console, best: dict, candidates: int) -> None:

@@ -41,13 +41,27 @@ def write_space(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session, sized like CI (2 CPUs)."""
+def ray_cluster():
+    """One local Ray for the whole test session: a head node sized like CI (2 CPUs).
+
+    A `ray.cluster_utils.Cluster`, so that multi-node tests can add worker nodes to it (and
+    remove them) instead of starting a second Ray.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

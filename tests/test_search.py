@@ -12,9 +12,10 @@ import ray
 from glit_ray.arch import Architecture
 from glit_ray.cli import run
 from glit_ray.errors import UserError
+from glit_ray.dispatch import Dispatcher
 from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
-from glit_ray.search import build_parser, main, score_candidates, search, settings_from_args
+from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
@@ -68,10 +69,10 @@ def test_each_actor_loads_the_supernet_once_and_keeps_order(ray_session, micro_s
         micro = SearchSpace.load("glit_micro")
         rng = random.Random(0)
         archs = list({str(micro.sample("high", rng)) for _ in range(30)})
-        results = score_candidates(actors, archs)
+        results = Dispatcher(actors).score(archs)
         assert [r["status"] for r in results] == ["ok"] * len(archs)
         assert {r["actor"] for r in results} == {0, 1}
-        again = score_candidates(actors, archs)
+        again = Dispatcher(actors).score(archs)
         assert [r["top1"] for r in again] == [r["top1"] for r in results]  # scoring is deterministic
         stats = ray.get([a.stats.remote() for a in actors])
         assert [s["loads"] for s in stats] == [1, 1]
@@ -86,10 +87,10 @@ def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_su
     arch = "3:v1m4-" * 5 + "3:v1m4"
     with evaluator_pool(micro_supernet.read_bytes(), "digits", 1, 32, actors=1, gpus_per_actor=0) as [actor]:
         ray.get(actor.inject_failures.remote(1))
-        [row] = score_candidates([actor], [arch])
+        [row] = Dispatcher([actor]).score([arch])
         assert row["status"] == "ok"
         ray.get(actor.inject_failures.remote(2))
-        [row] = score_candidates([actor], [arch])
+        [row] = Dispatcher([actor]).score([arch])
         assert row["status"] == "failed" and "injected failure" in row["error"]
 
 

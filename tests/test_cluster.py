@@ -1,0 +1,117 @@
+"""Multi-node behaviour on one machine: the session's Ray cluster grows two worker nodes."""
+import random
+import threading
+import time
+
+import pytest
+import ray
+
+from glit_ray.dispatch import Dispatcher
+from glit_ray.evaluator import evaluator_pool
+from glit_ray.results import read_candidates
+from glit_ray.search import build_parser, search, settings_from_args
+from glit_ray.space import SearchSpace
+
+
+@pytest.fixture
+def worker_nodes(ray_cluster):
+    """Two worker nodes of 1 CPU each beside the 2-CPU head; removed again after the test."""
+    nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    yield nodes
+    for node in nodes:
+        if node in ray_cluster.worker_nodes:
+            ray_cluster.remove_node(node)
+    ray_cluster.wait_for_nodes()
+
+
+def search_argv(supernet, *extra):
+    return ["--level", "high", "--supernet", str(supernet), "--population", "12", "--mutations", "6",
+            "--crossovers", "6", "--topk", "4", *extra]
+
+
+def micro_archs(count: int) -> list[str]:
+    space, rng = SearchSpace.load("glit_micro"), random.Random(5)
+    archs = []
+    while len(archs) < count:
+        arch = str(space.sample("high", rng))
+        archs += [arch] if arch not in archs else []
+    return archs
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_candidates_fan_out_over_the_nodes(micro_supernet, worker_nodes, tmp_path):
+    argv = search_argv(micro_supernet, "--generations", "2", "--actors", "4", "--heldout-images", "128")
+    search(settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)])), tmp_path, actors=4)
+    rows = read_candidates(tmp_path).to_pylist()
+    assert len(rows) == 24 and all(r["status"] == "ok" for r in rows)
+    assert len({r["node"] for r in rows}) >= 2
+    assert {r["node"] for r in rows} <= {n["NodeID"] for n in ray.nodes()}
+
+
+def test_an_actor_that_dies_mid_candidate_is_restarted_and_the_candidate_rescored(micro_supernet, ray_session):
+    archs = micro_archs(6)
+    with evaluator_pool(micro_supernet.read_bytes(), "digits", 1, 64, actors=2, gpus_per_actor=0) as actors:
+        ray.get(actors[0].inject_exit.remote())
+        dispatcher = Dispatcher(actors)
+        rows = dispatcher.score(archs)
+        assert [r["status"] for r in rows] == ["ok"] * len(archs)
+        assert dispatcher.lost_calls >= 1  # the call the process died in, re-queued
+        stats = ray.get([a.stats.options(max_task_retries=-1).remote() for a in actors], timeout=120)
+        assert [s["restarted"] for s in stats] == [True, False] and [s["loads"] for s in stats] == [1, 1]
+        again = Dispatcher(actors).score(archs)  # the restarted actor scores like before
+        assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+        assert {r["actor"] for r in again} == {0, 1}
+
+
+def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_supernet, ray_cluster, worker_nodes):
+    archs = micro_archs(80)
+    with evaluator_pool(micro_supernet.read_bytes(), "digits", 4, None, actors=4, gpus_per_actor=0) as actors:
+        nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
+        doomed = worker_nodes[0]
+        assert doomed.node_id in nodes  # SPREAD put an actor on each worker node
+        dispatcher, rows, progress = Dispatcher(actors), [], Counter()
+        thread = threading.Thread(target=lambda: rows.extend(dispatcher.score(archs, progress)))
+        thread.start()
+        wait_for(lambda: progress.n >= 8, 120, "scoring to start")
+        removed_at = time.time()
+        ray_cluster.remove_node(doomed)
+        thread.join(timeout=240)
+        assert not thread.is_alive()
+    assert len(rows) == len(archs) and all(r["status"] == "ok" for r in rows)
+    assert dispatcher.lost_calls >= 1
+    on_doomed = [r["timestamp"] for r in rows if r["node"] == doomed.node_id]
+    assert on_doomed and max(on_doomed) < removed_at + 1  # it scored until it went, and never after
+
+
+def test_a_node_removed_mid_search_the_search_finishes_with_each_candidate_once(micro_supernet, ray_cluster,
+                                                                             worker_nodes, tmp_path):
+    argv = search_argv(micro_supernet, "--generations", "4", "--actors", "4")
+    settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, tmp_path, actors=4)))
+    thread.start()
+    wait_for(lambda: (tmp_path / "candidates" / "gen-0000.parquet").exists(), 180, "generation 0")
+    ray_cluster.remove_node(worker_nodes[0])
+    thread.join(timeout=280)
+    assert not thread.is_alive() and "best" in outcome
+    rows = read_candidates(tmp_path).to_pylist()
+    assert len(rows) == 12 * 4 == len({r["arch"] for r in rows})
+    assert all(r["status"] == "ok" for r in rows)
+    assert [r["generation"] for r in rows] == sorted(r["generation"] for r in rows)
+
+
+class Counter:
+    """A progress sink that counts, like a tqdm bar's `update`."""
+
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
