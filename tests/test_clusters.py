@@ -1,0 +1,64 @@
+"""The cluster files: aws.yaml passes the cluster launcher's own schema, the RayJob runs the search."""
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from glit_ray.search import build_parser, settings_from_args
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+
+
+@pytest.fixture
+def aws() -> dict:
+    return yaml.safe_load((CLUSTERS / "aws.yaml").read_text())
+
+
+def test_aws_yaml_passes_the_launchers_schema(aws):
+    validate_config(prepare_config(copy.deepcopy(aws)))  # what `ray up` runs before launching anything
+
+
+def test_the_schema_check_is_real(aws):
+    aws["available_node_types"]["head"]["min_worker"] = 1
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(aws))
+
+
+def test_aws_yaml_has_a_cpu_head_gpu_workers_and_the_pinned_stack(aws):
+    types = aws["available_node_types"]
+    assert types[aws["head_node_type"]]["resources"] == {"GPU": 0}
+    gpu_types = {t["node_config"]["InstanceType"].split(".")[0] for n, t in types.items() if n != aws["head_node_type"]}
+    assert gpu_types == {"g5", "p4d"}
+    assert all(t["max_workers"] >= t["min_workers"] for t in types.values())
+    assert aws["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    setup = " ".join(aws["setup_commands"])
+    pyproject = (CLUSTERS.parent / "pyproject.toml").read_text()
+    for package in ("torch", "torchvision"):
+        pinned = re.search(rf'"{package}>=[\d.]+,<=([\d.]+)"', pyproject).group(1)
+        assert f'"{package}=={pinned}"' in setup
+    assert "pip install --quiet -e /home/ray/glit_ray" in setup and aws["file_mounts"]["/home/ray/glit_ray"] == "."
+    assert "/mnt/runs" in " ".join(aws["initialization_commands"])
+
+
+def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments():
+    job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "glit_ray.search"]
+    args = build_parser().parse_args(command[3:])
+    assert args.address == "auto" and str(args.out).startswith("/mnt/runs/")
+    assert settings_from_args(args)["space"]["name"] == "glit_tiny"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__
+    [worker] = spec["workerGroupSpecs"]
+    [container] = worker["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/mnt/runs" in mounts
+    dockerfile = (CLUSTERS / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
