@@ -21,27 +21,9 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from glit_ray.constraints import Limits
-from glit_ray.results import ResultsCallback, read_candidates
-from glit_ray.search import generation_tuner
-from glit_ray.searcher import EvolutionSearcher
 from glit_ray.space import SearchSpace
 
-SPACE = "glit_tiny"  # 4^12 high-level architectures: breeding never runs out of new children
-NUM_CLASSES = 1000
-
-
-@ray.remote(num_cpus=0.45)
-class NoOpEvaluator:
-    """Answers like `Evaluator.score` without computing anything."""
-
-    def __init__(self, actor_id: int):
-        self.actor_id = actor_id
-
-    def score(self, arch: str) -> dict:
-        top1 = random.Random(arch).uniform(0, 100)
-        return {"top1": top1, "top5": top1, "loss": 1.0, "flops": 1, "params": 1, "eval_seconds": 0.0,
-                "actor": self.actor_id, "node": "bench"}
+from harness import SPACE, run_generations, start_fake_evaluators
 
 
 def tune_default(actors: list, candidates: int, out: Path) -> float:
@@ -68,19 +50,7 @@ def tune_default(actors: list, candidates: int, out: Path) -> float:
 
 def glit_ray_generations(actors: list, candidates: int, out: Path) -> float:
     """Candidates/s of the search's own Tuner: one reused trial per generation of 200."""
-    per_generation = 200
-    generations = candidates // per_generation
-    searcher = EvolutionSearcher(SearchSpace.load(SPACE), "high", None, Limits(), NUM_CLASSES, population=per_generation,
-                                 generations=generations, topk=20, mutations=per_generation // 2,
-                                 crossovers=per_generation // 2, mutation_prob=0.1, seed=0)
-    run = out / "glit_ray"
-    tuner = generation_tuner(run, searcher, actors, ResultsCallback(run, "high", 10, generations), resume=False)
-    started = time.perf_counter()
-    tuner.fit()
-    seconds = time.perf_counter() - started
-    rows = read_candidates(run).num_rows
-    assert rows == generations * per_generation, rows
-    return rows / seconds
+    return candidates / run_generations(actors, 200, candidates // 200, out / "glit_ray")
 
 
 def main() -> None:
@@ -90,8 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians are compared")
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-    actors = [NoOpEvaluator.remote(i) for i in range(2)]
-    ray.get([a.score.remote("warm-up") for a in actors])
+    actors = start_fake_evaluators(2)
     default, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
