@@ -96,6 +96,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mutations", type=int, default=25)
     p.add_argument("--crossovers", type=int, default=25)
     p.add_argument("--mutation-prob", type=float, default=0.1)
+    p.add_argument("--strategy", choices=("evolution", "random"), default="evolution",
+                   help="random: the baseline, random architectures under the same budget and limits")
     for bound in ("flops-min", "flops-max", "params-min", "params-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs are multiply-accumulates)")
     p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
@@ -130,6 +132,7 @@ def settings_from_args(args) -> dict:
         "data": args.data, "supernet": str(args.supernet.resolve()) if args.supernet else None,
         "population": args.population, "generations": args.generations, "topk": args.topk,
         "mutations": args.mutations, "crossovers": args.crossovers, "mutation_prob": args.mutation_prob,
+        "strategy": args.strategy,
         "limits": limits.as_dict(), "calib_batches": args.calib_batches, "heldout_images": args.heldout_images,
         "supernet_epochs": args.supernet_epochs, "seed": args.seed,
     }
@@ -172,7 +175,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     actors = actors or (gpus if gpus and gpus_per_actor != 0 else 2)
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
-                                 settings["crossovers"], settings["mutation_prob"], settings["seed"])
+                                 settings["crossovers"], settings["mutation_prob"], settings["seed"],
+                                 settings["strategy"])
     with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
                         actors, gpus_per_actor) as evaluators:
         if resumed and tune.Tuner.can_restore(str(out / "tune")):

@@ -1,6 +1,7 @@
 """GLiT's evolution (SPOS-style) as a Ray Tune `Searcher`, one generation per trial.
 
-Generation 0 is `population` random architectures inside the limits. Every later generation
+Generation 0 is `population` random architectures inside the limits. (`strategy="random"`, the
+baseline, draws every later generation at random too, with the same budget.) Every later generation
 takes the top-k of all candidates scored so far as parents and breeds `mutations` children by
 mutation and `crossovers` by uniform crossover; a child that breaks a limit or was seen before
 is redrawn (bounded tries, then random candidates fill the gap and the shortfall is recorded).
@@ -31,11 +32,13 @@ TRIAL_ATTEMPTS = 2  # a generation whose trial errors is run once more, then rec
 class EvolutionSearcher(Searcher):
     def __init__(self, space: SearchSpace, level: str, distribution: tuple[int, ...] | None, limits: Limits,
                  num_classes: int, population: int = 50, generations: int = 20, topk: int = 10,
-                 mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, seed: int = 0):
+                 mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, seed: int = 0,
+                 strategy: str = "evolution"):
         super().__init__(metric="top1", mode="max")
         self.space, self.level, self.distribution, self.limits = space, level, distribution, limits
         self.num_classes, self.population, self.generations, self.topk = num_classes, population, generations, topk
         self.mutations, self.crossovers, self.mutation_prob, self.seed = mutations, crossovers, mutation_prob, seed
+        self.strategy = strategy  # "random": the baseline, every generation drawn at random, same budget and limits
         self.state = {
             "generation": 0,   # the next generation to breed
             "scored": [],      # every finished candidate row, in generation and candidate order
@@ -83,7 +86,7 @@ class EvolutionSearcher(Searcher):
             self.set_state(pickle.load(f))
 
     _SETTINGS = ("level", "distribution", "num_classes", "population", "generations", "topk", "mutations",
-                 "crossovers", "mutation_prob", "seed")
+                 "crossovers", "mutation_prob", "seed", "strategy")
 
     def get_state(self) -> dict:
         """Everything: the settings (so a blank searcher restores into this one) and the evolution."""
@@ -135,8 +138,8 @@ class EvolutionSearcher(Searcher):
                         break
             return made
 
-        parents = self.parents() if generation else []
-        wanted = self.population if not parents else self.mutations + self.crossovers
+        parents = self.parents() if generation and self.strategy == "evolution" else []
+        wanted = self.mutations + self.crossovers if generation else self.population
         if parents:
             def mutate():
                 parent = rng.choice(parents)

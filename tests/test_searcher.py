@@ -7,6 +7,7 @@ from ray.tune.search import Searcher
 from glit_ray.arch import Architecture
 from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
+from glit_ray.search import build_parser, settings_from_args
 from glit_ray.searcher import EvolutionSearcher
 from glit_ray.space import SearchSpace
 
@@ -142,3 +143,18 @@ def test_a_space_too_small_for_new_children_says_so(micro_dict):
     assert len(configs[0]["candidates"]) == 3 and configs[0]["missing"] == 0
     assert len(configs[1]["candidates"]) == 1 and configs[1]["missing"] == 3
     assert configs[2]["candidates"] == [] and configs[2]["missing"] == 4
+
+
+def test_the_random_baseline_has_the_same_budget_and_limits_but_no_parents(micro):
+    limits = Limits(flops_max=12)
+    random_configs = run_to_end(make(micro, limits=limits, strategy="random"))
+    evolution_configs = run_to_end(make(micro, limits=limits))
+    assert [len(c["candidates"]) for c in random_configs] == [len(c["candidates"]) for c in evolution_configs]
+    candidates = [c for config in random_configs for c in config["candidates"]]
+    assert all(c["operator"] == "random" and c["parents"] == [] for c in candidates)
+    assert len({c["arch"] for c in candidates}) == len(candidates)
+    assert all(limits.admits(arch_cost(micro, Architecture.parse(c["arch"]), 10)) for c in candidates)
+    again = [c["arch"] for config in run_to_end(make(micro, limits=limits, strategy="random")) for c in config["candidates"]]
+    assert again == [c["arch"] for c in candidates]
+    args = build_parser().parse_args(["--level", "high", "--strategy", "random"])
+    assert settings_from_args(args)["strategy"] == "random"
