@@ -1,4 +1,5 @@
 import copy
+import os
 import random
 
 import pytest
@@ -55,6 +56,16 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def own_ray_env() -> dict:
+    """Environment for a child `python -m glit_ray...` that must start its own Ray.
+
+    Without it the child joins the session's cluster (Ray finds it on its own), where the trials
+    of a second driver never start (a quirk of `cluster_utils` nodes; a `ray start` cluster works).
+    """
+    return {**os.environ, "RAY_ADDRESS": "local"}
 
 
 @pytest.fixture(scope="session")

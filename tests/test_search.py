@@ -94,14 +94,15 @@ def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_su
         assert row["status"] == "failed" and "injected failure" in row["error"]
 
 
-def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet, tmp_path):
+def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet, tmp_path, own_ray_env):
     argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "4",
             "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
     reference = search(settings_for(*argv), tmp_path / "reference")
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out)]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=own_ray_env)
     try:
         deadline = time.time() + 180
         while not (out / "candidates" / "gen-0001.parquet").exists():
@@ -114,7 +115,7 @@ def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet
     for f in (out / "candidates").glob("*.parquet"):
         pq.read_table(f)  # whatever was there when killed is a whole file
 
-    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True)
+    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
     keys = ("arch", "generation", "operator", "parents", "top1")
     resumed = [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()]
     expected = [{k: r[k] for k in keys} for r in read_candidates(tmp_path / "reference").to_pylist()]

@@ -80,13 +80,14 @@ def wait_for(predicate, timeout):
     return False
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path):
+def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path, own_ray_env):
     argv = ["--level", "high", "--epochs", "3", "--batch-size", "64"]
     reference = train_supernet(settings_for(*argv), tmp_path / "reference")
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.train_supernet", *argv, "--out", str(out)]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=own_ray_env)
     try:
         assert wait_for(lambda: any((out / "train").glob("checkpoint_*")), timeout=180), "no checkpoint within 180 s"
     finally:
@@ -105,7 +106,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path):
     for path, data in states.items():
         path.write_bytes(data)
 
-    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True)
+    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
     resumed, expected = state_of(out / "supernet.pt"), state_of(reference)
     assert resumed.keys() == expected.keys()
     for key in expected:

@@ -1,0 +1,151 @@
+"""`python -m glit_ray.report RUN_DIR [RUN_DIR ...]`: plots and a Markdown summary of search runs.
+
+Reads only the runs' Parquet rows, and writes under OUT (default: the first RUN_DIR/report):
+evolution.png (best and spread of held-out top-1 per generation, each run overlaid),
+pareto.png (top-1 against FLOPs, the Pareto front of each run marked), split.png (the
+global/local head split of every block of the first run's top-k) and summary.md.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .arch import Architecture  # noqa: E402
+from .cli import ArgumentParser, run  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .results import read_candidates  # noqa: E402
+from .runs import write_atomic  # noqa: E402
+
+TOPK = 10
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both top-1 (higher) and FLOPs (lower), by increasing FLOPs."""
+    front, best_top1 = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r["flops"], -r["top1"])):
+        if row["top1"] > best_top1:
+            front.append(row)
+            best_top1 = row["top1"]
+    return front
+
+
+def run_summary(rows: list[dict]) -> dict:
+    """The numbers summary.md reports for one run, from its scored rows."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["top1"], r["arch"]))
+    generations = sorted({r["generation"] for r in rows})
+    per_generation = [[r["top1"] for r in ok if r["generation"] == g] for g in generations]
+    return {"candidates": len(rows), "failed": len(rows) - len(ok), "generations": len(generations),
+            "best": ok[0] if ok else None, "topk": ok[:TOPK], "front": pareto_front(ok),
+            "best_per_generation": [max(s) if s else None for s in per_generation],
+            "median_per_generation": [statistics.median(s) if s else None for s in per_generation]}
+
+
+def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
+    runs = {}
+    for run_dir in run_dirs:
+        rows = read_candidates(run_dir).to_pylist()
+        if not rows:
+            raise UserError(f"{run_dir} holds no candidates (no candidates/gen-*.parquet); give a search RUN_DIR")
+        runs[run_dir.name if run_dir.name not in runs else str(run_dir)] = rows
+    return runs
+
+
+def plot_evolution(runs: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in runs.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        generations = sorted({r["generation"] for r in ok})
+        scores = [[r["top1"] for r in ok if r["generation"] == g] for g in generations]
+        line, = ax.plot(generations, [max(s) for s in scores], marker="o", label=f"{name}: best")
+        ax.fill_between(generations, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(),
+                        alpha=0.15)
+        ax.plot(generations, [statistics.median(s) for s in scores], ls="--", color=line.get_color(),
+                label=f"{name}: median")
+    ax.set(xlabel="generation", ylabel="held-out top-1 (%)", title="search progress (band: min to max)")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_pareto(runs: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in runs.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        points = ax.scatter([r["flops"] / 1e6 for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
+        front = pareto_front(ok)
+        ax.plot([r["flops"] / 1e6 for r in front], [r["top1"] for r in front], drawstyle="steps-post", marker="D",
+                color=points.get_facecolor()[0][:3], lw=2, label=f"{name}: Pareto front")
+    ax.set(xlabel="MFLOPs (multiply-accumulates)", ylabel="held-out top-1 (%)", title="accuracy against cost")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def plot_split(rows: list[dict], path: Path) -> None:
+    top = run_summary(rows)["topk"]
+    grid = [list(Architecture.parse(r["arch"]).distribution) for r in top]
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(grid)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    middle = max(map(max, grid)) / 2
+    for i, genes in enumerate(grid):
+        for j, g in enumerate(genes):
+            ax.text(j, i, str(g), ha="center", va="center", color="white" if g < middle else "black")
+    ax.set(xlabel="block", ylabel="rank", title=f"global heads per block, top-{len(grid)} (rest are local)",
+           xticks=range(len(grid[0])), yticks=range(len(grid)), yticklabels=[str(i + 1) for i in range(len(grid))])
+    fig.colorbar(image, ax=ax, label="G")
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def summary_markdown(runs: dict[str, list[dict]]) -> str:
+    lines = ["# Search report", ""]
+    for name, rows in runs.items():
+        s = run_summary(rows)
+        best = s["best"]
+        lines += [f"## {name}", "",
+                  f"{s['candidates']} candidates in {s['generations']} generations, {s['failed']} failed. "
+                  f"Pareto front: {len(s['front'])} candidates.", ""]
+        if best:
+            lines += [f"Best: `{best['arch']}`, top-1 {best['top1']:.2f} %, {best['flops'] / 1e6:.2f} MFLOPs, "
+                      f"{best['params'] / 1e6:.3f} M params (generation {best['generation']}, {best['operator']}).", "",
+                      "| rank | architecture | top-1 % | MFLOPs | M params | generation |",
+                      "| ---: | --- | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {i} | `{r['arch']}` | {r['top1']:.2f} | {r['flops'] / 1e6:.2f} | {r['params'] / 1e6:.3f} "
+                      f"| {r['generation']} |" for i, r in enumerate(s["topk"], 1)]
+            lines.append("")
+    lines += ["![evolution](evolution.png)", "", "![pareto](pareto.png)", "", "![split](split.png)", ""]
+    return "\n".join(lines)
+
+
+def report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write the report of `run_dirs` into `out` (default: the first run's report/); returns `out`."""
+    runs = load_runs([Path(d) for d in run_dirs])
+    out = Path(out or Path(run_dirs[0]) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_evolution(runs, out / "evolution.png")
+    plot_pareto(runs, out / "pareto.png")
+    plot_split(next(iter(runs.values())), out / "split.png")
+    write_atomic(out / "summary.md", summary_markdown(runs).encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python -m glit_ray.report", description=__doc__.splitlines()[0])
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=None, help="default: the first RUN_DIR/report")
+    args = p.parse_args(argv)
+    print(f"report: {report(args.run_dirs, args.out) / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    run(main)
