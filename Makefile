@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m glit_ray.summary
 	$(BIN)/python -m glit_ray.search --level high --out runs/demo/search-high
+	$(BIN)/python -m glit_ray.report runs/demo/search-high
 
 test: install
 	$(BIN)/python -m pytest
