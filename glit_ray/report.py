@@ -10,16 +10,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # a bare Figure draws to files with Agg: no pyplot, no display
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .arch import Architecture  # noqa: E402
-from .cli import ArgumentParser, run  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .results import read_candidates  # noqa: E402
-from .runs import write_atomic  # noqa: E402
+from .arch import Architecture
+from .cli import ArgumentParser, run
+from .errors import UserError
+from .results import read_candidates
+from .runs import write_atomic
 
 TOPK = 10
 
@@ -56,7 +54,8 @@ def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
 
 
 def plot_evolution(runs: dict[str, list[dict]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, rows in runs.items():
         ok = [r for r in rows if r["status"] == "ok"]
         generations = sorted({r["generation"] for r in ok})
@@ -67,12 +66,14 @@ def plot_evolution(runs: dict[str, list[dict]], path: Path) -> None:
         ax.plot(generations, [statistics.median(s) for s in scores], ls="--", color=line.get_color(),
                 label=f"{name}: median")
     ax.set(xlabel="generation", ylabel="held-out top-1 (%)", title="search progress (band: min to max)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     save(fig, path)
 
 
 def plot_pareto(runs: dict[str, list[dict]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, rows in runs.items():
         ok = [r for r in rows if r["status"] == "ok"]
         points = ax.scatter([r["flops"] / 1e6 for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
@@ -87,7 +88,8 @@ def plot_pareto(runs: dict[str, list[dict]], path: Path) -> None:
 def plot_split(rows: list[dict], path: Path) -> None:
     top = run_summary(rows)["topk"]
     grid = [list(Architecture.parse(r["arch"]).distribution) for r in top]
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(grid)))
+    fig = Figure(figsize=(7, 1 + 0.4 * len(grid)))
+    ax = fig.subplots()
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     middle = max(map(max, grid)) / 2
     for i, genes in enumerate(grid):
@@ -99,11 +101,11 @@ def plot_split(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
-def save(fig, path: Path) -> None:
+def save(fig: Figure, path: Path) -> None:
+    """Render to a temporary file beside `path`, then rename it into place."""
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
 
 
