@@ -38,9 +38,8 @@ class Dispatcher:
         queue = deque(range(len(archs)))
         in_flight: dict = {}
         waited_for = list(self.down.values())
-        for actor in self.actors:
-            if actor not in waited_for:
-                self.ping(actor)
+        for actor in (a for a in self.actors if a not in waited_for):
+            self.ping(actor)
         slots: list = []
         while queue or in_flight:
             while queue and slots:
@@ -64,8 +63,7 @@ class Dispatcher:
             except ACTOR_LOST:
                 self.lost_calls += 1
                 queue.appendleft(i)
-                if actor in slots:
-                    slots = [a for a in slots if a != actor]
+                slots = [a for a in slots if a != actor]
                 if actor not in self.down.values():
                     self.ping(actor)
                 continue

@@ -101,7 +101,7 @@ def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
     share = cluster.get("CPU", 1) / actors
     cpus = 1.0 if gpus_per_actor else 0.9 * share
-    ref = ray.put(supernet_bytes)
+    ref = ray.put(supernet_bytes)  # this frame holds it while the block runs: restarts reload from it
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
                                            scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
@@ -111,4 +111,3 @@ def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout
     finally:
         for actor in pool:
             ray.kill(actor, no_restart=True)
-        del ref

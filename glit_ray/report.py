@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from .arch import Architecture
 from .cli import ArgumentParser, run
 from .errors import UserError
-from .results import read_candidates
+from .results import best_record, read_candidates
 from .runs import write_atomic
 
 TOPK = 10
@@ -33,14 +33,13 @@ def pareto_front(rows: list[dict]) -> list[dict]:
 
 
 def run_summary(rows: list[dict]) -> dict:
-    """The numbers summary.md reports for one run, from its scored rows."""
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["top1"], r["arch"]))
-    generations = sorted({r["generation"] for r in rows})
-    per_generation = [[r["top1"] for r in ok if r["generation"] == g] for g in generations]
-    return {"candidates": len(rows), "failed": len(rows) - len(ok), "generations": len(generations),
-            "best": ok[0] if ok else None, "topk": ok[:TOPK], "front": pareto_front(ok),
-            "best_per_generation": [max(s) if s else None for s in per_generation],
-            "median_per_generation": [statistics.median(s) if s else None for s in per_generation]}
+    """What the plots and summary.md show of one run, computed once from its rows."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    generations = sorted({r["generation"] for r in ok})
+    best = best_record(rows, rows[0]["level"], TOPK)
+    return {"candidates": len(rows), "failed": len(rows) - len(ok), "generations": len({r["generation"] for r in rows}),
+            "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto_front(ok),
+            "scores": {g: [r["top1"] for r in ok if r["generation"] == g] for g in generations}}
 
 
 def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
@@ -53,13 +52,11 @@ def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
     return runs
 
 
-def plot_evolution(runs: dict[str, list[dict]], path: Path) -> None:
+def plot_evolution(summaries: dict[str, dict], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for name, rows in runs.items():
-        ok = [r for r in rows if r["status"] == "ok"]
-        generations = sorted({r["generation"] for r in ok})
-        scores = [[r["top1"] for r in ok if r["generation"] == g] for g in generations]
+    for name, summary in summaries.items():
+        generations, scores = list(summary["scores"]), list(summary["scores"].values())
         line, = ax.plot(generations, [max(s) for s in scores], marker="o", label=f"{name}: best")
         ax.fill_between(generations, [min(s) for s in scores], [max(s) for s in scores], color=line.get_color(),
                         alpha=0.15)
@@ -71,13 +68,12 @@ def plot_evolution(runs: dict[str, list[dict]], path: Path) -> None:
     save(fig, path)
 
 
-def plot_pareto(runs: dict[str, list[dict]], path: Path) -> None:
+def plot_pareto(summaries: dict[str, dict], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for name, rows in runs.items():
-        ok = [r for r in rows if r["status"] == "ok"]
+    for name, summary in summaries.items():
+        ok, front = summary["ok"], summary["front"]
         points = ax.scatter([r["flops"] / 1e6 for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
-        front = pareto_front(ok)
         ax.plot([r["flops"] / 1e6 for r in front], [r["top1"] for r in front], drawstyle="steps-post", marker="D",
                 color=points.get_facecolor()[0][:3], lw=2, label=f"{name}: Pareto front")
     ax.set(xlabel="MFLOPs (multiply-accumulates)", ylabel="held-out top-1 (%)", title="accuracy against cost")
@@ -85,9 +81,8 @@ def plot_pareto(runs: dict[str, list[dict]], path: Path) -> None:
     save(fig, path)
 
 
-def plot_split(rows: list[dict], path: Path) -> None:
-    top = run_summary(rows)["topk"]
-    grid = [list(Architecture.parse(r["arch"]).distribution) for r in top]
+def plot_split(topk: list[dict], path: Path) -> None:
+    grid = [list(Architecture.parse(r["arch"]).distribution) for r in topk]
     fig = Figure(figsize=(7, 1 + 0.4 * len(grid)))
     ax = fig.subplots()
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -109,10 +104,9 @@ def save(fig: Figure, path: Path) -> None:
     tmp.replace(path)
 
 
-def summary_markdown(runs: dict[str, list[dict]]) -> str:
+def summary_markdown(summaries: dict[str, dict]) -> str:
     lines = ["# Search report", ""]
-    for name, rows in runs.items():
-        s = run_summary(rows)
+    for name, s in summaries.items():
         best = s["best"]
         lines += [f"## {name}", "",
                   f"{s['candidates']} candidates in {s['generations']} generations, {s['failed']} failed. "
@@ -131,13 +125,13 @@ def summary_markdown(runs: dict[str, list[dict]]) -> str:
 
 def report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """Write the report of `run_dirs` into `out` (default: the first run's report/); returns `out`."""
-    runs = load_runs([Path(d) for d in run_dirs])
+    summaries = {name: run_summary(rows) for name, rows in load_runs([Path(d) for d in run_dirs]).items()}
     out = Path(out or Path(run_dirs[0]) / "report")
     out.mkdir(parents=True, exist_ok=True)
-    plot_evolution(runs, out / "evolution.png")
-    plot_pareto(runs, out / "pareto.png")
-    plot_split(next(iter(runs.values())), out / "split.png")
-    write_atomic(out / "summary.md", summary_markdown(runs).encode())
+    plot_evolution(summaries, out / "evolution.png")
+    plot_pareto(summaries, out / "pareto.png")
+    plot_split(next(iter(summaries.values()))["topk"], out / "split.png")
+    write_atomic(out / "summary.md", summary_markdown(summaries).encode())
     return out
 
 

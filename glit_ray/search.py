@@ -60,19 +60,18 @@ def trial_dirname(trial) -> str:
 
 
 def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, results: tune.Callback,
-                     resume: bool) -> tune.Tuner:
+                     restore: bool) -> tune.Tuner:
     """The Tuner running `searcher`'s generations, one reused trial each, on `evaluators`.
 
-    Restored from RUN_DIR/tune when resuming and Tune left a snapshot there (the searcher's state
-    comes back with it); otherwise a fresh one.
+    With `restore`, Tune's snapshot in RUN_DIR/tune (the searcher's state with it) is picked up
+    where it stopped; otherwise a fresh one.
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
     trainable = tune.with_resources(
         tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
-    tune_dir = out / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
-        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    if restore:
+        return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,
@@ -179,13 +178,14 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                                  settings["strategy"])
     with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
                         actors, gpus_per_actor) as evaluators:
-        if resumed and tune.Tuner.can_restore(str(out / "tune")):
+        restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
+        if restore:
             console.print(f"resuming the {level}-level search in {out}")
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
                           f"generations, {actors} evaluator actor(s) -> {out}")
         tuner = generation_tuner(out, searcher, evaluators, ResultsCallback(out, level, settings["topk"],
-                                                                           settings["generations"]), resumed)
+                                                                           settings["generations"]), restore)
         tuner.fit()
         loads = supernet_loads(evaluators)
     rows = read_candidates(out).to_pylist()
