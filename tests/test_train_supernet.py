@@ -89,7 +89,9 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path, own_ra
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=own_ray_env)
     try:
-        assert wait_for(lambda: any((out / "train").glob("checkpoint_*")), timeout=180), "no checkpoint within 180 s"
+        # Ray Train writes its snapshot once a checkpoint's files are all in place: one it resumes from
+        assert wait_for(lambda: (out / "train" / "checkpoint_manager_snapshot.json").exists(), timeout=180), \
+            "no checkpoint within 180 s"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
