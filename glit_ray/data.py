@@ -15,6 +15,7 @@ Image datasets use timm's transforms with the DeiT recipe (RandAugment, random e
 """
 from __future__ import annotations
 
+import itertools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,12 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed) if train else None,
     )
+
+
+def first_batches(dataset: Dataset, batch_size: int, count: int | None, device: torch.device) -> list[tuple]:
+    """The first `count` (None: all) batches of `dataset` in order, on `device`: calibration and probe sets."""
+    loader = make_loader(dataset, batch_size, train=False)
+    return [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, count)]
 
 
 def mixup_for(splits: Splits, label_smoothing: float = DEIT_MIXUP["label_smoothing"]) -> Mixup | None:

@@ -18,7 +18,7 @@ import torch
 
 from .arch import Architecture
 from .cost import arch_cost
-from .data import build_splits, make_loader
+from .data import build_splits, first_batches
 from .scoring import evaluate, recalibrate_bn
 from .supernet import load_supernet
 
@@ -41,9 +41,8 @@ class Evaluator:
         heldout = splits.heldout
         if heldout_images is not None and heldout_images < len(heldout):
             heldout = torch.utils.data.Subset(heldout, range(heldout_images))
-        self.calib = [x.to(self.device) for x, _ in
-                      _take(make_loader(splits.train, CALIB_BATCH_SIZE, train=False), calib_batches)]
-        self.heldout = [(x.to(self.device), y.to(self.device)) for x, y in make_loader(heldout, EVAL_BATCH_SIZE, train=False)]
+        self.calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, calib_batches, self.device)]
+        self.heldout = first_batches(heldout, EVAL_BATCH_SIZE, None, self.device)
         self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
         self.exit_next = False
 
@@ -73,15 +72,6 @@ class Evaluator:
     def inject_exit(self) -> None:
         """The next `score` call kills this actor's process mid-candidate, as a crash or a lost node would."""
         self.exit_next = True
-
-
-def _take(loader, count: int) -> list:
-    batches = []
-    for batch in loader:
-        if len(batches) == count:
-            break
-        batches.append(batch)
-    return batches
 
 
 @contextmanager

@@ -7,6 +7,8 @@ concatenated (global first) with no projection after. Then the usual pre-norm ML
 
 After `import glit_ray`, `timm.create_model('glit_tiny_patch16_224')` builds the published
 GLiT-Tiny; Small and Base are the same architecture with the head split scaled to 6 and 12 heads.
+`timm.create_model('glit', arch=..., space=...)` builds any architecture of any space (what
+`glit_ray.retrain` exports reload through).
 """
 from __future__ import annotations
 
@@ -139,10 +141,14 @@ def drop_path_rates(depth: int, rate: float) -> list[float]:
 class GLiT(VisionTransformerShell):
     """A standalone GLiT network for one architecture of one space."""
 
-    def __init__(self, arch: Architecture | str, space: SearchSpace | str = "glit_tiny", num_classes: int = 1000,
+    def __init__(self, arch: Architecture | str, space: SearchSpace | str | dict = "glit_tiny", num_classes: int = 1000,
                  img_size: int | None = None, in_chans: int | None = None, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
+        """`space`: a SearchSpace, a built-in name or YAML path, or the mapping `SearchSpace.to_dict` gives."""
+        if isinstance(space, dict):
+            space = SearchSpace.from_dict(space)
+        elif not isinstance(space, SearchSpace):
+            space = SearchSpace.load(space)
         arch = space.validate(Architecture.parse(arch) if isinstance(arch, str) else arch)
         super().__init__(space, num_classes, img_size, in_chans, drop_rate)
         self.arch = arch
@@ -178,6 +184,7 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
+    "glit": _cfg(),
     "glit_tiny_patch16_224": _cfg(),
     "glit_small_patch16_224": _cfg(),
     "glit_base_patch16_224": _cfg(),
@@ -205,3 +212,10 @@ def glit_small_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
 def glit_base_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
     """GLiT-Tiny's architecture at DeiT-Base scale (embedding 768, 12 heads)."""
     return _create_glit("glit_base_patch16_224", pretrained, "glit_base", 4, **kwargs)
+
+
+@register_model
+def glit(pretrained: bool = False, arch: Architecture | str = GLIT_TINY_ARCH, space: SearchSpace | str | dict = "glit_tiny",
+         **kwargs) -> GLiT:
+    """Any architecture of any GLiT space; weights from `pretrained_cfg_overlay=dict(file=...)`."""
+    return build_model_with_cfg(GLiT, "glit", pretrained, arch=arch, space=space, **kwargs)

@@ -12,30 +12,23 @@ The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` re
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from rich.console import Console
 from rich.table import Table
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from .cli import ArgumentParser, run
 from .constraints import Limits, sample_within
 from .cost import arch_cost
-from .data import build_splits, make_loader, mixup_for, parse_spec
+from .data import build_splits, first_batches, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
@@ -43,11 +36,12 @@ from .runs import open_run, resolve_distribution
 from .scoring import evaluate, recalibrate_bn
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_model_state, fit,
+                       seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 CALIB_BATCHES = 4
 PROBE_IMAGES = 2048
-CLIP_GRAD_NORM = 5.0
 LOG_EVERY = 10
 
 
@@ -77,14 +71,6 @@ class PathSampler:
         return probes
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
-    value = seed * 100_003 + epoch * 101 + rank
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value % 2**32)
-
-
 def _check_paths_agree(digest: str, world: int) -> None:
     if world == 1:
         return
@@ -108,47 +94,22 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(seed)
     net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
-    optimizer = create_optimizer_v2(net, "adamw", lr=config["lr"], weight_decay=0.05)
-    train_sampler = DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(splits.train, config["batch_size"], sampler=train_sampler, drop_last=True,
-                        num_workers=config["loader_workers"], pin_memory=device.type == "cuda")
+    loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
     steps_per_epoch = len(loader)
-    warmup = min(5, epochs // 10)
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=warmup, warmup_prefix=True,
-                                       warmup_lr=config["lr"] * 0.01, min_lr=config["lr"] * 0.01,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    mixup = mixup_for(splits)
-    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(0.1)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            try:
-                state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
-                net.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-            except Exception as exc:
-                raise UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); "
-                                "start the run again with a new --out") from None
-        start_epoch = state["epoch"] + 1
+    recipe = Recipe.deit(net, splits, config["lr"], epochs, steps_per_epoch, device)
+    start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     writer = probes = None
     if rank == 0:
         writer = SummaryWriter(str(Path(config["out"]) / "tb"))
         probes = sampler.probes()
-        calib = [x.to(device) for x, _ in list(make_loader(splits.train, config["batch_size"], train=False))[:CALIB_BATCHES]]
-        heldout = [(x.to(device), y.to(device)) for x, y in make_loader(splits.heldout, config["batch_size"], train=False)]
-        heldout = heldout[: max(1, PROBE_IMAGES // config["batch_size"])]
+        calib = [x for x, _ in first_batches(splits.train, config["batch_size"], CALIB_BATCHES, device)]
+        heldout = first_batches(splits.heldout, config["batch_size"], max(1, PROBE_IMAGES // config["batch_size"]), device)
 
     for epoch in range(start_epoch, epochs):
-        _seed_epoch(seed, epoch, rank)
-        train_sampler.set_epoch(epoch)
+        seed_epoch(seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
         model.train()
         digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
         bar = progress_bar(steps_per_epoch, f"supernet epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
@@ -157,27 +118,17 @@ def train_loop(config: dict) -> None:
             arch = sampler(step)
             digest.update(str(arch).encode())
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixup:
-                images, labels = mixup(images, labels)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = criterion(model(images, arch), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step_update(num_updates=step + 1)
-            total_loss += loss.item()
+            loss = recipe.step(lambda x: model(x, arch), net.parameters(), images, labels, step)
+            total_loss += loss
             bar.update(1)
             if writer and step % LOG_EVERY == 0:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", recipe.lr, step)
         bar.close()
         elapsed = time.perf_counter() - started
         _check_paths_agree(digest.hexdigest(), world)
         metrics = {
-            "epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": recipe.lr,
             "images_per_s": steps_per_epoch * config["batch_size"] * world / elapsed,
             "path_digest": digest.hexdigest(), "workers": world,
         }
@@ -196,10 +147,7 @@ def train_loop(config: dict) -> None:
         probe_top1 = [metrics[f"probe_{name}_top1"] for name in probes]
         print(f"supernet epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
               f"probe top-1 {min(probe_top1):.1f}-{max(probe_top1):.1f}%", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch, "step": step}, Path(folder) / "state.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        recipe.report(net, epoch, metrics)
     if writer:
         writer.close()
 
@@ -213,9 +161,7 @@ def settings_from_args(args) -> dict:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    check_counts(args)
     return supernet_settings(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
                              args.lr, args.drop_path, Limits(flops_max=args.flops_max, params_max=args.params_max), args.seed)
 
@@ -224,28 +170,13 @@ def supernet_settings(space: SearchSpace, level: str, distribution, data: str, e
                       workers: int = 1, lr: float | None = None, drop_path: float = 0.0, limits: Limits = Limits(),
                       seed: int = 0) -> dict:
     """The settings of a supernet run, with the recipe's defaults filled in."""
-    if data != "digits" and batch_size % 2:
-        raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
+    check_batch_size(data, batch_size)
     return {
         "space": space.to_dict(), "level": level, "distribution": list(distribution) if distribution else None,
         "data": data, "epochs": epochs, "batch_size": batch_size, "workers": workers,
-        "lr": lr or (3e-3 if data == "digits" else 5e-4 * batch_size * workers / 512), "drop_path": drop_path,
+        "lr": lr or default_lr(data, batch_size, workers), "drop_path": drop_path,
         "limits": limits.as_dict(), "seed": seed,
     }
-
-
-def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
-    """Per-worker resources: a GPU each when the cluster has GPUs, and the CPUs shared out evenly.
-
-    Ray pins a worker's torch threads to its CPU count, so a CPU-only worker gets its share of
-    the cluster's CPUs rather than one.
-    """
-    cluster = ray.cluster_resources()
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    if cpus_per_worker is None:
-        cpus_per_worker = max(1, int(cluster.get("CPU", 1)) // workers)
-    return {"CPU": cpus_per_worker, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus_per_worker}
 
 
 def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
@@ -265,31 +196,12 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
         console.print(f"supernet already trained: {target}")
         return target
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
-    resources = worker_resources(settings["workers"], gpus_per_worker, cpus_per_worker)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()},
-        scaling_config=ray.train.ScalingConfig(num_workers=settings["workers"], use_gpu="GPU" in resources,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name="train", storage_path=str(out),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
     console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
                   f"{space.name} on {settings['data']} with {settings['workers']} worker(s) -> {out}")
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        for failure in getattr(exc, "worker_failures", {}).values():
-            if isinstance(failure, UserError):
-                raise UserError(str(failure).strip().splitlines()[-1].removeprefix("glit_ray.errors.UserError: ")) from None
-        raise
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()}
+    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker)
     net = GLiTSupernet(space, settings["level"], settings["distribution"], splits.num_classes)
-    net.load_state_dict(state["model"])
+    net.load_state_dict(final_model_state(result))
     probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in result.metrics.items() if k.startswith("probe_")}
     last_epoch = {k: v for k, v in result.metrics.items() if not k.startswith("probe_")}
     save_supernet(net, target, data=settings["data"], epochs=settings["epochs"], seed=settings["seed"],
@@ -307,23 +219,11 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.train_supernet", description=__doc__.splitlines()[0])
     parser.add_argument("--level", required=True, choices=LEVELS)
-    parser.add_argument("--space", default="glit_micro", help="YAML path or built-in name (default: glit_micro)")
-    parser.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
-    parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
-    parser.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
-    parser.add_argument("--cpus-per-worker", type=int, default=None, help="default: the cluster's CPUs shared out")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW peak learning rate (default: 3e-3 on digits, DeiT's 5e-4 x global batch / 512 otherwise)")
-    parser.add_argument("--drop-path", type=float, default=0.0)
+    add_arguments(parser, epochs=30, batch_size=32, drop_path=0.0)
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
     return parser
 
 

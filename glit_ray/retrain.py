@@ -1,0 +1,218 @@
+"""`python -m glit_ray.retrain --arch RUN_DIR|best.json|ARCH --out RUN_DIR`: train a found architecture.
+
+The search ranks architectures by inherited supernet weights; the paper then trains the winner from
+scratch with the DeiT recipe, and so does this (`glit_ray.training`, on Ray Train workers,
+checkpointed every epoch and resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged
+every epoch; the test split, never seen by the search, is scored once, after the last epoch.
+
+`--from-supernet CKPT` starts from the weights the architecture inherits from a supernet instead
+(their held-out top-1 after BatchNorm recalibration is measured first: a check that inheritance
+works). The result is RUN_DIR/model.safetensors with RUN_DIR/arch.json (`glit_ray.load_model`
+or timm reload it, see `glit_ray.export`) and RUN_DIR/metrics.json.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from rich.console import Console
+from torch.utils.tensorboard import SummaryWriter
+
+from .arch import Architecture
+from .cli import ArgumentParser, run
+from .data import build_splits, first_batches, make_loader, parse_spec
+from .errors import UserError
+from .export import ARCH, WEIGHTS, export_model, load_model
+from .model import GLiT
+from .progress import bar as progress_bar
+from .progress import driver_has_terminal
+from .runs import RUN_FILE, open_run, read_json, write_json
+from .scoring import evaluate, recalibrate_bn
+from .space import SearchSpace
+from .supernet import load_supernet
+from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_model_state, fit, seed_epoch,
+                       worker_loader)
+
+METRICS = "metrics.json"
+EVAL_BATCH_SIZE = 256
+CALIB_BATCHES = 4
+LOG_EVERY = 10
+
+
+def resolve_arch(value: str) -> tuple[str, dict]:
+    """The architecture `--arch` names (a search RUN_DIR, its best.json, or a string) and that search's settings."""
+    path = Path(value)
+    if path.is_dir():
+        path = path / "best.json"
+        if not path.is_file():
+            raise UserError(f"--arch {value}: not a search run (no best.json); give a search RUN_DIR, its best.json "
+                            "or an architecture string")
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"--arch {path} does not exist; give a search RUN_DIR, its best.json or an architecture string")
+        record = read_json(path)
+        if not isinstance(record, dict) or "arch" not in record:
+            raise UserError(f"--arch {path} is not a search's best.json (no 'arch'); give the search's RUN_DIR")
+        run_file = path.parent / RUN_FILE
+        search = read_json(run_file).get("settings", {}) if run_file.is_file() else {}
+        return record["arch"], search
+    return str(Architecture.parse(value)), {}
+
+
+def settings_from_args(args) -> dict:
+    """Validate the command line into the settings that define a retraining run (stored in run.json)."""
+    arch, search = resolve_arch(args.arch)
+    space = SearchSpace.load(args.space) if args.space else (
+        SearchSpace.from_dict(search["space"]) if "space" in search else SearchSpace.load("glit_micro"))
+    space.validate(Architecture.parse(arch))
+    data = args.data or search.get("data", "digits")
+    parse_spec(data)
+    args.data = data
+    check_counts(args)
+    supernet = str(args.from_supernet.resolve()) if args.from_supernet else None
+    return {"arch": arch, "space": space.to_dict(), "data": data, "epochs": args.epochs, "batch_size": args.batch_size,
+            "workers": args.workers, "lr": args.lr or default_lr(data, args.batch_size, args.workers),
+            "drop_path": args.drop_path, "from_supernet": supernet, "seed": args.seed}
+
+
+def inherited_model(settings: dict, num_classes: int) -> GLiT:
+    """The architecture with the weights it inherits from `settings['from_supernet']`."""
+    path = Path(settings["from_supernet"])
+    net, _ = load_supernet(path)
+    space, arch = SearchSpace.from_dict(settings["space"]), Architecture.parse(settings["arch"])
+    if net.space != space:
+        raise UserError(f"supernet {path} was trained on space {net.space.name}, not {space.name}; pass the matching --space")
+    if net.num_classes != num_classes:
+        raise UserError(f"supernet {path} has {net.num_classes} classes but {settings['data']} has {num_classes}; "
+                        "use a supernet trained on this dataset")
+    if net.level == "low" and arch.distribution != net.distribution:
+        raise UserError(f"supernet {path} holds distribution {net.distribution}, not this architecture's "
+                        f"{arch.distribution}; use the supernet of its high-level search or its own low-level one")
+    net.space.validate(arch, net.level)  # a low-level architecture is not in a high-level supernet
+    return net.extract(arch)
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker."""
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+    space, seed, epochs = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"], config["epochs"]
+    splits = build_splits(config["data"], space.img_size, space.in_chans)
+
+    torch.manual_seed(seed)
+    net = GLiT(config["arch"], space, splits.num_classes, drop_path_rate=config["drop_path"])
+    if config["initial_weights"] is not None:
+        net.load_state_dict(ray.get(config["initial_weights"]))
+    net.to(device)
+    loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
+    steps_per_epoch = len(loader)
+    recipe = Recipe.deit(net, splits, config["lr"], epochs, steps_per_epoch, device)
+    start_epoch = recipe.resume(net, device)
+    model = ray.train.torch.prepare_model(net)
+    writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None
+
+    for epoch in range(start_epoch, epochs):
+        seed_epoch(seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        total_loss, started = 0.0, time.perf_counter()
+        bar = progress_bar(steps_per_epoch, f"retrain epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
+        for i, (images, labels) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = recipe.step(model, net.parameters(), images, labels, step)
+            total_loss += loss
+            bar.update(1)
+            if writer and step % LOG_EVERY == 0:
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", recipe.lr, step)
+        bar.close()
+        metrics = {"epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": recipe.lr, "workers": world,
+                   "images_per_s": steps_per_epoch * config["batch_size"] * world / (time.perf_counter() - started)}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        heldout = evaluate(net, None, _batches(splits.heldout, device))
+        metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
+        if epoch == epochs - 1:
+            metrics.update({f"test_{k}": v for k, v in evaluate(net, None, _batches(splits.test, device)).items()})
+        step = (epoch + 1) * steps_per_epoch
+        for name in ("loss", "images_per_s", "heldout_top1", "heldout_top5", "test_top1", "test_top5"):
+            if name in metrics:
+                writer.add_scalar(f"epoch/{name}", metrics[name], step)
+        writer.flush()
+        print(f"retrain epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+              f"held-out top-1 {metrics['heldout_top1']:.2f}%"
+              + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""), flush=True)
+        recipe.report(net, epoch, metrics)
+    if writer:
+        writer.close()
+
+
+def _batches(dataset, device):
+    """A labelled split streamed to `device` batch by batch (the whole test set need not fit on it)."""
+    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            for x, y in make_loader(dataset, EVAL_BATCH_SIZE, train=False))
+
+
+def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
+            cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None) -> dict:
+    """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json."""
+    console = console or Console(stderr=True)
+    out = Path(out).resolve()
+    space = SearchSpace.from_dict(settings["space"])
+    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
+    inherited = inherited_model(settings, splits.num_classes) if settings["from_supernet"] else None
+    resumed = open_run(out, settings, "retrain", resume)
+    if resumed and (out / METRICS).exists():
+        load_model(out)  # refuse a damaged export rather than report success
+        console.print(f"already retrained: {out / WEIGHTS}")
+        return read_json(out / METRICS)
+
+    initial = {}
+    if inherited is not None:
+        calib = [x for x, _ in first_batches(splits.train, EVAL_BATCH_SIZE, CALIB_BATCHES, "cpu")]
+        recalibrate_bn(inherited, None, calib)
+        initial = {f"inherited_heldout_{k}": v for k, v in evaluate(inherited, None, _batches(splits.heldout, "cpu")).items()}
+        console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
+                      f"{initial['inherited_heldout_top1']:.2f}% before any training")
+    console.print(f"{'resuming' if resumed else 'retraining'} {settings['arch']} ({space.name}) on {settings['data']} "
+                  f"for {settings['epochs']} epochs with {settings['workers']} worker(s) -> {out}")
+    ensure_ray()
+    config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal(),
+              "initial_weights": ray.put(inherited.state_dict()) if inherited is not None else None}
+    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker)
+
+    model = GLiT(settings["arch"], space, splits.num_classes)
+    model.load_state_dict(final_model_state(result))
+    final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "heldout_"))}
+    metrics = {"arch": settings["arch"], "data": settings["data"], "epochs": settings["epochs"],
+               "from_supernet": settings["from_supernet"], **initial, **final}
+    export_model(model.eval(), out, data=settings["data"], test_top1=final["test_top1"], test_top5=final["test_top5"])
+    write_json(out / METRICS, metrics)
+    console.print(f"test top-1 {final['test_top1']:.2f}%, top-5 {final['test_top5']:.2f}%; "
+                  f"model: {out / WEIGHTS} + {out / ARCH}")
+    return metrics
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m glit_ray.retrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", required=True, help="a search RUN_DIR, its best.json, or an architecture string")
+    add_arguments(parser, epochs=300, batch_size=128, drop_path=0.1, from_run=True)
+    parser.add_argument("--from-supernet", type=Path, help="start from the weights inherited from this supernet.pt")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    retrain(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
+            args.loader_workers)
+
+
+if __name__ == "__main__":
+    run(main)

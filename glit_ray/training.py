@@ -1,0 +1,213 @@
+"""The DeiT training recipe on Ray Train, shared by supernet training and retraining.
+
+Both train a vision transformer the way DeiT does (AdamW with weight decay 0.05, cosine schedule
+with warm-up stepped per update, mixup/cutmix with label smoothing on natural images, gradient
+clipping, AMP on a GPU), checkpoint every epoch through Ray Train and resume from the latest
+checkpoint. What differs is the network and what a step runs through it: the supernet runs a
+sampled path (`net(images, arch)`), a retrained architecture is a plain `net(images)`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .cli import ArgumentParser
+from .data import Splits, mixup_for
+from .errors import UserError
+
+CLIP_GRAD_NORM = 5.0
+STATE_FILE = "state.pt"
+
+
+def default_lr(data: str, batch_size: int, workers: int) -> float:
+    """3e-3 on the 8x8 digits; DeiT's 5e-4 x global batch / 512 on images."""
+    return 3e-3 if data == "digits" else 5e-4 * batch_size * workers / 512
+
+
+def check_batch_size(data: str, batch_size: int) -> None:
+    if data != "digits" and batch_size % 2:
+        raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
+
+
+def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_path: float, from_run: bool = False) -> None:
+    """The command-line options every training run has, with this run's defaults.
+
+    `from_run`: --space and --data default to None, for the caller to take from a search run.
+    """
+    default = ": that of the search run --arch names, else {}" if from_run else ": {}"
+    parser.add_argument("--space", default=None if from_run else "glit_micro",
+                        help="YAML path or built-in name (default" + default.format("glit_micro") + ")")
+    parser.add_argument("--data", default=None if from_run else "digits",
+                        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default" + default.format("digits") + ")")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
+    parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--cpus-per-worker", type=int, default=None, help="default: the cluster's CPUs shared out")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW peak learning rate (default: 3e-3 on digits, DeiT's 5e-4 x global batch / 512 otherwise)")
+    parser.add_argument("--drop-path", type=float, default=drop_path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
+
+
+def check_counts(args) -> None:
+    for name in ("epochs", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    check_batch_size(args.data, args.batch_size)
+
+
+def worker_loader(dataset: Dataset, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
+    """This worker's shard of the training set, reshuffled per epoch by `loader.sampler.set_epoch`."""
+    ctx = ray.train.get_context()
+    sampler = DistributedSampler(dataset, ctx.get_world_size(), ctx.get_world_rank(), shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
+                      pin_memory=device.type == "cuda")
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
+    value = seed * 100_003 + epoch * 101 + rank
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
+@dataclass
+class Recipe:
+    """Optimizer, schedule, loss, mixup and mixed precision of one training run."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: nn.Module
+    mixup: object
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+
+    @classmethod
+    def deit(cls, net: nn.Module, splits: Splits, lr: float, epochs: int, steps_per_epoch: int,
+             device: torch.device) -> Recipe:
+        optimizer = create_optimizer_v2(net, "adamw", lr=lr, weight_decay=0.05)
+        scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=min(5, epochs // 10),
+                                           warmup_prefix=True, warmup_lr=lr * 0.01, min_lr=lr * 0.01,
+                                           step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+        mixup = mixup_for(splits)
+        criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(0.1)
+        amp_dtype = None
+        if device.type == "cuda":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+        return cls(optimizer, scheduler, criterion, mixup, scaler, amp_dtype)
+
+    def step(self, forward, params, images: torch.Tensor, labels: torch.Tensor, update: int) -> float:
+        """One optimisation step of `forward(images)` (update number `update`, from 0); returns the loss."""
+        if self.mixup:
+            images, labels = self.mixup(images, labels)
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.criterion(forward(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step_update(num_updates=update + 1)
+        return loss.item()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def resume(self, net: nn.Module, device: torch.device) -> int:
+        """Load Ray Train's latest checkpoint, if any, into `net` and the recipe; return the epoch to start at."""
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return 0
+        with checkpoint.as_directory() as folder:
+            try:
+                state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+                net.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                self.scaler.load_state_dict(state["scaler"])
+            except Exception as exc:
+                raise UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); "
+                                "start the run again with a new --out") from None
+        return state["epoch"] + 1
+
+    def report(self, net: nn.Module, epoch: int, metrics: dict) -> None:
+        """Report the epoch's metrics to Ray Train with a checkpoint of everything a resume needs."""
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch},
+                       Path(folder) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def final_model_state(result: ray.train.Result) -> dict:
+    """The network weights of a finished run's last checkpoint."""
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+
+
+def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
+    """Per-worker resources: a GPU each when the cluster has GPUs, and the CPUs shared out evenly.
+
+    Ray pins a worker's torch threads to its CPU count, so a CPU-only worker gets its share of
+    the cluster's CPUs rather than one.
+    """
+    cluster = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if cpus_per_worker is None:
+        cpus_per_worker = max(1, int(cluster.get("CPU", 1)) // workers)
+    return {"CPU": cpus_per_worker, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus_per_worker}
+
+
+def ensure_ray() -> None:
+    """Join the Ray the process already has, else start one (or join RAY_ADDRESS)."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+
+
+def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: float | None,
+        cpus_per_worker: int | None) -> ray.train.Result:
+    """Run `train_loop` on `workers` Ray Train workers with checkpoints under OUT/train (resumed if there).
+
+    A UserError a worker raised (a corrupt checkpoint) reaches the caller as itself, one line.
+    """
+    ensure_ray()
+    resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu="GPU" in resources,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name="train", storage_path=str(out),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        for failure in getattr(exc, "worker_failures", {}).values():
+            if isinstance(failure, UserError):
+                raise UserError(str(failure).strip().splitlines()[-1].removeprefix("glit_ray.errors.UserError: ")) from None
+        raise

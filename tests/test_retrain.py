@@ -1,0 +1,162 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import glit_ray
+from glit_ray.arch import Architecture
+from glit_ray.cli import run
+from glit_ray.data import build_splits, first_batches
+from glit_ray.export import export_model
+from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
+from glit_ray.scoring import evaluate, recalibrate_bn
+from glit_ray.supernet import load_supernet
+from test_train_supernet import wait_for
+
+# in the micro space's high level (sizes at their defaults), so the session's high-level supernet holds it
+ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
+FAST = ["--epochs", "1", "--batch-size", "64"]
+
+
+def settings_for(*argv):
+    return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
+
+
+def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp_path):
+    out = tmp_path / "retrain"
+    metrics = retrain(settings_for("--arch", ARCH, *FAST), out)
+    assert metrics["arch"] == ARCH and metrics["epochs"] == 1
+    assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100 and metrics["test_top5"] > 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    ours = glit_ray.load_model(out)
+    spec = json.loads((out / "arch.json").read_text())
+    assert spec["model_args"]["arch"] == ARCH and spec["test_top1"] == metrics["test_top1"]
+    via_timm = timm.create_model("glit", pretrained=True, **spec["model_args"], pretrained_cfg_overlay=dict(
+        file=str(out / "model.safetensors"), **spec["pretrained_cfg"])).eval()
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), via_timm(images), rtol=0, atol=0)
+    # the exported weights are the trained ones, not a fresh initialisation
+    fresh = glit_ray.GLiT(ARCH, "glit_micro", num_classes=10).state_dict()
+    exported = load_file(out / "model.safetensors")
+    assert not torch.equal(exported["blocks.0.mlp.fc1.weight"], fresh["blocks.0.mlp.fc1.weight"])
+    # the test top-1 it reports is the exported model's
+    splits = build_splits("digits", 8, 1)
+    assert evaluate(ours, None, first_batches(splits.test, 256, None, "cpu"))["top1"] == pytest.approx(metrics["test_top1"])
+
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert {"train/loss", "train/lr", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
+    before = (out / "model.safetensors").read_bytes()
+    assert retrain(settings_for("--arch", ARCH, *FAST), out) == metrics  # finished: no work, nothing rewritten
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def supernet_path_score(supernet_file) -> dict:
+    """What the search's evaluator measures for ARCH: BN recalibration on 4 batches, then the held-out split."""
+    supernet, _ = load_supernet(supernet_file)
+    splits = build_splits("digits", 8, 1)
+    calib = [x for x, _ in first_batches(splits.train, 256, 4, "cpu")]
+    recalibrate_bn(supernet, Architecture.parse(ARCH), calib)
+    return evaluate(supernet, Architecture.parse(ARCH), first_batches(splits.heldout, 256, None, "cpu"))
+
+
+def test_inherited_weights_are_the_supernet_path(micro_supernet):
+    supernet, _ = load_supernet(micro_supernet)
+    model = inherited_model(settings_for("--arch", ARCH, "--from-supernet", str(micro_supernet)), 10)
+    expected = supernet.extract(Architecture.parse(ARCH)).state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_retrain_from_supernet_checks_inheritance_first(ray_session, micro_supernet, tmp_path):
+    metrics = retrain(settings_for("--arch", ARCH, "--from-supernet", str(micro_supernet), *FAST), tmp_path / "run")
+    assert metrics["from_supernet"] == str(micro_supernet)
+    # before training, the inherited model scores exactly what the supernet's path scored in the search
+    path = supernet_path_score(micro_supernet)
+    assert metrics["inherited_heldout_top1"] == path["top1"]
+    assert metrics["inherited_heldout_loss"] == pytest.approx(path["loss"], abs=1e-5)
+    assert 0 <= metrics["test_top1"] <= 100
+
+
+def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
+    run_dir = tmp_path / "search"
+    run_dir.mkdir()
+    (run_dir / "best.json").write_text(json.dumps({"level": "high", "arch": ARCH}))
+    (run_dir / "run.json").write_text(json.dumps({"kind": "search", "settings": {
+        "space": glit_ray.SearchSpace.load("glit_micro").to_dict(), "data": "digits"}}))
+    for value in (str(run_dir), str(run_dir / "best.json")):
+        settings = settings_for("--arch", value)
+        assert settings["arch"] == ARCH and settings["data"] == "digits" and settings["space"]["name"] == "glit_micro"
+        assert settings["epochs"] == 300 and settings["drop_path"] == 0.1  # DeiT's recipe
+
+
+def test_sigkilled_retrain_resumes_to_the_same_weights(ray_session, tmp_path, own_ray_env):
+    argv = ["--arch", ARCH, "--epochs", "4", "--batch-size", "32"]
+    retrain(settings_for(*argv), tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "glit_ray.retrain", *argv, "--out", str(out)]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=own_ray_env)
+    try:
+        assert wait_for(lambda: (out / "train" / "checkpoint_manager_snapshot.json").exists(), timeout=180), \
+            "no checkpoint within 180 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model.safetensors").exists()
+    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
+    resumed, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "nowhere/best.json"], "--arch nowhere/best.json does not exist"),
+    (["--arch", "two"], "architecture block 'two' is malformed"),
+    (["--arch", "2:k5c2v1m4"], "distribution has 1 blocks but space glit_micro has depth 6"),
+    (["--arch", ARCH, "--space", "glit_tiny"], "distribution has 6 blocks but space glit_tiny has depth 12"),
+    (["--arch", ARCH, "--epochs", "0"], "--epochs must be at least 1"),
+    (["--arch", ARCH, "--from-supernet", "/no/supernet.pt"], "supernet checkpoint /no/supernet.pt does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
+    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_low_level_architecture_is_not_in_a_high_level_supernet(capsys, micro_supernet, tmp_path):
+    low = ARCH.replace("k5c2v1m4", "k5c1v1m2", 1)
+    err = one_line_error(capsys, ["--arch", low, "--from-supernet", str(micro_supernet), "--out", str(tmp_path / "run")])
+    assert "is not the high-level default" in err
+
+
+def test_load_model_refuses_what_is_not_an_export(tmp_path):
+    with pytest.raises(glit_ray.UserError, match="holds no exported model"):
+        glit_ray.load_model(tmp_path)
+    export_model(glit_ray.GLiT(ARCH.replace("m4", "m6", 1), "glit_micro", num_classes=10), tmp_path)
+    spec = json.loads((tmp_path / "arch.json").read_text())
+    spec["model_args"]["arch"] = ARCH  # weights of another architecture
+    (tmp_path / "arch.json").write_text(json.dumps(spec))
+    with pytest.raises(glit_ray.UserError, match="does not hold this architecture's weights"):
+        glit_ray.load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(glit_ray.UserError, match="does not hold this architecture's weights"):
+        glit_ray.load_model(tmp_path)
