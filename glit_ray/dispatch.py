@@ -59,7 +59,7 @@ class Dispatcher:
                 continue
             i, actor = in_flight.pop(ref)
             try:
-                results[i] = {**ray.get(ref), "status": "ok", "error": None}
+                results[i] = {"status": "ok", "error": None, **ray.get(ref)}  # or the evaluator's own "rejected"
             except ACTOR_LOST:
                 self.lost_calls += 1
                 queue.appendleft(i)

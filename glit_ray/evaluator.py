@@ -3,7 +3,9 @@
 An actor loads the supernet once, from a reference to its file's bytes in the object store (the
 driver reads the file once; actors on any node get the bytes through Ray), and keeps its
 calibration and held-out batches on its device. Scoring a candidate is then pure compute:
-BatchNorm recalibration on K training batches, one pass over the held-out images.
+BatchNorm recalibration on K training batches, one pass over the held-out images (under bfloat16
+autocast on a GPU). With `latency`, each candidate's latency on the actor's device is measured
+first (cached per architecture) and one over the limit is recorded as rejected, unscored.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import io
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import ray
 import torch
@@ -19,6 +21,7 @@ import torch
 from .arch import Architecture
 from .cost import arch_cost
 from .data import build_splits, first_batches
+from .latency import device_name, measure_ms
 from .scoring import evaluate, recalibrate_bn
 from .supernet import load_supernet
 
@@ -30,12 +33,16 @@ class Evaluator:
     """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
 
     def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int,
-                 threads: int = 1):
+                 threads: int = 1, latency: dict | None = None):
+        """`latency`: {"batch": images per timed pass, "max_ms": limit or None}; None measures none."""
         torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net, _ = load_supernet(io.BytesIO(supernet_bytes), map_location=self.device)
         self.loads = 1
+        self.device_name = device_name(self.device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.latency, self.latency_ms = latency, {}  # arch string -> milliseconds
         space = self.net.space
         splits = build_splits(data, space.img_size, space.in_chans)
         heldout = splits.heldout
@@ -55,11 +62,29 @@ class Evaluator:
             raise RuntimeError(f"injected failure on actor {self.actor_id}")
         started = time.perf_counter()
         arch = Architecture.parse(arch_text)
-        recalibrate_bn(self.net, arch, self.calib)
-        metrics = evaluate(self.net, arch, self.heldout)
         cost = arch_cost(self.net.space, arch, self.net.num_classes)
-        return {**metrics, "flops": cost.flops, "params": cost.params, "eval_seconds": time.perf_counter() - started,
-                "actor": self.actor_id, "node": self.node}
+        row = {"flops": cost.flops, "params": cost.params, "actor": self.actor_id, "node": self.node,
+               "device": self.device_name}
+        with self.autocast:
+            if self.latency:
+                row["latency_ms"] = latency = self.measure(arch)
+                limit = self.latency["max_ms"]
+                if limit is not None and latency > limit:
+                    return {**row, "status": "rejected", "eval_seconds": time.perf_counter() - started,
+                            "error": f"latency {latency:.3g} ms is over --latency-max-ms {limit:g}"}
+            recalibrate_bn(self.net, arch, self.calib)
+            metrics = evaluate(self.net, arch, self.heldout)
+        return {**metrics, **row, "eval_seconds": time.perf_counter() - started}
+
+    def measure(self, arch: Architecture) -> float:
+        """Milliseconds per forward pass of `arch` at the stated batch size (median after warm-up), cached."""
+        key = str(arch)
+        if key not in self.latency_ms:
+            space = self.net.space
+            example = torch.randn(self.latency["batch"], space.in_chans, space.img_size, space.img_size, device=self.device)
+            self.net.eval()
+            self.latency_ms[key] = measure_ms(lambda x: self.net(x, arch), example)
+        return self.latency_ms[key]
 
     def stats(self) -> dict:
         """How often this actor process loaded the supernet (once), whether Ray restarted it, and where it runs."""
@@ -76,7 +101,7 @@ class Evaluator:
 
 @contextmanager
 def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
-                   actors: int, gpus_per_actor: float | None) -> Iterator[list]:
+                   actors: int, gpus_per_actor: float | None, latency: dict | None = None) -> Iterator[list]:
     """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
 
     CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial that feeds them) and
@@ -95,7 +120,7 @@ def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
                                            scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
-    pool = [remote.remote(ref, data, calib_batches, heldout_images, i, threads) for i in range(actors)]
+    pool = [remote.remote(ref, data, calib_batches, heldout_images, i, threads, latency) for i in range(actors)]
     try:
         yield pool
     finally:

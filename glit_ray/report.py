@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure draws to files with Agg: no pyplot, no display
 from matplotlib.ticker import MaxNLocator
 
+from . import pareto
 from .arch import Architecture
 from .cli import ArgumentParser, run
 from .errors import UserError
@@ -22,23 +23,14 @@ from .runs import write_atomic
 TOPK = 10
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """The rows no other row beats on both top-1 (higher) and FLOPs (lower), by increasing FLOPs."""
-    front, best_top1 = [], float("-inf")
-    for row in sorted(rows, key=lambda r: (r["flops"], -r["top1"])):
-        if row["top1"] > best_top1:
-            front.append(row)
-            best_top1 = row["top1"]
-    return front
-
-
 def run_summary(rows: list[dict]) -> dict:
     """What the plots and summary.md show of one run, computed once from its rows."""
     ok = [r for r in rows if r["status"] == "ok"]
     generations = sorted({r["generation"] for r in ok})
     best = best_record(rows, rows[0]["level"], TOPK)
-    return {"candidates": len(rows), "failed": len(rows) - len(ok), "generations": len({r["generation"] for r in rows}),
-            "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto_front(ok),
+    return {"candidates": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
+            "rejected": sum(r["status"] == "rejected" for r in rows), "generations": len({r["generation"] for r in rows}),
+            "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto.front(ok, "flops"),
             "scores": {g: [r["top1"] for r in ok if r["generation"] == g] for g in generations}}
 
 
@@ -109,7 +101,8 @@ def summary_markdown(summaries: dict[str, dict]) -> str:
     for name, s in summaries.items():
         best = s["best"]
         lines += [f"## {name}", "",
-                  f"{s['candidates']} candidates in {s['generations']} generations, {s['failed']} failed. "
+                  f"{s['candidates']} candidates in {s['generations']} generations, {s['failed']} failed"
+                  + (f", {s['rejected']} over the latency limit" if s["rejected"] else "") + ". "
                   f"Pareto front: {len(s['front'])} candidates.", ""]
         if best:
             lines += [f"Best: `{best['arch']}`, top-1 {best['top1']:.2f} %, {best['flops'] / 1e6:.2f} MFLOPs, "

@@ -16,14 +16,15 @@ import pyarrow.parquet as pq
 from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
+from . import pareto
 from .runs import write_atomic, write_json
 
 SCHEMA = pa.schema([
     ("arch", pa.string()), ("level", pa.string()), ("generation", pa.int32()), ("candidate", pa.int32()),
     ("parents", pa.list_(pa.string())), ("operator", pa.string()),
     ("top1", pa.float64()), ("top5", pa.float64()), ("loss", pa.float64()),
-    ("flops", pa.int64()), ("params", pa.int64()), ("eval_seconds", pa.float64()),
-    ("actor", pa.int32()), ("node", pa.string()), ("trial_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ("flops", pa.int64()), ("params", pa.int64()), ("latency_ms", pa.float64()), ("eval_seconds", pa.float64()),
+    ("actor", pa.int32()), ("node", pa.string()), ("device", pa.string()), ("trial_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ("status", pa.string()), ("error", pa.string()),
 ])
 
@@ -48,20 +49,26 @@ def read_candidates(run_dir: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]) if files else SCHEMA.empty_table()
 
 
-def best_record(rows: list[dict], level: str, topk: int) -> dict | None:
-    """best.json's content: the best scored candidate (every candidate meets the limits) and the top-k."""
+def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops") -> dict | None:
+    """best.json's content: the best scored candidate (every candidate meets the limits), the top-k
+    by top-1, and the Pareto front over (top-1, `cost`)."""
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["top1"], r["arch"]))
     if not ok:
         return None
-    keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params")
-    return {"level": level, **{k: ok[0][k] for k in keep}, "topk": [{k: r[k] for k in keep} for r in ok[:topk]]}
+    keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params", "latency_ms")
+
+    def record(r):
+        return {k: r.get(k) for k in keep}
+
+    return {"level": level, **record(ok[0]), "topk": [record(r) for r in ok[:topk]],
+            "front_cost": cost, "front": [record(r) for r in pareto.front(ok, cost)]}
 
 
 class ResultsCallback(tune.Callback):
     """Persists each finished generation: Parquet rows, TensorBoard scalars and HParams, best.json."""
 
-    def __init__(self, run_dir: Path, level: str, topk: int, generations: int):
-        self.run_dir, self.level, self.topk, self.generations = Path(run_dir), level, topk, generations
+    def __init__(self, run_dir: Path, level: str, topk: int, generations: int, cost: str = "flops"):
+        self.run_dir, self.level, self.topk, self.generations, self.cost = Path(run_dir), level, topk, generations, cost
         self.writer = None
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -74,7 +81,7 @@ class ResultsCallback(tune.Callback):
                 for i, row in enumerate(result["rows"])]
         write_generation(self.run_dir, generation, rows)
         every = read_candidates(self.run_dir).to_pylist()
-        best = best_record(every, self.level, self.topk)
+        best = best_record(every, self.level, self.topk, self.cost)
         if best:
             write_json(self.run_dir / "best.json", best)
         self.log(generation, rows, trial.config.get("draws", {}), best)
@@ -82,8 +89,10 @@ class ResultsCallback(tune.Callback):
         line = f"generation {generation + 1}/{self.generations}: {len(rows)} candidates"
         if scores:
             line += f", best {max(scores):.2f}%, mean {statistics.fmean(scores):.2f}%"
-        failed, missing = len(rows) - len(scores), trial.config.get("missing", 0)
-        line += (f", {failed} failed" if failed else "") + (f", {missing} fewer than asked (space exhausted)" if missing else "")
+        failed, rejected = (sum(r["status"] == status for r in rows) for status in ("failed", "rejected"))
+        missing = trial.config.get("missing", 0)
+        line += (f", {failed} failed" if failed else "") + (f", {rejected} over the latency limit" if rejected else "")
+        line += f", {missing} fewer than asked (space exhausted)" if missing else ""
         print(line + (f"; best so far {best['top1']:.2f}%" if best else ""), flush=True)
 
     def log(self, generation: int, rows: list[dict], draws: dict, best: dict | None) -> None:
@@ -97,13 +106,15 @@ class ResultsCallback(tune.Callback):
             self.writer.add_scalar("search/best_so_far_top1", best["top1"], generation)
         if draws.get("total"):
             self.writer.add_scalar("generation/constraint_met_fraction", draws["met"] / draws["total"], generation)
-        self.writer.add_scalar("generation/failed", sum(r["status"] != "ok" for r in rows), generation)
+        self.writer.add_scalar("generation/failed", sum(r["status"] == "failed" for r in rows), generation)
+        self.writer.add_scalar("generation/rejected", sum(r["status"] == "rejected" for r in rows), generation)
         for row in rows:
             if row["status"] == "ok":
                 genes = {f"block{i:02d}": token for i, token in enumerate(row["arch"].split("-"))}
                 self.writer.add_hparams(
                     {"arch": row["arch"], "generation": generation, "operator": row["operator"], **genes},
-                    {"hparam/top1": row["top1"], "hparam/flops_m": row["flops"] / 1e6, "hparam/params_m": row["params"] / 1e6},
+                    {"hparam/top1": row["top1"], "hparam/flops_m": row["flops"] / 1e6, "hparam/params_m": row["params"] / 1e6,
+                     **({"hparam/latency_ms": row["latency_ms"]} if row.get("latency_ms") is not None else {})},
                     run_name=f"candidates/gen{generation:04d}-{row['candidate']:03d}",
                 )
         self.writer.flush()

@@ -32,6 +32,8 @@ from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .train_supernet import supernet_settings, train_supernet
 
+COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
+
 class GenerationTrial(tune.Trainable):
     """A Tune trial: score one generation's candidates on the evaluator actors.
 
@@ -97,6 +99,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mutation-prob", type=float, default=0.1)
     p.add_argument("--strategy", choices=("evolution", "random"), default="evolution",
                    help="random: the baseline, random architectures under the same budget and limits")
+    p.add_argument("--objective", choices=("top1", "pareto"), default="top1",
+                   help="pareto: parents by non-dominated rank and crowding over top-1 and --pareto-cost (NSGA-II)")
+    p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default="flops",
+                   help="the cost axis of the Pareto front (latency implies --latency)")
+    p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
+    p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
+    p.add_argument("--latency-batch", type=int, default=1, help="images per timed forward pass (default: 1)")
     for bound in ("flops-min", "flops-max", "params-min", "params-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs are multiply-accumulates)")
     p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
@@ -125,13 +134,19 @@ def settings_from_args(args) -> dict:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.mutation_prob <= 1:
         raise UserError(f"--mutation-prob {args.mutation_prob} is not a probability; give a value in 0..1")
+    if args.latency_max_ms is not None and args.latency_max_ms <= 0:
+        raise UserError(f"--latency-max-ms {args.latency_max_ms:g} is not a positive time; give milliseconds above 0")
+    if args.latency_batch < 1:
+        raise UserError("--latency-batch must be at least 1")
+    latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
     limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max)
     return {
         "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
         "data": args.data, "supernet": str(args.supernet.resolve()) if args.supernet else None,
         "population": args.population, "generations": args.generations, "topk": args.topk,
         "mutations": args.mutations, "crossovers": args.crossovers, "mutation_prob": args.mutation_prob,
-        "strategy": args.strategy,
+        "strategy": args.strategy, "objective": args.objective, "pareto_cost": COST_COLUMNS[args.pareto_cost],
+        "latency": {"batch": args.latency_batch, "max_ms": args.latency_max_ms} if latency else None,
         "limits": limits.as_dict(), "calib_batches": args.calib_batches, "heldout_images": args.heldout_images,
         "supernet_epochs": args.supernet_epochs, "seed": args.seed,
     }
@@ -175,24 +190,26 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"],
-                                 settings["strategy"])
+                                 settings["strategy"], settings["objective"], settings["pareto_cost"])
     with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
-                        actors, gpus_per_actor) as evaluators:
+                        actors, gpus_per_actor, settings["latency"]) as evaluators:
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:
             console.print(f"resuming the {level}-level search in {out}")
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
                           f"generations, {actors} evaluator actor(s) -> {out}")
-        tuner = generation_tuner(out, searcher, evaluators, ResultsCallback(out, level, settings["topk"],
-                                                                           settings["generations"]), restore)
+        results = ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])
+        tuner = generation_tuner(out, searcher, evaluators, results, restore)
         tuner.fit()
         loads = supernet_loads(evaluators)
     rows = read_candidates(out).to_pylist()
-    best = best_record(rows, level, settings["topk"])
+    best = best_record(rows, level, settings["topk"], settings["pareto_cost"])
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
-    report_topk(console, best, len(rows))
+    print_table(console, f"top-{len(best['topk'])} of {len(rows)} candidates ({level} level)", best["topk"])
+    if settings["objective"] == "pareto":
+        print_table(console, f"Pareto front over top-1 and {best['front_cost']}", best["front"])
     console.print(f"best: {best['arch']}  top-1 {best['top1']:.2f}%  ({out / 'best.json'}); "
                   f"supernet loads per actor: {loads}")
     return best
@@ -211,14 +228,17 @@ def supernet_loads(actors: list) -> list:
     return loads
 
 
-def report_topk(console: Console, best: dict, candidates: int) -> None:
-    table = Table(title=f"top-{len(best['topk'])} of {candidates} candidates ({best['level']} level)")
-    for column in ("#", "architecture", "top-1 %", "top-5 %", "MFLOPs", "M params", "gen", "operator"):
+def print_table(console: Console, title: str, rows: list[dict]) -> None:
+    latency = any(r["latency_ms"] is not None for r in rows)
+    columns = ["#", "architecture", "top-1 %", "top-5 %", "MFLOPs", "M params", *(["ms"] if latency else []), "gen", "operator"]
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column, justify="left" if column == "architecture" else "right",
                          overflow="fold" if column == "architecture" else "ellipsis")
-    for rank, row in enumerate(best["topk"], 1):
+    for rank, row in enumerate(rows, 1):
         table.add_row(str(rank), row["arch"], f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['flops'] / 1e6:.2f}",
-                      f"{row['params'] / 1e6:.3f}", str(row["generation"]), row["operator"])
+                      f"{row['params'] / 1e6:.3f}", *([f"{row['latency_ms']:.3g}"] if latency else []),
+                      str(row["generation"]), row["operator"])
     console.print(table)
 
 

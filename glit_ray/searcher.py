@@ -2,7 +2,8 @@
 
 Generation 0 is `population` random architectures inside the limits. (`strategy="random"`, the
 baseline, draws every later generation at random too, with the same budget.) Every later generation
-takes the top-k of all candidates scored so far as parents and breeds `mutations` children by
+takes the top-k of all candidates scored so far as parents (by top-1, or with `objective="pareto"`
+by Pareto rank and crowding over top-1 and `cost`, as NSGA-II does) and breeds `mutations` children by
 mutation and `crossovers` by uniform crossover; a child that breaks a limit or was seen before
 is redrawn (bounded tries, then random candidates fill the gap and the shortfall is recorded).
 
@@ -20,6 +21,7 @@ import random
 
 from ray.tune.search import Searcher
 
+from . import pareto
 from .arch import Architecture
 from .constraints import Limits
 from .cost import arch_cost
@@ -33,12 +35,13 @@ class EvolutionSearcher(Searcher):
     def __init__(self, space: SearchSpace, level: str, distribution: tuple[int, ...] | None, limits: Limits,
                  num_classes: int, population: int = 50, generations: int = 20, topk: int = 10,
                  mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, seed: int = 0,
-                 strategy: str = "evolution"):
+                 strategy: str = "evolution", objective: str = "top1", cost: str = "flops"):
         super().__init__(metric="top1", mode="max")
         self.space, self.level, self.distribution, self.limits = space, level, distribution, limits
         self.num_classes, self.population, self.generations, self.topk = num_classes, population, generations, topk
         self.mutations, self.crossovers, self.mutation_prob, self.seed = mutations, crossovers, mutation_prob, seed
         self.strategy = strategy  # "random": the baseline, every generation drawn at random, same budget and limits
+        self.objective, self.cost = objective, cost  # "top1" | "pareto" over (top1, the row's `cost` column)
         self.state = {
             "generation": 0,   # the next generation to breed
             "scored": [],      # every finished candidate row, in generation and candidate order
@@ -86,7 +89,7 @@ class EvolutionSearcher(Searcher):
             self.set_state(pickle.load(f))
 
     _SETTINGS = ("level", "distribution", "num_classes", "population", "generations", "topk", "mutations",
-                 "crossovers", "mutation_prob", "seed", "strategy")
+                 "crossovers", "mutation_prob", "seed", "strategy", "objective", "cost")
 
     def get_state(self) -> dict:
         """Everything: the settings (so a blank searcher restores into this one) and the evolution."""
@@ -107,8 +110,11 @@ class EvolutionSearcher(Searcher):
     def parents(self) -> list[Architecture]:
         """The top-k architectures scored so far (ties broken by the architecture string)."""
         ok = [r for r in self.state["scored"] if r["status"] == "ok"]
-        ok.sort(key=lambda r: (-r["top1"], r["arch"]))
-        return [Architecture.parse(r["arch"]) for r in ok[: self.topk]]
+        if self.objective == "pareto":
+            best = pareto.select(ok, self.topk, self.cost)
+        else:
+            best = sorted(ok, key=lambda r: (-r["top1"], r["arch"]))[: self.topk]
+        return [Architecture.parse(r["arch"]) for r in best]
 
     def breed(self, generation: int) -> dict:
         """The config of generation `generation`: its candidates with lineage, and draw statistics."""

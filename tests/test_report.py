@@ -4,7 +4,7 @@ import matplotlib.image
 import pytest
 
 from glit_ray.cli import run
-from glit_ray.report import main, pareto_front, report
+from glit_ray.report import main, report
 from glit_ray.results import read_candidates, write_generation
 
 
@@ -19,12 +19,6 @@ def fake_run(run_dir, micro, seed):
                 for i, a in enumerate(archs[8 * g: 8 * g + 8])]
         write_generation(run_dir, g, rows)
     return run_dir
-
-
-def test_pareto_front_on_a_hand_made_set():
-    rows = [{"arch": n, "flops": f, "top1": t} for n, f, t in
-            [("a", 1, 50), ("b", 2, 60), ("c", 2, 55), ("d", 3, 58), ("e", 4, 70), ("f", 5, 70)]]
-    assert [r["arch"] for r in pareto_front(rows)] == ["a", "b", "e"]
 
 
 def test_report_writes_real_plots_and_a_summary_matching_the_parquet(micro, tmp_path):

@@ -26,7 +26,7 @@ def settings_for(*argv):
     return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
 
 
-def check_run(out, level, generations=3):
+def check_run(out, level, generations=3, improves=True):
     rows = read_candidates(out).to_pylist()
     assert [r["generation"] for r in rows] == sorted(r["generation"] for r in rows)
     assert len({r["arch"] for r in rows}) == len(rows)  # each candidate once
@@ -42,7 +42,7 @@ def check_run(out, level, generations=3):
             assert (row["operator"] == "random") == (row["parents"] == [])
         earlier |= {r["arch"] for r in per_generation[g]}
     best = lambda g: max(r["top1"] for r in per_generation[g])  # noqa: E731
-    assert best(generations - 1) >= best(0)
+    assert best(generations - 1) >= best(0) or not improves  # a Pareto search trades top-1 for cost
     return rows
 
 
@@ -170,3 +170,38 @@ def test_an_out_dir_holding_a_different_run_is_refused(capsys, micro_supernet, t
     err = one_line_error(capsys, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
     assert "holds a different search run (seed: 0 -> 3)" in err
     assert (out / "best.json").read_text() == "{}"
+
+
+def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, micro_supernet):
+    from glit_ray.evaluator import Evaluator
+
+    arch = "3:v1m4-" * 5 + "3:v1m4"
+    free = Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 0, latency={"batch": 2, "max_ms": None})
+    row = free.score(arch)
+    assert row["latency_ms"] > 0 and row["device"].startswith("cpu") and 0 <= row["top1"] <= 100
+    assert free.score(arch)["latency_ms"] == row["latency_ms"]  # measured once per architecture
+    strict = Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 1, latency={"batch": 2, "max_ms": 1e-6})
+    rejected = strict.score(arch)
+    assert rejected["status"] == "rejected" and "over --latency-max-ms 1e-06" in rejected["error"]
+    assert "top1" not in rejected and rejected["latency_ms"] > 0
+    assert "latency_ms" not in Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 2).score(arch)
+
+
+def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, micro_supernet, tmp_path):
+    import json
+
+    from glit_ray import pareto
+
+    out = tmp_path / "pareto"
+    best = search(settings_for("--level", "high", "--supernet", str(micro_supernet), *SMALL, "--objective", "pareto",
+                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), out)
+    rows = check_run(out, "high", improves=False)
+    assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
+    front = [r["arch"] for r in pareto.front(rows, "latency_ms")]
+    assert [r["arch"] for r in best["front"]] == front and best["front_cost"] == "latency_ms"
+    assert json.loads((out / "best.json").read_text())["front"] == best["front"]
+    # every bred child's parents were on the lowest Pareto ranks of what had been scored before it
+    for g in (1, 2):
+        earlier = [r for r in rows if r["generation"] < g]
+        allowed = {r["arch"] for r in pareto.select(earlier, 4, "latency_ms")}
+        assert all(set(r["parents"]) <= allowed for r in rows if r["generation"] == g)

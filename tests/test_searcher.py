@@ -158,3 +158,23 @@ def test_the_random_baseline_has_the_same_budget_and_limits_but_no_parents(micro
     assert again == [c["arch"] for c in candidates]
     args = build_parser().parse_args(["--level", "high", "--strategy", "random"])
     assert settings_from_args(args)["strategy"] == "random"
+
+
+def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
+    """With a cost that falls as top-1 rises for some rows, the top-1 ranking and the Pareto one differ."""
+    searcher = make(micro, objective="pareto", cost="flops", topk=3)
+    rows = []
+    for n, (top1, flops) in enumerate([(90, 30), (89, 31), (88, 32), (70, 5), (60, 2), (50, 40)]):
+        arch = str(micro.sample("high", random.Random(n)))
+        rows.append({"arch": arch, "status": "ok", "top1": top1, "flops": flops})
+    searcher.state["scored"] = rows
+    # the front is (90, 30), (70, 5), (60, 2): its ends first (infinite crowding), then its middle
+    parents = [str(a) for a in searcher.parents()]
+    assert set(parents[:2]) == {rows[0]["arch"], rows[4]["arch"]} and parents[2] == rows[3]["arch"]
+    by_top1 = make(micro, topk=3)
+    by_top1.state["scored"] = rows
+    assert [str(a) for a in by_top1.parents()] == [r["arch"] for r in rows[:3]]
+    args = build_parser().parse_args(["--level", "high", "--objective", "pareto", "--pareto-cost", "latency"])
+    settings = settings_from_args(args)
+    assert settings["objective"] == "pareto" and settings["pareto_cost"] == "latency_ms"
+    assert settings["latency"] == {"batch": 1, "max_ms": None}  # a latency front needs latency measured

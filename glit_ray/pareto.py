@@ -1,0 +1,62 @@
+"""Pareto ranking of candidates over (held-out top-1, cost), as NSGA-II ranks them.
+
+A candidate dominates another when it is no worse on both (top-1 at least as high, cost at most as
+low) and better on one. Rank 0 is the front (dominated by none), rank 1 the front once rank 0 is
+removed, and so on; within a rank, the crowding distance (the perimeter of the box to its
+neighbours, normalised per objective; infinite at the ends) prefers candidates in sparse regions
+of the front. Selection takes the lowest rank first, then the largest crowding distance.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def ranks(gain: list[float], cost: list[float]) -> list[int]:
+    """The non-dominated rank of each point (higher `gain` and lower `cost` are better)."""
+    gain, cost = np.asarray(gain, dtype=float), np.asarray(cost, dtype=float)
+    no_worse = (gain[:, None] >= gain[None, :]) & (cost[:, None] <= cost[None, :])
+    better = (gain[:, None] > gain[None, :]) | (cost[:, None] < cost[None, :])
+    dominates = no_worse & better  # [i, j]: i dominates j
+    dominated_by = dominates.sum(axis=0)
+    rank = np.full(len(gain), -1)
+    front, level = np.flatnonzero(dominated_by == 0), 0
+    while front.size:
+        rank[front] = level
+        dominated_by = dominated_by - dominates[front].sum(axis=0)
+        front, level = np.flatnonzero((dominated_by == 0) & (rank < 0)), level + 1
+    return rank.tolist()
+
+
+def crowding(gain: list[float], cost: list[float]) -> list[float]:
+    """NSGA-II's crowding distance of each point of one front."""
+    points = np.column_stack([np.asarray(gain, dtype=float), np.asarray(cost, dtype=float)])
+    distance = np.zeros(len(points))
+    for objective in points.T:
+        order = np.argsort(objective, kind="stable")
+        span = objective[order[-1]] - objective[order[0]]
+        distance[order[0]] = distance[order[-1]] = np.inf
+        if span > 0 and len(points) > 2:
+            distance[order[1:-1]] += (objective[order[2:]] - objective[order[:-2]]) / span
+    return distance.tolist()
+
+
+def select(rows: list[dict], count: int, cost: str) -> list[dict]:
+    """The `count` best rows by (rank, -crowding) over (top1, rows[cost]); ties by architecture string."""
+    if not rows:
+        return []
+    rank = ranks([r["top1"] for r in rows], [r[cost] for r in rows])
+    distance = [0.0] * len(rows)
+    for level in set(rank):
+        members = [i for i, r in enumerate(rank) if r == level]
+        for i, d in zip(members, crowding([rows[i]["top1"] for i in members], [rows[i][cost] for i in members])):
+            distance[i] = d
+    order = sorted(range(len(rows)), key=lambda i: (rank[i], -distance[i], rows[i]["arch"]))
+    return [rows[i] for i in order[:count]]
+
+
+def front(rows: list[dict], cost: str) -> list[dict]:
+    """The rows of rank 0, by increasing cost (then decreasing top-1)."""
+    if not rows:
+        return []
+    rank = ranks([r["top1"] for r in rows], [r[cost] for r in rows])
+    return sorted((r for r, k in zip(rows, rank) if k == 0), key=lambda r: (r[cost], -r["top1"], r["arch"]))
