@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Benchmarks P1-P5 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
+bench: install
+	$(BIN)/python bench/supernet_step.py --record
+	$(BIN)/python bench/scoring_cost.py --record
+	$(BIN)/python bench/orchestration.py --record
+	$(BIN)/python bench/scaling.py --record
+	$(BIN)/python bench/search_quality.py --record
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -7,7 +7,9 @@ is the cost of getting a candidate from the searcher to an evaluator and its res
 - `glit_ray`: the search's real Tuner (`generation_tuner`): EvolutionSearcher, one reused trial per
   generation fanning its candidates out to the actors, Parquet/TensorBoard results callback.
 
-    python bench/orchestration.py [--candidates 1000] [--baseline-candidates 100] [--repeats 3]
+Target: at least 20 candidates/s on 2 cores (Tune's default loop manages about 1-4 here).
+
+    python bench/orchestration.py [--candidates 1000] [--baseline-candidates 100] [--repeats 3] [--record]
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ray import tune
 
 from glit_ray.space import SearchSpace
 
-from harness import SPACE, run_generations, start_fake_evaluators
+from harness import SPACE, publish, run_generations, spread, start_fake_evaluators
 
 
 def tune_default(actors: list, candidates: int, out: Path) -> float:
@@ -57,21 +59,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=1000, help="glit_ray side (generations of 200)")
     parser.add_argument("--baseline-candidates", type=int, default=100, help="Tune-default side")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating; medians are compared")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating; medians are compared")
+    parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     actors = start_fake_evaluators(2)
     default, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        tune_default(actors, 10, Path(tmp) / "warmup")  # warm-up: imports, Tune's first start, actor caches
+        glit_ray_generations(actors, 200, Path(tmp) / "warmup")
         for repeat in range(args.repeats):
             default.append(tune_default(actors, args.baseline_candidates, Path(tmp) / str(repeat)))
             ours.append(glit_ray_generations(actors, args.candidates, Path(tmp) / str(repeat)))
-    for name, rates, n in (("tune default, 1 trial per candidate", default, args.baseline_candidates),
-                           ("glit_ray, 1 reused trial per generation", ours, args.candidates)):
-        print(f"{name:40s}: median {statistics.median(rates):7.1f} candidates/s "
-              f"(runs: {', '.join(f'{r:.1f}' for r in rates)}; {n} candidates each)")
-    print(f"ratio (medians): {statistics.median(ours) / statistics.median(default):.1f}x")
+    ratio = statistics.median(ours) / statistics.median(default)
+    body = "\n".join([
+        f"Two no-op evaluator actors; {args.repeats} timed runs of each side, alternating, after one warm-up run each.", "",
+        "| side | candidates per run | candidates/s (min / median / max) |",
+        "| --- | ---: | ---: |",
+        f"| Tune default, 1 trial per candidate | {args.baseline_candidates} | {spread(default)} |",
+        f"| glit_ray, 1 reused trial per generation of 200 | {args.candidates} | {spread(ours)} |", "",
+        f"**glit_ray {statistics.median(ours):.1f} candidates/s, {ratio:.0f}x Tune's default loop** (target >= 20 candidates/s)",
+    ])
+    publish("P3", body, args.record)
     ray.shutdown()
+
 
 if __name__ == "__main__":
     main()

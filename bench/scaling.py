@@ -7,7 +7,9 @@ times the whole `Tuner.fit` (its one-time start included: Tune's set-up and the 
 `steady` times from the first result to the last (plus one T), what a long search sees: breeding,
 Tune's per-generation trial turnaround, the Parquet/TensorBoard callback and each generation's tail.
 
-    python bench/scaling.py [--seconds 0.5] [--actors 1 4 16] [--per-actor 8] [--generations 5]
+Target: efficiency at least 0.8 at 16 actors.
+
+    python bench/scaling.py [--seconds 0.5] [--actors 1 4 16] [--per-actor 8] [--generations 5] [--repeats 3] [--record]
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import ray
 
 from glit_ray.results import read_candidates
 
-from harness import run_generations, start_fake_evaluators
+from harness import publish, run_generations, spread, start_fake_evaluators
 
 
 def main() -> None:
@@ -28,23 +30,38 @@ def main() -> None:
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--per-actor", type=int, default=8, help="candidates per actor per generation")
     parser.add_argument("--generations", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per actor count (after one warm-up run)")
+    parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
-    print(f"{'actors':>6} {'candidates':>10} {'ideal N/T':>9} {'end-to-end cand/s':>17} {'efficiency':>10} "
-          f"{'steady cand/s':>13} {'efficiency':>10}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.actors:
             actors = start_fake_evaluators(n, args.seconds, cpus=min(0.45, 1.8 / n))
-            per_generation = args.per_actor * n
-            seconds = run_generations(actors, per_generation, args.generations, Path(tmp) / f"n{n}")
-            stamps = read_candidates(Path(tmp) / f"n{n}").column("timestamp").to_pylist()
-            candidates, ideal = per_generation * args.generations, n / args.seconds
-            rate = candidates / seconds
-            steady = candidates / ((max(stamps) - min(stamps)).total_seconds() + args.seconds)
-            print(f"{n:>6} {candidates:>10} {ideal:>9.2f} {rate:>17.2f} {rate / ideal:>10.2f} "
-                  f"{steady:>13.2f} {steady / ideal:>10.2f}", flush=True)
+            per_generation, ideal = args.per_actor * n, n / args.seconds
+            end_to_end, steady = [], []
+            for repeat in range(args.repeats + 1):
+                out = Path(tmp) / f"n{n}-{repeat}"
+                seconds = run_generations(actors, per_generation, args.generations, out)
+                stamps = read_candidates(out).column("timestamp").to_pylist()
+                if repeat:  # the first run is the warm-up
+                    candidates = per_generation * args.generations
+                    end_to_end.append(candidates / seconds / ideal)
+                    steady.append(candidates / ((max(stamps) - min(stamps)).total_seconds() + args.seconds) / ideal)
+            rows.append(f"| {n} | {per_generation * args.generations} | {ideal:.2f} | {spread(end_to_end)} | {spread(steady)} |")
+            print(rows[-1], flush=True)
             for actor in actors:
                 ray.kill(actor)
+    body = "\n".join([
+        f"Evaluators sleeping T = {args.seconds} s per candidate, generations of {args.per_actor} x N candidates, "
+        f"{args.generations} generations per run; efficiency = measured candidates/s / (N / T), min / median / max of "
+        f"{args.repeats} runs after a warm-up run. *End to end* times the whole `Tuner.fit` (Tune's start included), "
+        "*steady* from the first result to the last plus one T.", "",
+        "| actors N | candidates per run | ideal cand/s | end-to-end efficiency | steady efficiency |",
+        "| ---: | ---: | ---: | ---: | ---: |", *rows, "",
+        "Target: efficiency at least 0.8 at 16 actors.",
+    ])
+    publish("P4", body, args.record)
     ray.shutdown()
 
 

@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from .cli import ArgumentParser, run
-from .data import build_splits, first_batches, make_loader, parse_spec
+from .data import build_splits, first_batches, make_loader, mixup_for, parse_spec
 from .errors import UserError
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
@@ -110,7 +110,7 @@ def train_loop(config: dict) -> None:
     net.to(device)
     loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
     steps_per_epoch = len(loader)
-    recipe = Recipe.deit(net, splits, config["lr"], epochs, steps_per_epoch, device)
+    recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net)
     writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None

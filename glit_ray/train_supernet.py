@@ -28,7 +28,7 @@ from .arch import Architecture
 from .cli import ArgumentParser, run
 from .constraints import Limits, sample_within
 from .cost import arch_cost
-from .data import build_splits, first_batches, parse_spec
+from .data import build_splits, first_batches, mixup_for, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
@@ -96,7 +96,7 @@ def train_loop(config: dict) -> None:
     net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
     loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
     steps_per_epoch = len(loader)
-    recipe = Recipe.deit(net, splits, config["lr"], epochs, steps_per_epoch, device)
+    recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
 

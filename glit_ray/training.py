@@ -19,6 +19,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -26,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .cli import ArgumentParser
-from .data import Splits, mixup_for
 from .errors import UserError
 
 CLIP_GRAD_NORM = 5.0
@@ -97,18 +97,18 @@ class Recipe:
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: nn.Module
-    mixup: object
+    mixup: Mixup | None
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
 
     @classmethod
-    def deit(cls, net: nn.Module, splits: Splits, lr: float, epochs: int, steps_per_epoch: int,
-             device: torch.device) -> Recipe:
+    def deit(cls, net: nn.Module, lr: float, epochs: int, steps_per_epoch: int, device: torch.device,
+             mixup: Mixup | None = None) -> Recipe:
+        """DeiT's recipe for `net`; `mixup` (from `data.mixup_for`) switches the loss to soft targets."""
         optimizer = create_optimizer_v2(net, "adamw", lr=lr, weight_decay=0.05)
         scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=min(5, epochs // 10),
                                            warmup_prefix=True, warmup_lr=lr * 0.01, min_lr=lr * 0.01,
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-        mixup = mixup_for(splits)
         criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(0.1)
         amp_dtype = None
         if device.type == "cuda":

@@ -18,7 +18,7 @@ from glit_ray.export import export_model
 from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
 from glit_ray.scoring import evaluate, recalibrate_bn
 from glit_ray.supernet import load_supernet
-from test_train_supernet import wait_for
+from test_train_supernet import wait_for, wait_until_still
 
 # in the micro space's high level (sizes at their defaults), so the session's high-level supernet holds it
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
@@ -112,6 +112,7 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(ray_session, tmp_path, ow
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    wait_until_still(out)
     assert not (out / "model.safetensors").exists()
     subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
     resumed, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
