@@ -132,7 +132,7 @@ def run_generations(actors: list, per_generation: int, generations: int, out: Pa
     searcher = EvolutionSearcher(SearchSpace.load(SPACE), "high", None, Limits(), 1000, population=per_generation,
                                  generations=generations, topk=20, mutations=per_generation // 2,
                                  crossovers=per_generation - per_generation // 2, mutation_prob=0.1, seed=0)
-    tuner = generation_tuner(out, searcher, actors, ResultsCallback(out, "high", 10, generations), restore=False)
+    tuner = generation_tuner(out, searcher, actors, [ResultsCallback(out, "high", 10, generations)], restore=False)
     started = time.perf_counter()
     tuner.fit()
     seconds = time.perf_counter() - started

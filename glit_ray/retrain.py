@@ -34,7 +34,7 @@ from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate, recalibrate_bn
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_model_state, fit, seed_epoch,
+from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_state, fit, seed_epoch,
                        worker_loader)
 
 METRICS = "metrics.json"
@@ -160,8 +160,11 @@ def _batches(dataset, device):
 
 
 def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-            cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None) -> dict:
-    """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json."""
+            cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None,
+            storage: str | None = None) -> dict:
+    """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json.
+
+    `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
     console = console or Console(stderr=True)
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
@@ -185,11 +188,12 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
     ensure_ray()
     config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal(),
               "initial_weights": ray.put(inherited.state_dict()) if inherited is not None else None}
-    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker)
+    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker, storage)
 
     model = GLiT(settings["arch"], space, splits.num_classes)
-    model.load_state_dict(final_model_state(result))
-    final = {k: v for k, v in result.metrics.items() if k.startswith(("test_", "heldout_"))}
+    state = final_state(result)
+    model.load_state_dict(state["model"])
+    final = {k: v for k, v in state["metrics"].items() if k.startswith(("test_", "heldout_"))}
     metrics = {"arch": settings["arch"], "data": settings["data"], "epochs": settings["epochs"],
                "from_supernet": settings["from_supernet"], **initial, **final}
     export_model(model.eval(), out, data=settings["data"], test_top1=final["test_top1"], test_top5=final["test_top5"])
@@ -211,7 +215,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     retrain(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
-            args.loader_workers)
+            args.loader_workers, storage=args.storage)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from .data import build_splits, parse_spec
 from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
 from .evaluator import evaluator_pool
+from .mirror import Mirror, MirrorCallback
 from .progress import bar, driver_has_terminal
 from .results import ResultsCallback, best_record, read_candidates
-from .runs import open_run, resolve_distribution
+from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
@@ -61,7 +62,7 @@ def trial_dirname(trial) -> str:
     return f"gen-{trial.config['generation']:04d}-{trial.trial_id}"
 
 
-def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, results: tune.Callback,
+def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, callbacks: list[tune.Callback],
                      restore: bool) -> tune.Tuner:
     """The Tuner running `searcher`'s generations, one reused trial each, on `evaluators`.
 
@@ -80,7 +81,7 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, r
                                     reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                                  callbacks=[results, JsonLoggerCallback()]),
+                                  callbacks=[*callbacks, JsonLoggerCallback()]),
     )
 
 
@@ -117,6 +118,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    p.add_argument("--mirror", help="push the run directory here after every generation (s3://bucket/prefix); "
+                                    "with --resume and no local copy, pull it from here first")
     return p
 
 
@@ -164,10 +167,17 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
 
 
 def search(settings: dict, out: Path, resume: bool = False, actors: int | None = None,
-           gpus_per_actor: float | None = None, address: str | None = None, console: Console | None = None) -> dict:
-    """Run (or resume) a search; returns best.json's content."""
+           gpus_per_actor: float | None = None, address: str | None = None, console: Console | None = None,
+           mirror: str | None = None) -> dict:
+    """Run (or resume) a search; returns best.json's content.
+
+    With `mirror` (a storage URI), the run directory is pushed there after every generation, and
+    the supernet's Ray Train checkpoints go there directly; resuming without a local copy (a new
+    head node) pulls it back first.
+    """
     console = console or Console(stderr=True)
     out = Path(out).resolve()
+    mirror = Mirror(out, mirror) if mirror else None
     space = SearchSpace.from_dict(settings["space"])
     level = settings["level"]
     distribution = tuple(settings["distribution"]) if settings["distribution"] else None
@@ -176,6 +186,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     limits.check_feasible(space, level, splits.num_classes, distribution)
     if settings["supernet"]:
         check_supernet(Path(settings["supernet"]), space, level, distribution)
+    if mirror and resume and not (out / RUN_FILE).exists():
+        console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, "search", resume)
 
     if not ray.is_initialized():
@@ -183,7 +195,10 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
                           limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max), seed=settings["seed"]),
-        out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console)
+        out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console,
+        storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
+    if mirror:
+        mirror.push()
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = actors or (gpus if gpus and gpus_per_actor != 0 else 2)
@@ -199,10 +214,13 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
                           f"generations, {actors} evaluator actor(s) -> {out}")
-        results = ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])
-        tuner = generation_tuner(out, searcher, evaluators, results, restore)
-        tuner.fit()
+        callbacks = [ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])]
+        if mirror:
+            callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
+        generation_tuner(out, searcher, evaluators, callbacks, restore).fit()
         loads = supernet_loads(evaluators)
+    if mirror:
+        mirror.push()
     rows = read_candidates(out).to_pylist()
     best = best_record(rows, level, settings["topk"], settings["pareto_cost"])
     if best is None:
@@ -245,7 +263,8 @@ def print_table(console: Console, title: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = args.out or Path("runs") / f"search-{args.level}"
-    search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address)
+    search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address,
+           mirror=args.mirror)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from .runs import open_run, resolve_distribution
 from .scoring import evaluate, recalibrate_bn
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_model_state, fit,
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit,
                        seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
@@ -180,8 +180,11 @@ def supernet_settings(space: SearchSpace, level: str, distribution, data: str, e
 
 
 def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-                   cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None) -> Path:
-    """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file."""
+                   cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None,
+                   storage: str | None = None) -> Path:
+    """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file.
+
+    `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
     console = console or Console(stderr=True)
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
@@ -199,11 +202,12 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
                   f"{space.name} on {settings['data']} with {settings['workers']} worker(s) -> {out}")
     config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()}
-    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker)
+    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker, storage)
     net = GLiTSupernet(space, settings["level"], settings["distribution"], splits.num_classes)
-    net.load_state_dict(final_model_state(result))
-    probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in result.metrics.items() if k.startswith("probe_")}
-    last_epoch = {k: v for k, v in result.metrics.items() if not k.startswith("probe_")}
+    state = final_state(result)
+    net.load_state_dict(state["model"])
+    probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in state["metrics"].items() if k.startswith("probe_")}
+    last_epoch = {k: v for k, v in state["metrics"].items() if not k.startswith("probe_")}
     save_supernet(net, target, data=settings["data"], epochs=settings["epochs"], seed=settings["seed"],
                   limits=settings["limits"], probe_top1=probes, last_epoch=last_epoch)
     table = Table(title=f"probe paths, held-out top-1 after epoch {settings['epochs']}")
@@ -230,7 +234,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     train_supernet(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
-                   args.loader_workers)
+                   args.loader_workers, storage=args.storage)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
+    parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
+                                          "s3://bucket/prefix on a cluster whose nodes do not share --out")
 
 
 def check_counts(args) -> None:
@@ -153,18 +155,22 @@ class Recipe:
         return state["epoch"] + 1
 
     def report(self, net: nn.Module, epoch: int, metrics: dict) -> None:
-        """Report the epoch's metrics to Ray Train with a checkpoint of everything a resume needs."""
+        """Report the epoch's metrics to Ray Train with a checkpoint of everything a resume needs.
+
+        The metrics go into the checkpoint too: a run resumed after its last epoch reports nothing
+        more, and the caller still reads them from `final_state`.
+        """
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"model": net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch},
-                       Path(folder) / STATE_FILE)
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                        "metrics": metrics}, Path(folder) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def final_model_state(result: ray.train.Result) -> dict:
-    """The network weights of a finished run's last checkpoint."""
+def final_state(result: ray.train.Result) -> dict:
+    """A finished run's last checkpoint: `model` (the weights) and `metrics` (rank 0's last epoch)."""
     with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
@@ -188,8 +194,11 @@ def ensure_ray() -> None:
 
 
 def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: float | None,
-        cpus_per_worker: int | None) -> ray.train.Result:
-    """Run `train_loop` on `workers` Ray Train workers with checkpoints under OUT/train (resumed if there).
+        cpus_per_worker: int | None, storage: str | None = None) -> ray.train.Result:
+    """Run `train_loop` on `workers` Ray Train workers with checkpoints under STORAGE/train (resumed if there).
+
+    `storage` defaults to the run directory OUT; on a cluster whose workers do not share it, give a
+    storage URI (s3://bucket/prefix) every node can reach.
 
     A UserError a worker raised (a corrupt checkpoint) reaches the caller as itself, one line.
     """
@@ -200,7 +209,7 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu="GPU" in resources,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name="train", storage_path=str(out),
+        run_config=ray.train.RunConfig(name="train", storage_path=storage or str(out),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )

@@ -42,7 +42,19 @@ def test_aws_yaml_has_a_cpu_head_gpu_workers_and_the_pinned_stack(aws):
         pinned = re.search(rf'"{package}>=[\d.]+,<=([\d.]+)"', pyproject).group(1)
         assert f'"{package}=={pinned}"' in setup
     assert "pip install --quiet -e /home/ray/glit_ray" in setup and aws["file_mounts"]["/home/ray/glit_ray"] == "."
-    assert "/mnt/runs" in " ".join(aws["initialization_commands"])
+    assert "/mnt/data" in " ".join(aws["initialization_commands"])  # datasets on every node
+
+
+def test_the_aws_search_command_mirrors_its_run_to_s3():
+    """The command aws.yaml's header submits parses, and puts the run where a new head node can pull it from."""
+    header = (CLUSTERS / "aws.yaml").read_text().split("cluster_name:")[0]
+    lines = [line.lstrip("# ").rstrip() for line in header.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("python -m glit_ray.search"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))  # its continuation lines
+    command = shlex.split(" ".join(line.rstrip("\\") for line in lines[start:end + 1]))
+    args = build_parser().parse_args(command[3:])
+    assert args.mirror.startswith("s3://") and args.address == "auto"
+    assert settings_from_args(args)["space"]["name"] == "glit_tiny"
 
 
 def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments():

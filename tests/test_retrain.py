@@ -57,6 +57,11 @@ def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp
     before = (out / "model.safetensors").read_bytes()
     assert retrain(settings_for("--arch", ARCH, *FAST), out) == metrics  # finished: no work, nothing rewritten
     assert (out / "model.safetensors").read_bytes() == before
+    # stopped after its last checkpoint but before the export: resuming trains nothing and exports the same
+    for name in ("model.safetensors", "arch.json", "metrics.json"):
+        (out / name).unlink()
+    assert retrain(settings_for("--arch", ARCH, *FAST), out, resume=True) == metrics
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 def supernet_path_score(supernet_file) -> dict:

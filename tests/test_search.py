@@ -1,5 +1,7 @@
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,35 +96,36 @@ def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_su
         assert row["status"] == "failed" and "injected failure" in row["error"]
 
 
-def test_sigkilled_search_resumes_to_the_same_result(ray_session, micro_supernet, tmp_path, own_ray_env):
+def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, micro_supernet, tmp_path, own_ray_env):
+    """SIGKILL the search, delete its run directory (the head node and its disk are gone), resume from the mirror."""
     argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "4",
             "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
     reference = search(settings_for(*argv), tmp_path / "reference")
 
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out)]
+    out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
+    command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out), "--mirror", bucket.as_uri()]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=own_ray_env)
     try:
         deadline = time.time() + 180
-        while not (out / "candidates" / "gen-0001.parquet").exists():
-            assert time.time() < deadline and proc.poll() is None, "search never reached generation 1"
+        while not (bucket / "candidates" / "gen-0001.parquet").exists():
+            assert time.time() < deadline and proc.poll() is None, "the mirror never got generation 1"
             time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (out / "candidates" / "gen-0003.parquet").exists()
-    for f in (out / "candidates").glob("*.parquet"):
-        pq.read_table(f)  # whatever was there when killed is a whole file
+    assert not (bucket / "candidates" / "gen-0003.parquet").exists()
+    for f in (bucket / "candidates").glob("*.parquet"):
+        pq.read_table(f)  # whatever the mirror got is a whole file
+    shutil.rmtree(tmp_path / "head")
 
     subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
     keys = ("arch", "generation", "operator", "parents", "top1")
-    resumed = [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()]
     expected = [{k: r[k] for k in keys} for r in read_candidates(tmp_path / "reference").to_pylist()]
-    assert resumed == expected
-    assert len({r["arch"] for r in resumed}) == len(resumed) == 8 * 4
-    import json
-    assert json.loads((out / "best.json").read_text())["arch"] == reference["arch"]
+    for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
+        assert [{k: r[k] for k in keys} for r in read_candidates(run_dir).to_pylist()] == expected
+        assert json.loads((run_dir / "best.json").read_text())["arch"] == reference["arch"]
+    assert len(expected) == 8 * 4
 
 
 def one_line_error(capsys, argv) -> str:
@@ -188,8 +191,6 @@ def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, mi
 
 
 def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, micro_supernet, tmp_path):
-    import json
-
     from glit_ray import pareto
 
     out = tmp_path / "pareto"

@@ -66,9 +66,11 @@ def test_workers_on_different_paths_are_caught(ray_session, tmp_path):
 
 def test_low_level_trains_on_a_distribution_under_a_flops_limit(ray_session, tmp_path):
     settings = settings_for("--level", "low", "--distribution", "0:-1:-2:-3:-1:-0:", "--flops-max", "14", *FAST)
-    net, meta = load_supernet(train_supernet(settings, tmp_path / "low"))
+    bucket = tmp_path / "bucket"  # checkpoints in storage every node reaches, by URI (s3:// on a cluster)
+    net, meta = load_supernet(train_supernet(settings, tmp_path / "low", storage=bucket.as_uri()))
     assert net.level == "low" and net.distribution == (0, 1, 2, 3, 1, 0)
     assert meta["limits"]["flops_max"] == 14
+    assert list(bucket.glob("train/checkpoint_*/state.pt")) and not (tmp_path / "low" / "train").exists()
 
 
 def wait_for(predicate, timeout):
