@@ -26,6 +26,7 @@ from .arch import Architecture
 from .cli import ArgumentParser, run
 from .data import build_splits, first_batches, make_loader, mixup_for, parse_spec
 from .errors import UserError
+from .evaluator import CALIB_BATCH_SIZE
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import bar as progress_bar
@@ -39,7 +40,7 @@ from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_r
 
 METRICS = "metrics.json"
 EVAL_BATCH_SIZE = 256
-CALIB_BATCHES = 4
+CALIB_BATCHES = 4  # the search's default --calib-batches
 LOG_EVERY = 10
 
 
@@ -178,7 +179,7 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
 
     initial = {}
     if inherited is not None:
-        calib = [x for x, _ in first_batches(splits.train, EVAL_BATCH_SIZE, CALIB_BATCHES, "cpu")]
+        calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, CALIB_BATCHES, "cpu")]  # as the search's
         recalibrate_bn(inherited, None, calib)
         initial = {f"inherited_heldout_{k}": v for k, v in evaluate(inherited, None, _batches(splits.heldout, "cpu")).items()}
         console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
