@@ -143,6 +143,9 @@ def one_line_error(capsys, argv) -> str:
     (["--level", "high", "--flops-max", "2"], "no architecture of glit_micro (high level) meets flops-max 2M"),
     (["--level", "high", "--params-min", "5", "--params-max", "4"], "--params-min 5M is above --params-max 4M"),
     (["--level", "high", "--mutation-prob", "1.5"], "--mutation-prob 1.5 is not a probability"),
+    (["--level", "high", "--latency-max-ms", "0"], "--latency-max-ms 0 is not a positive time"),
+    (["--level", "high", "--latency-batch", "0"], "--latency-batch must be at least 1"),
+    (["--level", "high", "--mirror", "nosuch://bucket/run"], "--mirror nosuch://bucket/run: not a storage URI"),
 ])
 def test_bad_input_before_ray(capsys, tmp_path, argv, message):
     assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
