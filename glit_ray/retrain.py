@@ -35,8 +35,8 @@ from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate, recalibrate_bn
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_state, fit, seed_epoch,
-                       worker_loader)
+from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_state, fit, say,
+                       seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
 EVAL_BATCH_SIZE = 256
@@ -146,9 +146,9 @@ def train_loop(config: dict) -> None:
             if name in metrics:
                 writer.add_scalar(f"epoch/{name}", metrics[name], step)
         writer.flush()
-        print(f"retrain epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-              f"held-out top-1 {metrics['heldout_top1']:.2f}%"
-              + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""), flush=True)
+        say(f"retrain epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+            f"held-out top-1 {metrics['heldout_top1']:.2f}%"
+            + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""))
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()

@@ -36,7 +36,7 @@ from .runs import open_run, resolve_distribution
 from .scoring import evaluate, recalibrate_bn
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit,
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit, say,
                        seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
@@ -145,8 +145,8 @@ def train_loop(config: dict) -> None:
             writer.add_scalar(f"probe_top1/{name}", metrics[f"probe_{name}_top1"], step)
         writer.flush()
         probe_top1 = [metrics[f"probe_{name}_top1"] for name in probes]
-        print(f"supernet epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-              f"probe top-1 {min(probe_top1):.1f}-{max(probe_top1):.1f}%", flush=True)
+        say(f"supernet epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+            f"probe top-1 {min(probe_top1):.1f}-{max(probe_top1):.1f}%")
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,11 @@ def worker_loader(dataset: Dataset, batch_size: int, seed: int, loader_workers: 
                                  drop_last=True)
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
                       pin_memory=device.type == "cuda")
+
+
+def say(line: str) -> None:
+    """Print a worker's epoch line once: Ray Train patches `print` in workers to log the line and echo it too."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
