@@ -27,10 +27,10 @@ from matplotlib.figure import Figure
 
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits, first_batches
-from glit_ray.evaluator import CALIB_BATCH_SIZE
+from glit_ray.evaluator import calibration_batches
 from glit_ray.report import save
 from glit_ray.results import read_candidates
-from glit_ray.scoring import evaluate, recalibrate_bn
+from glit_ray.scoring import score
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
@@ -64,12 +64,11 @@ def main() -> None:
 
     net, _ = load_supernet(supernet)
     splits = build_splits("digits", space.img_size, space.in_chans)
-    calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, 4, "cpu")]
+    calib = calibration_batches(splits.train, 4, "cpu")
     test = first_batches(splits.test, 256, None, "cpu")
 
     def test_top1(arch: str) -> float:
-        recalibrate_bn(net, Architecture.parse(arch), calib)
-        return evaluate(net, Architecture.parse(arch), test)["top1"]
+        return score(net, Architecture.parse(arch), calib, test)["top1"]
 
     results = {s: [] for s in STRATEGIES}  # per seed: best held-out, candidates to reach it, its test top-1, curve
     for seed in args.seeds:

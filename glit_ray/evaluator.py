@@ -22,7 +22,7 @@ from .arch import Architecture
 from .cost import arch_cost
 from .data import build_splits, first_batches
 from .latency import device_name, measure_ms
-from .scoring import evaluate, recalibrate_bn
+from .scoring import score
 from .supernet import load_supernet
 
 CALIB_BATCH_SIZE = 64
@@ -48,7 +48,7 @@ class Evaluator:
         heldout = splits.heldout
         if heldout_images is not None and heldout_images < len(heldout):
             heldout = torch.utils.data.Subset(heldout, range(heldout_images))
-        self.calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, calib_batches, self.device)]
+        self.calib = calibration_batches(splits.train, calib_batches, self.device)
         self.heldout = first_batches(heldout, EVAL_BATCH_SIZE, None, self.device)
         self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
         self.exit_next = False
@@ -72,8 +72,7 @@ class Evaluator:
                 if limit is not None and latency > limit:
                     return {**row, "status": "rejected", "eval_seconds": time.perf_counter() - started,
                             "error": f"latency {latency:.3g} ms is over --latency-max-ms {limit:g}"}
-            recalibrate_bn(self.net, arch, self.calib)
-            metrics = evaluate(self.net, arch, self.heldout)
+            metrics = score(self.net, arch, self.calib, self.heldout)
         return {**metrics, **row, "eval_seconds": time.perf_counter() - started}
 
     def measure(self, arch: Architecture) -> float:
@@ -97,6 +96,11 @@ class Evaluator:
     def inject_exit(self) -> None:
         """The next `score` call kills this actor's process mid-candidate, as a crash or a lost node would."""
         self.exit_next = True
+
+
+def calibration_batches(train, count: int, device) -> list[torch.Tensor]:
+    """The images of the first `count` training batches of CALIB_BATCH_SIZE: what BatchNorm is recalibrated on."""
+    return [x for x, _ in first_batches(train, CALIB_BATCH_SIZE, count, device)]
 
 
 @contextmanager

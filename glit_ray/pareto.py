@@ -1,4 +1,4 @@
-"""Pareto ranking of candidates over (held-out top-1, cost), as NSGA-II ranks them.
+"""Ranking candidates: by held-out top-1, or by Pareto rank over (top-1, cost) as NSGA-II does.
 
 A candidate dominates another when it is no worse on both (top-1 at least as high, cost at most as
 low) and better on one. Rank 0 is the front (dominated by none), rank 1 the front once rank 0 is
@@ -9,6 +9,11 @@ of the front. Selection takes the lowest rank first, then the largest crowding d
 from __future__ import annotations
 
 import numpy as np
+
+
+def by_top1(rows: list[dict]) -> list[dict]:
+    """Rows best first by top-1, ties by architecture string: best.json's order and the searcher's."""
+    return sorted(rows, key=lambda r: (-r["top1"], r["arch"]))
 
 
 def ranks(gain: list[float], cost: list[float]) -> list[int]:

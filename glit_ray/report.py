@@ -7,6 +7,7 @@ global/local head split of every block of the first run's top-k) and summary.md.
 """
 from __future__ import annotations
 
+import io
 import statistics
 from pathlib import Path
 
@@ -89,11 +90,11 @@ def plot_split(topk: list[dict], path: Path) -> None:
 
 
 def save(fig: Figure, path: Path) -> None:
-    """Render to a temporary file beside `path`, then rename it into place."""
+    """Render to PNG and write it atomically."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
 
 
 def summary_markdown(summaries: dict[str, dict]) -> str:

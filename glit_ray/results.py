@@ -52,7 +52,7 @@ def read_candidates(run_dir: Path) -> pa.Table:
 def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops") -> dict | None:
     """best.json's content: the best scored candidate (every candidate meets the limits), the top-k
     by top-1, and the Pareto front over (top-1, `cost`)."""
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (-r["top1"], r["arch"]))
+    ok = pareto.by_top1([r for r in rows if r["status"] == "ok"])
     if not ok:
         return None
     keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params", "latency_ms")
@@ -70,6 +70,7 @@ class ResultsCallback(tune.Callback):
     def __init__(self, run_dir: Path, level: str, topk: int, generations: int, cost: str = "flops"):
         self.run_dir, self.level, self.topk, self.generations, self.cost = Path(run_dir), level, topk, generations, cost
         self.writer = None
+        self.rows: dict[int, list[dict]] | None = None  # generation -> its rows; read from disk once (a resume)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -80,24 +81,28 @@ class ResultsCallback(tune.Callback):
                  "timestamp": datetime.fromtimestamp(row["timestamp"], tz=timezone.utc)}
                 for i, row in enumerate(result["rows"])]
         write_generation(self.run_dir, generation, rows)
-        every = read_candidates(self.run_dir).to_pylist()
-        best = best_record(every, self.level, self.topk, self.cost)
+        if self.rows is None:
+            self.rows = {}
+            for row in read_candidates(self.run_dir).to_pylist():
+                self.rows.setdefault(row["generation"], []).append(row)
+        self.rows[generation] = rows  # a generation re-run after a resume replaces its rows, as its file
+        best = best_record([r for g in sorted(self.rows) for r in self.rows[g]], self.level, self.topk, self.cost)
         if best:
             write_json(self.run_dir / "best.json", best)
-        self.log(generation, rows, trial.config.get("draws", {}), best)
         scores = [r["top1"] for r in rows if r["status"] == "ok"]
+        failed, rejected = (sum(r["status"] == status for r in rows) for status in ("failed", "rejected"))
+        self.log(generation, rows, scores, failed, rejected, trial.config.get("draws", {}), best)
         line = f"generation {generation + 1}/{self.generations}: {len(rows)} candidates"
         if scores:
             line += f", best {max(scores):.2f}%, mean {statistics.fmean(scores):.2f}%"
-        failed, rejected = (sum(r["status"] == status for r in rows) for status in ("failed", "rejected"))
         missing = trial.config.get("missing", 0)
         line += (f", {failed} failed" if failed else "") + (f", {rejected} over the latency limit" if rejected else "")
         line += f", {missing} fewer than asked (space exhausted)" if missing else ""
         print(line + (f"; best so far {best['top1']:.2f}%" if best else ""), flush=True)
 
-    def log(self, generation: int, rows: list[dict], draws: dict, best: dict | None) -> None:
+    def log(self, generation: int, rows: list[dict], scores: list[float], failed: int, rejected: int, draws: dict,
+            best: dict | None) -> None:
         self.writer = self.writer or SummaryWriter(str(self.run_dir / "tb"))
-        scores = [r["top1"] for r in rows if r["status"] == "ok"]
         if scores:
             self.writer.add_scalar("generation/best_top1", max(scores), generation)
             self.writer.add_scalar("generation/mean_top1", statistics.fmean(scores), generation)
@@ -106,8 +111,8 @@ class ResultsCallback(tune.Callback):
             self.writer.add_scalar("search/best_so_far_top1", best["top1"], generation)
         if draws.get("total"):
             self.writer.add_scalar("generation/constraint_met_fraction", draws["met"] / draws["total"], generation)
-        self.writer.add_scalar("generation/failed", sum(r["status"] == "failed" for r in rows), generation)
-        self.writer.add_scalar("generation/rejected", sum(r["status"] == "rejected" for r in rows), generation)
+        self.writer.add_scalar("generation/failed", failed, generation)
+        self.writer.add_scalar("generation/rejected", rejected, generation)
         for row in rows:
             if row["status"] == "ok":
                 genes = {f"block{i:02d}": token for i, token in enumerate(row["arch"].split("-"))}

@@ -24,19 +24,19 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from .cli import ArgumentParser, run
-from .data import build_splits, first_batches, make_loader, mixup_for, parse_spec
+from .data import build_splits, make_loader, mixup_for, parse_spec
 from .errors import UserError
-from .evaluator import CALIB_BATCH_SIZE
+from .evaluator import calibration_batches
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
 from .runs import RUN_FILE, open_run, read_json, write_json
-from .scoring import evaluate, recalibrate_bn
+from .scoring import evaluate, score
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (Recipe, add_arguments, check_counts, default_lr, ensure_ray, final_state, fit, say,
-                       seed_epoch, worker_loader)
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, final_state, fit,
+                       say, seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
 EVAL_BATCH_SIZE = 256
@@ -72,8 +72,8 @@ def settings_from_args(args) -> dict:
     space.validate(Architecture.parse(arch))
     data = args.data or search.get("data", "digits")
     parse_spec(data)
-    args.data = data
     check_counts(args)
+    check_batch_size(data, args.batch_size)
     supernet = str(args.from_supernet.resolve()) if args.from_supernet else None
     return {"arch": arch, "space": space.to_dict(), "data": data, "epochs": args.epochs, "batch_size": args.batch_size,
             "workers": args.workers, "lr": args.lr or default_lr(data, args.batch_size, args.workers),
@@ -179,9 +179,8 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
 
     initial = {}
     if inherited is not None:
-        calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, CALIB_BATCHES, "cpu")]  # as the search's
-        recalibrate_bn(inherited, None, calib)
-        initial = {f"inherited_heldout_{k}": v for k, v in evaluate(inherited, None, _batches(splits.heldout, "cpu")).items()}
+        calib = calibration_batches(splits.train, CALIB_BATCHES, "cpu")  # as the search calibrates
+        initial = {f"inherited_heldout_{k}": v for k, v in score(inherited, None, calib, _batches(splits.heldout, "cpu")).items()}
         console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
                       f"{initial['inherited_heldout_top1']:.2f}% before any training")
     console.print(f"{'resuming' if resumed else 'retraining'} {settings['arch']} ({space.name}) on {settings['data']} "

@@ -48,5 +48,12 @@ def evaluate(model: nn.Module, arch: Architecture | None, batches: Iterable[tupl
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count}
 
 
+def score(model: nn.Module, arch: Architecture | None, calib: Iterable[torch.Tensor],
+          batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """SPOS scoring: recalibrate BatchNorm on `calib`, then `evaluate` over `batches`."""
+    recalibrate_bn(model, arch, calib)
+    return evaluate(model, arch, batches)
+
+
 def _forward(model: nn.Module, images: torch.Tensor, arch: Architecture | None) -> torch.Tensor:
     return model(images) if arch is None else model(images, arch)

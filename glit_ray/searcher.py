@@ -113,7 +113,7 @@ class EvolutionSearcher(Searcher):
         if self.objective == "pareto":
             best = pareto.select(ok, self.topk, self.cost)
         else:
-            best = sorted(ok, key=lambda r: (-r["top1"], r["arch"]))[: self.topk]
+            best = pareto.by_top1(ok)[: self.topk]
         return [Architecture.parse(r["arch"]) for r in best]
 
     def breed(self, generation: int) -> dict:

@@ -33,7 +33,7 @@ from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
 from .runs import open_run, resolve_distribution
-from .scoring import evaluate, recalibrate_bn
+from .scoring import score
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit, say,
@@ -136,8 +136,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
             continue
         for name, arch in probes.items():
-            recalibrate_bn(net, arch, calib)
-            metrics[f"probe_{name}_top1"] = evaluate(net, arch, heldout)["top1"]
+            metrics[f"probe_{name}_top1"] = score(net, arch, calib, heldout)["top1"]
         step = (epoch + 1) * steps_per_epoch
         writer.add_scalar("train/images_per_s", metrics["images_per_s"], step)
         writer.add_scalar("train/epoch_loss", metrics["loss"], step)

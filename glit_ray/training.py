@@ -73,7 +73,6 @@ def check_counts(args) -> None:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    check_batch_size(args.data, args.batch_size)
 
 
 def worker_loader(dataset: Dataset, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
