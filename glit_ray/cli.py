@@ -5,7 +5,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
@@ -13,7 +13,7 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
     try:
         main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
 
 

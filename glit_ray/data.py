@@ -10,19 +10,26 @@ search. Sources, named by a spec string:
 - `imagefolder:PATH`: ImageNet layout, PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg (val is the
   test split).
 
-Image datasets use timm's transforms with the DeiT recipe (RandAugment, random erasing, bicubic);
-`mixup_for` gives the DeiT mixup/cutmix for their training batches.
+Training images go through timm's transforms with the DeiT recipe (RandAugment, random erasing,
+bicubic; `mixup_for` gives the DeiT mixup/cutmix for their batches). The held-out and test splits,
+and the training images BatchNorm is recalibrated on (`Splits.calibration`), are read with the
+deterministic eval transform as uint8 tensors, timm's prefetcher convention: a quarter of float32's
+size, normalised on the device per batch (`normalize`). An image that cannot be decoded stops the
+run with one line naming its file.
 """
 from __future__ import annotations
 
-import itertools
+import copy
 import pickle
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup, create_transform
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
@@ -30,6 +37,7 @@ from .errors import UserError
 
 SPEC_FORMS = "digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH"
 SPLIT_SEED = 0  # fixed: the held-out and test splits never change with the run's seed
+SAMPLE_SEED = 1  # fixed: the calibration sample and held-out subsets are the same in every run
 HELDOUT_FRACTION, HELDOUT_MAX = 0.2, 50_000
 # DeiT's training recipe, as timm's create_transform and Mixup spell it.
 DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "interpolation": "bicubic"}
@@ -38,11 +46,14 @@ DEIT_MIXUP = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 
 @dataclass
 class Splits:
-    train: Dataset
-    heldout: Dataset
-    test: Dataset
+    train: Dataset        # augmented, normalised float tensors
+    heldout: Dataset      # deterministic view: uint8 images (float for digits), see `normalize`
+    test: Dataset         # likewise
+    calibration: Dataset  # the training images through the deterministic view: what BatchNorm is recalibrated on
     num_classes: int
     natural_images: bool  # True when the DeiT image recipe (mixup/cutmix) applies
+    mean: tuple[float, ...] | None = None  # how `normalize` maps the uint8 views; None: they are floats already
+    std: tuple[float, ...] | None = None
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
@@ -55,7 +66,7 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
 
 
 def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
-    """The three splits of dataset `spec`, at the image size and channels a space expects."""
+    """The splits of dataset `spec`, at the image size and channels a space expects."""
     kind, path = parse_spec(spec)
     if kind == "digits":
         return _digits(img_size, in_chans)
@@ -63,17 +74,50 @@ def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
         raise UserError(f"{kind} has RGB images but the search space takes in_chans {in_chans}; use a space with in_chans: 3")
     if not path.exists():
         raise UserError(f"dataset path {path} does not exist: point {kind}:PATH at the local copy (no download is attempted)")
-    train_tf = create_transform(img_size, is_training=True, **DEIT_AUGMENT)
-    eval_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=1.0 if img_size < 64 else 0.875)
-    if kind == "imagefolder":
-        make = _imagefolder(path)
-    else:
-        make = _cifar(kind, path)
-    train_view, heldout_view, test = make(True, train_tf), make(True, eval_tf), make(False, eval_tf)
+    eval_tf = create_transform(img_size, is_training=False, interpolation="bicubic",
+                               crop_pct=1.0 if img_size < 64 else 0.875, use_prefetcher=True)
+    make = _imagefolder(path) if kind == "imagefolder" else _cifar(kind, path)
+    train_view, test = make(True, train_transform(img_size)), make(False, eval_tf)
+    eval_view = copy.copy(train_view)  # the same files (no second scan), read deterministically
+    eval_view.transform = eval_tf
     if test.classes != train_view.classes:
         raise UserError(f"{path}: the test split's classes differ from the training split's; give both the same class folders")
     train_idx, heldout_idx = _carve(len(train_view))
-    return Splits(Subset(train_view, train_idx), Subset(heldout_view, heldout_idx), test, len(train_view.classes), True)
+    return Splits(Subset(train_view, train_idx), Subset(eval_view, heldout_idx), test, Subset(eval_view, train_idx),
+                  len(train_view.classes), True, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def train_transform(img_size: int):
+    """DeiT's training transform, with RandAugment's posterize safe at every magnitude.
+
+    `rand-m9-mstd0.5-inc1` draws magnitudes up to 10, where the increasing posterize keeps 0 bits:
+    a black image in the TF and UDA references and in Pillow before 13, which now refuses it.
+    """
+    transform = create_transform(img_size, is_training=True, **DEIT_AUGMENT)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Keep the `bits_to_keep` most significant bits of each channel (0 bits: black), as TF's RandAugment does."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, bits_to_keep)
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's image loader, with a file that cannot be decoded named in one line."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's words for unreadable and truncated files
+        raise UserError(f"{path} is not a readable image ({str(exc).strip() or type(exc).__name__}); "
+                        "replace or delete the file, then run again") from None
 
 
 def _carve(n: int) -> tuple[list[int], list[int]]:
@@ -103,7 +147,8 @@ def _digits(img_size: int, in_chans: int) -> Splits:
     def split(idx):
         return TensorDataset(images[idx], labels[idx])
 
-    return Splits(split(train_idx), split(heldout_idx), split(test_idx), 10, False)
+    train = split(train_idx)
+    return Splits(train, split(heldout_idx), split(test_idx), train, 10, False)
 
 
 def _cifar(kind: str, path: Path):
@@ -131,11 +176,54 @@ def _imagefolder(path: Path):
         if not split.is_dir():
             raise UserError(f"{split} is missing: imagefolder:PATH needs PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg")
         try:
-            return ImageFolder(str(split), transform=transform)
+            return ImageFolder(str(split), transform=transform, loader=load_rgb)
         except (FileNotFoundError, OSError) as exc:
             raise UserError(f"{split}: {exc}; put images in one sub-folder per class") from None
 
     return make
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> torch.Tensor:
+    """A batch of a deterministic view as the network takes it: uint8 -> normalised float, where it is."""
+    if mean is None:
+        return images
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Every label of `dataset` without decoding an image (ImageFolder, CIFAR, TensorDataset, Subsets of them)."""
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    return list(dataset.targets)
+
+
+def random_sample(n: int, count: int, seed: int = SAMPLE_SEED) -> list[int]:
+    """`count` of the positions 0..n-1, drawn at random with `seed` (all of them when count >= n), in order."""
+    return sorted(random.Random(seed).sample(range(n), min(count, n)))
+
+
+def stratified_sample(labels: list[int], count: int, seed: int = SAMPLE_SEED) -> list[int]:
+    """`count` positions of `labels` drawn with `seed` so that each class keeps its share (all when count >= n).
+
+    Classes get floor(count x share) each, and the remainder goes to the classes with the largest
+    fractional parts; within a class the positions are a seeded random draw.
+    """
+    if count >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    quota = {c: count * len(p) / len(labels) for c, p in by_class.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    for c in sorted(quota, key=lambda c: (take[c] - quota[c], rng.random()))[:count - sum(take.values())]:
+        take[c] += 1
+    return sorted(p for c in sorted(by_class) for p in rng.sample(by_class[c], take[c]))
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int = 0) -> DataLoader:
@@ -152,10 +240,10 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0
     )
 
 
-def first_batches(dataset: Dataset, batch_size: int, count: int | None, device: torch.device) -> list[tuple]:
-    """The first `count` (None: all) batches of `dataset` in order, on `device`: calibration and probe sets."""
-    loader = make_loader(dataset, batch_size, train=False)
-    return [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, count)]
+def eval_batches(splits: Splits, dataset: Dataset, device: torch.device, batch_size: int = 256, workers: int = 0):
+    """A deterministic view of `splits` streamed to `device` batch by batch and normalised there."""
+    for x, y in make_loader(dataset, batch_size, train=False, workers=workers):
+        yield normalize(x.to(device, non_blocking=True), splits.mean, splits.std), y.to(device, non_blocking=True)
 
 
 def mixup_for(splits: Splits, label_smoothing: float = DEIT_MIXUP["label_smoothing"]) -> Mixup | None:

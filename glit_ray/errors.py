@@ -7,3 +7,8 @@ message must name the problem and the fix.
 
 class UserError(Exception):
     """Bad input from the user: a file, a flag or a combination of them."""
+
+
+def one_line(exc: UserError) -> str:
+    """A UserError's message, also when a DataLoader or Ray wrapped it with the traceback it came through."""
+    return str(exc).strip().splitlines()[-1].removeprefix(f"{__name__}.UserError: ")

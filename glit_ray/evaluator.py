@@ -1,11 +1,12 @@
 """Evaluator actors: each holds one supernet replica and scores candidates on its device.
 
 An actor loads the supernet once, from a reference to its file's bytes in the object store (the
-driver reads the file once; actors on any node get the bytes through Ray), and keeps its
-calibration and held-out batches on its device. Scoring a candidate is then pure compute:
-BatchNorm recalibration on K training batches, one pass over the held-out images (under bfloat16
-autocast on a GPU). With `latency`, each candidate's latency on the actor's device is measured
-first (cached per architecture) and one over the limit is recorded as rejected, unscored.
+driver reads the file once; actors on any node get the bytes through Ray), and maps the search's
+calibration sample and held-out images, decoded once per search (`glit_ray.imagesets`), from its
+node's object store. Scoring a candidate is then pure compute: BatchNorm recalibration on the
+calibration sample, one pass over the held-out images (under bfloat16 autocast on a GPU). With
+`latency`, each candidate's latency on the actor's device is measured first (cached per
+architecture) and one over the limit is recorded as rejected, unscored.
 """
 from __future__ import annotations
 
@@ -16,25 +17,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import ray
+import ray.util.state
 import torch
 
 from .arch import Architecture
 from .cost import arch_cost
-from .data import build_splits, first_batches
+from .data import Splits, parse_spec
+from .imagesets import ImageSet, calibration_indices, decode, decode_on_cluster, heldout_indices, place
 from .latency import device_name, measure_ms
 from .scoring import score
 from .supernet import load_supernet
 
 CALIB_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 256
+# (calibration batches, held-out images; None: all) per kind of data set when the search is not told:
+# measured in bench/ranking_stability.py (BENCHMARKS.md, P8) as the smallest sizes that rank candidates
+# like a large calibration and the whole held-out split do.
+SCORING_DEFAULTS = {"digits": (4, None), "cifar10": (16, 10_000), "cifar100": (16, 10_000), "imagefolder": (16, 10_000)}
+
+
+def scoring_sizes(data: str, calib_batches: int | None = None, heldout_images: int | None = None) -> tuple[int, int | None]:
+    """The calibration batches and held-out images a search on `data` scores with: as given, else its defaults."""
+    default_calib, default_heldout = SCORING_DEFAULTS[parse_spec(data)[0]]
+    return calib_batches or default_calib, heldout_images or default_heldout
 
 
 class Evaluator:
     """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
 
-    def __init__(self, supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None, actor_id: int,
-                 threads: int = 1, latency: dict | None = None):
-        """`latency`: {"batch": images per timed pass, "max_ms": limit or None}; None measures none."""
+    def __init__(self, supernet_bytes: bytes, sets: dict[str, ImageSet], actor_id: int, threads: int = 1,
+                 latency: dict | None = None):
+        """`sets`: the "calibration" and "heldout" ImageSets (`scoring_sets`); `latency`: {"batch": images per
+        timed pass, "max_ms": limit or None}, None measures none."""
+        started = time.perf_counter()
         torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,13 +58,8 @@ class Evaluator:
         self.device_name = device_name(self.device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.latency, self.latency_ms = latency, {}  # arch string -> milliseconds
-        space = self.net.space
-        splits = build_splits(data, space.img_size, space.in_chans)
-        heldout = splits.heldout
-        if heldout_images is not None and heldout_images < len(heldout):
-            heldout = torch.utils.data.Subset(heldout, range(heldout_images))
-        self.calib = calibration_batches(splits.train, calib_batches, self.device)
-        self.heldout = first_batches(heldout, EVAL_BATCH_SIZE, None, self.device)
+        self.sets = place({name: image_set.fetched() for name, image_set in sets.items()}, self.device)
+        self.ready_seconds = time.perf_counter() - started
         self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
         self.exit_next = False
 
@@ -72,7 +82,7 @@ class Evaluator:
                 if limit is not None and latency > limit:
                     return {**row, "status": "rejected", "eval_seconds": time.perf_counter() - started,
                             "error": f"latency {latency:.3g} ms is over --latency-max-ms {limit:g}"}
-            metrics = score(self.net, arch, self.calib, self.heldout)
+            metrics = score_on(self.net, arch, self.sets, self.device)
         return {**metrics, **row, "eval_seconds": time.perf_counter() - started}
 
     def measure(self, arch: Architecture) -> float:
@@ -86,9 +96,15 @@ class Evaluator:
         return self.latency_ms[key]
 
     def stats(self) -> dict:
-        """How often this actor process loaded the supernet (once), whether Ray restarted it, and where it runs."""
+        """How often this actor process loaded the supernet (once), how long it took to be ready, where it runs
+        and how many bytes of images it holds on its device (0 on a CPU: they are the node's shared copy)."""
+        on_device = sum(s.nbytes for s in self.sets.values() if s.chunks and s.chunks[0][0].is_cuda)
         return {"actor": self.actor_id, "loads": self.loads, "pid": os.getpid(), "node": self.node,
-                "device": str(self.device), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+                "device": str(self.device), "restarted": self.restarts() > 0, "ready_seconds": self.ready_seconds, "device_image_bytes": on_device}
+
+    def restarts(self) -> int:
+        """How often Ray restarted this actor (from Ray's state API)."""
+        return ray.util.state.get_actor(ray.get_runtime_context().get_actor_id()).num_restarts
 
     def inject_failures(self, count: int) -> None:
         self.fail_next = count
@@ -98,33 +114,50 @@ class Evaluator:
         self.exit_next = True
 
 
-def calibration_batches(train, count: int, device) -> list[torch.Tensor]:
-    """The images of the first `count` training batches of CALIB_BATCH_SIZE: what BatchNorm is recalibrated on."""
-    return [x for x, _ in first_batches(train, CALIB_BATCH_SIZE, count, device)]
+def scoring_sets(splits: Splits, calib_batches: int, heldout_images: int | None, cluster: bool = True,
+                 workers: int = 0) -> dict[str, ImageSet]:
+    """The calibration sample (`calib_batches` x CALIB_BATCH_SIZE training images drawn at random) and the held-out
+    images (all, or a class-stratified `heldout_images`) a search scores on, decoded once: over the cluster in
+    Ray tasks, or with `cluster=False` in this process with `workers` loader processes."""
+    indices = {"calibration": calibration_indices(splits, calib_batches * CALIB_BATCH_SIZE),
+               "heldout": heldout_indices(splits, heldout_images)}
+    views = {"calibration": splits.calibration, "heldout": splits.heldout}
+    if cluster:
+        return {name: decode_on_cluster(splits, views[name], indices[name], f"the {name} images") for name in views}
+    return {name: decode(splits, views[name], indices[name], workers) for name in views}
+
+
+def score_on(net: torch.nn.Module, arch: Architecture | None, sets: dict[str, ImageSet], device: torch.device) -> dict:
+    """Score `arch` of `net` (None: `net` itself) as the search does: recalibrate on the calibration set, then
+    top-1/top-5/loss on the held-out set."""
+    calib = (x for x, _ in sets["calibration"].batches(CALIB_BATCH_SIZE, device))
+    return score(net, arch, calib, sets["heldout"].batches(EVAL_BATCH_SIZE, device))
 
 
 @contextmanager
-def evaluator_pool(supernet_bytes: bytes, data: str, calib_batches: int, heldout_images: int | None,
+def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, heldout_images: int | None,
                    actors: int, gpus_per_actor: float | None, latency: dict | None = None) -> Iterator[list]:
     """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
 
-    CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial that feeds them) and
-    run as many torch threads as their share rounds to. Actors are spread over the nodes, restart
-    without limit when their process or node dies, and never re-run a call themselves: the
-    `Dispatcher` re-queues the candidate of a call cut short. The supernet's bytes go to the
-    object store once and stay there while the block runs, so that a restarted actor can reload
-    them. On exit the actors are killed: their CPUs and GPUs go back to the cluster.
+    The scoring sets are decoded first, once (`scoring_sets`), and every actor maps them from its
+    node's object store. CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial
+    that feeds them) and run as many torch threads as their share rounds to. Actors are spread over
+    the nodes, restart without limit when their process or node dies, and never re-run a call
+    themselves: the `Dispatcher` re-queues the candidate of a call cut short. The supernet's bytes
+    and the sets stay in the object store while the block runs, so that a restarted actor reloads
+    them without decoding. On exit the actors are killed: their CPUs and GPUs go back to the cluster.
     """
     cluster = ray.cluster_resources()
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
     share = cluster.get("CPU", 1) / actors
     cpus = 1.0 if gpus_per_actor else 0.9 * share
-    ref = ray.put(supernet_bytes)  # this frame holds it while the block runs: restarts reload from it
+    sets = scoring_sets(splits, calib_batches, heldout_images)  # this frame holds them, and the supernet's bytes,
+    ref = ray.put(supernet_bytes)                               # while the block runs: restarts reload from them
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
                                            scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
-    pool = [remote.remote(ref, data, calib_batches, heldout_images, i, threads, latency) for i in range(actors)]
+    pool = [remote.remote(ref, sets, i, threads, latency) for i in range(actors)]
     try:
         yield pool
     finally:

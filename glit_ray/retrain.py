@@ -24,23 +24,21 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from .cli import ArgumentParser, run
-from .data import build_splits, make_loader, mixup_for, parse_spec
+from .data import build_splits, eval_batches, mixup_for, parse_spec
 from .errors import UserError
-from .evaluator import calibration_batches
+from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
 from .runs import RUN_FILE, open_run, read_json, write_json
-from .scoring import evaluate, score
+from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, final_state, fit,
                        say, seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
-EVAL_BATCH_SIZE = 256
-CALIB_BATCHES = 4  # the search's default --calib-batches
 LOG_EVERY = 10
 
 
@@ -109,7 +107,7 @@ def train_loop(config: dict) -> None:
     if config["initial_weights"] is not None:
         net.load_state_dict(ray.get(config["initial_weights"]))
     net.to(device)
-    loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
+    loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
     steps_per_epoch = len(loader)
     recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
@@ -137,10 +135,11 @@ def train_loop(config: dict) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
-        heldout = evaluate(net, None, _batches(splits.heldout, device))
+        heldout = evaluate(net, None, eval_batches(splits, splits.heldout, device, workers=config["loader_workers"]))
         metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
         if epoch == epochs - 1:
-            metrics.update({f"test_{k}": v for k, v in evaluate(net, None, _batches(splits.test, device)).items()})
+            test = evaluate(net, None, eval_batches(splits, splits.test, device, workers=config["loader_workers"]))
+            metrics.update({f"test_{k}": v for k, v in test.items()})
         step = (epoch + 1) * steps_per_epoch
         for name in ("loss", "images_per_s", "heldout_top1", "heldout_top5", "test_top1", "test_top5"):
             if name in metrics:
@@ -154,14 +153,8 @@ def train_loop(config: dict) -> None:
         writer.close()
 
 
-def _batches(dataset, device):
-    """A labelled split streamed to `device` batch by batch (the whole test set need not fit on it)."""
-    return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            for x, y in make_loader(dataset, EVAL_BATCH_SIZE, train=False))
-
-
 def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-            cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None,
+            cpus_per_worker: int | None = None, loader_workers: int | None = None, console: Console | None = None,
             storage: str | None = None) -> dict:
     """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json.
 
@@ -177,15 +170,16 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
         console.print(f"already retrained: {out / WEIGHTS}")
         return read_json(out / METRICS)
 
+    ensure_ray()
     initial = {}
     if inherited is not None:
-        calib = calibration_batches(splits.train, CALIB_BATCHES, "cpu")  # as the search calibrates
-        initial = {f"inherited_heldout_{k}": v for k, v in score(inherited, None, calib, _batches(splits.heldout, "cpu")).items()}
+        sets = scoring_sets(splits, *scoring_sizes(settings["data"]))
+        scores = score_on(inherited, None, sets, torch.device("cpu"))  # as the search scores the path
+        initial = {f"inherited_heldout_{k}": v for k, v in scores.items()}
         console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
                       f"{initial['inherited_heldout_top1']:.2f}% before any training")
     console.print(f"{'resuming' if resumed else 'retraining'} {settings['arch']} ({space.name}) on {settings['data']} "
                   f"for {settings['epochs']} epochs with {settings['workers']} worker(s) -> {out}")
-    ensure_ray()
     config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal(),
               "initial_weights": ray.put(inherited.state_dict()) if inherited is not None else None}
     result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker, storage)

@@ -23,7 +23,7 @@ from .constraints import Limits
 from .data import build_splits, parse_spec
 from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
-from .evaluator import evaluator_pool
+from .evaluator import evaluator_pool, scoring_sizes
 from .mirror import Mirror, MirrorCallback
 from .progress import bar, driver_has_terminal
 from .results import ResultsCallback, best_record, read_candidates
@@ -111,8 +111,11 @@ def build_parser() -> ArgumentParser:
         p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs are multiply-accumulates)")
     p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--calib-batches", type=int, default=4, help="training batches for BatchNorm recalibration")
-    p.add_argument("--heldout-images", type=int, default=None, help="score on the first N held-out images (default: all)")
+    p.add_argument("--calib-batches", type=int, default=None,
+                   help="BatchNorm is recalibrated on this many batches of 64 training images drawn at random "
+                        "(default: per data set, see the README)")
+    p.add_argument("--heldout-images", type=int, default=None,
+                   help="score on a fixed class-stratified subset of N held-out images (default: per data set)")
     p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
     p.add_argument("--seed", type=int, default=0)
@@ -132,8 +135,8 @@ def settings_from_args(args) -> dict:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
-    for name in ("population", "generations", "topk", "calib_batches"):
-        if getattr(args, name) < 1:
+    for name in ("population", "generations", "topk", "calib_batches", "heldout_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.mutation_prob <= 1:
         raise UserError(f"--mutation-prob {args.mutation_prob} is not a probability; give a value in 0..1")
@@ -143,6 +146,7 @@ def settings_from_args(args) -> dict:
         raise UserError("--latency-batch must be at least 1")
     latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
     limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max)
+    calib_batches, heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
     return {
         "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
         "data": args.data, "supernet": str(args.supernet.resolve()) if args.supernet else None,
@@ -150,7 +154,7 @@ def settings_from_args(args) -> dict:
         "mutations": args.mutations, "crossovers": args.crossovers, "mutation_prob": args.mutation_prob,
         "strategy": args.strategy, "objective": args.objective, "pareto_cost": COST_COLUMNS[args.pareto_cost],
         "latency": {"batch": args.latency_batch, "max_ms": args.latency_max_ms} if latency else None,
-        "limits": limits.as_dict(), "calib_batches": args.calib_batches, "heldout_images": args.heldout_images,
+        "limits": limits.as_dict(), "calib_batches": calib_batches, "heldout_images": heldout_images,
         "supernet_epochs": args.supernet_epochs, "seed": args.seed,
     }
 
@@ -206,7 +210,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"],
                                  settings["strategy"], settings["objective"], settings["pareto_cost"])
-    with evaluator_pool(supernet.read_bytes(), settings["data"], settings["calib_batches"], settings["heldout_images"],
+    with evaluator_pool(supernet.read_bytes(), splits, settings["calib_batches"], settings["heldout_images"],
                         actors, gpus_per_actor, settings["latency"]) as evaluators:
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:

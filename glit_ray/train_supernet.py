@@ -28,12 +28,13 @@ from .arch import Architecture
 from .cli import ArgumentParser, run
 from .constraints import Limits, sample_within
 from .cost import arch_cost
-from .data import build_splits, first_batches, mixup_for, parse_spec
+from .data import build_splits, mixup_for, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import driver_has_terminal
 from .runs import open_run, resolve_distribution
-from .scoring import score
+from .evaluator import score_on, scoring_sets
+from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit, say,
@@ -94,7 +95,7 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(seed)
     net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
-    loader = worker_loader(splits.train, config["batch_size"], seed, config["loader_workers"], device)
+    loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
     steps_per_epoch = len(loader)
     recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
@@ -104,8 +105,8 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         writer = SummaryWriter(str(Path(config["out"]) / "tb"))
         probes = sampler.probes()
-        calib = [x for x, _ in first_batches(splits.train, config["batch_size"], CALIB_BATCHES, device)]
-        heldout = first_batches(splits.heldout, config["batch_size"], max(1, PROBE_IMAGES // config["batch_size"]), device)
+        probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
+                                        workers=config["loader_workers"]), device)
 
     for epoch in range(start_epoch, epochs):
         seed_epoch(seed, epoch, rank)
@@ -136,7 +137,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
             continue
         for name, arch in probes.items():
-            metrics[f"probe_{name}_top1"] = score(net, arch, calib, heldout)["top1"]
+            metrics[f"probe_{name}_top1"] = score_on(net, arch, probe_sets, device)["top1"]
         step = (epoch + 1) * steps_per_epoch
         writer.add_scalar("train/images_per_s", metrics["images_per_s"], step)
         writer.add_scalar("train/epoch_loss", metrics["loss"], step)
@@ -179,7 +180,7 @@ def supernet_settings(space: SearchSpace, level: str, distribution, data: str, e
 
 
 def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-                   cpus_per_worker: int | None = None, loader_workers: int = 0, console: Console | None = None,
+                   cpus_per_worker: int | None = None, loader_workers: int | None = None, console: Console | None = None,
                    storage: str | None = None) -> Path:
     """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file.
 

@@ -25,10 +25,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .cli import ArgumentParser
-from .errors import UserError
+from .data import Splits
+from .errors import UserError, one_line
 
 CLIP_GRAD_NORM = 5.0
 STATE_FILE = "state.pt"
@@ -63,7 +64,9 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
                         help="AdamW peak learning rate (default: 3e-3 on digits, DeiT's 5e-4 x global batch / 512 otherwise)")
     parser.add_argument("--drop-path", type=float, default=drop_path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
+                             "0 on digits, which are tensors in memory)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
     parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
                                           "s3://bucket/prefix on a cluster whose nodes do not share --out")
@@ -75,13 +78,66 @@ def check_counts(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def worker_loader(dataset: Dataset, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
-    """This worker's shard of the training set, reshuffled per epoch by `loader.sampler.set_epoch`."""
+def default_loader_workers(data: str, cpus: float) -> int:
+    """DataLoader processes per Ray Train worker: one per CPU it holds on image data (decoding and augmenting
+    224-px JPEGs is the input pipeline's cost; BENCHMARKS.md, P6), none for the in-memory digits."""
+    return 0 if data == "digits" else max(1, int(cpus))
+
+
+class EpochSampler(Sampler):
+    """This worker's shard of the training set for the epoch `set_epoch` names, as (epoch, index) pairs."""
+
+    def __init__(self, shard: DistributedSampler):
+        self.shard, self.epoch = shard, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.shard.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.shard)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+class SeededSamples(Dataset):
+    """A training set whose augmentation of each sample is a function of (seed, epoch, index).
+
+    Loader processes persist across epochs (timm's and DeiT's habit), so their random state would
+    carry over from the epoch they started in, and a resumed run would augment differently. Seeding
+    per sample makes the augmentation the same with any number of loader processes, resumed or not.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        value = (self.seed * 1_000_003 + epoch) * 100_000_007 + index
+        torch.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value % 2**32)
+        return self.dataset[index]
+
+
+def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
+    """This worker's shard of the training set, reshuffled per epoch by `loader.sampler.set_epoch`.
+
+    Loader processes persist across epochs and pin their batches for a GPU; image augmentation is
+    seeded per sample (`SeededSamples`), so that a resumed run replays an uninterrupted one.
+    """
     ctx = ray.train.get_context()
-    sampler = DistributedSampler(dataset, ctx.get_world_size(), ctx.get_world_rank(), shuffle=True, seed=seed,
-                                 drop_last=True)
+    shard = DistributedSampler(splits.train, ctx.get_world_size(), ctx.get_world_rank(), shuffle=True, seed=seed,
+                               drop_last=True)
+    dataset, sampler = splits.train, shard
+    if splits.natural_images:
+        dataset, sampler = SeededSamples(splits.train, seed), EpochSampler(shard)
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
-                      pin_memory=device.type == "cuda")
+                      persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")
 
 
 def say(line: str) -> None:
@@ -205,10 +261,13 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
     `storage` defaults to the run directory OUT; on a cluster whose workers do not share it, give a
     storage URI (s3://bucket/prefix) every node can reach.
 
-    A UserError a worker raised (a corrupt checkpoint) reaches the caller as itself, one line.
+    A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
+    `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker gets.
     """
     ensure_ray()
     resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
+    if config["loader_workers"] is None:
+        config = {**config, "loader_workers": default_loader_workers(config["data"], resources["CPU"])}
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -223,5 +282,5 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
     except ray.train.TrainingFailedError as exc:
         for failure in getattr(exc, "worker_failures", {}).values():
             if isinstance(failure, UserError):
-                raise UserError(str(failure).strip().splitlines()[-1].removeprefix("glit_ray.errors.UserError: ")) from None
+                raise UserError(one_line(failure)) from None
         raise

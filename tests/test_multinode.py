@@ -7,10 +7,13 @@ import pytest
 import ray
 
 from glit_ray.dispatch import Dispatcher
+from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.space import SearchSpace
+
+DIGITS = build_splits("digits", 8, 1)
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def test_candidates_fan_out_over_the_nodes(micro_supernet, worker_nodes, tmp_pat
 
 def test_an_actor_that_dies_mid_candidate_is_restarted_and_the_candidate_rescored(micro_supernet, ray_session):
     archs = micro_archs(6)
-    with evaluator_pool(micro_supernet.read_bytes(), "digits", 1, 64, actors=2, gpus_per_actor=0) as actors:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 1, 64, actors=2, gpus_per_actor=0) as actors:
         ray.get(actors[0].inject_exit.remote())
         dispatcher = Dispatcher(actors)
         rows = dispatcher.score(archs)
@@ -72,7 +75,7 @@ def test_an_actor_that_dies_mid_candidate_is_restarted_and_the_candidate_rescore
 
 def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_supernet, ray_cluster, worker_nodes):
     archs = micro_archs(80)
-    with evaluator_pool(micro_supernet.read_bytes(), "digits", 4, None, actors=4, gpus_per_actor=0) as actors:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 4, None, actors=4, gpus_per_actor=0) as actors:
         nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
         doomed = worker_nodes[0]
         assert doomed.node_id in nodes  # SPREAD put an actor on each worker node

@@ -13,11 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import glit_ray
 from glit_ray.arch import Architecture
 from glit_ray.cli import run
-from glit_ray.data import build_splits, first_batches
-from glit_ray.evaluator import CALIB_BATCH_SIZE
+from glit_ray.data import build_splits, eval_batches
+from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
 from glit_ray.export import export_model
 from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
-from glit_ray.scoring import evaluate, recalibrate_bn
+from glit_ray.scoring import evaluate
 from glit_ray.supernet import load_supernet
 from test_train_supernet import wait_for, wait_until_still
 
@@ -51,7 +51,7 @@ def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp
     assert not torch.equal(exported["blocks.0.mlp.fc1.weight"], fresh["blocks.0.mlp.fc1.weight"])
     # the test top-1 it reports is the exported model's
     splits = build_splits("digits", 8, 1)
-    assert evaluate(ours, None, first_batches(splits.test, 256, None, "cpu"))["top1"] == pytest.approx(metrics["test_top1"])
+    assert evaluate(ours, None, eval_batches(splits, splits.test, "cpu"))["top1"] == pytest.approx(metrics["test_top1"])
 
     events = EventAccumulator(str(out / "tb")).Reload()
     assert {"train/loss", "train/lr", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
@@ -67,12 +67,11 @@ def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp
 
 
 def supernet_path_score(supernet_file) -> dict:
-    """What the search's evaluator measures for ARCH: BN recalibration on 4 batches, then the held-out split."""
+    """What the search's evaluator measures for ARCH on digits by default: its scoring sets, through the supernet."""
     supernet, _ = load_supernet(supernet_file)
     splits = build_splits("digits", 8, 1)
-    calib = [x for x, _ in first_batches(splits.train, CALIB_BATCH_SIZE, 4, "cpu")]
-    recalibrate_bn(supernet, Architecture.parse(ARCH), calib)
-    return evaluate(supernet, Architecture.parse(ARCH), first_batches(splits.heldout, 256, None, "cpu"))
+    sets = scoring_sets(splits, *scoring_sizes("digits"), cluster=False)
+    return score_on(supernet, Architecture.parse(ARCH), sets, torch.device("cpu"))
 
 
 def test_inherited_weights_are_the_supernet_path(micro_supernet):

@@ -15,6 +15,7 @@ from glit_ray.arch import Architecture
 from glit_ray.cli import run
 from glit_ray.errors import UserError
 from glit_ray.dispatch import Dispatcher
+from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
@@ -22,6 +23,8 @@ from glit_ray.space import SearchSpace
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
+
+DIGITS = build_splits("digits", 8, 1)
 
 
 def settings_for(*argv):
@@ -66,7 +69,7 @@ def test_high_then_low_end_to_end(ray_session, tmp_path):
 
 
 def test_each_actor_loads_the_supernet_once_and_keeps_order(ray_session, micro_supernet):
-    with evaluator_pool(micro_supernet.read_bytes(), "digits", 2, 64, actors=2, gpus_per_actor=0) as actors:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 2, 64, actors=2, gpus_per_actor=0) as actors:
         assert ray.get(actors[0].stats.remote())["loads"] == 1
         micro = SearchSpace.load("glit_micro")
         rng = random.Random(0)
@@ -87,7 +90,7 @@ def test_each_actor_loads_the_supernet_once_and_keeps_order(ray_session, micro_s
 
 def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_supernet):
     arch = "3:v1m4-" * 5 + "3:v1m4"
-    with evaluator_pool(micro_supernet.read_bytes(), "digits", 1, 32, actors=1, gpus_per_actor=0) as [actor]:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 1, 32, actors=1, gpus_per_actor=0) as [actor]:
         ray.get(actor.inject_failures.remote(1))
         [row] = Dispatcher([actor]).score([arch])
         assert row["status"] == "ok"
@@ -179,18 +182,19 @@ def test_an_out_dir_holding_a_different_run_is_refused(capsys, micro_supernet, t
 
 
 def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, micro_supernet):
-    from glit_ray.evaluator import Evaluator
+    from glit_ray.evaluator import Evaluator, scoring_sets
 
     arch = "3:v1m4-" * 5 + "3:v1m4"
-    free = Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 0, latency={"batch": 2, "max_ms": None})
+    sets = scoring_sets(DIGITS, 1, 64)
+    free = Evaluator(micro_supernet.read_bytes(), sets, 0, latency={"batch": 2, "max_ms": None})
     row = free.score(arch)
     assert row["latency_ms"] > 0 and row["device"].startswith("cpu") and 0 <= row["top1"] <= 100
     assert free.score(arch)["latency_ms"] == row["latency_ms"]  # measured once per architecture
-    strict = Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 1, latency={"batch": 2, "max_ms": 1e-6})
+    strict = Evaluator(micro_supernet.read_bytes(), sets, 1, latency={"batch": 2, "max_ms": 1e-6})
     rejected = strict.score(arch)
     assert rejected["status"] == "rejected" and "over --latency-max-ms 1e-06" in rejected["error"]
     assert "top1" not in rejected and rejected["latency_ms"] > 0
-    assert "latency_ms" not in Evaluator(micro_supernet.read_bytes(), "digits", 1, 64, 2).score(arch)
+    assert "latency_ms" not in Evaluator(micro_supernet.read_bytes(), sets, 2).score(arch)
 
 
 def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, micro_supernet, tmp_path):
