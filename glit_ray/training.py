@@ -125,19 +125,25 @@ class SeededSamples(Dataset):
 
 
 def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
-    """This worker's shard of the training set, reshuffled per epoch by `loader.sampler.set_epoch`.
+    """This Ray Train worker's shard of the training set (`training_loader` with its rank)."""
+    ctx = ray.train.get_context()
+    return training_loader(splits, batch_size, seed, loader_workers, device, ctx.get_world_size(), ctx.get_world_rank())
+
+
+def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
+                    world: int = 1, rank: int = 0, **loader_options) -> DataLoader:
+    """Shard `rank` of `world` of the training set, reshuffled per epoch by `loader.sampler.set_epoch`.
 
     Loader processes persist across epochs and pin their batches for a GPU; image augmentation is
     seeded per sample (`SeededSamples`), so that a resumed run replays an uninterrupted one.
+    `loader_options` go to the DataLoader (the input-pipeline benchmark tries others).
     """
-    ctx = ray.train.get_context()
-    shard = DistributedSampler(splits.train, ctx.get_world_size(), ctx.get_world_rank(), shuffle=True, seed=seed,
-                               drop_last=True)
+    shard = DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
     dataset, sampler = splits.train, shard
     if splits.natural_images:
         dataset, sampler = SeededSamples(splits.train, seed), EpochSampler(shard)
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers,
-                      persistent_workers=loader_workers > 0, pin_memory=device.type == "cuda")
+    options = {"persistent_workers": loader_workers > 0, "pin_memory": device.type == "cuda", **loader_options}
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
 
 
 def say(line: str) -> None:

@@ -9,7 +9,7 @@ from glit_ray.space import SearchSpace, builtin_spaces
 
 
 def test_builtin_spaces_load():
-    assert builtin_spaces() == ["glit_base", "glit_micro", "glit_small", "glit_tiny"]
+    assert builtin_spaces() == ["glit_base", "glit_micro", "glit_pico", "glit_small", "glit_tiny"]
     for name in builtin_spaces():
         space = SearchSpace.load(name)
         assert space.name == name

@@ -1,0 +1,121 @@
+"""The real image path: 224-px JPEGs in a class-sorted ImageFolder through augmentation, sampling, decoding,
+training, search and retraining (what the 8x8 digits cannot show)."""
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from glit_ray.data import build_splits, labels_of, posterize, train_transform
+from glit_ray.errors import UserError
+from glit_ray.evaluator import scoring_sets
+from glit_ray.imagesets import calibration_indices, heldout_indices
+from glit_ray.synthetic import write_imagefolder
+from glit_ray.training import training_loader
+
+
+@pytest.fixture(scope="session")
+def folder224(tmp_path_factory):
+    """A class-sorted ImageNet-layout folder of 256-px JPEGs: 10 classes x 40 train (+ 10 val) images."""
+    return write_imagefolder(tmp_path_factory.mktemp("folder224"), classes=10, train_per_class=40, val_per_class=10)
+
+
+def test_posterize_keeps_the_op_at_every_bit_count():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert not np.asarray(posterize(image, 0)).any()  # 0 bits kept: black, as TF's RandAugment
+    for bits in range(1, 8):
+        assert np.array_equal(np.asarray(posterize(image, bits)), np.asarray(ImageOps.posterize(image, bits)))
+    assert posterize(image, 8) is image
+
+
+def test_deit_training_transform_never_fails_on_valid_images():
+    """The DeiT recipe drawn thousands of times, as shipped and with every RandAugment op forced to the
+    magnitudes that failed (10: posterize to 0 bits), at 224 px and on small and odd-sized images."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((256, 256), (7, 300), (33, 17))]
+    shipped = train_transform(224)
+    forced = train_transform(32)
+    randaugment = next(t for t in forced.transforms if hasattr(t, "ops"))
+    assert any(op.name.startswith("Posterize") for op in randaugment.ops)
+    for op in randaugment.ops:
+        op.prob, op.magnitude = 1.0, 10.0
+    for i in range(300):
+        assert shipped(images[i % 3]).shape == (3, 224, 224)
+    for i in range(3000):
+        out = forced(images[i % 3])
+        assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_calibration_covers_the_classes_of_a_class_sorted_folder(folder224):
+    splits = build_splits(f"imagefolder:{folder224}", 224, 3)
+    labels = labels_of(splits.calibration)
+    assert labels == sorted(labels)  # ImageFolder order is class order
+    first = Counter(labels[:64])
+    sample = calibration_indices(splits, 64)
+    drawn = Counter(labels[i] for i in sample)
+    assert len(first) <= 3 and len(drawn) == 10  # the first batch shows 2 classes, the random sample all 10
+    assert sample == calibration_indices(build_splits(f"imagefolder:{folder224}", 224, 3), 64)  # fixed: every run
+    assert len(sample) == 64 and len(set(sample)) == 64
+
+
+def test_heldout_subset_is_fixed_and_class_stratified(folder224):
+    splits = build_splits(f"imagefolder:{folder224}", 224, 3)
+    labels = labels_of(splits.heldout)
+    shares = Counter(labels)
+    subset = heldout_indices(splits, 30)
+    counts = Counter(labels[i] for i in subset)
+    assert len(subset) == 30 and len(set(subset)) == 30
+    assert all(abs(counts[c] - 30 * shares[c] / len(labels)) < 1 for c in shares)  # each class its share, +-1
+    assert subset == heldout_indices(splits, 30)
+    assert heldout_indices(splits, None) == list(range(len(labels)))
+
+
+def test_scoring_sets_are_uint8_at_the_spaces_size_and_the_same_decoded_anywhere(ray_session, folder224):
+    splits = build_splits(f"imagefolder:{folder224}", 224, 3)
+    shared = {k: v.fetched() for k, v in scoring_sets(splits, 1, 24).items()}
+    local = scoring_sets(splits, 1, 24, cluster=False, workers=2)
+    for name in ("calibration", "heldout"):
+        (x, y), = shared[name].chunks
+        (x_local, y_local), = local[name].chunks
+        assert x.dtype == torch.uint8 and x.shape == (64 if name == "calibration" else 24, 3, 224, 224)
+        assert torch.equal(x, x_local) and torch.equal(y, y_local)
+    batch, labels = next(shared["heldout"].batches(8, torch.device("cpu")))
+    assert batch.dtype == torch.float32 and batch.shape == (8, 3, 224, 224) and -3 < batch.mean() < 3
+    assert shared["heldout"].nbytes == 24 * 3 * 224 * 224 + 24 * 8
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_processes(folder224):
+    """Loader processes persist across epochs; per-sample seeding makes every epoch's batches the same with
+    0 or 2 of them, so a run resumed at any epoch replays the uninterrupted one."""
+    splits = build_splits(f"imagefolder:{folder224}", 64, 3)
+
+    def epoch_batches(workers, epoch):
+        loader = training_loader(splits, 16, seed=3, loader_workers=workers, device=torch.device("cpu"))
+        loader.sampler.set_epoch(epoch)
+        return [batch for _, batch in zip(range(2), loader)]
+
+    inline, parallel = epoch_batches(0, 1), epoch_batches(2, 1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, parallel))
+    assert not torch.equal(epoch_batches(0, 2)[0][0], inline[0][0])  # another epoch, other augmentation
+
+
+def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path):
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=6, val_per_class=2, size=64)
+    bad = root / "train" / "class_001" / "00003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-file
+    splits = build_splits(f"imagefolder:{root}", 32, 3)
+    position = splits.calibration.dataset.samples.index((str(bad), 1))
+    with pytest.raises(UserError, match=r"00003.jpg is not a readable image .*; replace or delete the file"):
+        scoring_sets(splits, 1, None)  # decoding in Ray tasks
+    with pytest.raises(UserError, match="00003.jpg is not a readable image"):
+        splits.train.dataset[position]  # what a training loader process reads
+    proc = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--space", "glit_pico",
+                           "--data", f"imagefolder:{root}", "--epochs", "1", "--batch-size", "4",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "RAY_ADDRESS": "local"}, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a readable image")
+    assert not (tmp_path / "run" / "supernet.pt").exists()
