@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -22,13 +22,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Benchmarks P1-P5 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P7 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
 	$(BIN)/python bench/orchestration.py --record
 	$(BIN)/python bench/scaling.py --record
 	$(BIN)/python bench/search_quality.py --record
+	$(BIN)/python bench/input_pipeline.py --record
+	$(BIN)/python bench/evaluator_warmup.py --record
+
+# The real 224-px path (supernet training, scoring, search, retrain) on one GPU with bfloat16, with its figures.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

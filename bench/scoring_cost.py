@@ -23,7 +23,7 @@ import torch
 
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits
-from glit_ray.evaluator import Evaluator
+from glit_ray.evaluator import CALIB_BATCH_SIZE, EVAL_BATCH_SIZE, Evaluator, scoring_sets, scoring_sizes
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet, save_supernet
 
@@ -34,8 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="glit_micro")
     parser.add_argument("--data", default="digits")
-    parser.add_argument("--calib-batches", type=int, default=4)
-    parser.add_argument("--heldout-images", type=int, default=None, help="default: the whole held-out split")
+    parser.add_argument("--calib-batches", type=int, default=None, help="default: the search's for --data")
+    parser.add_argument("--heldout-images", type=int, default=None, help="default: the search's for --data")
     parser.add_argument("--paths", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
@@ -44,21 +44,24 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     space = SearchSpace.load(args.space)
-    classes = build_splits(args.data, space.img_size, space.in_chans).num_classes
+    splits = build_splits(args.data, space.img_size, space.in_chans)
+    args.calib_batches, args.heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        save_supernet(GLiTSupernet(space, "high", num_classes=classes), Path(tmp) / "supernet.pt")
+        save_supernet(GLiTSupernet(space, "high", num_classes=splits.num_classes), Path(tmp) / "supernet.pt")
         supernet_bytes = (Path(tmp) / "supernet.pt").read_bytes()
-    evaluator = Evaluator(supernet_bytes, args.data, args.calib_batches, args.heldout_images, 0, threads=args.threads)
-    images = sum(len(x) for x in evaluator.calib) + sum(len(x) for x, _ in evaluator.heldout)
+    evaluator = Evaluator(supernet_bytes, scoring_sets(splits, args.calib_batches, args.heldout_images), 0,
+                          threads=args.threads)
+    sets, on = evaluator.sets, evaluator.device
+    images = sum(len(s) for s in sets.values())
 
     @torch.no_grad()
     def bare(arch: Architecture) -> None:
         evaluator.net.eval()
         with evaluator.autocast:  # bfloat16 on a GPU, as scoring runs
-            for x in evaluator.calib:
+            for x, _ in sets["calibration"].batches(CALIB_BATCH_SIZE, on):
                 evaluator.net(x, arch)
-            for x, _ in evaluator.heldout:
+            for x, _ in sets["heldout"].batches(EVAL_BATCH_SIZE, on):
                 evaluator.net(x, arch)
 
     rows, ratios = [], []
@@ -71,7 +74,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     body = "\n".join([
         f"{args.space} on {args.data}, {device().type}, {args.threads} torch thread(s): {args.calib_batches} calibration "
-        f"batches + {len(evaluator.heldout)} held-out batches = {images} images per candidate; times in ms, "
+        f"batches + {len(sets['heldout'])} held-out images = {images} images per candidate; times in ms, "
         f"min / median / max of {args.repeats} after {args.warmup} warm-up rounds; ratio = scoring median / bare median.", "",
         "| path | architecture | scoring ms | bare forward ms | ratio |",
         "| ---: | --- | ---: | ---: | ---: |", *rows, "",

@@ -23,14 +23,15 @@ from itertools import accumulate
 from pathlib import Path
 
 import ray
+import torch
 from matplotlib.figure import Figure
 
 from glit_ray.arch import Architecture
-from glit_ray.data import build_splits, first_batches
-from glit_ray.evaluator import calibration_batches
+from glit_ray.data import build_splits
+from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
+from glit_ray.imagesets import decode
 from glit_ray.report import save
 from glit_ray.results import read_candidates
-from glit_ray.scoring import score
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
@@ -64,11 +65,12 @@ def main() -> None:
 
     net, _ = load_supernet(supernet)
     splits = build_splits("digits", space.img_size, space.in_chans)
-    calib = calibration_batches(splits.train, 4, "cpu")
-    test = first_batches(splits.test, 256, None, "cpu")
+    calibration = scoring_sets(splits, *scoring_sizes("digits"), cluster=False)["calibration"]
+    test = decode(splits, splits.test, list(range(len(splits.test))))  # the test split in place of the held-out one
 
     def test_top1(arch: str) -> float:
-        return score(net, Architecture.parse(arch), calib, test)["top1"]
+        sets = {"calibration": calibration, "heldout": test}
+        return score_on(net, Architecture.parse(arch), sets, torch.device("cpu"))["top1"]
 
     results = {s: [] for s in STRATEGIES}  # per seed: best held-out, candidates to reach it, its test top-1, curve
     for seed in args.seeds:

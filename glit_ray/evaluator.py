@@ -13,12 +13,13 @@ from __future__ import annotations
 import io
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import ray
-import ray.util.state
 import torch
+from ray.util.annotations import RayDeprecationWarning
 
 from .arch import Architecture
 from .cost import arch_cost
@@ -96,15 +97,14 @@ class Evaluator:
         return self.latency_ms[key]
 
     def stats(self) -> dict:
-        """How often this actor process loaded the supernet (once), how long it took to be ready, where it runs
-        and how many bytes of images it holds on its device (0 on a CPU: they are the node's shared copy)."""
+        """How often this actor process loaded the supernet (once), how long it took to be ready, where it runs,
+        the bytes of images it holds on its device (0 on a CPU: they are the node's shared copy) and the
+        device's peak memory so far."""
         on_device = sum(s.nbytes for s in self.sets.values() if s.chunks and s.chunks[0][0].is_cuda)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return {"actor": self.actor_id, "loads": self.loads, "pid": os.getpid(), "node": self.node,
-                "device": str(self.device), "restarted": self.restarts() > 0, "ready_seconds": self.ready_seconds, "device_image_bytes": on_device}
-
-    def restarts(self) -> int:
-        """How often Ray restarted this actor (from Ray's state API)."""
-        return ray.util.state.get_actor(ray.get_runtime_context().get_actor_id()).num_restarts
+                "device": str(self.device), "restarted": restarted(), "ready_seconds": self.ready_seconds,
+                "device_image_bytes": on_device, "device_peak_bytes": peak}
 
     def inject_failures(self, count: int) -> None:
         self.fail_next = count
@@ -112,6 +112,14 @@ class Evaluator:
     def inject_exit(self) -> None:
         """The next `score` call kills this actor's process mid-candidate, as a crash or a lost node would."""
         self.exit_next = True
+
+
+def restarted() -> bool:
+    """Whether Ray restarted the calling actor. (Ray's property reads its own deprecated `actor_id` inside,
+    which warns; the warning is Ray's, not a deprecated call of ours.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def scoring_sets(splits: Splits, calib_batches: int, heldout_images: int | None, cluster: bool = True,

@@ -119,3 +119,34 @@ def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad} is not a readable image")
     assert not (tmp_path / "run" / "supernet.pt").exists()
+
+
+def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tmp_path):
+    """The front door on 224-px JPEGs: the supernet trains 2 epochs of 10 batches each, the search scores on
+    the fixed sets, the winner retrains for an epoch and reloads."""
+    import glit_ray
+    from glit_ray import retrain as retraining
+    from glit_ray import search as searching
+    from glit_ray.results import read_candidates
+    from glit_ray.supernet import load_supernet
+
+    data = f"imagefolder:{folder224}"
+    run = tmp_path / "search"
+    argv = ["--level", "high", "--space", "glit_pico", "--data", data, "--supernet-epochs", "2", "--population", "6",
+            "--generations", "2", "--mutations", "3", "--crossovers", "3", "--topk", "3", "--calib-batches", "2",
+            "--heldout-images", "40", "--out", str(run)]
+    best = searching.search(searching.settings_from_args(searching.build_parser().parse_args(argv)), run)
+    net, meta = load_supernet(run / "supernet" / "supernet.pt")
+    assert net.patch_embed.img_size == (224, 224) and meta["epochs"] == 2 and meta["last_epoch"]["loss"] > 0
+    rows = read_candidates(run).to_pylist()
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
+    assert all(r["top1"] * 40 / 100 == pytest.approx(round(r["top1"] * 40 / 100)) for r in rows)  # on 40 images
+    assert best["arch"] in {r["arch"] for r in rows}
+
+    out = tmp_path / "retrain"
+    metrics = retraining.retrain(retraining.settings_from_args(retraining.build_parser().parse_args(
+        ["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out", str(out)])), out)
+    assert metrics["arch"] == best["arch"] and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100
+    model = glit_ray.load_model(out)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 224, 224)).shape == (2, 10)

@@ -1,0 +1,120 @@
+"""`make gpu-check`: the real 224-px path on one GPU with bfloat16, in a few minutes, with its figures.
+
+Writes a 224-px JPEG ImageFolder (`glit_ray.synthetic`, unless --data names one), then runs what a
+user runs, through the same functions as the commands: supernet training (`train_supernet`, Ray
+Train on the GPU, bf16 autocast, loader processes from the worker's CPUs), an evaluator actor
+scoring candidates (scoring sets decoded once, on the device or streamed from pinned memory), a
+short search, and a one-epoch retrain of its best architecture. Prints images/s of training,
+seconds per candidate, the evaluator's device memory, and the wall time of each step.
+
+    python bench/gpu_check.py [--space glit_tiny] [--data imagefolder:PATH] [--out DIR]
+    python bench/gpu_check.py --allow-cpu --space glit_pico --classes 4 --per-class 20   # a smoke run without a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from glit_ray.data import build_splits
+from glit_ray.dispatch import Dispatcher
+from glit_ray.evaluator import evaluator_pool, scoring_sizes
+from glit_ray.results import read_candidates
+from glit_ray.retrain import build_parser as retrain_parser
+from glit_ray.retrain import retrain, settings_from_args as retrain_settings
+from glit_ray.search import build_parser as search_parser
+from glit_ray.search import search, settings_from_args as search_settings
+from glit_ray.space import SearchSpace
+from glit_ray.supernet import load_supernet
+from glit_ray.synthetic import write_imagefolder
+from glit_ray.train_supernet import supernet_settings, train_supernet
+
+from harness import machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="glit_tiny")
+    parser.add_argument("--data", help="imagefolder:PATH (default: write a synthetic one under --out)")
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=100, help="training images per class of the written folder")
+    parser.add_argument("--epochs", type=int, default=2, help="supernet epochs")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--candidates", type=int, default=16, help="per search generation (2 generations)")
+    parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (a smoke test of this script)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        sys.exit("error: no CUDA GPU here; run make gpu-check on a GPU machine (or add --allow-cpu for a smoke run)")
+    out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    figures, clock = [], time.perf_counter()
+
+    def step(name: str, started: float, detail: str) -> None:
+        figures.append((name, time.perf_counter() - started, detail))
+        print(f"{name}: {figures[-1][1]:.1f} s, {detail}", flush=True)
+
+    started = time.perf_counter()
+    if args.data is None:
+        write_imagefolder(out / "data", args.classes, args.per_class, max(2, args.per_class // 10))
+        args.data = f"imagefolder:{out / 'data'}"
+    space = SearchSpace.load(args.space)
+    splits = build_splits(args.data, space.img_size, space.in_chans)
+    step("data", started, f"{len(splits.train)} train / {len(splits.heldout)} held-out / {len(splits.test)} test images, "
+                          f"{space.img_size} px, {args.data}")
+
+    ray.init(log_to_driver=False)
+    started = time.perf_counter()
+    settings = supernet_settings(space, "high", None, args.data, args.epochs, args.batch_size)
+    supernet = train_supernet(settings, out / "supernet")
+    _, meta = load_supernet(supernet)
+    step("supernet training", started, f"{args.epochs} epochs of {len(splits.train) // args.batch_size} batches of "
+                                       f"{args.batch_size}, last epoch {meta['last_epoch']['images_per_s']:.0f} images/s")
+
+    started = time.perf_counter()
+    calib_batches, heldout_images = scoring_sizes(args.data)
+    archs = list({str(space.sample("high", random.Random(i))) for i in range(args.candidates)})
+    with evaluator_pool(supernet.read_bytes(), splits, calib_batches, heldout_images, 1, None) as [actor]:
+        ready = ray.get(actor.stats.remote())
+        Dispatcher([actor]).score(archs[:2])  # warm-up: allocator, kernels
+        scored = time.perf_counter()
+        rows = Dispatcher([actor]).score(archs)
+        per_candidate = (time.perf_counter() - scored) / len(archs)
+        stats = ray.get(actor.stats.remote())
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    step("scoring", started, f"{calib_batches} x 64 calibration + {heldout_images or len(splits.heldout)} held-out images, "
+                             f"actor ready in {ready['ready_seconds']:.1f} s, {per_candidate:.2f} s per candidate, "
+                             f"images on the device {stats['device_image_bytes'] / 2**20:.0f} MiB, "
+                             f"device peak {stats['device_peak_bytes'] / 2**30:.2f} GiB")
+
+    started = time.perf_counter()
+    argv = ["--level", "high", "--space", args.space, "--data", args.data, "--supernet", str(supernet),
+            "--population", str(args.candidates), "--generations", "2", "--mutations", str(args.candidates // 2),
+            "--crossovers", str(args.candidates - args.candidates // 2), "--topk", "4", "--out", str(out / "search")]
+    best = search(search_settings(search_parser().parse_args(argv)), out / "search")
+    seconds = [r["eval_seconds"] for r in read_candidates(out / "search").to_pylist()]
+    step("search", started, f"{len(seconds)} candidates, median {statistics.median(seconds):.2f} s each, "
+                            f"best {best['top1']:.1f}% held-out")
+
+    started = time.perf_counter()
+    argv = ["--arch", str(out / "search"), "--epochs", "1", "--batch-size", str(args.batch_size), "--out", str(out / "retrain")]
+    metrics = retrain(retrain_settings(retrain_parser().parse_args(argv)), out / "retrain")
+    step("retrain", started, f"1 epoch, test top-1 {metrics['test_top1']:.1f}%")
+
+    total = time.perf_counter() - clock
+    print(f"\n{machine()}\n")
+    print("| step | seconds | figures |\n| --- | ---: | --- |")
+    for name, seconds, detail in figures:
+        print(f"| {name} | {seconds:.1f} | {detail} |")
+    print(f"| total | {total:.1f} | target: under 300 s on one GPU |")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
