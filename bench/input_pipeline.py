@@ -23,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,6 @@ class Side:
 
     def __init__(self, loader: DataLoader, dev):
         self.loader, self.dev, self.epoch = loader, dev, 0
-        self.images = len(loader) * loader.batch_size
 
     def run_epoch(self) -> None:
         self.loader.sampler.set_epoch(self.epoch)
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--max-workers", type=int, default=4, help="most loader processes tried (and at most 2 per core)")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
+    # up to 2 loader processes per core on purpose: torch's "more workers than cores" warning is expected
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
@@ -112,6 +114,7 @@ def main() -> None:
 
 def measure(args, data: str) -> str:
     dev, cores = device(), len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
     splits = build_splits(data, IMG_SIZE, 3)
 
     def loader(workers: int, **options) -> DataLoader:
@@ -147,6 +150,9 @@ def measure(args, data: str) -> str:
     rate_default = [images / t for t in times_default]
     rate_best = [images / t for t in times_best]
     ratio = statistics.median(rate_default) / statistics.median(rate_best)
+    load_after = os.getloadavg()[0]
+    busy = " (above the core count: other work shared the CPUs, so the figures are noisy)" if max(
+        load_before, load_after) > cores + 0.5 else ""
     source = (f"`{args.data}`" if args.data else
               f"synthetic imagefolder ({args.classes} classes x {args.train_per_class} 256-px JPEGs)")
     sweep_best = max(settings, key=medians.get)
@@ -169,7 +175,9 @@ def measure(args, data: str) -> str:
         "| --- | --- | ---: |",
         f"| default | {default} | {spread(rate_default)} |",
         f"| best other | {best} | {spread(rate_best)} |", "",
-        f"**ratio default / best other (medians): {ratio:.3f}** (target >= 0.9); {verdict}",
+        f"**ratio default / best other (medians): {ratio:.3f}** (target >= 0.9); {verdict}", "",
+        f"Load average (1 min) at the start / end of the measurement: {load_before:.1f} / {load_after:.1f} on {cores} "
+        f"cores{busy}.",
     ])
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import sys
 
 from ray.experimental.tqdm_ray import tqdm
+from rich.console import Console
+
+LOG_WIDTH = 160  # columns of rich's output when it goes to a file or a pipe (a log), where lines are not re-wrapped
 
 
 class _NoBar:
@@ -26,3 +29,9 @@ def driver_has_terminal() -> bool:
 def bar(total: int, desc: str, enabled: bool):
     """A tqdm_ray bar when `enabled` (pass `driver_has_terminal()` from the driver), else a no-op."""
     return tqdm(total=total, desc=desc) if enabled else _NoBar()
+
+
+def console(stderr: bool = True) -> Console:
+    """Where our own lines go: rich on a terminal, and lines wide enough not to be folded in a log."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else LOG_WIDTH)

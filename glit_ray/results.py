@@ -17,6 +17,7 @@ from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
 from . import pareto
+from .errors import UserError
 from .runs import write_atomic, write_json
 
 SCHEMA = pa.schema([
@@ -43,10 +44,55 @@ def write_generation(run_dir: Path, generation: int, rows: list[dict]) -> Path:
     return path
 
 
+def generation_rows(rows: list[dict], level: str, trial_id: str | None) -> list[dict]:
+    """A generation's rows as the Parquet file holds them: a trial's rows with level, position and trial."""
+    def stamp(seconds):
+        return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+    return [{**row, "level": level, "candidate": i, "trial_id": trial_id, "timestamp": stamp(row.get("timestamp"))}
+            for i, row in enumerate(rows)]
+
+
+def read_generation(path: Path) -> pa.Table:
+    """One generation file; a damaged one is a UserError naming it."""
+    try:
+        return pq.read_table(path, schema=SCHEMA)
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable generation file ({reason}); run the search's command again with "
+                        "--resume to rebuild it from Tune's snapshot of the searcher") from None
+
+
+def generation_files(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "candidates").glob("gen-*.parquet"))
+
+
 def read_candidates(run_dir: Path) -> pa.Table:
     """Every candidate row of a search run, in generation order."""
-    files = sorted((Path(run_dir) / "candidates").glob("gen-*.parquet"))
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]) if files else SCHEMA.empty_table()
+    files = generation_files(run_dir)
+    return pa.concat_tables([read_generation(f) for f in files]) if files else SCHEMA.empty_table()
+
+
+def repair_generations(run_dir: Path, scored: list[dict], level: str) -> list[str]:
+    """Rebuild each unreadable generation file from `scored`, the rows of Tune's snapshot of the searcher;
+    one the snapshot does not hold yet is set aside as NAME.corrupt (Tune runs that generation again).
+    Returns a line per file mended."""
+    lines = []
+    for path in generation_files(run_dir):
+        try:
+            read_generation(path)
+            continue
+        except UserError:
+            pass
+        generation = int(path.stem.removeprefix("gen-"))
+        rows = [r for r in scored if r["generation"] == generation]
+        if rows:
+            write_generation(run_dir, generation, generation_rows(rows, level, None))
+            lines.append(f"rebuilt the unreadable {path} from Tune's snapshot of the searcher ({len(rows)} rows)")
+        else:
+            path.replace(path.with_name(path.name + ".corrupt"))
+            lines.append(f"set the unreadable {path} aside as {path.name}.corrupt; its generation runs again")
+    return lines
 
 
 def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops") -> dict | None:
@@ -77,9 +123,7 @@ class ResultsCallback(tune.Callback):
         if "rows" not in result:
             return
         generation = result["generation"]
-        rows = [{**row, "level": self.level, "candidate": i, "trial_id": trial.trial_id,
-                 "timestamp": datetime.fromtimestamp(row["timestamp"], tz=timezone.utc)}
-                for i, row in enumerate(result["rows"])]
+        rows = generation_rows(result["rows"], self.level, trial.trial_id)
         write_generation(self.run_dir, generation, rows)
         if self.rows is None:
             self.rows = {}

@@ -30,6 +30,7 @@ from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import bar as progress_bar
+from .progress import console as make_console
 from .progress import driver_has_terminal
 from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate
@@ -159,7 +160,7 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
     """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json.
 
     `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray

@@ -26,7 +26,8 @@ from .errors import UserError
 from .evaluator import evaluator_pool, scoring_sizes
 from .mirror import Mirror, MirrorCallback
 from .progress import bar, driver_has_terminal
-from .results import ResultsCallback, best_record, read_candidates
+from .progress import console as make_console
+from .results import ResultsCallback, best_record, read_candidates, repair_generations
 from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
@@ -179,7 +180,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     the supernet's Ray Train checkpoints go there directly; resuming without a local copy (a new
     head node) pulls it back first.
     """
-    console = console or Console(stderr=True)
+    console = console or make_console()
     out = Path(out).resolve()
     mirror = Mirror(out, mirror) if mirror else None
     space = SearchSpace.from_dict(settings["space"])
@@ -215,6 +216,9 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:
             console.print(f"resuming the {level}-level search in {out}")
+            searcher.restore_from_dir(str(out / "tune"))  # Tuner.restore restores it again, from the same file
+            for line in repair_generations(out, searcher.state["scored"], level):
+                console.print(line)
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
                           f"generations, {actors} evaluator actor(s) -> {out}")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from .cli import run
 from .cost import cost_range
+from .progress import console
 from .space import SearchSpace, builtin_spaces
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
     spaces = [SearchSpace.load(name) for name in args.spaces or builtin_spaces()]
-    Console().print(space_table(spaces, args.num_classes))
+    console(stderr=False).print(space_table(spaces, args.num_classes))
 
 
 if __name__ == "__main__":

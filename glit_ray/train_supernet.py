@@ -31,6 +31,7 @@ from .cost import arch_cost
 from .data import build_splits, mixup_for, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
+from .progress import console as make_console
 from .progress import driver_has_terminal
 from .runs import open_run, resolve_distribution
 from .evaluator import score_on, scoring_sets
@@ -185,7 +186,7 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file.
 
     `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray

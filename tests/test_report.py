@@ -47,3 +47,15 @@ def test_a_dir_without_candidates_is_one_line_error(capsys, micro, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "empty holds no candidates" in err and err.count("\n") == 1
     assert not (good / "report").exists()
+
+
+def test_a_truncated_generation_file_is_one_line_naming_it(micro, tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "run", micro, 1)
+    damaged = run_dir / "candidates" / "gen-0001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, [str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {damaged} is not a readable generation file") and "--resume to rebuild it" in err
+    assert not (run_dir / "report").exists()

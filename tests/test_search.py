@@ -213,3 +213,21 @@ def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, 
         earlier = [r for r in rows if r["generation"] < g]
         allowed = {r["arch"] for r in pareto.select(earlier, 4, "latency_ms")}
         assert all(set(r["parents"]) <= allowed for r in rows if r["generation"] == g)
+
+
+def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_session, micro_supernet, tmp_path, capsys):
+    argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "2",
+            "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "64"]
+    out = tmp_path / "run"
+    search(settings_for(*argv), out)
+    rows = read_candidates(out).to_pylist()
+    damaged = out / "candidates" / "gen-0001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    with pytest.raises(UserError, match="gen-0001.parquet is not a readable generation file"):
+        read_candidates(out)
+    capsys.readouterr()
+    best = search(settings_for(*argv), out, resume=True)
+    assert f"rebuilt the unreadable {damaged}" in capsys.readouterr().err
+    keys = ("arch", "generation", "candidate", "operator", "parents", "top1", "status")
+    assert [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()] == [{k: r[k] for k in keys} for r in rows]
+    assert best["arch"] == max(rows, key=lambda r: (r["top1"], [-ord(c) for c in r["arch"]]))["arch"]
