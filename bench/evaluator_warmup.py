@@ -2,29 +2,36 @@
 
 The search decodes its scoring sets once (`glit_ray.evaluator.scoring_sets`: Ray tasks decode the
 calibration sample and the held-out images into uint8 chunks kept in the object store), then
-starts its evaluator actors (`glit_ray.evaluator.Evaluator`, created with `evaluator_pool`'s
-options), which load the supernet and map the sets from their node's object store. Timed, wall
-clock in the driver:
+starts its evaluator actors (`glit_ray.evaluator.Evaluator`, with `evaluator_pool`'s options),
+which load the supernet and map the sets from their node's object store. Timed, wall clock in
+the driver:
 
 - *first actor*: decoding the sets, then the first actor from its creation until it answers `stats`;
 - *second actor*: another actor created on the node while the first lives, until it answers `stats`;
-- *restarted actor*: an actor's process killed mid-call (`inject_exit`, then `score`), from the
-  failed call's return until the restarted incarnation answers `stats` (`restarted` True, new pid).
+- *restarted actor*: an actor's process killed mid-call (`inject_exit`, then `score`), from that
+  call (the process's death) until the restarted process answers `stats` (`restarted` True, a new pid).
 
-Memory: the object store's bytes in use (the raylet's own count) after decoding and after every
-actor and restart, and each actor process's RSS / USS / PSS at the start of its `__init__`, when
-ready (sets mapped) and after scoring one candidate (every image read). The held-out images are
-counted once per node when the store's bytes do not grow with actors and an actor's USS grows by
-much less than the sets' bytes. The old way, where each actor decoded the held-out split itself
-into float32, is given as a computed figure (4 bytes a pixel, private to each actor).
+For scale, the floor any actor pays: a Ray actor that only imports `glit_ray.evaluator` (a new
+worker process importing torch, timm and the package), timed the same way.
+
+Memory: the object store's bytes in use (the raylet's count) after decoding and after every actor
+and restart, and each actor process's RSS / USS / PSS and RSS's anonymous (allocated by the
+process) and shared-memory (mapped from the object store) parts at the start of its `__init__`,
+when ready (sets mapped), after reading every page of the images, and after scoring one
+candidate. The held-out images are counted once per node when the store's bytes do not grow with
+actors and reading the images grows an actor's shared-memory RSS, not its own (anonymous)
+memory. (USS is no measure of that: it counts a shared page as the process's own while no other
+live process maps it.) The old way,
+each actor decoding the held-out split itself into float32, is a computed figure (4 bytes a
+pixel, private to each actor, decoded again on each restart).
 
 Target: second and restarted actor <= 0.10 of the first actor's time.
 
     python bench/evaluator_warmup.py [--data imagefolder:PATH] [--classes 20] [--train-per-class 250]
                                      [--calib-batches 4] [--restarts 3] [--record]
 
-Without --data it writes a synthetic 256-px JPEG folder (glit_ray.synthetic; about 1 s per 100
-images on 2 cores) whose held-out split (20 % of train) has classes x train-per-class / 5 images.
+Without --data it writes a synthetic 256-px JPEG folder (`glit_ray.synthetic`'s images, two
+processes) whose held-out split (20 % of train) has classes x train-per-class / 5 images.
 """
 from __future__ import annotations
 
@@ -34,8 +41,10 @@ import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import ray
 import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported)
 import torch
@@ -45,28 +54,70 @@ from glit_ray.data import build_splits
 from glit_ray.evaluator import Evaluator, scoring_sets
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet, save_supernet
-from glit_ray.synthetic import write_imagefolder
+from glit_ray.synthetic import synthetic_image
 
 from harness import publish, spread
 
 MiB = 2**20
+ACTOR_CPUS = 0.9  # evaluator_pool's share for 2 actors on 2 CPUs
 
 
 def memory(pid: int | None = None) -> dict:
-    info = psutil.Process(pid).memory_full_info()
-    return {"rss": info.rss, "uss": info.uss, "pss": info.pss}
+    """RSS, USS and PSS of a process, and RSS's anonymous (heap: what the process allocated itself) and
+    shared-memory (the object store's pages it maps) parts."""
+    process = psutil.Process(pid)
+    info = process.memory_full_info()
+    with open(f"/proc/{process.pid}/status") as f:
+        status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("RssAnon", "RssShmem"))}
+    return {"rss": info.rss, "uss": info.uss, "pss": info.pss, "anon": status["RssAnon"], "shmem": status["RssShmem"]}
 
 
 class MeasuredEvaluator(Evaluator):
-    """The search's evaluator, with its process's memory taken at the start of `__init__` and when ready."""
+    """The search's evaluator, its `__init__` untouched, with its process's memory taken around it."""
 
     def __init__(self, *args, **kwargs):
-        self.memory_start = memory()
+        self.memory_at = {"start of __init__": memory()}
         super().__init__(*args, **kwargs)
-        self.memory_ready = memory()
+        self.memory_at["ready"] = memory()
 
-    def memory(self) -> dict:
-        return {"start": self.memory_start, "ready": self.memory_ready, "now": memory()}
+    def read_images(self) -> int:
+        """Read one byte of every page of every image (what scoring reads), allocating nothing."""
+        total = 0
+        for image_set in self.sets.values():
+            for images, _ in image_set.chunks:
+                total += int(images.reshape(-1)[::1024].sum())
+        self.memory_at["every image read"] = memory()
+        return total
+
+    def scored(self) -> dict:
+        """The memory taken so far, and now (called after `score`)."""
+        self.memory_at["after scoring one candidate"] = memory()
+        return self.memory_at
+
+
+@ray.remote(num_cpus=0.1)
+class ImportsOnly:
+    """The floor: a new worker process that imports what an evaluator imports, and loads nothing."""
+
+    def __init__(self):
+        import glit_ray.evaluator  # noqa: F401  (torch, timm, the package)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def write_class(root: Path, label: int, classes: int, train: int, size: int = 256) -> None:
+    rng = np.random.default_rng([0, label])
+    for split, count in (("train", train), ("val", 1)):
+        folder = root / split / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            synthetic_image(label, classes, size, rng).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def write_folder(root: Path, classes: int, train: int) -> None:
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(write_class, [root] * classes, range(classes), [classes] * classes, [train] * classes))
 
 
 def store_bytes() -> int:
@@ -75,35 +126,43 @@ def store_bytes() -> int:
     return get_memory_info_reply(state).store_stats.object_store_bytes_used
 
 
-def until_ready(actor) -> tuple[float, dict]:
-    """Seconds until `actor` answers `stats` (retrying while it is restarting), and its answer."""
+def until_ready(actor, method: str = "stats") -> tuple[float, object]:
+    """Seconds until `actor` answers `method` (retried while Ray restarts it), and the answer."""
     started = time.perf_counter()
     while True:
         try:
-            stats = ray.get(actor.stats.remote())
-            return time.perf_counter() - started, stats
+            answer = ray.get(getattr(actor, method).remote())
+            return time.perf_counter() - started, answer
         except ray.exceptions.RayActorError:
             time.sleep(0.01)
 
 
+def process_note(pid: int, since: float) -> str:
+    """When the actor's process started, against `since` (when it was asked for): before it, Ray had it running."""
+    age = since - psutil.Process(pid).create_time()
+    return f"its worker process started {age:.0f} s before" if age > 1 else "a worker process started for it"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="imagefolder:PATH to reuse (default: write a synthetic folder)")
+    parser.add_argument("--data", default=None, help="imagefolder:PATH to use (default: write a synthetic folder)")
     parser.add_argument("--classes", type=int, default=20, help="of the synthetic folder")
     parser.add_argument("--train-per-class", type=int, default=250, help="of the synthetic folder (held-out: 20 %%)")
     parser.add_argument("--space", default="glit_pico")
-    parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 64 (the search's default "
-                        "for imagefolder is 16)")
+    parser.add_argument("--calib-batches", type=int, default=4,
+                        help="calibration batches of 64 (the search's default on an image folder is 16)")
     parser.add_argument("--heldout-images", type=int, default=None, help="default: the whole held-out split")
-    parser.add_argument("--restarts", type=int, default=3, help="actor restarts timed (alternating between the two actors)")
+    parser.add_argument("--restarts", type=int, default=3, help="actor restarts timed, alternating between the two actors")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
+    if args.restarts < 1:
+        parser.error("--restarts must be at least 1")
     space = SearchSpace.load(args.space)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             started = time.perf_counter()
-            write_imagefolder(Path(tmp) / "images", args.classes, args.train_per_class, 1, seed=0)
+            write_folder(Path(tmp) / "images", args.classes, args.train_per_class)
             data = f"imagefolder:{Path(tmp) / 'images'}"
             print(f"wrote {args.classes} x {args.train_per_class} training JPEGs in {time.perf_counter() - started:.0f} s",
                   flush=True)
@@ -111,142 +170,163 @@ def main() -> None:
         torch.manual_seed(0)
         save_supernet(GLiTSupernet(space, "high", None, splits.num_classes), Path(tmp) / "supernet.pt")
         supernet_bytes = (Path(tmp) / "supernet.pt").read_bytes()
-        ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)  # a cluster of its own
+        # address="local": a cluster of its own, even where another one runs on the machine
+        ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
         try:
-            body = measure(args, data, splits, supernet_bytes, space)
+            body = report(args, data, measure(args, splits, supernet_bytes, space))
         finally:
             ray.shutdown()
     publish("P7", body, args.record)
 
 
-def measure(args, data: str, splits, supernet_bytes: bytes, space: SearchSpace) -> str:
+def measure(args, splits, supernet_bytes: bytes, space: SearchSpace) -> dict:
+    m = {"supernet": len(supernet_bytes), "store": {}, "memory": {}, "restarts": [], "load": [os.getloadavg()[0]]}
     empty_store = store_bytes()
     ref = ray.put(supernet_bytes)  # as evaluator_pool: the driver holds the supernet's bytes and the sets while actors live
     started = time.perf_counter()
     sets = scoring_sets(splits, args.calib_batches, args.heldout_images)
-    decode_s = time.perf_counter() - started
-    heldout, calib = len(sets["heldout"]), len(sets["calibration"])
-    set_bytes = {name: s.nbytes for name, s in sets.items()}
-    store = {"sets decoded (driver holds supernet bytes + sets)": store_bytes() - empty_store}
-    print(f"decoded {calib} calibration + {heldout} held-out images in {decode_s:.2f} s", flush=True)
+    m["decode"] = time.perf_counter() - started
+    # ImageSet's len and nbytes need its chunks, not their references: sizes from views mapped here, then dropped
+    m["sizes"] = {name: (len(fetched), fetched.nbytes) for name, fetched in ((n, s.fetched()) for n, s in sets.items())}
+    m["store"]["sets decoded (the driver holds them and the supernet's bytes)"] = store_bytes() - empty_store
+    print(f"decoded {m['sizes']['calibration'][0]} calibration + {m['sizes']['heldout'][0]} held-out images in "
+          f"{m['decode']:.2f} s", flush=True)
 
-    remote = ray.remote(MeasuredEvaluator).options(num_cpus=0.9, num_gpus=0, max_restarts=-1, max_task_retries=0)
-    actors, pids = [], {}
-    wall = {}
+    remote = ray.remote(MeasuredEvaluator).options(num_cpus=ACTOR_CPUS, num_gpus=0, max_restarts=-1, max_task_retries=0)
+    actors = []
     for i, name in enumerate(["first", "second"]):
-        started = time.perf_counter()
+        created = time.time()
         actors.append(remote.remote(ref, sets, i, 1, None))
         seconds, stats = until_ready(actors[-1])
-        wall[name], pids[name] = seconds, stats["pid"]
-        store[f"{name} actor ready"] = store_bytes() - empty_store
-        print(f"{name} actor ready in {seconds:.2f} s (its __init__ {stats['ready_seconds']:.2f} s, pid {stats['pid']})",
-              flush=True)
-        if name == "first":
-            first_init = stats["ready_seconds"]
-        else:
-            second_init = stats["ready_seconds"]
-    stats_call = [timed_stats(actors[0]) for _ in range(5)]
+        m[name] = {"seconds": seconds, "init": stats["ready_seconds"], "process": process_note(stats["pid"], created)}
+        m["store"][f"{name} actor ready"] = store_bytes() - empty_store
+        print(f"{name} actor ready in {seconds:.2f} s (its __init__ {stats['ready_seconds']:.2f} s, pid {stats['pid']}, "
+              f"{m[name]['process']})", flush=True)
+    m["stats_call"] = statistics.median(timed(lambda: ray.get(actors[0].stats.remote())) for _ in range(5))
+
+    created = time.time()
+    floor = ImportsOnly.remote()
+    seconds, pid = until_ready(floor, "ping")
+    m["floor"] = {"seconds": seconds, "process": process_note(pid, created)}
+    ray.kill(floor)
+    print(f"an actor that only imports glit_ray.evaluator answers in {seconds:.2f} s ({m['floor']['process']})", flush=True)
 
     arch = str(space.sample("high", random.Random(0)))
+    ray.get([a.read_images.remote() for a in actors])
     started = time.perf_counter()
-    results = ray.get([a.score.remote(arch) for a in actors])  # every image read by both actors, side by side
-    score_s = time.perf_counter() - started
-    mem = {name: ray.get(a.memory.remote()) for name, a in zip(["first", "second"], actors)}
-    store["both actors scored one candidate"] = store_bytes() - empty_store
-    print(f"one candidate scored on both actors in {score_s:.1f} s (top-1 {results[0]['top1']:.2f} / {results[1]['top1']:.2f})",
-          flush=True)
+    ray.get([a.score.remote(arch) for a in actors])  # both actors side by side
+    m["score"] = time.perf_counter() - started
+    for name, actor in zip(["first", "second"], actors):
+        m["memory"][name] = ray.get(actor.scored.remote())
+    m["store"]["both actors read every image and scored a candidate"] = store_bytes() - empty_store
+    print(f"one candidate scored on both actors in {m['score']:.1f} s", flush=True)
 
-    restarts = []
     for r in range(args.restarts):
         actor = actors[r % 2]
         before = ray.get(actor.stats.remote())
         ray.get(actor.inject_exit.remote())
-        died = time.perf_counter()
+        started = time.perf_counter()
         try:
             ray.get(actor.score.remote(arch))
             raise SystemExit("error: the actor scored instead of exiting")
         except ray.exceptions.RayActorError:
-            pass
-        killed_s = time.perf_counter() - died
+            failed = time.perf_counter() - started
         seconds, stats = until_ready(actor)
         if not stats["restarted"] or stats["pid"] == before["pid"] or stats["loads"] != 1:
-            raise SystemExit(f"error: actor {r % 2} did not come back as a restarted process: {stats}")
-        restarts.append({"actor": r % 2, "seconds": seconds, "init": stats["ready_seconds"], "killed": killed_s,
-                         "pid": stats["pid"], "old_pid": before["pid"]})
-        store[f"restart {r + 1} ready"] = store_bytes() - empty_store
-        print(f"restart {r + 1} (actor {r % 2}, pid {before['pid']} -> {stats['pid']}): ready {seconds:.2f} s after the "
-              f"failed call returned ({killed_s:.2f} s to fail); its __init__ {stats['ready_seconds']:.2f} s", flush=True)
-    ray.get(actors[0].score.remote(arch))  # the last restarted incarnation reads every image too
-    mem["restarted"] = ray.get(actors[(args.restarts - 1) % 2].memory.remote()) if args.restarts else None
-    store["after the restarts and a score"] = store_bytes() - empty_store
+            raise SystemExit(f"error: actor {r % 2} did not come back as a new process: {stats}")
+        m["restarts"].append({"seconds": failed + seconds, "init": stats["ready_seconds"], "failed": failed,
+                              "process": process_note(stats["pid"], time.time() - seconds - failed)})
+        m["store"][f"restart {r + 1} ready"] = store_bytes() - empty_store
+        print(f"restart {r + 1} (actor {r % 2}, pid {before['pid']} -> {stats['pid']}): ready {failed + seconds:.2f} s "
+              f"after the killing call ({failed:.2f} s until it failed); its __init__ {stats['ready_seconds']:.2f} s, "
+              f"{m['restarts'][-1]['process']}", flush=True)
+    restarted = actors[(args.restarts - 1) % 2]
+    ray.get(restarted.read_images.remote())
+    ray.get(restarted.score.remote(arch))
+    m["memory"]["last restarted"] = ray.get(restarted.scored.remote())
+    m["store"]["the last restarted actor read every image and scored a candidate"] = store_bytes() - empty_store
     for actor in actors:
         ray.kill(actor, no_restart=True)
+    m["load"].append(os.getloadavg()[0])
+    return m
 
-    return report(args, data, decode_s, calib, heldout, set_bytes, wall, first_init, second_init, stats_call, restarts,
-                  mem, store, score_s, len(supernet_bytes) / MiB)
 
-
-def timed_stats(actor) -> float:
+def timed(fn) -> float:
     started = time.perf_counter()
-    ray.get(actor.stats.remote())
+    fn()
     return time.perf_counter() - started
 
 
-def report(args, data, decode_s, calib, heldout, set_bytes, wall, first_init, second_init, stats_call, restarts, mem,
-           store, score_s, supernet_mib) -> str:
+def span(values: list[int], spec: str) -> str:
+    """'LOW to HIGH' MiB of byte counts, or one figure where they round alike."""
+    low, high = (format(v / MiB, spec) for v in (min(values), max(values)))
+    return low if low == high else f"{low} to {high}"
+
+
+def report(args, data: str, m: dict) -> str:
+    (calib, calib_bytes), (heldout, heldout_bytes) = m["sizes"]["calibration"], m["sizes"]["heldout"]
     per = 1000 / heldout
-    first = decode_s + wall["first"]
-    restart = statistics.median(r["seconds"] for r in restarts)
-    restart_init = statistics.median(r["init"] for r in restarts)
-    sets_mib = sum(set_bytes.values()) / MiB
-    heldout_mib = set_bytes["heldout"] / MiB
+    first = m["decode"] + m["first"]["seconds"]
+    restarts = [r["seconds"] for r in m["restarts"]]
+    restart = statistics.median(restarts)
+    restart_init = statistics.median(r["init"] for r in m["restarts"])
+    ratio_second, ratio_restart = m["second"]["seconds"] / first, restart / first
 
-    def times(label, seconds, init, note):
-        return f"| {label} | {seconds:.2f} | {seconds * per:.2f} | {init:.2f} | {seconds / first:.3f} | {note} |"
+    def row(label, seconds, init, note):
+        init = f"{init:.2f}" if init is not None else ""
+        return f"| {label} | {seconds:.2f} | {seconds * per:.2f} | {init} | {seconds / first:.3f} | {note} |"
 
-    rows = [
-        times("first actor: decode the sets + start", first, first_init,
-              f"decode {decode_s:.2f} s ({calib} calibration + {heldout} held-out images, Ray tasks on 2 CPUs) "
-              f"+ actor {wall['first']:.2f} s"),
-        times("second actor on the node", wall["second"], second_init, "created while the first lives"),
-        times(f"restarted actor (median of {len(restarts)})", restart, restart_init,
-              f"from the failed call's return; {spread([r['seconds'] for r in restarts])} s min / median / max"),
+    times = [
+        row("first actor: decode the sets, then start", first, m["first"]["init"],
+            f"decode {m['decode']:.2f} s ({calib} calibration + {heldout} held-out images, Ray tasks on 2 CPUs), then "
+            f"the actor {m['first']['seconds']:.2f} s ({m['first']['process']})"),
+        row("second actor on the node", m["second"]["seconds"], m["second"]["init"],
+            f"created while the first lives ({m['second']['process']})"),
+        row(f"restarted actor (median of {len(restarts)})", restart, restart_init,
+            f"from the call that killed its process (min / median / max {spread(restarts)} s, of which the call took "
+            f"{statistics.median(r['failed'] for r in m['restarts']):.2f} s to fail; "
+            f"{', '.join(sorted(set(r['process'] for r in m['restarts'])))})"),
+        row("for scale: an actor that only imports `glit_ray.evaluator`", m["floor"]["seconds"], None,
+            f"the floor of any actor ({m['floor']['process']})"),
     ]
-
-    def mem_row(label, m):
-        if m is None:
-            return ""
-        s, r, n = m["start"], m["ready"], m["now"]
-        return (f"| {label} | {s['rss'] / MiB:.0f} / {s['uss'] / MiB:.0f} | {r['rss'] / MiB:.0f} / {r['uss'] / MiB:.0f} | "
-                f"{n['rss'] / MiB:.0f} / {n['uss'] / MiB:.0f} / {n['pss'] / MiB:.0f} | "
-                f"{(n['uss'] - s['uss']) / MiB:.0f} | {(n['rss'] - s['rss']) / MiB:.0f} |")
-
-    store_rows = [f"| {what} | {value / MiB:.1f} |" for what, value in store.items()]
-    uss_growth = max((m["now"]["uss"] - m["start"]["uss"]) for m in mem.values() if m) / MiB
-    ratio_second, ratio_restart = wall["second"] / first, restart / first
+    memory_rows = []
+    for actor, moments in m["memory"].items():
+        start = moments["start of __init__"]
+        for moment, mem in moments.items():
+            memory_rows.append(f"| {actor} | {moment} | {mem['rss'] / MiB:.0f} | {mem['uss'] / MiB:.0f} | "
+                               f"{mem['pss'] / MiB:.0f} | {mem['anon'] / MiB:.0f} | {mem['shmem'] / MiB:.0f} | "
+                               f"{(mem['anon'] - start['anon']) / MiB:+.0f} |")
+    read = [mom["every image read"]["anon"] - mom["ready"]["anon"] for mom in m["memory"].values()]
+    shm = [mom["every image read"]["shmem"] - mom["ready"]["shmem"] for mom in m["memory"].values()]
+    sets_mib = (calib_bytes + heldout_bytes) / MiB
+    heldout_mib = heldout_bytes / MiB
     return "\n".join([
-        f"{args.space} (untrained supernet) on {data.split(':')[0]} ({heldout} held-out images of "
-        f"{heldout_mib:.1f} MiB uint8 at 224 px, {calib} calibration images, {sets_mib:.1f} MiB in all); one Ray node, "
-        f"2 CPUs, actors of 0.9 CPU and 1 torch thread as `evaluator_pool` makes them. Wall seconds in the driver, "
-        f"until the actor answers `stats` (a warm `stats` call takes {statistics.median(stats_call) * 1e3:.0f} ms: "
-        "it asks Ray's state API for the restart count); *__init__* is the actor's own `ready_seconds` (supernet "
-        "loaded, sets mapped).", "",
-        "| actor | seconds | seconds per 1,000 held-out | its __init__ s | / first | |",
-        "| --- | ---: | ---: | ---: | ---: | --- |", *rows, "",
-        "Memory of each actor process, MiB: RSS / USS at the start of its `__init__`, when ready, and RSS / USS / PSS "
-        f"after scoring one candidate (every image read: {score_s:.1f} s for both actors side by side).", "",
-        "| actor | start RSS / USS | ready RSS / USS | after scoring RSS / USS / PSS | USS growth | RSS growth |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *[row for row in (mem_row("first", mem["first"]), mem_row("second", mem["second"]),
-                          mem_row("last restarted", mem["restarted"])) if row], "",
+        f"{args.space} (untrained supernet) on {data.split(':')[0]}: {heldout} held-out images ({heldout_mib:.1f} MiB "
+        f"uint8 at 224 px) and {calib} calibration images, {sets_mib:.1f} MiB in all; one Ray node of 2 CPUs, actors of "
+        f"{ACTOR_CPUS} CPU and 1 torch thread, as `evaluator_pool` makes them. Wall seconds in the driver until the actor "
+        f"answers `stats` (a warm `stats` call takes {m['stats_call'] * 1e3:.0f} ms); *__init__ s* is the actor's own "
+        "`ready_seconds` (supernet loaded, sets mapped). The machine's 1-minute load average was "
+        f"{m['load'][0]:.1f} when the measurements started and {m['load'][1]:.1f} when they ended.", "",
+        "| actor | seconds | seconds per 1,000 held-out | __init__ s | / first | |",
+        "| --- | ---: | ---: | ---: | ---: | --- |", *times, "",
+        f"**second / first {ratio_second:.3f}, restarted / first {ratio_restart:.3f}** (target <= 0.10); "
+        f"__init__ alone: second {m['second']['init'] / first:.3f}, restarted {restart_init / first:.3f} of the first's time.", "",
         "Object store bytes in use over the empty store's, MiB (the raylet's count; the supernet's "
-        f"{supernet_mib:.1f} MiB are in it too):", "",
-        "| when | MiB |", "| --- | ---: |", *store_rows, "",
-        f"The old way, each actor decoding the held-out split itself into float32: {4 * heldout_mib:.1f} MiB private to "
-        f"each actor ({4 * heldout_mib * per:.1f} MiB per 1,000 held-out images), {8 * heldout_mib:.1f} MiB for two, "
-        f"and each restart decoding again; now {heldout_mib:.1f} MiB ({heldout_mib * per:.1f} MiB per 1,000) once in "
-        f"the node's object store, and an actor's USS grows by at most {uss_growth:.0f} MiB.", "",
-        f"**second / first {ratio_second:.3f}, restarted / first {ratio_restart:.3f}** (target <= 0.10)",
+        f"{m['supernet'] / MiB:.1f} MiB are in it too):", "",
+        "| when | MiB |", "| --- | ---: |", *[f"| {what} | {value / MiB:.1f} |" for what, value in m["store"].items()], "",
+        "Each actor process's memory, MiB: RSS, USS, PSS, and RSS's two parts that matter here, *anon* (memory the "
+        "process allocated itself) and *shm* (the object store's pages it maps). USS counts a shared page as the "
+        "process's own while no other live process maps it, so it can grow on reading the images when the actor is "
+        f"their only reader. Scoring one candidate took {m['score']:.1f} s on both actors side by side; what it adds to "
+        "*anon* is scoring's working memory (a float batch, activations), which any way of holding the images needs.", "",
+        "| actor | when | RSS | USS | PSS | anon | shm | anon since start |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *memory_rows, "",
+        f"Reading every image grew an actor's shared-memory RSS by {span(shm, '.0f')} MiB (the sets are {sets_mib:.1f} "
+        f"MiB) and its own memory (anon) by {span(read, '.1f')} MiB, and the object store's bytes did not grow with actors or restarts: the images are the node's one copy. "
+        f"The old way, each actor decoding the held-out split itself into float32, held "
+        f"{4 * heldout_mib:.1f} MiB privately per actor ({4 * heldout_mib * per:.0f} MiB per 1,000 held-out images per "
+        f"actor), {8 * heldout_mib:.1f} MiB for these two, and decoded again on every restart; now "
+        f"{heldout_mib:.1f} MiB ({heldout_mib * per:.0f} MiB per 1,000) sit once in the node's object store.",
     ])
 
 
