@@ -186,8 +186,7 @@ def measure(args, splits, supernet_bytes: bytes, space: SearchSpace) -> dict:
     started = time.perf_counter()
     sets = scoring_sets(splits, args.calib_batches, args.heldout_images)
     m["decode"] = time.perf_counter() - started
-    # ImageSet's len and nbytes need its chunks, not their references: sizes from views mapped here, then dropped
-    m["sizes"] = {name: (len(fetched), fetched.nbytes) for name, fetched in ((n, s.fetched()) for n, s in sets.items())}
+    m["sizes"] = {name: (len(image_set), image_set.nbytes) for name, image_set in sets.items()}
     m["store"]["sets decoded (the driver holds them and the supernet's bytes)"] = store_bytes() - empty_store
     print(f"decoded {m['sizes']['calibration'][0]} calibration + {m['sizes']['heldout'][0]} held-out images in "
           f"{m['decode']:.2f} s", flush=True)

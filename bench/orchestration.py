@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating; medians are compared")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     actors = start_fake_evaluators(2)
     default, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:

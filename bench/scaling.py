@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per actor count (after one warm-up run)")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.actors:

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a CPU evaluator actor's share)")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     space = SearchSpace.load(args.space)
     splits = build_splits(args.data, space.img_size, space.in_chans)
     args.calib_batches, args.heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/search-quality"))
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md and the plot")
     args = parser.parse_args()
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     space = SearchSpace.load("glit_micro")
     supernet_dir = args.out / "supernet"
     supernet = train_supernet(supernet_settings(space, "high", None, "digits", args.supernet_epochs, batch_size=64),

@@ -40,13 +40,11 @@ class ImageSet:
     chunks: list  # [(images N x C x H x W uint8 or float, labels N int64)] or their ObjectRefs
     mean: tuple[float, ...] | None  # `data.normalize`'s arguments for the images
     std: tuple[float, ...] | None
+    count: int  # images
+    nbytes: int  # of the images and labels
 
     def __len__(self) -> int:
-        return sum(len(labels) for _, labels in self.chunks)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(images.nbytes + labels.nbytes for images, labels in self.chunks)
+        return self.count
 
     def fetched(self) -> ImageSet:
         """This set with its chunks out of the object store: zero-copy views of the node's shared copy."""
@@ -100,7 +98,8 @@ def compact(dataset: Dataset, indices: list[int]) -> Dataset:
 def decode(splits: Splits, dataset: Dataset, indices: list[int], workers: int = 0) -> ImageSet:
     """Decode `indices` of `dataset` (a deterministic view of `splits`) in this process, with `workers` loader processes."""
     loader = DataLoader(compact(dataset, indices), batch_size=CHUNK, num_workers=workers)
-    return ImageSet([(x, y.long()) for x, y in loader], splits.mean, splits.std)
+    chunks = [(x, y.long()) for x, y in loader]
+    return ImageSet(chunks, splits.mean, splits.std, len(indices), sum(x.nbytes + y.nbytes for x, y in chunks))
 
 
 def decode_on_cluster(splits: Splits, dataset: Dataset, indices: list[int], what: str = "images") -> ImageSet:
@@ -112,29 +111,31 @@ def decode_on_cluster(splits: Splits, dataset: Dataset, indices: list[int], what
     items = ray.put(compact(dataset, indices))
     tasks = [_decode_chunk.remote(items, start, min(start + CHUNK, len(indices)))
              for start in range(0, len(indices), CHUNK)]
-    chunks, counts = [chunk for chunk, _ in tasks], [count for _, count in tasks]
+    chunks, sizes = [chunk for chunk, _ in tasks], [size for _, size in tasks]
     progress = bar(len(indices), f"decoding {what}", driver_has_terminal())
-    pending = list(counts)
+    pending, nbytes = list(sizes), 0
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            progress.update(ray.get(done[0]))
+            count, chunk_bytes = ray.get(done[0])
+            progress.update(count)
+            nbytes += chunk_bytes
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, UserError):
             raise exc.cause from None
         raise
     finally:
         progress.close()
-    return ImageSet(chunks, splits.mean, splits.std)
+    return ImageSet(chunks, splits.mean, splits.std, len(indices), nbytes)
 
 
 @ray.remote(num_cpus=1, num_returns=2, scheduling_strategy="SPREAD")
-def _decode_chunk(items: Dataset, start: int, stop: int) -> tuple[tuple[np.ndarray, np.ndarray], int]:
-    """One chunk as (uint8 images, labels), and its size: the small value the driver waits on."""
+def _decode_chunk(items: Dataset, start: int, stop: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[int, int]]:
+    """One chunk as (uint8 images, labels), and its (images, bytes): the small value the driver waits on."""
     torch.set_num_threads(1)
     pairs = [items[i] for i in range(start, stop)]
-    images = torch.stack([x for x, _ in pairs]).numpy()
-    return (images, np.array([int(y) for _, y in pairs], dtype=np.int64)), len(pairs)
+    images, labels = torch.stack([x for x, _ in pairs]).numpy(), np.array([int(y) for _, y in pairs], dtype=np.int64)
+    return (images, labels), (len(pairs), images.nbytes + labels.nbytes)
 
 
 def place(sets: dict[str, ImageSet], device: torch.device) -> dict[str, ImageSet]:
