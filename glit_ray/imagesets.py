@@ -121,12 +121,22 @@ def decode_on_cluster(splits: Splits, dataset: Dataset, indices: list[int], what
             progress.update(count)
             nbytes += chunk_bytes
     except ray.exceptions.RayTaskError as exc:
+        _retrieve_all(chunks + sizes)  # every failed chunk's error is seen: Ray reports none as unhandled
         if isinstance(exc.cause, UserError):
             raise exc.cause from None
         raise
     finally:
         progress.close()
     return ImageSet(chunks, splits.mean, splits.std, len(indices), nbytes)
+
+
+def _retrieve_all(refs: list) -> None:
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError:
+            pass
 
 
 @ray.remote(num_cpus=1, num_returns=2, scheduling_strategy="SPREAD")
