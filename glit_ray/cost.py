@@ -39,7 +39,7 @@ def block_cost(space: SearchSpace, block: Block) -> Cost:
     if w["local"]:
         cl, e, k = w["local"], w["conv_hidden"], block.kernel
         flops += N * cl * 2 * e + N * e * k + N * e * cl  # pointwise, depthwise, pointwise
-        params += cl * 2 * e + 2 * e + e * k + 2 * e + e * cl + cl  # dw has no bias; BN has 2 per channel
+        params += cl * 2 * e + 2 * e + e * k + e + 2 * e + e * cl + cl  # dw has a bias; BN has 2 per channel
     hidden = w["mlp_hidden"]
     flops += 2 * N * C * hidden
     params += 2 * C * hidden + hidden + C

