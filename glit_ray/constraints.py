@@ -44,9 +44,9 @@ class Limits:
         return ", ".join(parts) or "none"
 
     def check_feasible(self, space: SearchSpace, level: str, num_classes: int,
-                       distribution: tuple[int, ...] | None = None) -> None:
-        """Raise a UserError when no architecture of the level can meet the limits."""
-        low, high = cost_range(space, level, num_classes, distribution)
+                       distribution: tuple[int, ...] | None = None, convention: str = "macs") -> None:
+        """Raise a UserError when no architecture of the level can meet the limits (FLOPs in `convention`)."""
+        low, high = cost_range(space, level, num_classes, distribution, convention)
         for name, lo, hi in (("flops", low.flops, high.flops), ("params", low.params, high.params)):
             floor, ceiling = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if floor is not None and ceiling is not None and floor > ceiling:
@@ -59,10 +59,10 @@ class Limits:
 
 
 def sample_within(space: SearchSpace, level: str, rng: random.Random, limits: Limits, num_classes: int,
-                  distribution: tuple[int, ...] | None = None) -> Architecture:
-    """A uniformly random architecture of `level` that meets `limits`."""
+                  distribution: tuple[int, ...] | None = None, convention: str = "macs") -> Architecture:
+    """A uniformly random architecture of `level` that meets `limits` (FLOPs in `convention`)."""
     for _ in range(MAX_DRAWS):
         arch = space.sample(level, rng, distribution)
-        if limits.admits(arch_cost(space, arch, num_classes)):
+        if limits.admits(arch_cost(space, arch, num_classes, convention)):
             return arch
     raise UserError(f"{MAX_DRAWS} random draws from {space.name} met none of the limits ({limits}); widen them")

@@ -5,6 +5,7 @@ classes, image size, channels), so the pair reloads without glit_ray's run files
 YAML, in one call either way:
 
     model = glit_ray.load_model(RUN_DIR)
+    model = glit_ray.load_model("glit_tiny.pth.tar", space="glit_tiny")  # the authors' checkpoint
 
     import json, timm, glit_ray  # importing glit_ray registers 'glit' with timm
     spec = json.load(open(f"{RUN_DIR}/arch.json"))
@@ -19,9 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .checkpoint import fit_state_dict, read_checkpoint
 from .errors import UserError
-from .model import GLiT
+from .model import GLiT, published_arch
 from .runs import read_json, write_atomic, write_json
+from .space import SearchSpace
 
 FORMAT = "glit_ray.model/1"
 WEIGHTS, ARCH = "model.safetensors", "arch.json"
@@ -42,9 +45,33 @@ def export_model(model: GLiT, run_dir: Path, **info) -> None:
     write_json(Path(run_dir) / ARCH, {"format": FORMAT, "model_args": args, "pretrained_cfg": pretrained_cfg, **info})
 
 
-def load_model(run_dir: str | Path, map_location: str = "cpu") -> GLiT:
-    """The exported model of RUN_DIR (a `glit_ray.retrain` run), in eval mode."""
-    run_dir = Path(run_dir)
+def load_model(path: str | Path, map_location: str = "cpu", space: SearchSpace | str | None = None,
+               arch: str | None = None, ema: bool = False) -> GLiT:
+    """The model in PATH, in eval mode.
+
+    PATH is a `glit_ray.retrain` run directory (model.safetensors with arch.json), or a weight file
+    with `space`: the authors' released checkpoint (DeiT's training checkpoint, their tensor names)
+    or a state dict in ours. A file's architecture is `arch`, by default the published GLiT-Tiny's in
+    `space`; its classes are the checkpoint's head's. `ema`: take the file's `model_ema` entry instead
+    of `model`. Bad input is a UserError in one line.
+    """
+    path = Path(path)
+    if space is None and arch is None and not path.is_file():
+        return _load_export(path, map_location)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: a retrain run carries its own space and architecture, so give no space or arch")
+    if space is None:
+        raise UserError(f"{path} is a weight file: give its space (e.g. space='glit_tiny', --space glit_tiny), "
+                        "or give a glit_ray.retrain run directory")
+    space = space if isinstance(space, SearchSpace) else SearchSpace.load(space)
+    state = read_checkpoint(path, ema)
+    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    model = GLiT(arch or published_arch(space), space, num_classes)
+    model.load_state_dict(fit_state_dict(state, model, str(path)))
+    return model.to(map_location).eval()
+
+
+def _load_export(run_dir: Path, map_location: str) -> GLiT:
     if not (run_dir / ARCH).is_file() or not (run_dir / WEIGHTS).is_file():
         raise UserError(f"{run_dir} holds no exported model ({ARCH} and {WEIGHTS}); run python -m glit_ray.retrain --out {run_dir}")
     record = read_json(run_dir / ARCH)

@@ -8,7 +8,8 @@ concatenated (global first) with no projection after. Then the usual pre-norm ML
 After `import glit_ray`, `timm.create_model('glit_tiny_patch16_224')` builds the published
 GLiT-Tiny; Small and Base are the same architecture with the head split scaled to 6 and 12 heads.
 `timm.create_model('glit', arch=..., space=...)` builds any architecture of any space (what
-`glit_ray.retrain` exports reload through).
+`glit_ray.retrain` exports reload through). Every registration loads the authors' released
+checkpoint too (`pretrained=True, pretrained_cfg_overlay=dict(file=...)`, see `glit_ray.checkpoint`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from .arch import Architecture, Block
+from .checkpoint import checkpoint_filter_fn
+from .errors import UserError
 from .space import SearchSpace
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -34,7 +37,7 @@ class ConvModule(nn.Module):
         super().__init__()
         self.pw1 = nn.Conv1d(dim, 2 * hidden, 1)
         self.glu = nn.GLU(dim=1)
-        self.dw = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden, bias=False)
+        self.dw = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)  # biased, as the authors'
         self.bn = nn.BatchNorm1d(hidden)
         self.act = nn.SiLU()
         self.pw2 = nn.Conv1d(hidden, dim, 1)
@@ -175,6 +178,18 @@ def scaled_arch(arch: str, factor: int) -> Architecture:
     return Architecture(tuple(replace(b, g=b.g * factor) for b in Architecture.parse(arch).blocks))
 
 
+def published_arch(space: SearchSpace) -> Architecture:
+    """The published GLiT-Tiny's architecture in `space`, its head split scaled to the space's heads."""
+    if space.depth != 12 or space.num_heads % 3:
+        raise UserError(f"space {space.name} (depth {space.depth}, {space.num_heads} heads) cannot hold the published "
+                        "GLiT-Tiny (depth 12, a multiple of 3 heads); give the architecture")
+    arch = scaled_arch(GLIT_TINY_ARCH, space.num_heads // 3)
+    try:
+        return space.validate(arch)
+    except UserError as exc:
+        raise UserError(f"space {space.name} does not hold the published GLiT-Tiny ({exc}); give the architecture") from None
+
+
 def _cfg(**kwargs) -> dict:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
@@ -193,12 +208,12 @@ default_cfgs = generate_default_cfgs({
 
 def _create_glit(variant: str, pretrained: bool, space: str, factor: int, **kwargs) -> GLiT:
     return build_model_with_cfg(GLiT, variant, pretrained, arch=scaled_arch(GLIT_TINY_ARCH, factor),
-                                space=space, **kwargs)
+                                space=space, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 @register_model
 def glit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
-    """GLiT-Tiny as published (76.3 top-1 on ImageNet-1k, 1.4 G FLOPs, 7.2 M params)."""
+    """GLiT-Tiny as published (76.3 top-1 on ImageNet-1k, 1.4 G FLOPs, 7,264,456 params); loads the authors' checkpoint."""
     return _create_glit("glit_tiny_patch16_224", pretrained, "glit_tiny", 1, **kwargs)
 
 
@@ -218,4 +233,5 @@ def glit_base_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
 def glit(pretrained: bool = False, arch: Architecture | str = GLIT_TINY_ARCH, space: SearchSpace | str | dict = "glit_tiny",
          **kwargs) -> GLiT:
     """Any architecture of any GLiT space; weights from `pretrained_cfg_overlay=dict(file=...)`."""
-    return build_model_with_cfg(GLiT, "glit", pretrained, arch=arch, space=space, **kwargs)
+    return build_model_with_cfg(GLiT, "glit", pretrained, arch=arch, space=space,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)

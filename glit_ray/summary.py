@@ -2,18 +2,28 @@
 
 Prints, per space, the skeleton (embedding, depth, heads, image/patch size), how many architectures
 each level holds (high: G choices ^ depth; low: options per block ^ depth) and the FLOPs/params
-range at the high level: the figures to pick `--flops-max`/`--params-max` from.
+range at the high level: the figures to pick `--flops-max`/`--params-max` from. FLOPs are in
+`--flops-convention` (default macs: every multiply-accumulate; glit: the GLiT authors' formula,
+the one the paper's limits are in; see `glit_ray.cost`).
+
+`python -m glit_ray.summary --space S --arch ARCH` prints one architecture's parameters and its
+FLOPs in both conventions.
 """
 from __future__ import annotations
 
-import argparse
-
 from rich.table import Table
 
-from .cli import run
-from .cost import cost_range
-from .progress import console
+from .arch import Architecture
+from .cli import ArgumentParser, run
+from .cost import CONVENTIONS, arch_cost, cost_range
+from .errors import UserError
+from .progress import console as make_console
 from .space import SearchSpace, builtin_spaces
+
+CONVENTION_NOTES = {
+    "macs": "every multiply-accumulate (torch's flop counter / 2)",
+    "glit": "the GLiT authors' formula (the paper's limits)",
+}
 
 
 def _fmt(value: float) -> str:
@@ -23,12 +33,12 @@ def _fmt(value: float) -> str:
     return str(int(value))
 
 
-def space_table(spaces: list[SearchSpace], num_classes: int) -> Table:
+def space_table(spaces: list[SearchSpace], num_classes: int, convention: str = "macs") -> Table:
     table = Table(title=f"GLiT search spaces ({num_classes} classes)")
-    for column in ("space", "skeleton", "high", "low", "FLOPs (MAC)", "params"):
+    for column in ("space", "skeleton", "high", "low", f"FLOPs ({convention})", "params"):
         table.add_column(column, justify="left" if column == "space" else "right")
     for space in spaces:
-        low, high = cost_range(space, "high", num_classes)
+        low, high = cost_range(space, "high", num_classes, convention=convention)
         options = {len(space.options(g)) for g in space.global_heads}
         table.add_row(
             space.name,
@@ -41,13 +51,40 @@ def space_table(spaces: list[SearchSpace], num_classes: int) -> Table:
     return table
 
 
+def arch_table(space: SearchSpace, arch: Architecture, num_classes: int) -> Table:
+    """One architecture's parameters and FLOPs in every convention."""
+    table = Table(title=f"one {space.name} architecture ({num_classes} classes)")
+    for column in ("", "count", "", "convention"):
+        table.add_column(column, justify="left" if column in ("", "convention") else "right")
+    costs = {convention: arch_cost(space, arch, num_classes, convention) for convention in CONVENTIONS}
+    params = costs["macs"].params
+    table.add_row("params", f"{params:,}", _fmt(params), "")
+    for convention, cost in costs.items():
+        table.add_row(f"FLOPs, {convention}", f"{cost.flops:,}", _fmt(cost.flops), CONVENTION_NOTES[convention])
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glit_ray.summary", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m glit_ray.summary", description=__doc__.splitlines()[0])
     parser.add_argument("spaces", nargs="*", help="YAML paths or built-in names (default: all built-in)")
+    parser.add_argument("--space", help="a YAML path or built-in name (with --arch: the architecture's space)")
+    parser.add_argument("--arch", help="an architecture string: print its params and FLOPs in both conventions")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--flops-convention", choices=CONVENTIONS, default="macs",
+                        help="FLOPs of the space table: macs (every multiply-accumulate, default) or glit (the authors' formula)")
     args = parser.parse_args(argv)
-    spaces = [SearchSpace.load(name) for name in args.spaces or builtin_spaces()]
-    console(stderr=False).print(space_table(spaces, args.num_classes))
+    if args.arch is not None:
+        if args.space is None or args.spaces:
+            raise UserError("--arch needs its space as --space S and no other spaces; e.g. --space glit_tiny --arch ARCH")
+        space = SearchSpace.load(args.space)
+        arch = space.validate(Architecture.parse(args.arch))
+        console = make_console(stderr=False)
+        console.print(str(arch), soft_wrap=True, markup=False, highlight=False)
+        console.print(arch_table(space, arch, args.num_classes))
+        return
+    names = args.spaces + ([args.space] if args.space else [])
+    spaces = [SearchSpace.load(name) for name in names or builtin_spaces()]
+    make_console(stderr=False).print(space_table(spaces, args.num_classes, args.flops_convention))
 
 
 if __name__ == "__main__":

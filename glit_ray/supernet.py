@@ -17,6 +17,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .arch import Architecture, Block
+from .checkpoint import fit_state_dict
 from .errors import UserError
 from .model import GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates, gl_block
 from .runs import write_atomic
@@ -136,5 +137,6 @@ def load_supernet(path: Path, map_location: str | torch.device = "cpu") -> tuple
     space = SearchSpace.from_dict(record["space"], source=f"{path} (space)")
     net = GLiTSupernet(space, record["level"], record["distribution"], record["num_classes"],
                        record["img_size"], record["in_chans"])
-    net.load_state_dict(record["state_dict"])
+    # a mismatch means another glit_ray version saved it (e.g. before the depthwise convolutions had a bias)
+    net.load_state_dict(fit_state_dict(record["state_dict"], net, str(path), hint="another glit_ray version saved it: train it again"))
     return net.to(map_location).eval(), record["meta"]

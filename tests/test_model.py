@@ -46,10 +46,16 @@ def test_published_tiny_blocks_match_the_reference_table():
             assert isinstance(block.conv, ConvModule)
             assert block.conv.pw1.in_channels == local and block.conv.pw1.out_channels == 2 * ec * local
             assert block.conv.dw.kernel_size == (kernel,) and block.conv.dw.groups == ec * local
+            assert block.conv.dw.bias is not None  # as the authors' (reference: their depthwise conv has a bias)
             assert block.conv.pw2.out_channels == local
         assert block.mlp.fc1.out_features == mlp * C
         assert isinstance(block.mlp.act, torch.nn.GELU)
         assert block.norm1.eps == 1e-6
+
+
+def test_published_tiny_has_the_authors_parameter_count():
+    model = timm.create_model("glit_tiny_patch16_224")
+    assert sum(p.numel() for p in model.parameters()) == 7_264_456  # reference: with the depthwise bias
 
 
 @pytest.mark.parametrize("name, heads, factor", [("glit_small_patch16_224", 6, 2), ("glit_base_patch16_224", 12, 4)])

@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from glit_ray.errors import UserError
+from glit_ray.model import GLIT_TINY_ARCH
 from glit_ray.space import SearchSpace, builtin_spaces
+from glit_ray.summary import main as summary
 
 
 def test_builtin_spaces_load():
@@ -100,3 +102,29 @@ def test_cli_summary_lists_every_space():
     for name in builtin_spaces():
         assert name in proc.stdout
     assert "4^12" in proc.stdout and "9^6" in proc.stdout
+
+
+def test_cli_summary_prints_one_architecture_in_both_flops_conventions(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "120")
+    summary(["--space", "glit_tiny", "--arch", GLIT_TINY_ARCH])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == GLIT_TINY_ARCH
+    # the published GLiT-Tiny: 1.47 G in ours, 1.33 G in the authors' formula (what their repository reports)
+    for figure in ("7,264,456", "1,472,873,280", "1.47G", "1,332,470,592", "1.33G"):
+        assert figure in out
+    summary(["--space", "glit_micro", "--arch", "0:k5c2m4-" * 5 + "3:v1m4", "--num-classes", "10"])
+    assert "one glit_micro architecture (10 classes)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--arch needs its space as --space S"):
+        summary(["--arch", GLIT_TINY_ARCH])
+    with pytest.raises(UserError, match="is not one of"):
+        summary(["--space", "glit_tiny", "--arch", GLIT_TINY_ARCH.replace("k45", "k9", 1)])
+
+
+def test_cli_summary_ranges_in_the_chosen_flops_convention(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "120")
+    summary(["glit_micro", "--flops-convention", "glit"])
+    assert "FLOPs (glit)" in capsys.readouterr().out
+    summary(["--space", "glit_micro"])
+    assert "FLOPs (macs)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="invalid choice: 'flops'"):
+        summary(["--flops-convention", "flops"])
