@@ -59,7 +59,7 @@ class ImageSet:
 
     def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised (images, labels) batches on `device`, in order; a batch never spans two chunks."""
-        for images, labels in self.chunks:
+        for images, labels in self.fetched().chunks:
             for start in range(0, len(labels), batch_size):
                 x, y = images[start:start + batch_size], labels[start:start + batch_size]
                 if x.device != device:
