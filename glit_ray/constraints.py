@@ -1,7 +1,8 @@
 """FLOPs/params limits, and uniform sampling inside them.
 
 Limits are given in millions (`--flops-max 45` means 45 M multiply-accumulates), as NAS papers quote
-them. Sampling inside limits is rejection sampling: uniform over the architectures that fit, with
+them, with FLOPs in the limits' `convention` (`glit_ray.cost`: every multiply-accumulate, or the
+GLiT authors' formula, in which the paper's limits are stated). Sampling inside limits is rejection sampling: uniform over the architectures that fit, with
 a bounded number of draws. Infeasible limits are caught up front from the space's cost range, so
 a run says so before any Ray process starts.
 """
@@ -11,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 
 from .arch import Architecture
-from .cost import Cost, arch_cost, cost_range
+from .cost import CONVENTIONS, Cost, arch_cost, check_convention, cost_range
 from .errors import UserError
 from .space import SearchSpace
 
@@ -20,12 +21,20 @@ MAX_DRAWS = 10_000
 
 @dataclass(frozen=True)
 class Limits:
-    """Closed bounds in millions; None means unbounded."""
+    """Closed bounds in millions; None means unbounded. FLOPs are counted in `convention`."""
 
     flops_min: float | None = None
     flops_max: float | None = None
     params_min: float | None = None
     params_max: float | None = None
+    convention: str = "macs"
+
+    def cost(self, space: SearchSpace, arch: Architecture, num_classes: int) -> Cost:
+        """`arch`'s cost as these limits count it."""
+        return arch_cost(space, arch, num_classes, self.convention)
+
+    def __post_init__(self):
+        check_convention(self.convention)
 
     def admits(self, cost: Cost) -> bool:
         flops, params = cost.flops / 1e6, cost.params / 1e6
@@ -40,13 +49,14 @@ class Limits:
         return asdict(self)
 
     def __str__(self) -> str:
-        parts = [f"{k.replace('_', '-')} {v:g}M" for k, v in asdict(self).items() if v is not None]
-        return ", ".join(parts) or "none"
+        bounds = {k: v for k, v in asdict(self).items() if k != "convention" and v is not None}
+        parts = [f"{k.replace('_', '-')} {v:g}M" for k, v in bounds.items()]
+        return ", ".join(parts) + (f" ({self.convention} FLOPs)" if self.convention != "macs" and parts else "") or "none"
 
     def check_feasible(self, space: SearchSpace, level: str, num_classes: int,
-                       distribution: tuple[int, ...] | None = None, convention: str = "macs") -> None:
-        """Raise a UserError when no architecture of the level can meet the limits (FLOPs in `convention`)."""
-        low, high = cost_range(space, level, num_classes, distribution, convention)
+                       distribution: tuple[int, ...] | None = None) -> None:
+        """Raise a UserError when no architecture of the level can meet the limits."""
+        low, high = cost_range(space, level, num_classes, distribution, self.convention)
         for name, lo, hi in (("flops", low.flops, high.flops), ("params", low.params, high.params)):
             floor, ceiling = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if floor is not None and ceiling is not None and floor > ceiling:
@@ -59,10 +69,17 @@ class Limits:
 
 
 def sample_within(space: SearchSpace, level: str, rng: random.Random, limits: Limits, num_classes: int,
-                  distribution: tuple[int, ...] | None = None, convention: str = "macs") -> Architecture:
-    """A uniformly random architecture of `level` that meets `limits` (FLOPs in `convention`)."""
+                  distribution: tuple[int, ...] | None = None) -> Architecture:
+    """A uniformly random architecture of `level` that meets `limits`."""
     for _ in range(MAX_DRAWS):
         arch = space.sample(level, rng, distribution)
-        if limits.admits(arch_cost(space, arch, num_classes, convention)):
+        if limits.admits(limits.cost(space, arch, num_classes)):
             return arch
     raise UserError(f"{MAX_DRAWS} random draws from {space.name} met none of the limits ({limits}); widen them")
+
+
+def add_flops_convention(parser) -> None:
+    """The `--flops-convention` option of the commands that take FLOPs limits."""
+    parser.add_argument("--flops-convention", choices=CONVENTIONS, default="macs",
+                        help="how the --flops-* limits (and the flops column) count: macs, every multiply-accumulate "
+                             "(default), or glit, the authors' formula, in which the paper's limits are given")

@@ -47,9 +47,9 @@ class Evaluator:
     """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
 
     def __init__(self, supernet_bytes: bytes, sets: dict[str, ImageSet], actor_id: int, threads: int = 1,
-                 latency: dict | None = None):
+                 latency: dict | None = None, flops_convention: str = "macs"):
         """`sets`: the "calibration" and "heldout" ImageSets (`scoring_sets`); `latency`: {"batch": images per
-        timed pass, "max_ms": limit or None}, None measures none."""
+        timed pass, "max_ms": limit or None}, None measures none; `flops_convention`: of the rows' flops."""
         started = time.perf_counter()
         torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
@@ -59,6 +59,7 @@ class Evaluator:
         self.device_name = device_name(self.device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         self.latency, self.latency_ms = latency, {}  # arch string -> milliseconds
+        self.flops_convention = flops_convention
         self.sets = place({name: image_set.fetched() for name, image_set in sets.items()}, self.device)
         self.ready_seconds = time.perf_counter() - started
         self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
@@ -73,8 +74,9 @@ class Evaluator:
             raise RuntimeError(f"injected failure on actor {self.actor_id}")
         started = time.perf_counter()
         arch = Architecture.parse(arch_text)
-        cost = arch_cost(self.net.space, arch, self.net.num_classes)
-        row = {"flops": cost.flops, "params": cost.params, "actor": self.actor_id, "node": self.node,
+        cost = arch_cost(self.net.space, arch, self.net.num_classes, self.flops_convention)
+        row = {"flops": cost.flops, "flops_convention": self.flops_convention, "params": cost.params,
+               "actor": self.actor_id, "node": self.node,
                "device": self.device_name}
         with self.autocast:
             if self.latency:
@@ -144,7 +146,8 @@ def score_on(net: torch.nn.Module, arch: Architecture | None, sets: dict[str, Im
 
 @contextmanager
 def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, heldout_images: int | None,
-                   actors: int, gpus_per_actor: float | None, latency: dict | None = None) -> Iterator[list]:
+                   actors: int, gpus_per_actor: float | None, latency: dict | None = None,
+                   flops_convention: str = "macs") -> Iterator[list]:
     """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
 
     The scoring sets are decoded first, once (`scoring_sets`), and every actor maps them from its
@@ -165,7 +168,7 @@ def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, he
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
                                            scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
-    pool = [remote.remote(ref, sets, i, threads, latency) for i in range(actors)]
+    pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(actors)]
     try:
         yield pool
     finally:

@@ -24,7 +24,8 @@ SCHEMA = pa.schema([
     ("arch", pa.string()), ("level", pa.string()), ("generation", pa.int32()), ("candidate", pa.int32()),
     ("parents", pa.list_(pa.string())), ("operator", pa.string()),
     ("top1", pa.float64()), ("top5", pa.float64()), ("loss", pa.float64()),
-    ("flops", pa.int64()), ("params", pa.int64()), ("latency_ms", pa.float64()), ("eval_seconds", pa.float64()),
+    ("flops", pa.int64()), ("flops_convention", pa.string()), ("params", pa.int64()), ("latency_ms", pa.float64()),
+    ("eval_seconds", pa.float64()),
     ("actor", pa.int32()), ("node", pa.string()), ("device", pa.string()), ("trial_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ("status", pa.string()), ("error", pa.string()),
 ])

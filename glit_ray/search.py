@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import ArgumentParser, run
-from .constraints import Limits
+from .constraints import Limits, add_flops_convention
 from .data import build_splits, parse_spec
 from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
@@ -109,7 +109,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
     p.add_argument("--latency-batch", type=int, default=1, help="images per timed forward pass (default: 1)")
     for bound in ("flops-min", "flops-max", "params-min", "params-max"):
-        p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs are multiply-accumulates)")
+        p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs in --flops-convention)")
+    add_flops_convention(p)
     p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--calib-batches", type=int, default=None,
@@ -146,7 +147,7 @@ def settings_from_args(args) -> dict:
     if args.latency_batch < 1:
         raise UserError("--latency-batch must be at least 1")
     latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
-    limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max)
+    limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention)
     calib_batches, heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
     return {
         "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
@@ -199,7 +200,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         ray.init(address=address, log_to_driver=True)
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
-                          limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max), seed=settings["seed"]),
+                          limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max,
+                                        convention=limits.convention), seed=settings["seed"]),
         out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console,
         storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
     if mirror:
@@ -212,7 +214,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"],
                                  settings["strategy"], settings["objective"], settings["pareto_cost"])
     with evaluator_pool(supernet.read_bytes(), splits, settings["calib_batches"], settings["heldout_images"],
-                        actors, gpus_per_actor, settings["latency"]) as evaluators:
+                        actors, gpus_per_actor, settings["latency"], limits.convention) as evaluators:
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:
             console.print(f"resuming the {level}-level search in {out}")

@@ -24,7 +24,6 @@ from ray.tune.search import Searcher
 from . import pareto
 from .arch import Architecture
 from .constraints import Limits
-from .cost import arch_cost
 from .space import SearchSpace
 
 TRIES_PER_CHILD = 50
@@ -124,7 +123,7 @@ class EvolutionSearcher(Searcher):
 
         def admit(arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
             draws["total"] += 1
-            if not self.limits.admits(arch_cost(self.space, arch, self.num_classes)):
+            if not self.limits.admits(self.limits.cost(self.space, arch, self.num_classes)):
                 return False
             draws["met"] += 1
             if str(arch) in seen:

@@ -26,8 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from .cli import ArgumentParser, run
-from .constraints import Limits, sample_within
-from .cost import arch_cost
+from .constraints import Limits, add_flops_convention, sample_within
 from .data import build_splits, mixup_for, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
@@ -61,12 +60,12 @@ class PathSampler:
     def probes(self) -> dict[str, Architecture]:
         """Fixed paths scored every epoch: the smallest and largest (when inside the limits), three random."""
         choices = self.space.block_choices(self.level, self.distribution)
-        cost = lambda b: arch_cost(self.space, Architecture((b,)), self.num_classes).flops  # noqa: E731
+        cost = lambda b: self.limits.cost(self.space, Architecture((b,)), self.num_classes).flops  # noqa: E731
         extremes = {
             "smallest": Architecture(tuple(min(c, key=cost) for c in choices)),
             "largest": Architecture(tuple(max(c, key=cost) for c in choices)),
         }
-        probes = {k: a for k, a in extremes.items() if self.limits.admits(arch_cost(self.space, a, self.num_classes))}
+        probes = {k: a for k, a in extremes.items() if self.limits.admits(self.limits.cost(self.space, a, self.num_classes))}
         rng = random.Random(f"{self.seed}:probes")
         for i in range(3):
             probes[f"random{i}"] = sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution)
@@ -164,7 +163,9 @@ def settings_from_args(args) -> dict:
     parse_spec(args.data)
     check_counts(args)
     return supernet_settings(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
-                             args.lr, args.drop_path, Limits(flops_max=args.flops_max, params_max=args.params_max), args.seed)
+                             args.lr, args.drop_path,
+                             Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
+                             args.seed)
 
 
 def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30, batch_size: int = 32,
@@ -228,6 +229,7 @@ def build_parser() -> ArgumentParser:
     add_arguments(parser, epochs=30, batch_size=32, drop_path=0.0)
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
+    add_flops_convention(parser)
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     return parser
 

@@ -52,13 +52,15 @@ def test_hopeless_rejection_sampling_gives_up_with_a_message(tiny):
 def test_limits_can_be_read_in_the_authors_flops_convention(tiny):
     # 1,300 M: the paper's limit for Tiny, in the authors' formula, which counts less than ours;
     # the low level of the published distribution
-    limits, published = Limits(flops_max=1300), (3, 0, 1, 3, 0, 1, 3, 1, 0, 3, 0, 3)
-    archs = [sample_within(tiny, "low", random.Random(s), limits, 1000, published, convention="glit") for s in range(40)]
+    limits, published = Limits(flops_max=1300, convention="glit"), (3, 0, 1, 3, 0, 1, 3, 1, 0, 3, 0, 3)
+    archs = [sample_within(tiny, "low", random.Random(s), limits, 1000, published) for s in range(40)]
     assert all(arch_cost(tiny, a, 1000, convention="glit").flops <= 1300e6 for a in archs)
     assert any(arch_cost(tiny, a, 1000).flops > 1300e6 for a in archs)
     low_ours, _ = cost_range(tiny, "high", 1000)
     low_theirs, _ = cost_range(tiny, "high", 1000, convention="glit")
-    between = Limits(flops_max=(low_ours.flops + low_theirs.flops) / 2e6)
-    between.check_feasible(tiny, "high", 1000, convention="glit")
+    middle = (low_ours.flops + low_theirs.flops) / 2e6
+    Limits(flops_max=middle, convention="glit").check_feasible(tiny, "high", 1000)
+    with pytest.raises(UserError, match=r"no architecture of glit_tiny .*\(glit FLOPs\)"):
+        Limits(flops_max=0.9 * low_theirs.flops / 1e6, convention="glit").check_feasible(tiny, "high", 1000)
     with pytest.raises(UserError, match="no architecture of glit_tiny"):
-        between.check_feasible(tiny, "high", 1000)
+        Limits(flops_max=middle).check_feasible(tiny, "high", 1000)

@@ -43,6 +43,7 @@ def check_run(out, level, generations=3, improves=True):
         for row in per_generation[g]:
             assert row["level"] == level and row["status"] == "ok" and 0 <= row["top1"] <= 100
             assert row["flops"] > 0 and row["params"] > 0 and row["eval_seconds"] > 0 and row["node"]
+            assert row["flops_convention"] == "macs"
             assert set(row["parents"]) <= earlier  # every parent is an earlier row
             assert (row["operator"] == "random") == (row["parents"] == [])
         earlier |= {r["arch"] for r in per_generation[g]}
@@ -145,6 +146,8 @@ def one_line_error(capsys, argv) -> str:
     (["--level", "low"], "--level low needs --distribution RUN_DIR"),
     (["--level", "high", "--flops-max", "2"], "no architecture of glit_micro (high level) meets flops-max 2M"),
     (["--level", "high", "--params-min", "5", "--params-max", "4"], "--params-min 5M is above --params-max 4M"),
+    (["--level", "high", "--flops-convention", "glit", "--flops-max", "2"],
+     "no architecture of glit_micro (high level) meets flops-max 2M (glit FLOPs)"),
     (["--level", "high", "--mutation-prob", "1.5"], "--mutation-prob 1.5 is not a probability"),
     (["--level", "high", "--latency-max-ms", "0"], "--latency-max-ms 0 is not a positive time"),
     (["--level", "high", "--latency-batch", "0"], "--latency-batch must be at least 1"),
@@ -231,3 +234,10 @@ def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_ses
     keys = ("arch", "generation", "candidate", "operator", "parents", "top1", "status")
     assert [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()] == [{k: r[k] for k in keys} for r in rows]
     assert best["arch"] == max(rows, key=lambda r: (r["top1"], [-ord(c) for c in r["arch"]]))["arch"]
+
+
+def test_limits_in_the_authors_flops_convention_are_recorded_with_the_run():
+    settings = settings_for("--level", "high", "--flops-convention", "glit", "--flops-max", "30")
+    assert settings["limits"] == {"flops_min": None, "flops_max": 30.0, "params_min": None, "params_max": None,
+                                  "convention": "glit"}
+    assert settings_for("--level", "high")["limits"]["convention"] == "macs"
