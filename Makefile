@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Benchmarks P1-P7 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python bench/search_quality.py --record
 	$(BIN)/python bench/input_pipeline.py --record
 	$(BIN)/python bench/evaluator_warmup.py --record
+	$(BIN)/python bench/ranking_stability.py --record
 
 # The real 224-px path (supernet training, scoring, search, retrain) on one GPU with bfloat16, with its figures.
 gpu-check: install

@@ -1,29 +1,32 @@
 """P8: how stable the ranking of the same candidates is as the calibration sample and held-out set shrink.
 
-A search ranks candidates by held-out top-1 after BatchNorm recalibration, on `calib_batches` x 64
-training images and `heldout_images` held-out images (`glit_ray.evaluator.scoring_sets`). Fewer
-images make every score cheaper and every ranking noisier. For each setting, a supernet is
-trained briefly (kept in OUT and reused by later runs: a supernet trained a little still ranks
-paths), M high-level candidates are drawn, and each is scored against a large reference: every
-training image of the split as calibration, in a seeded random order (SPOS recalibrates on random
-training batches), and the whole held-out split. Then, for each calibration size of the grid, the
-candidate is recalibrated on exactly the sample `scoring_sets` would use for it (the same seeded
-draw, in the same order and batches) and scored on the whole held-out split, keeping which images
-it got right; a held-out size of the grid is the same fixed class-stratified subset `scoring_sets`
-would take, so its top-1 is read off those hits without another pass. Each cell is Kendall's tau-b
-(`scipy.stats.kendalltau`) of the candidates' top-1 at that size against the reference's.
+A search ranks candidates by held-out top-1 after BatchNorm recalibration on `calib_batches` x 64
+training images, over `heldout_images` held-out images (`glit_ray.evaluator.scoring_sets`). Fewer
+images make every score cheaper and every ranking noisier. For each setting a supernet is trained
+briefly (a supernet trained a little already ranks paths), M distinct high-level candidates are
+drawn, and each is scored against a large reference: every training image of the split as
+calibration, in a seeded random order (SPOS recalibrates on random training batches), and the
+whole held-out split. For each calibration size of the grid the candidate is recalibrated on
+exactly the sample `scoring_sets` uses at that size (the same seeded draw, in the same order and
+batches) and scored on the whole held-out split, keeping which images it got right; a held-out
+size of the grid is the fixed class-stratified subset `scoring_sets` takes, so its top-1 is read
+off those hits without another pass. Each cell is Kendall's tau-b (`scipy.stats.kendalltau`) of
+the candidates' top-1 at that size against their top-1 at the reference.
 
-The images are decoded once per setting (the union of the calibration samples, and the held-out
-split) and every set is sliced from them; one candidate's score at the search's default sizes is
-checked against `scoring_sets` + `score_on` decoding that set directly.
+The images are decoded once (the union of the calibration samples, and the held-out split) and
+each set is sliced from them; one candidate's score at the default calibration size and the largest
+held-out subset is checked against `scoring_sets` + `score_on` decoding that set directly. The
+supernets, the generated folder and each candidate's hits are kept in OUT: a rerun with the same
+settings only tabulates (and rescoring is resumable: an interrupted run keeps what it scored).
 
 Settings: `digits`, glit_micro on scikit-learn's digits (1,150 training images in the split, 288
-held out); `folder`, glit_pico on a generated 224-px ImageNet-layout folder (`glit_ray.synthetic`,
-written once into OUT), whose training images are class-sorted on disk as ImageNet's are.
+held out); `folder`, glit_pico on a generated 224-px ImageNet-layout folder (`glit_ray.synthetic`),
+whose training images are class-sorted on disk as ImageNet's are.
 
-Rule: a cell (c batches, h images) is stable when it and every cell with at least as many
-calibration batches and held-out images have tau >= THRESHOLD; the recommended sizes are the
-stable cell that decodes and scores the fewest images per candidate (64 c + h).
+Rule: a cell (c batches, h images) is stable when it and every cell of the grid with at least as
+many calibration batches and held-out images have tau >= --threshold (0.9: at most 5 % of the
+candidate pairs ordered otherwise than by the reference); the recommended sizes are the stable cell
+that scores the fewest images per candidate (64 c + h).
 
     python bench/ranking_stability.py [--settings digits folder] [--digits-candidates 40] [--folder-candidates 24]
         [--calib 1 2 4 8 16] [--heldout 64 128 256 512 1000] [--threshold 0.9] [--record]
@@ -31,7 +34,11 @@ stable cell that decodes and scores the fewest images per candidate (64 c + h).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import os
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -42,209 +49,222 @@ from scipy.stats import kendalltau
 
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits, labels_of, stratified_sample
+from glit_ray.errors import UserError
 from glit_ray.evaluator import CALIB_BATCH_SIZE, EVAL_BATCH_SIZE, SCORING_DEFAULTS, score_on, scoring_sets
 from glit_ray.imagesets import CHUNK, ImageSet, calibration_indices, decode, heldout_indices
 from glit_ray.scoring import recalibrate_bn
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.train_supernet import supernet_settings, train_supernet
+from glit_ray.train_supernet import SUPERNET_FILE, supernet_settings, train_supernet
 
 from harness import publish
 
 CPU = torch.device("cpu")
 REFERENCE = "reference"
-HALVES = 20  # random stratified half splits of the held-out set for its split-half agreement
+DRAWS = 20  # other seeded draws of the held-out subsets and halves, read off the hits
+LABEL = {"digits": "digits (glit_micro)", "folder": "224-px folder (glit_pico)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["digits", "folder"], choices=["digits", "folder"])
-    parser.add_argument("--calib", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="calibration batches of 64")
+    parser.add_argument("--calib", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="calibration batches of 64 (sizes the training split cannot hold are dropped)")
     parser.add_argument("--heldout", type=int, nargs="+", default=[64, 128, 256, 512, 1000],
-                        help="held-out images (sizes at or over the split's are dropped; the whole split is always a column)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="Kendall tau a stable cell reaches")
-    parser.add_argument("--seed", type=int, default=0, help="draws the candidates")
+                        help="held-out images (sizes at or over the split's are dropped; the whole split is a column)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="the Kendall tau a stable cell reaches")
+    parser.add_argument("--seed", type=int, default=0, help="draws the candidates and the reference's order")
     parser.add_argument("--digits-candidates", type=int, default=40)
     parser.add_argument("--digits-epochs", type=int, default=10)
     parser.add_argument("--folder-candidates", type=int, default=24)
-    parser.add_argument("--folder-epochs", type=int, default=2)
-    parser.add_argument("--folder-classes", type=int, default=20)
-    parser.add_argument("--folder-train-per-class", type=int, default=100, help="of which 20 %% are held out")
-    parser.add_argument("--folder-reference-batches", type=int, default=None,
-                        help="cap on the reference's calibration batches (default: every training image of the split)")
+    parser.add_argument("--folder-epochs", type=int, default=6)
+    parser.add_argument("--folder-lr", type=float, default=3e-3,
+                        help="the folder supernet's peak learning rate (DeiT's 5e-4 x batch / 512 barely moves in 6 epochs)")
+    parser.add_argument("--folder-classes", type=int, default=10)
+    parser.add_argument("--folder-train-per-class", type=int, default=160, help="of which 20 %% are held out")
     parser.add_argument("--workers", type=int, default=2, help="loader processes that decode the images")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/ranking-stability"))
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     started = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    sections, recommended = [], {}
+    texts, picks = [], {}
     for name in args.settings:
-        result = run_setting(name, args)
-        sections.append(result["text"])
-        recommended[name] = result["recommended"]
+        text, picks[name] = run_setting(name, args)
+        texts.append(text)
     ray.shutdown()
-    lines = [f"**Recommended (calibration batches, held-out images) by the rule (tau >= {args.threshold:g}, see above): "
-             + "; ".join(f"{SETTING_LABEL[n]}: {fmt_recommended(r)}" for n, r in recommended.items())
-             + f".** Today's defaults: {', '.join(f'{k} {v}' for k, v in SCORING_DEFAULTS.items())}. "
-             f"Whole run: {time.perf_counter() - started:.0f} s."]
-    publish("P8", "\n\n".join([*sections, *lines]), args.record)
+    summary = (f"**Recommended (calibration batches, held-out images) by the rule at tau >= {args.threshold:g}: "
+               + "; ".join(f"{LABEL[n]} {p}" for n, p in picks.items())
+               + f".** Defaults when this ran: {', '.join(f'{k} {v}' for k, v in SCORING_DEFAULTS.items())} "
+               f"(None: the whole held-out split). This run: {time.perf_counter() - started:.0f} s.")
+    publish("P8", "\n\n".join([*texts, summary]), args.record)
 
 
-SETTING_LABEL = {"digits": "digits (glit_micro)", "folder": "224-px folder (glit_pico)"}
-
-
-def run_setting(name: str, args) -> dict:
-    """Train or reuse the setting's supernet, score its candidates at every size, and tabulate tau."""
+def run_setting(name: str, args) -> tuple[str, str]:
+    """Train or reuse the setting's supernet, score its candidates at every size, tabulate tau; (text, pick)."""
     t0 = time.perf_counter()
     if name == "digits":
-        space, data, epochs, batch, candidates, ref_cap = SearchSpace.load("glit_micro"), "digits", args.digits_epochs, 64, \
-            args.digits_candidates, None
-        about = "glit_micro on digits"
+        space, data, about = SearchSpace.load("glit_micro"), "digits", "glit_micro on digits"
+        epochs, batch, lr, wanted = args.digits_epochs, 64, None, args.digits_candidates
+        run_dir = args.out / f"digits-{epochs}ep"
     else:
-        space, epochs, batch, candidates = SearchSpace.load("glit_pico"), args.folder_epochs, 32, args.folder_candidates
-        ref_cap = args.folder_reference_batches
         classes, per_class = args.folder_classes, args.folder_train_per_class
-        root = args.out / f"folder-{classes}x{per_class}"
-        if not (root / "done").exists():
-            write_imagefolder(root, classes, per_class, 1, size=256, seed=0)  # val (the test split) is unused here
-            (root / "done").touch()
-        data = f"imagefolder:{root}"
-        about = f"glit_pico on a generated folder of {classes} classes x {per_class} 256-px JPEGs (224-px crops)"
-    supernet_dir = args.out / f"{name}-supernet-{epochs}ep"
-    supernet = train_supernet(supernet_settings(space, "high", None, data, epochs, batch_size=batch), supernet_dir,
-                              resume=(supernet_dir / "run.json").exists())
+        root = (args.out / f"folder-{classes}x{per_class}").resolve()  # Ray Train's workers run elsewhere
+        if not (root / "written").exists():
+            write_imagefolder(root, classes, per_class, 1, size=256, seed=0)  # val (the test split) is not used here
+            (root / "written").touch()
+        space, data = SearchSpace.load("glit_pico"), f"imagefolder:{root}"
+        about = f"glit_pico on a generated folder of {classes} classes x {per_class} 256-px JPEGs, scored at 224 px"
+        epochs, batch, lr, wanted = args.folder_epochs, 32, args.folder_lr, args.folder_candidates
+        run_dir = args.out / f"folder-{classes}x{per_class}-{epochs}ep-lr{lr:g}"
+    supernet_dir = run_dir / "supernet"
+    supernet = supernet_dir / SUPERNET_FILE
+    try:  # a finished one is reused while this glit_ray loads it (its hits are keyed by the file's bytes)
+        load_supernet(supernet)
+    except (FileNotFoundError, UserError) as exc:
+        if supernet.exists():  # saved by an earlier glit_ray, whose tensors differ: train it again
+            print(f"{exc}: training it again", flush=True)
+            shutil.rmtree(supernet_dir)
+        supernet = train_supernet(supernet_settings(space, "high", None, data, epochs, batch_size=batch, lr=lr),
+                                  supernet_dir, resume=(supernet_dir / "run.json").exists())
     trained = time.perf_counter() - t0
     net, _ = load_supernet(supernet)
     splits = build_splits(data, space.img_size, space.in_chans)
     n_train, labels = len(splits.calibration), labels_of(splits.heldout)
     n_heldout = len(labels)
-
-    # Sizes: the grid's calibration sizes the split holds; the reference: every training image (or the cap).
     calib = sorted({c for c in args.calib if c * CALIB_BATCH_SIZE < n_train})
-    ref_images = n_train if ref_cap is None else min(n_train, ref_cap * CALIB_BATCH_SIZE)
     heldout = sorted({h for h in args.heldout if h < n_heldout}) + [None]
-    default_calib, default_heldout = SCORING_DEFAULTS[data.partition(":")[0]]
+    default_calib, _ = SCORING_DEFAULTS[data.partition(":")[0]]
 
-    # Decode once: the union of the calibration samples (as scoring_sets draws them) and the whole held-out split.
-    t1 = time.perf_counter()
+    # The calibration samples, as scoring_sets draws them, and the reference: all training images, random order.
     samples = {c: calibration_indices(splits, c * CALIB_BATCH_SIZE) for c in calib}
-    reference = random.Random(f"{args.seed}:reference").sample(calibration_indices(splits, ref_images), ref_images)
-    union = sorted(set(reference).union(*samples.values()))
-    pool = decode(splits, splits.calibration, union, args.workers)
-    pool_x, pool_y = torch.cat([x for x, _ in pool.chunks]), torch.cat([y for _, y in pool.chunks])
-    row = {index: r for r, index in enumerate(union)}
-
-    def sliced(indices: list[int]) -> ImageSet:
-        rows = [row[i] for i in indices]
-        x, y = pool_x[rows], pool_y[rows]
-        return ImageSet([(x[s:s + CHUNK], y[s:s + CHUNK]) for s in range(0, len(rows), CHUNK)], pool.mean, pool.std)
-
-    calib_sets = {c: sliced(samples[c]) for c in calib}
-    calib_sets[REFERENCE] = sliced(reference)
-    heldout_set = decode(splits, splits.heldout, heldout_indices(splits, None), args.workers)
-    subsets = {h: torch.tensor(heldout_indices(splits, h)) for h in heldout}
-    decoded = time.perf_counter() - t1
-
-    # Candidates: distinct high-level paths; per candidate and calibration row, its hits on the whole held-out split.
-    rng, archs = random.Random(args.seed), []
-    while len(archs) < min(candidates, space.size("high")):
+    samples[REFERENCE] = random.Random(f"{args.seed}:reference").sample(range(n_train), n_train)
+    row_key = {c: f"sample-{c}x{CALIB_BATCH_SIZE}" for c in calib} | {REFERENCE: f"all-{n_train}-order{args.seed}"}
+    archs, rng = [], random.Random(args.seed)
+    while len(archs) < min(wanted, space.size("high")):
         arch = space.sample("high", rng)
         if arch not in archs:
             archs.append(arch)
-    t2 = time.perf_counter()
-    hits = {key: [] for key in calib_sets}
-    for i, arch in enumerate(archs):
-        for key, calib_set in calib_sets.items():
-            hits[key].append(held_out_hits(net, arch, calib_set, heldout_set))
-        print(f"{name}: scored {i + 1}/{len(archs)} candidates ({time.perf_counter() - t2:.0f} s)", flush=True)
-    scored = time.perf_counter() - t2
 
-    def top1(key, h, positions=None) -> list[float]:
-        positions = subsets[h] if positions is None else positions
+    # Score what the cache lacks: each set decoded once, sliced per sample.
+    cache = run_dir / f"hits-{hashlib.sha1(supernet.read_bytes()).hexdigest()[:12]}"  # this supernet's
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = [cache / f"{hashlib.sha1(str(a).encode()).hexdigest()[:16]}.pt" for a in archs]
+    stored = [torch.load(p) if p.exists() else {"arch": str(a), "rows": {}, "seconds": 0.0} for a, p in zip(archs, paths)]
+    missing = [i for i, s in enumerate(stored) if any(row_key[k] not in s["rows"] for k in samples)]
+    t1 = time.perf_counter()
+    if missing:
+        calib_sets, heldout_set = decoded_sets(splits, samples, args.workers)
+    decoded = time.perf_counter() - t1
+    for done, i in enumerate(missing):
+        began = time.perf_counter()
+        for key, calib_set in calib_sets.items():
+            if row_key[key] not in stored[i]["rows"]:
+                stored[i]["rows"][row_key[key]] = held_out_hits(net, archs[i], calib_set, heldout_set)
+        stored[i]["seconds"] += time.perf_counter() - began
+        torch.save(stored[i], paths[i].with_suffix(".tmp"))
+        os.replace(paths[i].with_suffix(".tmp"), paths[i])
+        print(f"{name}: scored {done + 1}/{len(missing)} candidates ({time.perf_counter() - t1:.0f} s)", flush=True)
+    hits = {k: [s["rows"][row_key[k]] for s in stored] for k in samples}
+    scoring = sum(s["seconds"] for s in stored)
+
+    subsets = {h: torch.tensor(heldout_indices(splits, h)) for h in heldout}
+
+    def top1(key, positions) -> list[float]:
         return [100.0 * float(hit[positions].float().mean()) for hit in hits[key]]
 
-    truth = top1(REFERENCE, None)
-    tau = {(c, h): kendalltau(top1(c, h), truth).statistic for c in [*calib, REFERENCE] for h in heldout}
+    truth = top1(REFERENCE, subsets[None])
+    tau = {(c, h): kendalltau(top1(c, subsets[h]), truth).statistic for c in samples for h in heldout}
 
-    # The check: one candidate at the search's default sizes, decoded directly by scoring_sets and scored by score_on.
+    # The check: candidate 0 at the default calibration size and the largest held-out subset of the grid, its sets
+    # decoded directly by scoring_sets and scored by score_on, against the sliced sets' hits.
     check_calib = default_calib if default_calib in calib else calib[-1]
-    check_heldout = max((h for h in heldout if h is not None), default=None)  # a stratified subset, when the grid has one
-    direct = score_on(net, archs[0], scoring_sets(splits, check_calib, check_heldout, cluster=False, workers=args.workers), CPU)
-    mine = top1(check_calib, check_heldout)[0]
-    assert abs(direct["top1"] - mine) <= 100.0 / len(subsets[check_heldout]) + 1e-9, (direct["top1"], mine)
+    check_heldout = max((h for h in heldout if h is not None), default=None)
+    direct = score_on(net, archs[0], scoring_sets(splits, check_calib, check_heldout, cluster=False, workers=args.workers),
+                      CPU)["top1"]
+    sliced = top1(check_calib, subsets[check_heldout])[0]
+    assert abs(direct - sliced) <= 100.0 / len(subsets[check_heldout]) + 1e-9, (direct, sliced)
 
-    # Free extras from the hits: the held-out split's own split-half agreement at the reference calibration, and
-    # the held-out columns' tau over other stratified draws than the search's fixed one.
+    # Read off the hits: the held-out split's split-half agreement and the held-out columns over other draws.
     halves, draws = [], {h: [] for h in heldout if h is not None}
-    for s in range(HALVES):
-        half = set(stratified_sample(labels, n_heldout // 2, seed=100 + s))
-        a = torch.tensor(sorted(half))
-        b = torch.tensor([p for p in range(n_heldout) if p not in half])
-        halves.append(kendalltau(top1(REFERENCE, None, a), top1(REFERENCE, None, b)).statistic)
+    for s in range(DRAWS):
+        half = stratified_sample(labels, n_heldout // 2, seed=100 + s)
+        other = sorted(set(range(n_heldout)) - set(half))
+        halves.append(kendalltau(top1(REFERENCE, torch.tensor(half)), top1(REFERENCE, torch.tensor(other))).statistic)
         for h in draws:
-            draws[h].append(kendalltau(top1(REFERENCE, None, torch.tensor(stratified_sample(labels, h, seed=100 + s))),
+            draws[h].append(kendalltau(top1(REFERENCE, torch.tensor(stratified_sample(labels, h, seed=100 + s))),
                                        truth).statistic)
+
+    def size(h):
+        return n_heldout if h is None else h
+
+    def images(cell):
+        return cell[0] * CALIB_BATCH_SIZE + size(cell[1])
 
     stable = [(c, h) for c in calib for h in heldout
               if all(tau[(c2, h2)] >= args.threshold for c2 in calib if c2 >= c for h2 in heldout if size(h2) >= size(h))]
-    cost = lambda cell: cell[0] * CALIB_BATCH_SIZE + min(size(cell[1]), n_heldout)  # noqa: E731
-    best = min(stable, key=cost) if stable else None
+    best = min(stable, key=images) if stable else None
 
     def h_label(h):
         return f"all {n_heldout}" if h is None else str(h)
 
-    header = "| calibration \\ held-out | " + " | ".join(h_label(h) for h in heldout) + " |"
-    rule = "| --- | " + " | ".join("---:" for _ in heldout) + " |"
     rows = []
-    for c in [*calib, REFERENCE]:
-        label = (f"{c} x 64 = {c * CALIB_BATCH_SIZE}" if c != REFERENCE
-                 else f"reference: all {ref_images} (random order)")
-        cells = []
-        for h in heldout:
-            value = "1 (the reference)" if (c, h) == (REFERENCE, None) else f"{tau[(c, h)]:.3f}"
-            cells.append(f"**{value}**" if (c, h) == best else value)
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    rows.append("| reference calibration, mean ± std over 20 other held-out draws | "
-                + " | ".join(f"{statistics.fmean(draws[h]):.3f} ± {statistics.stdev(draws[h]):.3f}" if h is not None else "-"
-                             for h in heldout) + " |")
-    spread = sorted(truth)
-    sorted_on_disk = name == "folder"
+    for c in samples:
+        label = (f"{c} x 64 = {c * CALIB_BATCH_SIZE} ({100 * c * CALIB_BATCH_SIZE / n_train:.0f} % of the reference's)"
+                 if c != REFERENCE else f"reference: all {n_train}, random order")
+        cells = ["1 (reference)" if (c, h) == (REFERENCE, None) else f"{tau[(c, h)]:.3f}" for h in heldout]
+        cells = [f"**{v}**" if (c, h) == best else v for v, h in zip(cells, heldout)]
+        change = statistics.fmean(abs(a - b) for a, b in zip(top1(c, subsets[None]), truth))
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {change:.2f} |")
+    rows.append(f"| reference calibration, {DRAWS} other held-out draws, mean ± std | "
+                + " | ".join(f"{statistics.fmean(draws[h]):.3f} ± {statistics.stdev(draws[h]):.3f}" if h else "-"
+                             for h in heldout) + " | - |")
+    ranked = sorted(truth)
+    pick = "none of the grid" if best is None else f"({best[0]}, {h_label(best[1])})"
     text = "\n".join([
-        f"**{SETTING_LABEL[name]}**: {about}; supernet {epochs} epochs (batch {batch}); {len(archs)} high-level candidates; "
-        f"{n_train} training images in the split, {n_heldout} held out. Reference top-1 of the candidates: "
-        f"min {spread[0]:.1f} / median {statistics.median(spread):.1f} / max {spread[-1]:.1f} %. "
-        f"Split-half agreement of the held-out split (tau between two disjoint stratified halves, reference calibration, "
-        f"mean of {HALVES}): {statistics.fmean(halves):.3f}. Check: candidate 0 at ({check_calib}, {h_label(check_heldout)}) "
-        f"through `scoring_sets` + `score_on` {direct['top1']:.2f} %, sliced {mine:.2f} %. "
-        f"Seconds: supernet {trained:.0f}, decoding {decoded:.0f}, scoring {scored:.0f}."
-        + (" The training images are class-sorted on disk, so `scoring_sets`' sample (sorted indices) gives batches of "
-           "few classes once the sample is a large share of the split." if sorted_on_disk else ""), "",
-        "Kendall tau of the candidates' top-1 against the reference (calibration rows: the sample `scoring_sets` draws "
-        "at that size; columns: its class-stratified held-out subset):", "",
-        header, rule, *rows, "",
+        f"**{LABEL[name]}**: {about}; supernet {epochs} epochs (batch {batch}"
+        + (f", peak lr {lr:g}" if lr else "") + f"), {len(archs)} distinct high-level candidates; {n_train} training "
+        f"images in the split, {n_heldout} held out. The candidates' reference top-1: min {ranked[0]:.1f} / median "
+        f"{statistics.median(ranked):.1f} / max {ranked[-1]:.1f} %. Split-half agreement of the held-out split (tau "
+        f"between two disjoint stratified halves at the reference calibration, mean ± std of {DRAWS}): "
+        f"{statistics.fmean(halves):.3f} ± {statistics.stdev(halves):.3f}. Check: candidate 0 at ({check_calib}, "
+        f"{h_label(check_heldout)}) is {direct:.2f} % through `scoring_sets` + `score_on`, {sliced:.2f} % sliced. "
+        f"Seconds: supernet {trained:.0f} (0: reused), decoding {decoded:.0f}, scoring {scoring:.0f} (summed over "
+        f"the runs that scored them).", "",
+        "Kendall tau of the candidates' top-1 against the reference (rows: the calibration sample `scoring_sets` "
+        "draws at that size; columns: its class-stratified held-out subset):", "",
+        "| calibration \\ held-out | " + " | ".join(h_label(h) for h in heldout)
+        + " | mean abs. top-1 change against the reference, whole held-out split (points) |",
+        "| --- | " + " | ".join("---:" for _ in heldout) + " | ---: |", *rows, "",
         f"Stable by the rule at tau >= {args.threshold:g}: "
-        + (f"**{best[0]} calibration batches, {h_label(best[1])} held-out images** ({cost(best)} images per candidate)."
+        + (f"**{best[0]} calibration batches, {h_label(best[1])} held-out images** ({images(best)} images per candidate)."
            if best else "no cell of the grid."),
     ])
-    return {"text": text, "recommended": None if best is None else (best[0], best[1], n_heldout)}
+    return text, pick
 
 
-def size(h: int | None) -> float:
-    return float("inf") if h is None else h
-
-
-def fmt_recommended(r) -> str:
-    if r is None:
-        return "none of the grid"
-    c, h, n = r
-    return f"({c}, {'all' if h is None else h} of {n})"
+def decoded_sets(splits, samples: dict, workers: int) -> tuple[dict[object, ImageSet], ImageSet]:
+    """The calibration set of each sample (in its order, chunked as `decode` chunks) and the whole held-out split,
+    decoding each image once."""
+    union = sorted(set().union(*samples.values()))
+    pool = decode(splits, splits.calibration, union, workers)
+    xs, ys = torch.cat([x for x, _ in pool.chunks]), torch.cat([y for _, y in pool.chunks])
+    row = {index: r for r, index in enumerate(union)}
+    sets = {}
+    for key, indices in samples.items():
+        rows = [row[i] for i in indices]
+        x, y = xs[rows], ys[rows]
+        chunks = [(x[s:s + CHUNK], y[s:s + CHUNK]) for s in range(0, len(rows), CHUNK)]
+        sizes = {"count": len(rows), "nbytes": x.nbytes + y.nbytes}
+        sets[key] = dataclasses.replace(pool, chunks=chunks, **{f.name: sizes[f.name] for f in dataclasses.fields(pool)
+                                                                   if f.name in sizes})
+    return sets, decode(splits, splits.heldout, heldout_indices(splits, None), workers)
 
 
 @torch.no_grad()
 def held_out_hits(net: torch.nn.Module, arch: Architecture, calib: ImageSet, heldout: ImageSet) -> torch.Tensor:
-    """Which held-out images `arch` gets right (top-1, as `scoring.evaluate` counts it) after recalibrating on `calib`."""
+    """Which held-out images `arch` gets right (top-1 as `scoring.evaluate` counts it) after recalibrating on `calib`."""
     recalibrate_bn(net, arch, (x for x, _ in calib.batches(CALIB_BATCH_SIZE, CPU)))
     net.eval()
     hits = []

@@ -203,8 +203,9 @@ def labels_of(dataset: Dataset) -> list[int]:
 
 
 def random_sample(n: int, count: int, seed: int = SAMPLE_SEED) -> list[int]:
-    """`count` of the positions 0..n-1, drawn at random with `seed` (all of them when count >= n), in order."""
-    return sorted(random.Random(seed).sample(range(n), min(count, n)))
+    """`count` of the positions 0..n-1 (all of them when count >= n) in an order drawn with `seed`: batches taken
+    in that order mix the classes even when the files are sorted by class, as ImageFolder's are."""
+    return random.Random(seed).sample(range(n), min(count, n))
 
 
 def stratified_sample(labels: list[int], count: int, seed: int = SAMPLE_SEED) -> list[int]:

@@ -57,6 +57,7 @@ def test_calibration_covers_the_classes_of_a_class_sorted_folder(folder224):
     sample = calibration_indices(splits, 64)
     drawn = Counter(labels[i] for i in sample)
     assert len(first) <= 3 and len(drawn) == 10  # the first batch shows 2 classes, the random sample all 10
+    assert len(Counter(labels[i] for i in sample[:16])) >= 5  # and so does each of its batches, in drawn order
     assert sample == calibration_indices(build_splits(f"imagefolder:{folder224}", 224, 3), 64)  # fixed: every run
     assert len(sample) == 64 and len(set(sample)) == 64
 
