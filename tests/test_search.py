@@ -3,6 +3,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ def check_run(out, level, generations=3, improves=True):
             assert set(row["parents"]) <= earlier  # every parent is an earlier row
             assert (row["operator"] == "random") == (row["parents"] == [])
         earlier |= {r["arch"] for r in per_generation[g]}
-    best = lambda g: max(r["top1"] for r in per_generation[g])  # noqa: E731
-    assert best(generations - 1) >= best(0) or not improves  # a Pareto search trades top-1 for cost
+    mean = lambda g: statistics.fmean(r["top1"] for r in per_generation[g])  # noqa: E731
+    # children of the top-k score better on average than random generation 0 (a Pareto search trades top-1 for cost)
+    assert mean(generations - 1) >= mean(0) or not improves
     return rows
 
 
