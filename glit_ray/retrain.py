@@ -37,7 +37,7 @@ from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, final_state, fit,
-                       say, seed_epoch, worker_loader)
+                       quiet_worker_logs, say, seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
 LOG_EVERY = 10
@@ -98,6 +98,7 @@ def inherited_model(settings: dict, num_classes: int) -> GLiT:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
+    quiet_worker_logs()
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     space, seed, epochs = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"], config["epochs"]

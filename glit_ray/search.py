@@ -72,6 +72,7 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console prints its configuration box at any verbosity
     trainable = tune.with_resources(
         tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
     if restore:

@@ -37,8 +37,8 @@ from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit, say,
-                       seed_epoch, worker_loader)
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit,
+                       quiet_worker_logs, say, seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 CALIB_BATCHES = 4
@@ -83,6 +83,7 @@ def _check_paths_agree(digest: str, world: int) -> None:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

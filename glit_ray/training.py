@@ -146,6 +146,14 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
 
 
+def quiet_worker_logs() -> None:
+    """Drop Ray Train's INFO line per report (about 700 characters an epoch on the driver's console): it logs
+    it on a logger named after its source file, which `LoggingConfig(log_level=...)` does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def say(line: str) -> None:
     """Print a worker's epoch line once: Ray Train patches `print` in workers to log the line and echo it too."""
     print(line, file=sys.__stdout__, flush=True)
