@@ -62,10 +62,10 @@ class ImageSet:
         for images, labels in self.fetched().chunks:
             for start in range(0, len(labels), batch_size):
                 x, y = images[start:start + batch_size], labels[start:start + batch_size]
-                if x.device != device:
-                    pinned = device.type == "cuda"
-                    x, y = ((x.pin_memory(), y.pin_memory()) if pinned else (x, y))
-                    x, y = x.to(device, non_blocking=pinned), y.to(device, non_blocking=pinned)
+                if device.type == "cuda" and not x.is_cuda:  # a host chunk streams through pinned memory
+                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+                else:  # already there (a CPU, or a set resident on the GPU): no copy
+                    x, y = x.to(device), y.to(device)
                 yield normalize(x, self.mean, self.std), y
 
 

@@ -117,7 +117,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        value = (self.seed * 1_000_003 + epoch) * 100_000_007 + index
+        value = ((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63
         torch.manual_seed(value)
         random.seed(value)
         np.random.seed(value % 2**32)
