@@ -88,7 +88,9 @@ def main() -> None:
         per_candidate = (time.perf_counter() - scored) / len(archs)
         stats = ray.get(actor.stats.remote())
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
-    step("scoring", started, f"{calib_batches} x 64 calibration + {heldout_images or len(splits.heldout)} held-out images, "
+    calib_images = min(calib_batches * 64, len(splits.calibration))
+    scored_images = min(heldout_images or len(splits.heldout), len(splits.heldout))
+    step("scoring", started, f"{calib_images} calibration + {scored_images} held-out images, "
                              f"actor ready in {ready['ready_seconds']:.1f} s, {per_candidate:.2f} s per candidate, "
                              f"images on the device {stats['device_image_bytes'] / 2**20:.0f} MiB, "
                              f"device peak {stats['device_peak_bytes'] / 2**30:.2f} GiB")
