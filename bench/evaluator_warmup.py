@@ -27,11 +27,13 @@ pixel, private to each actor, decoded again on each restart).
 
 Target: second and restarted actor <= 0.10 of the first actor's time.
 
-    python bench/evaluator_warmup.py [--data imagefolder:PATH] [--classes 20] [--train-per-class 250]
-                                     [--calib-batches 4] [--restarts 3] [--record]
+    python bench/evaluator_warmup.py [--data imagefolder:PATH] [--classes 20] [--train-per-class 2500]
+                                     [--calib-batches 16] [--heldout-images 10000] [--restarts 3] [--record]
 
-Without --data it writes a synthetic 256-px JPEG folder (`glit_ray.synthetic`'s images, two
-processes) whose held-out split (20 % of train) has classes x train-per-class / 5 images.
+The defaults are what a search scores with on an image folder (`SCORING_DEFAULTS`: 16 calibration
+batches of 64, 10,000 held-out images). Without --data it writes a synthetic 256-px JPEG folder
+(`glit_ray.synthetic`'s images, two processes) whose held-out split (20 % of train) has
+classes x train-per-class / 5 images: 10,000 by default, about 5 minutes of writing here.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ import torch
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
 from glit_ray.data import build_splits
-from glit_ray.evaluator import Evaluator, scoring_sets
+from glit_ray.evaluator import SCORING_DEFAULTS, Evaluator, scoring_sets
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet, save_supernet
 from glit_ray.synthetic import synthetic_image
@@ -147,11 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="imagefolder:PATH to use (default: write a synthetic folder)")
     parser.add_argument("--classes", type=int, default=20, help="of the synthetic folder")
-    parser.add_argument("--train-per-class", type=int, default=250, help="of the synthetic folder (held-out: 20 %%)")
+    parser.add_argument("--train-per-class", type=int, default=2500, help="of the synthetic folder (held-out: 20 %%)")
     parser.add_argument("--space", default="glit_pico")
-    parser.add_argument("--calib-batches", type=int, default=4,
-                        help="calibration batches of 64 (the search's default on an image folder is 16)")
-    parser.add_argument("--heldout-images", type=int, default=None, help="default: the whole held-out split")
+    calib_batches, heldout_images = SCORING_DEFAULTS["imagefolder"]
+    parser.add_argument("--calib-batches", type=int, default=calib_batches,
+                        help="calibration batches of 64 (default: the search's on an image folder)")
+    parser.add_argument("--heldout-images", type=int, default=heldout_images,
+                        help="default: the search's on an image folder")
     parser.add_argument("--restarts", type=int, default=3, help="actor restarts timed, alternating between the two actors")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
