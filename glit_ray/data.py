@@ -70,13 +70,7 @@ def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
     kind, path = parse_spec(spec)
     if kind == "digits":
         return _digits(img_size, in_chans)
-    if in_chans != 3:
-        raise UserError(f"{kind} has RGB images but the search space takes in_chans {in_chans}; use a space with in_chans: 3")
-    if not path.exists():
-        raise UserError(f"dataset path {path} does not exist: point {kind}:PATH at the local copy (no download is attempted)")
-    eval_tf = create_transform(img_size, is_training=False, interpolation="bicubic",
-                               crop_pct=1.0 if img_size < 64 else 0.875, use_prefetcher=True)
-    make = _imagefolder(path) if kind == "imagefolder" else _cifar(kind, path)
+    make, eval_tf = _natural_images(kind, path, in_chans), eval_transform(img_size)
     train_view, test = make(True, train_transform(img_size)), make(False, eval_tf)
     eval_view = copy.copy(train_view)  # the same files (no second scan), read deterministically
     eval_view.transform = eval_tf
@@ -85,6 +79,32 @@ def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
     train_idx, heldout_idx = _carve(len(train_view))
     return Splits(Subset(train_view, train_idx), Subset(eval_view, heldout_idx), test, Subset(eval_view, train_idx),
                   len(train_view.classes), True, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def build_test(spec: str, img_size: int, in_chans: int) -> tuple[Dataset, tuple | None, tuple | None, int]:
+    """Only the test split as (uint8 view, mean, std, classes): what evaluating a trained model reads, without
+    scanning the training images (an ImageNet copy may hold only val/)."""
+    kind, path = parse_spec(spec)
+    if kind == "digits":
+        splits = _digits(img_size, in_chans)
+        return splits.test, None, None, splits.num_classes
+    test = _natural_images(kind, path, in_chans)(False, eval_transform(img_size))
+    return test, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, len(test.classes)
+
+
+def _natural_images(kind: str, path: Path, in_chans: int):
+    """The split maker of a CIFAR or ImageNet-layout copy, once it is known to be there and RGB fits the space."""
+    if in_chans != 3:
+        raise UserError(f"{kind} has RGB images but the search space takes in_chans {in_chans}; use a space with in_chans: 3")
+    if not path.exists():
+        raise UserError(f"dataset path {path} does not exist: point {kind}:PATH at the local copy (no download is attempted)")
+    return _imagefolder(path) if kind == "imagefolder" else _cifar(kind, path)
+
+
+def eval_transform(img_size: int):
+    """DeiT's evaluation view (resize, centre crop 0.875, bicubic) as uint8 tensors, timm's prefetcher convention."""
+    return create_transform(img_size, is_training=False, interpolation="bicubic",
+                            crop_pct=1.0 if img_size < 64 else 0.875, use_prefetcher=True)
 
 
 def train_transform(img_size: int):
@@ -243,8 +263,14 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0
 
 def eval_batches(splits: Splits, dataset: Dataset, device: torch.device, batch_size: int = 256, workers: int = 0):
     """A deterministic view of `splits` streamed to `device` batch by batch and normalised there."""
+    return view_batches(dataset, splits.mean, splits.std, device, batch_size, workers)
+
+
+def view_batches(dataset: Dataset, mean: tuple | None, std: tuple | None, device: torch.device, batch_size: int = 256,
+                 workers: int = 0):
+    """A deterministic view streamed to `device` batch by batch and normalised there with `mean`/`std`."""
     for x, y in make_loader(dataset, batch_size, train=False, workers=workers):
-        yield normalize(x.to(device, non_blocking=True), splits.mean, splits.std), y.to(device, non_blocking=True)
+        yield normalize(x.to(device, non_blocking=True), mean, std), y.to(device, non_blocking=True)
 
 
 def mixup_for(splits: Splits, label_smoothing: float = DEIT_MIXUP["label_smoothing"]) -> Mixup | None:

@@ -83,3 +83,11 @@ def micro_supernet(ray_session, tmp_path_factory):
 
     settings = supernet_settings(SearchSpace.load("glit_micro"), "high", None, "digits", epochs=2, batch_size=64)
     return train_supernet(settings, tmp_path_factory.mktemp("supernet") / "run")
+
+
+@pytest.fixture(scope="session")
+def folder224(tmp_path_factory):
+    """A class-sorted ImageNet-layout folder of 256-px JPEGs: 10 classes x 40 train (+ 10 val) images."""
+    from glit_ray.synthetic import write_imagefolder
+
+    return write_imagefolder(tmp_path_factory.mktemp("folder224"), classes=10, train_per_class=40, val_per_class=10)

@@ -17,12 +17,6 @@ from glit_ray.synthetic import write_imagefolder
 from glit_ray.training import training_loader
 
 
-@pytest.fixture(scope="session")
-def folder224(tmp_path_factory):
-    """A class-sorted ImageNet-layout folder of 256-px JPEGs: 10 classes x 40 train (+ 10 val) images."""
-    return write_imagefolder(tmp_path_factory.mktemp("folder224"), classes=10, train_per_class=40, val_per_class=10)
-
-
 def test_posterize_keeps_the_op_at_every_bit_count():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert not np.asarray(posterize(image, 0)).any()  # 0 bits kept: black, as TF's RandAugment

@@ -14,6 +14,7 @@ import glit_ray
 from glit_ray.arch import Architecture
 from glit_ray.cli import run
 from glit_ray.data import build_splits, eval_batches
+from glit_ray.evaluate import main as evaluate_main
 from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
 from glit_ray.export import export_model
 from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
@@ -52,6 +53,11 @@ def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp
     # the test top-1 it reports is the exported model's
     splits = build_splits("digits", 8, 1)
     assert evaluate(ours, None, eval_batches(splits, splits.test, "cpu"))["top1"] == pytest.approx(metrics["test_top1"])
+    # and `python -m glit_ray.evaluate --model RUN_DIR` says so, on the data the run trained on
+    run(evaluate_main, ["--model", str(out)])
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["data"] == "digits" and evaluation["images"] == 359
+    assert (evaluation["top1"], evaluation["top5"]) == pytest.approx((metrics["test_top1"], metrics["test_top5"]))
 
     events = EventAccumulator(str(out / "tb")).Reload()
     assert {"train/loss", "train/lr", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
