@@ -139,7 +139,7 @@ def train_loop(config: dict) -> None:
             continue
         heldout = evaluate(net, None, eval_batches(splits, splits.heldout, device, workers=config["loader_workers"]))
         metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
-        if epoch == epochs - 1:
+        if epoch == epochs - 1 and config.get("score_test", True):  # a shortlist trial never looks at the test split
             test = evaluate(net, None, eval_batches(splits, splits.test, device, workers=config["loader_workers"]))
             metrics.update({f"test_{k}": v for k, v in test.items()})
         step = (epoch + 1) * steps_per_epoch

@@ -70,18 +70,27 @@ def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
     return True
 
 
-def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:
-    """The G distribution named by `--distribution`: an architecture string (only its G's count,
-    so `3:-0:-1:...` will do) or a high-level search run directory, whose best architecture it takes."""
+def resolve_distribution(value: str, space: SearchSpace) -> tuple[tuple[int, ...], str | None]:
+    """The G distribution named by `--distribution`, and a line saying where it came from (None for a string).
+
+    `value` is an architecture string (only its G's count, so `3:-0:-1:...` will do) or a high-level
+    search run directory: the winner of its shortlist (`glit_ray.shortlist`) when it has one, else
+    the search's best architecture."""
     path = Path(value)
-    if path.is_dir():
-        best = path / "best.json"
-        if not best.is_file():
-            raise UserError(f"--distribution {path}: not a high-level search run (no best.json); run the high-level search first")
-        record = read_json(best)
-        if record.get("level") != "high" or "arch" not in record:
-            raise UserError(f"--distribution {path}: best.json is not from a high-level search")
-        arch = Architecture.parse(record["arch"])
-    else:
-        arch = Architecture.parse(value)
-    return space.validate_distribution(arch.distribution)
+    if not path.is_dir():
+        return space.validate_distribution(Architecture.parse(value).distribution), None
+    best, shortlisted = path / "best.json", path / "shortlist.json"
+    if not best.is_file():
+        raise UserError(f"--distribution {path}: not a high-level search run (no best.json); run the high-level search first")
+    record = read_json(best)
+    if record.get("level") != "high" or "arch" not in record:
+        raise UserError(f"--distribution {path}: best.json is not from a high-level search")
+    if shortlisted.is_file():
+        winner = read_json(shortlisted).get("winner") or {}
+        if "arch" not in winner:
+            raise UserError(f"--distribution {path}: {shortlisted} names no winner; run python -m glit_ray.shortlist again")
+        source = (f"distribution from the shortlist of {path}: {winner['arch']} (held-out top-1 "
+                  f"{winner['shortlist_top1']:.2f}% after {winner['epochs']} epoch(s) of training)")
+        return space.validate_distribution(Architecture.parse(winner["arch"]).distribution), source
+    source = f"distribution from {path}: its search's best, {record['arch']} (no shortlist; python -m glit_ray.shortlist makes one)"
+    return space.validate_distribution(Architecture.parse(record["arch"]).distribution), source

@@ -269,13 +269,14 @@ def ensure_ray() -> None:
 
 
 def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: float | None,
-        cpus_per_worker: int | None, storage: str | None = None) -> ray.train.Result:
+        cpus_per_worker: int | None, storage: str | None = None, callbacks: list | None = None) -> ray.train.Result:
     """Run `train_loop` on `workers` Ray Train workers with checkpoints under STORAGE/train (resumed if there).
 
     `storage` defaults to the run directory OUT; on a cluster whose workers do not share it, give a
     storage URI (s3://bucket/prefix) every node can reach.
 
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
+    `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker gets.
     """
     ensure_ray()
@@ -288,7 +289,7 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu="GPU" in resources,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name="train", storage_path=storage or str(out),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     try:

@@ -1,0 +1,161 @@
+"""`python -m glit_ray.shortlist RUN_DIR --top 5 --epochs N`: the paper's shortlist step after a high-level search.
+
+Supernet accuracy ranks distributions only roughly, so GLiT retrains the top few of the high-level
+search briefly and keeps the one with the best held-out accuracy; the low-level search then works
+inside it (`python -m glit_ray.search --level low --distribution RUN_DIR` takes the shortlist's
+winner when there is one). Each candidate is one Ray Tune trial that trains it with retraining's
+code and DeiT recipe (`glit_ray.retrain.train_loop` on its own Ray Train workers, a GPU each on a
+GPU cluster) and hands Tune the held-out top-1 of every epoch; the trials run side by side as far
+as the cluster holds them. `--scheduler asha` lets Tune's ASHA stop the weak ones early. The test
+split is never scored. Killed, the command resumes where it stopped when run again: Tune restores
+its trials (`Tuner.restore`) and each trial resumes from its last epoch's checkpoint.
+
+Written into the search's run: RUN_DIR/shortlist.json (every candidate's search and shortlist
+top-1, epochs trained, the winner) and RUN_DIR/shortlist/ (Tune's experiment, one retraining
+directory per candidate with its checkpoints and TensorBoard).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from .cli import ArgumentParser, run
+from .errors import UserError
+from .progress import console as make_console
+from .results import read_candidates
+from .retrain import train_loop
+from .runs import RUN_FILE, open_run, read_json, write_json
+from .training import add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, fit
+
+RECORD, FOLDER = "shortlist.json", "shortlist"
+METRIC = "heldout_top1"
+
+
+def top_candidates(run_dir: Path, top: int) -> list[dict]:
+    """The `top` best distinct architectures a high-level search scored, best first."""
+    search = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+    if search.get("kind") != "search" or search.get("settings", {}).get("level") != "high":
+        raise UserError(f"{run_dir} is not a high-level search run (no run.json of one); give the RUN_DIR of "
+                        "python -m glit_ray.search --level high")
+    rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
+    chosen = list({r["arch"]: r for r in reversed(rows)}.values())[::-1][:top]  # the best row of each architecture
+    if not chosen:
+        raise UserError(f"{run_dir} has no scored candidate yet; let its search finish a generation first")
+    return [{"arch": r["arch"], "search_top1": r["top1"], "generation": r["generation"]} for r in chosen]
+
+
+def shortlist_trial(config: dict) -> None:
+    """One Tune trial: train candidate `rank` for the shortlist's epochs, resuming its own checkpoints; each
+    epoch's metrics reach Tune through `TuneReportCallback`."""
+    rank, settings = config["rank"], config["settings"]
+    out = Path(config["folder"]) / f"rank{rank + 1}"
+    out.mkdir(parents=True, exist_ok=True)
+    train_config = {**settings, "arch": config["candidates"][rank]["arch"], "out": str(out), "progress": False,
+                    "loader_workers": config["loader_workers"], "initial_weights": None, "score_test": False}
+    storage = f"{config['storage'].rstrip('/')}/{FOLDER}/rank{rank + 1}" if config["storage"] else None
+    fit(train_loop, train_config, out, settings["workers"], config["gpus_per_worker"], config["cpus_per_worker"],
+        storage, callbacks=[TuneReportCallback()])
+
+
+def side_by_side(settings: dict, trials: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> tuple[int, int]:
+    """How many trials the cluster runs at once, and the CPUs each of their workers gets."""
+    cluster = ray.cluster_resources()
+    workers = settings["workers"]
+    if cluster.get("GPU", 0) > 0 and gpus_per_worker != 0:
+        at_once = max(1, int(cluster["GPU"] // (workers * (gpus_per_worker or 1))))
+    else:
+        at_once = max(1, int(cluster.get("CPU", 1) // workers))
+    at_once = min(at_once, trials)
+    return at_once, cpus_per_worker or max(1, int(cluster.get("CPU", 1) // (at_once * workers)))
+
+
+def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = None, resume: bool = False,
+              gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, loader_workers: int | None = None,
+              storage: str | None = None, console=None) -> dict:
+    """Retrain the `top` best distributions of the high-level search in `run_dir`; return shortlist.json's content."""
+    console = console or make_console()
+    run_dir = Path(run_dir).resolve()
+    candidates = top_candidates(run_dir, top)
+    folder = run_dir / FOLDER
+    resumed = open_run(folder, {**settings, "top": top, "scheduler": scheduler}, "shortlist", resume)
+    if resumed and (run_dir / RECORD).is_file():
+        record = read_json(run_dir / RECORD)
+        console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
+        return record
+    ensure_ray()
+    at_once, cpus = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)
+    # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
+    # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
+    trainable = tune.with_resources(shortlist_trial, {"cpu": 0, "memory": 2**20})
+    asha = ASHAScheduler(max_t=settings["epochs"], grace_period=1) if scheduler == "asha" else None
+    if resumed and tune.Tuner.can_restore(str(folder / "tune")):
+        console.print(f"resuming the shortlist of {run_dir}")
+        tuner = tune.Tuner.restore(str(folder / "tune"), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        console.print(f"shortlist of {run_dir}: the top {len(candidates)} distributions, {settings['epochs']} epochs "
+                      f"each, {at_once} at a time{' (ASHA stops weak ones early)' if asha else ''}")
+        param_space = {"rank": tune.grid_search(list(range(len(candidates)))), "candidates": candidates,
+                       "settings": settings, "folder": str(folder), "storage": storage,
+                       "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus, "loader_workers": loader_workers}
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
+                                                       max_concurrent_trials=at_once),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0))
+    results = tuner.fit()
+    for result in results:
+        rank = result.config["rank"]
+        metrics = result.metrics or {}
+        if result.error is not None or METRIC not in metrics:
+            raise UserError(f"shortlist trial for {candidates[rank]['arch']} failed ({result.error}); "
+                            f"see {folder / 'tune'}, then run the command again to resume")
+        candidates[rank].update(shortlist_top1=metrics[METRIC], epochs=metrics["epoch"] + 1,
+                                stopped_early=metrics["epoch"] + 1 < settings["epochs"])
+    winner = max(candidates, key=lambda c: c["shortlist_top1"])
+    record = {"run": str(run_dir), "epochs": settings["epochs"], "scheduler": scheduler, "candidates": candidates,
+              "winner": winner}
+    write_json(run_dir / RECORD, record)
+    for i, c in enumerate(candidates):
+        console.print(f"{i + 1}. {c['arch']}: search top-1 {c['search_top1']:.2f}%, after {c['epochs']} epoch(s) "
+                      f"held-out top-1 {c['shortlist_top1']:.2f}%{' (stopped early)' if c['stopped_early'] else ''}")
+    console.print(f"winner: {winner['arch']} ({run_dir / RECORD}); --level low --distribution {run_dir} takes it")
+    return record
+
+
+def settings_from_args(args, run_dir: Path) -> dict:
+    """The training settings of every trial: the search's space and data, retraining's recipe."""
+    if args.space or args.data:
+        raise UserError("the shortlist trains on the search's own space and data; drop --space and --data")
+    search = read_json(run_dir / RUN_FILE).get("settings", {}) if (run_dir / RUN_FILE).is_file() else {}
+    if "space" not in search:
+        raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
+    if args.top < 1:
+        raise UserError("--top must be at least 1")
+    check_counts(args)
+    check_batch_size(search["data"], args.batch_size)
+    return {"space": search["space"], "data": search["data"], "epochs": args.epochs, "batch_size": args.batch_size,
+            "workers": args.workers, "lr": args.lr or default_lr(search["data"], args.batch_size, args.workers),
+            "drop_path": args.drop_path, "from_supernet": None, "seed": args.seed}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m glit_ray.shortlist", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a high-level search run directory")
+    parser.add_argument("--top", type=int, default=5, help="distributions to retrain (GLiT: 5)")
+    parser.add_argument("--scheduler", choices=["asha"], help="let Tune's ASHA stop weak trials early")
+    add_arguments(parser, epochs=10, batch_size=128, drop_path=0.1, from_run=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    shortlist(run_dir, settings_from_args(args, run_dir), args.top, args.scheduler, args.resume, args.gpus_per_worker,
+              args.cpus_per_worker, args.loader_workers, args.storage)
+
+
+if __name__ == "__main__":
+    run(main)

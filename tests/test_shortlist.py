@@ -1,0 +1,126 @@
+"""The shortlist step: a high-level search's top distributions retrained briefly as Tune trials, the winner
+handed to the low level."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from glit_ray.arch import Architecture
+from glit_ray.cli import run
+from glit_ray.results import read_candidates
+from glit_ray.search import build_parser as search_parser
+from glit_ray.search import search
+from glit_ray.search import settings_from_args as search_settings
+from glit_ray.shortlist import main
+from glit_ray.training import STATE_FILE
+from test_train_supernet import wait_for, wait_until_still
+
+TRIALS = ["--top", "2", "--epochs", "2", "--batch-size", "64"]
+
+
+def search_settings_for(*argv):
+    return search_settings(search_parser().parse_args([*argv, "--out", "unused"]))
+
+
+@pytest.fixture(scope="module")
+def high_run(ray_session, micro_supernet, tmp_path_factory):
+    """A finished high-level search of glit_micro on digits (one generation, on the session's supernet)."""
+    out = tmp_path_factory.mktemp("high") / "run"
+    search(search_settings_for("--level", "high", "--supernet", str(micro_supernet), "--population", "6",
+                               "--generations", "1", "--topk", "3", "--heldout-images", "128"), out)
+    return out
+
+
+def said(capsys) -> str:
+    """What our console printed (it writes to stderr) since the last call."""
+    return "".join(capsys.readouterr())
+
+
+def last_checkpoint_metrics(trial_dir) -> dict:
+    """The metrics in the newest Ray Train checkpoint of a shortlist trial's retraining directory."""
+    newest = max((p for p in (trial_dir / "train").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    return torch.load(newest / STATE_FILE, weights_only=True)["metrics"]
+
+
+def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low_level(high_run, tmp_path, capsys):
+    run_dir = tmp_path / "high"
+    shutil.copytree(high_run, run_dir)
+    low = search_settings_for("--level", "low", "--distribution", str(run_dir))  # before a shortlist: the search's best
+    assert "its search's best" in said(capsys)
+    assert tuple(low["distribution"]) == Architecture.parse(json.loads((run_dir / "best.json").read_text())["arch"]).distribution
+
+    run(main, [str(run_dir), *TRIALS, "--scheduler", "asha"])
+    record = json.loads((run_dir / "shortlist.json").read_text())
+    rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
+    assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]
+    assert [c["search_top1"] for c in record["candidates"]] == [r["top1"] for r in rows[:2]]
+    assert record["scheduler"] == "asha"
+    for rank, candidate in enumerate(record["candidates"]):  # ASHA may have stopped one after its first epoch
+        trained = last_checkpoint_metrics(run_dir / "shortlist" / f"rank{rank + 1}")
+        assert candidate["epochs"] == trained["epoch"] + 1 and candidate["shortlist_top1"] == trained["heldout_top1"]
+        assert candidate["stopped_early"] == (candidate["epochs"] < 2)
+        assert "test_top1" not in trained  # the shortlist never looks at the test split
+    assert not all(c["stopped_early"] for c in record["candidates"])
+    assert record["winner"] == max(record["candidates"], key=lambda c: c["shortlist_top1"])
+
+    low = search_settings_for("--level", "low", "--distribution", str(run_dir))
+    assert "distribution from the shortlist of" in said(capsys)
+    assert tuple(low["distribution"]) == Architecture.parse(record["winner"]["arch"]).distribution
+
+    before = (run_dir / "shortlist.json").read_bytes()
+    run(main, [str(run_dir), *TRIALS, "--scheduler", "asha"])  # finished: nothing retrained, nothing rewritten
+    assert "already shortlisted" in said(capsys)
+    assert (run_dir / "shortlist.json").read_bytes() == before
+
+
+def epochs_logged(trial_dir) -> list[int]:
+    """The steps of every held-out top-1 a trial logged, across all its TensorBoard files (a rerun adds a file)."""
+    events = EventAccumulator(str(trial_dir / "tb"), purge_orphaned_data=False).Reload()
+    return [e.step for e in events.Scalars("epoch/heldout_top1")]
+
+
+def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, tmp_path, own_ray_env):
+    run_dir, trial = tmp_path / "high", tmp_path / "high" / "shortlist" / "rank1"
+    shutil.copytree(high_run, run_dir)
+    argv = [str(run_dir), "--top", "1", "--epochs", "3", "--batch-size", "64"]
+    proc = subprocess.Popen([sys.executable, "-m", "glit_ray.shortlist", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=own_ray_env)
+    try:
+        assert wait_for(lambda: any(p.is_dir() for p in (trial / "train").glob("checkpoint_*")), timeout=180), \
+            "no trial checkpoint within 180 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_until_still(run_dir)
+    resumes_at = last_checkpoint_metrics(trial)["epoch"] + 1
+    assert 1 <= resumes_at < 3 and not (run_dir / "shortlist.json").exists()
+
+    run(main, argv)  # Tuner.restore, and the trial's Ray Train run resumes from its checkpoint
+    logged = epochs_logged(trial)
+    every = sorted(set(logged))
+    assert len(every) == 3
+    # the epochs up to the checkpoint are not trained again (a later one cut short by the kill may be)
+    assert all(logged.count(step) == 1 for step in every[:resumes_at]), logged
+    assert json.loads((run_dir / "shortlist.json").read_text())["candidates"][0]["epochs"] == 3
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_input_is_one_line(capsys, high_run, tmp_path):
+    assert "is not a glit_ray search run" in one_line_error(capsys, [str(tmp_path), *TRIALS])
+    assert "drop --space and --data" in one_line_error(capsys, [str(high_run), *TRIALS, "--data", "digits"])
+    assert "--top must be at least 1" in one_line_error(capsys, [str(high_run), "--top", "0"])
+    assert not (high_run / "shortlist").exists()
