@@ -91,3 +91,20 @@ def folder224(tmp_path_factory):
     from glit_ray.synthetic import write_imagefolder
 
     return write_imagefolder(tmp_path_factory.mktemp("folder224"), classes=10, train_per_class=40, val_per_class=10)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run an entry point's `main(argv)` as `python -m` does: it must end in one `error:` line on stderr and exit
+    code 2. Returns the line."""
+    from glit_ray.cli import run
+
+    def call(main, argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            run(main, argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    return call

@@ -56,16 +56,7 @@ def test_their_checkpoint_scores_as_timm_does_in_process_and_on_ray_workers(ray_
     assert on_ray["loss"] == pytest.approx(here["loss"], rel=1e-5)
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, their_file, folder224, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(their_file, folder224, tmp_path, cli_error):
     data = ["--data", f"imagefolder:{folder224}", "--out", str(tmp_path / "out.json")]
     truncated = tmp_path / "truncated.pth.tar"
     truncated.write_bytes(their_file.read_bytes()[:100_000])
@@ -80,10 +71,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, their_file, fol
         (["--model", "glit_tiny_patch16_224", "--checkpoint", str(their_file), "--workers", "0"], "--workers 0"),
     ]
     for argv, message in cases:
-        assert message in one_line_error(capsys, [*argv, *data])
+        assert message in cli_error(main, [*argv, *data])
     state = their_state(0)  # 1000 classes against the folder's 10
     torch.save({"model": state}, tmp_path / "imagenet.pth")
-    err = one_line_error(capsys, ["--model", "glit_tiny_patch16_224", "--checkpoint", str(tmp_path / "imagenet.pth"), *data])
+    err = cli_error(main, ["--model", "glit_tiny_patch16_224", "--checkpoint", str(tmp_path / "imagenet.pth"), *data])
     assert "has 10 classes but the model's head has 1000" in err
     assert not (tmp_path / "out.json").exists()
     done = subprocess.run([sys.executable, "-m", "glit_ray.evaluate", "--model", "glit_tiny_patch16_224",

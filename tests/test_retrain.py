@@ -133,15 +133,6 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(ray_session, tmp_path, ow
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "nowhere/best.json"], "--arch nowhere/best.json does not exist"),
     (["--arch", "two"], "architecture block 'two' is malformed"),
@@ -150,14 +141,14 @@ def one_line_error(capsys, argv) -> str:
     (["--arch", ARCH, "--epochs", "0"], "--epochs must be at least 1"),
     (["--arch", ARCH, "--from-supernet", "/no/supernet.pt"], "supernet checkpoint /no/supernet.pt does not exist"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
-    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_error):
+    assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
-def test_a_low_level_architecture_is_not_in_a_high_level_supernet(capsys, micro_supernet, tmp_path):
+def test_a_low_level_architecture_is_not_in_a_high_level_supernet(micro_supernet, tmp_path, cli_error):
     low = ARCH.replace("k5c2v1m4", "k5c1v1m2", 1)
-    err = one_line_error(capsys, ["--arch", low, "--from-supernet", str(micro_supernet), "--out", str(tmp_path / "run")])
+    err = cli_error(main, ["--arch", low, "--from-supernet", str(micro_supernet), "--out", str(tmp_path / "run")])
     assert "is not the high-level default" in err
 
 

@@ -13,7 +13,6 @@ import pytest
 import ray
 
 from glit_ray.arch import Architecture
-from glit_ray.cli import run
 from glit_ray.errors import UserError
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
@@ -134,15 +133,6 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, m
     assert len(expected) == 8 * 4
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--level", "sideways"], "argument --level: invalid choice: 'sideways'"),
     (["--level", "low"], "--level low needs --distribution RUN_DIR"),
@@ -155,33 +145,33 @@ def one_line_error(capsys, argv) -> str:
     (["--level", "high", "--latency-batch", "0"], "--latency-batch must be at least 1"),
     (["--level", "high", "--mirror", "nosuch://bucket/run"], "--mirror nosuch://bucket/run: not a storage URI"),
 ])
-def test_bad_input_before_ray(capsys, tmp_path, argv, message):
-    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+def test_bad_input_before_ray(tmp_path, argv, message, cli_error):
+    assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
-def test_a_supernet_of_another_space_or_level_is_refused(capsys, micro_supernet, tmp_path, micro_dict, write_space):
+def test_a_supernet_of_another_space_or_level_is_refused(micro_supernet, tmp_path, micro_dict, write_space, cli_error):
     micro_dict["name"], micro_dict["embed_dim"] = "glit_other", 48
     other = write_space(micro_dict)
-    err = one_line_error(capsys, ["--level", "high", "--space", str(other), "--supernet", str(micro_supernet),
+    err = cli_error(main, ["--level", "high", "--space", str(other), "--supernet", str(micro_supernet),
                                   "--out", str(tmp_path / "a")])
     assert "was trained on space glit_micro, not this search's glit_other" in err
-    err = one_line_error(capsys, ["--level", "low", "--distribution", "0:-1:-2:-3:-0:-1:", "--supernet",
+    err = cli_error(main, ["--level", "low", "--distribution", "0:-1:-2:-3:-0:-1:", "--supernet",
                                   str(micro_supernet), "--out", str(tmp_path / "b")])
     assert "is a high-level supernet; the low-level search needs its own" in err
-    err = one_line_error(capsys, ["--level", "high", "--supernet", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
+    err = cli_error(main, ["--level", "high", "--supernet", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
     assert "does not exist" in err
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def test_an_out_dir_holding_a_different_run_is_refused(capsys, micro_supernet, tmp_path):
+def test_an_out_dir_holding_a_different_run_is_refused(micro_supernet, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
     settings = settings_for("--level", "high", "--supernet", str(micro_supernet))
     from glit_ray.runs import write_json
     write_json(out / "run.json", {"kind": "search", "settings": settings})
     (out / "best.json").write_text("{}")
-    err = one_line_error(capsys, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
+    err = cli_error(main, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
     assert "holds a different search run (seed: 0 -> 3)" in err
     assert (out / "best.json").read_text() == "{}"
 

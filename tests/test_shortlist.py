@@ -110,17 +110,8 @@ def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, 
     assert json.loads((run_dir / "shortlist.json").read_text())["candidates"][0]["epochs"] == 3
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_bad_input_is_one_line(capsys, high_run, tmp_path):
-    assert "is not a glit_ray search run" in one_line_error(capsys, [str(tmp_path), *TRIALS])
-    assert "drop --space and --data" in one_line_error(capsys, [str(high_run), *TRIALS, "--data", "digits"])
-    assert "--top must be at least 1" in one_line_error(capsys, [str(high_run), "--top", "0"])
+def test_bad_input_is_one_line(high_run, tmp_path, cli_error):
+    assert "is not a glit_ray search run" in cli_error(main, [str(tmp_path), *TRIALS])
+    assert "drop --space and --data" in cli_error(main, [str(high_run), *TRIALS, "--data", "digits"])
+    assert "--top must be at least 1" in cli_error(main, [str(high_run), "--top", "0"])
     assert not (high_run / "shortlist").exists()

@@ -11,7 +11,6 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.cli import run
 from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
@@ -137,15 +136,6 @@ def test_sigkilled_run_resumes_to_the_same_weights(ray_session, tmp_path, own_ra
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--level", "middle"], "argument --level: invalid choice: 'middle'"),
     (["--level", "low"], "--level low needs --distribution"),
@@ -158,33 +148,33 @@ def one_line_error(capsys, argv) -> str:
     (["--level", "high", "--data", "cifar10:/x", "--batch-size", "33"], "--batch-size 33 is odd"),
     (["--level", "high", "--space", "glit_nano"], "search space 'glit_nano' not found"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
-    assert message in one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_error):
+    assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
-def test_run_dirs_that_are_not_runs(capsys, tmp_path):
+def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
     not_a_run = tmp_path / "plain"
     not_a_run.mkdir()
-    err = one_line_error(capsys, ["--level", "low", "--distribution", str(not_a_run), "--out", str(tmp_path / "x")])
+    err = cli_error(main, ["--level", "low", "--distribution", str(not_a_run), "--out", str(tmp_path / "x")])
     assert "not a high-level search run (no best.json)" in err
-    err = one_line_error(capsys, ["--level", "high", "--resume", "--out", str(not_a_run)])
+    err = cli_error(main, ["--level", "high", "--resume", "--out", str(not_a_run)])
     assert "is not a glit_ray run (no run.json)" in err
     (not_a_run / "notes.txt").write_text("mine")
-    err = one_line_error(capsys, ["--level", "high", "--out", str(not_a_run)])
+    err = cli_error(main, ["--level", "high", "--out", str(not_a_run)])
     assert "is not empty and is not a glit_ray run" in err
     assert (not_a_run / "notes.txt").read_text() == "mine"
 
 
-def test_a_different_run_is_never_overwritten(capsys, tmp_path):
+def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings_for("--level", "high")}))
     (out / "supernet.pt").write_bytes(b"weights")
-    err = one_line_error(capsys, ["--level", "high", "--epochs", "5", "--out", str(out)])
+    err = cli_error(main, ["--level", "high", "--epochs", "5", "--out", str(out)])
     assert "holds a different supernet run (epochs: 30 -> 5)" in err
     assert (out / "supernet.pt").read_bytes() == b"weights"
-    err = one_line_error(capsys, ["--level", "high", "--out", str(out)])  # same settings: the damaged file is refused
+    err = cli_error(main, ["--level", "high", "--out", str(out)])  # same settings: the damaged file is refused
     assert "is not a readable supernet checkpoint" in err
     assert (out / "supernet.pt").read_bytes() == b"weights"
 
