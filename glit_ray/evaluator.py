@@ -32,8 +32,8 @@ from .supernet import load_supernet
 CALIB_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 256
 # (calibration batches, held-out images; None: all) per kind of data set when the search is not told:
-# measured in bench/ranking_stability.py (BENCHMARKS.md, P8) as the smallest sizes that rank candidates
-# like a large calibration and the whole held-out split do.
+# chosen from bench/ranking_stability.py (BENCHMARKS.md, P8: how closely smaller sets rank candidates as a
+# large calibration and the whole held-out split do), with room for ImageNet's 1,000 classes.
 SCORING_DEFAULTS = {"digits": (4, None), "cifar10": (16, 10_000), "cifar100": (16, 10_000), "imagefolder": (16, 10_000)}
 
 
