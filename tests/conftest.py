@@ -108,3 +108,20 @@ def cli_error(capsys):
         return err
 
     return call
+
+
+# the high-level search several tests read: 4 generations of 8 on the session's supernet
+HIGH_SEARCH = ["--level", "high", "--population", "8", "--generations", "4", "--mutations", "4", "--crossovers", "4",
+               "--topk", "4", "--heldout-images", "128"]
+
+
+@pytest.fixture(scope="session")
+def high_search(micro_supernet, tmp_path_factory) -> tuple:
+    """A finished high-level search of glit_micro on digits, once per session: (its run dir, its command line).
+    Read it; copy it before changing it."""
+    from glit_ray.search import build_parser, search, settings_from_args
+
+    argv = [*HIGH_SEARCH, "--supernet", str(micro_supernet)]
+    out = tmp_path_factory.mktemp("high-search") / "run"
+    search(settings_from_args(build_parser().parse_args([*argv, "--out", str(out)])), out)
+    return out, argv

@@ -24,6 +24,7 @@ from test_train_supernet import wait_for, wait_until_still
 
 # in the micro space's high level (sizes at their defaults), so the session's high-level supernet holds it
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
+TWO_EPOCHS = ["--arch", ARCH, "--epochs", "2", "--batch-size", "64"]
 FAST = ["--epochs", "1", "--batch-size", "64"]
 
 
@@ -31,10 +32,16 @@ def settings_for(*argv):
     return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
 
 
-def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp_path):
-    out = tmp_path / "retrain"
-    metrics = retrain(settings_for("--arch", ARCH, *FAST), out)
-    assert metrics["arch"] == ARCH and metrics["epochs"] == 1
+@pytest.fixture(scope="module")
+def retrained(ray_session, tmp_path_factory) -> tuple:
+    """ARCH retrained for two epochs, once: (its run dir, its metrics). A test that changes the run puts it back."""
+    out = tmp_path_factory.mktemp("retrain") / "run"
+    return out, retrain(settings_for(*TWO_EPOCHS), out)
+
+
+def test_retrain_exports_a_model_both_loaders_rebuild(retrained):
+    out, metrics = retrained
+    assert metrics["arch"] == ARCH and metrics["epochs"] == 2
     assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100 and metrics["test_top5"] > 0
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
@@ -62,12 +69,12 @@ def test_retrain_one_epoch_exports_a_model_both_loaders_rebuild(ray_session, tmp
     events = EventAccumulator(str(out / "tb")).Reload()
     assert {"train/loss", "train/lr", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
     before = (out / "model.safetensors").read_bytes()
-    assert retrain(settings_for("--arch", ARCH, *FAST), out) == metrics  # finished: no work, nothing rewritten
+    assert retrain(settings_for(*TWO_EPOCHS), out) == metrics  # finished: no work, nothing rewritten
     assert (out / "model.safetensors").read_bytes() == before
     # stopped after its last checkpoint but before the export: resuming trains nothing and exports the same
     for name in ("model.safetensors", "arch.json", "metrics.json"):
         (out / name).unlink()
-    assert retrain(settings_for("--arch", ARCH, *FAST), out, resume=True) == metrics
+    assert retrain(settings_for(*TWO_EPOCHS), out, resume=True) == metrics
     again = load_file(out / "model.safetensors")  # the same tensors (safetensors' header order varies by run)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
@@ -110,12 +117,10 @@ def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
         assert settings["epochs"] == 300 and settings["drop_path"] == 0.1  # DeiT's recipe
 
 
-def test_sigkilled_retrain_resumes_to_the_same_weights(ray_session, tmp_path, own_ray_env):
-    argv = ["--arch", ARCH, "--epochs", "4", "--batch-size", "32"]
-    retrain(settings_for(*argv), tmp_path / "reference")
-
+def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, tmp_path, own_ray_env):
+    reference, _ = retrained  # the same run, uninterrupted
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "glit_ray.retrain", *argv, "--out", str(out)]
+    command = [sys.executable, "-m", "glit_ray.retrain", *TWO_EPOCHS, "--out", str(out)]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=own_ray_env)
     try:
@@ -126,8 +131,8 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(ray_session, tmp_path, ow
         proc.wait()
     wait_until_still(out)
     assert not (out / "model.safetensors").exists()
-    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
-    resumed, expected = load_file(out / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    retrain(settings_for(*TWO_EPOCHS), out, resume=True)  # on another Ray: this session's
+    resumed, expected = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)

@@ -20,6 +20,7 @@ from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
+from test_train_supernet import wait_for
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -53,17 +54,17 @@ def check_run(out, level, generations=3, improves=True):
     return rows
 
 
-def test_high_then_low_end_to_end(ray_session, tmp_path):
-    high = tmp_path / "high"
-    best_high = search(settings_for("--level", "high", *SMALL), high)
-    rows = check_run(high, "high")
+def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
+    high, _ = high_search
+    best_high = json.loads((high / "best.json").read_text())
+    rows = check_run(high, "high", generations=4)
     assert best_high["arch"] == max(rows, key=lambda r: (r["top1"], [-ord(c) for c in r["arch"]]))["arch"]
-    assert (high / "supernet" / "supernet.pt").exists() and (high / "best.json").exists()
     assert any((high / "tb").iterdir())
 
     low = tmp_path / "low"
     best_low = search(settings_for("--level", "low", "--distribution", str(high), *SMALL), low)
     rows = check_run(low, "low")
+    assert (low / "supernet" / "supernet.pt").exists() and (low / "best.json").exists()  # it trained its own supernet
     distribution = Architecture.parse(best_high["arch"]).distribution
     assert all(Architecture.parse(r["arch"]).distribution == distribution for r in rows)
     assert Architecture.parse(best_low["arch"]).distribution == distribution
@@ -101,21 +102,16 @@ def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_su
         assert row["status"] == "failed" and "injected failure" in row["error"]
 
 
-def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, micro_supernet, tmp_path, own_ray_env):
+def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, high_search, tmp_path, own_ray_env):
     """SIGKILL the search, delete its run directory (the head node and its disk are gone), resume from the mirror."""
-    argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "4",
-            "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
-    reference = search(settings_for(*argv), tmp_path / "reference")
-
+    reference, argv = high_search  # the same search, uninterrupted
     out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
     command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out), "--mirror", bucket.as_uri()]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=own_ray_env)
     try:
-        deadline = time.time() + 180
-        while not (bucket / "candidates" / "gen-0001.parquet").exists():
-            assert time.time() < deadline and proc.poll() is None, "the mirror never got generation 1"
-            time.sleep(0.1)
+        assert wait_for(lambda: (bucket / "candidates" / "gen-0001.parquet").exists() or proc.poll() is not None,
+                        timeout=180) and proc.poll() is None, "the mirror never got generation 1"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -124,12 +120,12 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, m
         pq.read_table(f)  # whatever the mirror got is a whole file
     shutil.rmtree(tmp_path / "head")
 
-    subprocess.run([*command, "--resume"], check=True, timeout=300, capture_output=True, env=own_ray_env)
+    search(settings_for(*argv), out, resume=True, mirror=bucket.as_uri())  # on a new head: this session's cluster
     keys = ("arch", "generation", "operator", "parents", "top1")
-    expected = [{k: r[k] for k in keys} for r in read_candidates(tmp_path / "reference").to_pylist()]
+    expected = [{k: r[k] for k in keys} for r in read_candidates(reference).to_pylist()]
     for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
         assert [{k: r[k] for k in keys} for r in read_candidates(run_dir).to_pylist()] == expected
-        assert json.loads((run_dir / "best.json").read_text())["arch"] == reference["arch"]
+        assert json.loads((run_dir / "best.json").read_text())["arch"] == json.loads((reference / "best.json").read_text())["arch"]
     assert len(expected) == 8 * 4
 
 
