@@ -1,17 +1,23 @@
-"""Progress bars for work running in Ray workers, drawn on the driver's terminal.
+"""The driver's console: our own lines, and progress bars for work running in Ray workers.
 
 Ray's tqdm_ray redraws every bar it knows on each update; on a terminal that is a live display,
 in a log file it is a flood of lines. So bars are drawn only when the driver's stderr is a
 terminal, and the work always prints one summary line per epoch or generation as well.
+
+Of what Ray forwards from workers to the driver, the console shows only our workers' lines
+(`say`) and the bars; Ray's own warnings and the tracebacks of errors that reach the driver as one
+line stay in Ray's log files (`/tmp/ray/session_latest/logs`).
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from ray.experimental.tqdm_ray import tqdm
+from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC, tqdm
 from rich.console import Console
 
 LOG_WIDTH = 160  # columns of rich's output when it goes to a file or a pipe (a log), where lines are not re-wrapped
+WORKER_LINE = "[glit_ray] "  # how a worker's own line (`say`) starts, so that the driver tells it from Ray's
 
 
 class _NoBar:
@@ -35,3 +41,37 @@ def console(stderr: bool = True) -> Console:
     """Where our own lines go: rich on a terminal, and lines wide enough not to be folded in a log."""
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, soft_wrap=True, width=None if stream.isatty() else LOG_WIDTH)
+
+
+def say(line: str) -> None:
+    """Print a line from a Ray worker for the driver's console. It goes to the process's own stdout, once (Ray
+    Train patches `print` in its workers to log a line and echo it too)."""
+    print(WORKER_LINE + line, file=sys.__stdout__, flush=True)
+
+
+def show_only_our_worker_lines() -> None:
+    """On a driver that forwards worker output (`ray.init(log_to_driver=True)`), print only our workers' lines
+    and tqdm_ray's bars: Ray's handler is replaced by ours under its name."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", _print_our_lines)
+
+
+def _print_our_lines(batch: dict) -> None:
+    """Ray's handler for a batch of forwarded lines, keeping ours (unprefixed) and the bars' updates."""
+    from ray._private.worker import print_worker_logs
+
+    lines = batch.get("lines", [])
+    bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+    if bars:
+        print_worker_logs({**batch, "lines": bars}, sys.stderr)
+    for line in lines:
+        if line.startswith(WORKER_LINE):
+            print(line[len(WORKER_LINE):], file=sys.stderr, flush=True)
+
+
+def quiet_tune_console() -> None:
+    """Tune's new console prints its configuration box ("Number of trials 9223372036854775807") at any
+    verbosity; its old one prints nothing at `verbose=0`."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

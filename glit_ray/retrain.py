@@ -31,13 +31,13 @@ from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import bar as progress_bar
 from .progress import console as make_console
-from .progress import driver_has_terminal
+from .progress import driver_has_terminal, say
 from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, final_state, fit,
-                       quiet_worker_logs, say, seed_epoch, worker_loader)
+                       quiet_worker_logs, seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
 LOG_EVERY = 10

@@ -25,7 +25,7 @@ from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
 from .evaluator import evaluator_pool, scoring_sizes
 from .mirror import Mirror, MirrorCallback
-from .progress import bar, driver_has_terminal
+from .progress import bar, driver_has_terminal, quiet_tune_console
 from .progress import console as make_console
 from .results import ResultsCallback, best_record, read_candidates, repair_generations
 from .runs import RUN_FILE, open_run, resolve_distribution
@@ -33,6 +33,7 @@ from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .train_supernet import supernet_settings, train_supernet
+from .training import ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
 
@@ -72,7 +73,7 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     """
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console prints its configuration box at any verbosity
+    quiet_tune_console()
     trainable = tune.with_resources(
         tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
     if restore:
@@ -199,8 +200,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, "search", resume)
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    ensure_ray(address)
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
                           limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max,

@@ -26,6 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 from .cli import ArgumentParser, run
 from .errors import UserError
 from .progress import console as make_console
+from .progress import quiet_tune_console
 from .results import read_candidates
 from .retrain import train_loop
 from .runs import RUN_FILE, open_run, read_json, write_json
@@ -87,6 +88,7 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
         console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
         return record
     ensure_ray()
+    quiet_tune_console()
     at_once, cpus = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)
     # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
     # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit

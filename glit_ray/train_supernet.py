@@ -31,14 +31,14 @@ from .data import build_splits, mixup_for, parse_spec
 from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import console as make_console
-from .progress import driver_has_terminal
+from .progress import driver_has_terminal, say
 from .runs import open_run, resolve_distribution
 from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit,
-                       quiet_worker_logs, say, seed_epoch, worker_loader)
+                       quiet_worker_logs, seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 CALIB_BATCHES = 4

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from .cli import ArgumentParser
 from .data import Splits
 from .errors import UserError, one_line
+from .progress import show_only_our_worker_lines
 
 CLIP_GRAD_NORM = 5.0
 STATE_FILE = "state.pt"
@@ -154,11 +154,6 @@ def quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def say(line: str) -> None:
-    """Print a worker's epoch line once: Ray Train patches `print` in workers to log the line and echo it too."""
-    print(line, file=sys.__stdout__, flush=True)
-
-
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
     value = seed * 100_003 + epoch * 101 + rank
@@ -262,10 +257,12 @@ def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worke
     return {"CPU": cpus_per_worker, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus_per_worker}
 
 
-def ensure_ray() -> None:
-    """Join the Ray the process already has, else start one (or join RAY_ADDRESS)."""
+def ensure_ray(address: str | None = None) -> None:
+    """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with a quiet
+    console: Ray's own log lines from ERROR up, and of the workers' output only our lines (`progress`)."""
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.ERROR)
+        show_only_our_worker_lines()
 
 
 def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: float | None,

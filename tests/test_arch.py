@@ -1,5 +1,6 @@
 import json
 import random
+import warnings
 
 import pytest
 
@@ -138,3 +139,11 @@ def test_crossover_takes_each_block_from_a_parent(micro, rng, level):
         if level == "low":
             assert child.distribution == dist
     assert len(set(children)) > 4
+
+
+def test_a_deprecation_warning_from_our_code_fails_the_test():
+    """pyproject's filterwarnings: a deprecated call in glit_ray is an error under pytest, not a summary line."""
+    with pytest.raises(DeprecationWarning, match="deprecated call"):
+        warnings.warn_explicit("deprecated call", DeprecationWarning, "glit_ray/search.py", 1, module="glit_ray.search")
+    # one from inside Ray's own modules is not ours: no error
+    warnings.warn_explicit("Ray's own", DeprecationWarning, "ray/data/context.py", 1, module="ray.data.context")
