@@ -1,7 +1,4 @@
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +17,7 @@ from glit_ray.export import export_model
 from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
 from glit_ray.scoring import evaluate
 from glit_ray.supernet import load_supernet
-from test_train_supernet import wait_for, wait_until_still
+from test_train_supernet import kill_when, wait_until_still
 
 # in the micro space's high level (sizes at their defaults), so the session's high-level supernet holds it
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
@@ -121,14 +118,7 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, tmp_path, own_
     reference, _ = retrained  # the same run, uninterrupted
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.retrain", *TWO_EPOCHS, "--out", str(out)]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=own_ray_env)
-    try:
-        assert wait_for(lambda: (out / "train" / "checkpoint_manager_snapshot.json").exists(), timeout=180), \
-            "no checkpoint within 180 s"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(command, own_ray_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     wait_until_still(out)
     assert not (out / "model.safetensors").exists()
     retrain(settings_for(*TWO_EPOCHS), out, resume=True)  # on another Ray: this session's

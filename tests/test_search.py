@@ -1,8 +1,6 @@
 import json
-import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
-from test_train_supernet import wait_for
+from test_train_supernet import kill_when
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -107,14 +105,7 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, h
     reference, argv = high_search  # the same search, uninterrupted
     out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
     command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out), "--mirror", bucket.as_uri()]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=own_ray_env)
-    try:
-        assert wait_for(lambda: (bucket / "candidates" / "gen-0001.parquet").exists() or proc.poll() is not None,
-                        timeout=180) and proc.poll() is None, "the mirror never got generation 1"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(command, own_ray_env, (bucket / "candidates" / "gen-0001.parquet").exists, "generation 1 in the mirror")
     assert not (bucket / "candidates" / "gen-0003.parquet").exists()
     for f in (bucket / "candidates").glob("*.parquet"):
         pq.read_table(f)  # whatever the mirror got is a whole file

@@ -1,7 +1,6 @@
 import random
 import zlib
 
-import pytest
 from ray.tune.search import Searcher
 
 from glit_ray.arch import Architecture

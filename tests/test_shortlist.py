@@ -1,10 +1,7 @@
 """The shortlist step: a high-level search's top distributions retrained briefly as Tune trials, the winner
 handed to the low level."""
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +15,7 @@ from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.shortlist import main
 from glit_ray.training import STATE_FILE
-from test_train_supernet import wait_for, wait_until_still
+from test_train_supernet import kill_when, wait_until_still
 
 TRIALS = ["--top", "2", "--epochs", "2", "--batch-size", "64"]
 
@@ -84,15 +81,9 @@ def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, 
     run_dir, trial = tmp_path / "high", tmp_path / "high" / "shortlist" / "rank1"
     shutil.copytree(high_run, run_dir)
     argv = [str(run_dir), "--top", "1", "--epochs", "3", "--batch-size", "64"]
-    proc = subprocess.Popen([sys.executable, "-m", "glit_ray.shortlist", *argv], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=own_ray_env)
-    try:
-        # Ray Train writes its snapshot once a checkpoint is in place: one the trial resumes from
-        assert wait_for(lambda: (trial / "train" / "checkpoint_manager_snapshot.json").exists(), timeout=180), \
-            "no trial checkpoint within 180 s"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Ray Train writes its snapshot once a checkpoint is in place: one the trial resumes from
+    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], own_ray_env,
+              (trial / "train" / "checkpoint_manager_snapshot.json").exists, "trial checkpoint")
     wait_until_still(run_dir)
     assert not (run_dir / "shortlist.json").exists()
 

@@ -81,6 +81,18 @@ def wait_for(predicate, timeout):
     return False
 
 
+def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 180) -> None:
+    """Run `command` in a process group of its own until `done()` holds (the child exiting first fails the test),
+    then SIGKILL the group: the driver and the Ray it started, as a lost machine would."""
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert wait_for(lambda: done() or proc.poll() is not None, timeout) and proc.poll() is None, \
+            f"no {what} within {timeout:.0f} s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_until_still(folder: Path, quiet_seconds: float = 5, timeout: float = 60) -> None:
     """Wait until nothing under `folder` has changed for `quiet_seconds`.
 
@@ -106,15 +118,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, own
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.train_supernet", *argv, "--out", str(out)]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=own_ray_env)
-    try:
-        # Ray Train writes its snapshot once a checkpoint's files are all in place: one it resumes from
-        assert wait_for(lambda: (out / "train" / "checkpoint_manager_snapshot.json").exists(), timeout=180), \
-            "no checkpoint within 180 s"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Ray Train writes its snapshot once a checkpoint's files are all in place: one it resumes from
+    kill_when(command, own_ray_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     wait_until_still(out)
     assert not (out / "supernet.pt").exists()
 
