@@ -197,11 +197,10 @@ def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, 
         assert all(set(r["parents"]) <= allowed for r in rows if r["generation"] == g)
 
 
-def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_session, micro_supernet, tmp_path, capsys):
-    argv = ["--level", "high", "--supernet", str(micro_supernet), "--population", "8", "--generations", "2",
-            "--mutations", "4", "--crossovers", "4", "--topk", "4", "--heldout-images", "64"]
+def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_session, high_search, tmp_path, capsys):
+    finished, argv = high_search
     out = tmp_path / "run"
-    search(settings_for(*argv), out)
+    shutil.copytree(finished, out)
     rows = read_candidates(out).to_pylist()
     damaged = out / "candidates" / "gen-0001.parquet"
     damaged.write_bytes(damaged.read_bytes()[:64])
