@@ -5,7 +5,9 @@ user runs, through the same functions as the commands: supernet training (`train
 Train on the GPU, bf16 autocast, loader processes from the worker's CPUs), an evaluator actor
 scoring candidates (scoring sets decoded once, on the device or streamed from pinned memory), a
 short search, and a one-epoch retrain of its best architecture. Prints images/s of training,
-seconds per candidate, the evaluator's device memory, and the wall time of each step.
+seconds per candidate, the evaluator's device memory, and the wall time of each step; then, from
+the measured training and scoring rates, the cost of the README's whole protocol on ImageNet on
+8 such GPUs (each GPU's rate scaled linearly).
 
     python bench/gpu_check.py [--space glit_tiny] [--data imagefolder:PATH] [--out DIR]
     python bench/gpu_check.py --allow-cpu --space glit_pico --classes 4 --per-class 20   # a smoke run without a GPU
@@ -37,6 +39,21 @@ from glit_ray.synthetic import write_imagefolder
 from glit_ray.train_supernet import supernet_settings, train_supernet
 
 from harness import machine
+
+
+IMAGENET_TRAIN, IMAGENET_TEST = 1_231_167, 50_000  # ImageNet's training images beside the 50,000 held out; val
+GPUS, SCORED_PER_CANDIDATE = 8, 16 * 64 + 10_000   # the search's image-folder scoring defaults
+
+
+def protocol_hours(train_images_per_s: float, score_images_per_s: float) -> list[tuple[str, float]]:
+    """Hours of each step of the README's protocol (120 supernet epochs per level, 1,000 candidates per search,
+    a shortlist of 5 x 10 epochs, 300 retraining epochs) on GPUS GPUs training and scoring at these rates each."""
+    epoch = IMAGENET_TRAIN / (GPUS * train_images_per_s) / 3600
+    search = 1000 * SCORED_PER_CANDIDATE / (GPUS * score_images_per_s) / 3600
+    return [("high-level supernet, 120 epochs", 120 * epoch), ("high-level search, 1,000 candidates", search),
+            ("shortlist, 5 x 10 epochs", 50 * epoch), ("low-level supernet, 120 epochs", 120 * epoch),
+            ("low-level search, 1,000 candidates", search), ("retrain, 300 epochs", 300 * epoch),
+            ("evaluate, 50,000 images", IMAGENET_TEST / (GPUS * score_images_per_s) / 3600)]
 
 
 def main() -> None:
@@ -90,6 +107,7 @@ def main() -> None:
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     calib_images = min(calib_batches * 64, len(splits.calibration))
     scored_images = min(heldout_images or len(splits.heldout), len(splits.heldout))
+    score_rate = (calib_images + scored_images) / per_candidate
     step("scoring", started, f"{calib_images} calibration + {scored_images} held-out images, "
                              f"actor ready in {ready['ready_seconds']:.1f} s, {per_candidate:.2f} s per candidate, "
                              f"images on the device {stats['device_image_bytes'] / 2**20:.0f} MiB, "
@@ -115,6 +133,13 @@ def main() -> None:
     for name, seconds, detail in figures:
         print(f"| {name} | {seconds:.1f} | {detail} |")
     print(f"| total | {total:.1f} | target: under 300 s on one GPU |")
+    train_rate = meta["last_epoch"]["images_per_s"]
+    print(f"\nThe README's protocol on ImageNet with {args.space} on {GPUS} such GPUs, from this GPU's {train_rate:.0f} "
+          f"training and {score_rate:.0f} scoring images/s:\n\n| step | hours |\n| --- | ---: |")
+    hours = protocol_hours(train_rate, score_rate)
+    for name, value in hours:
+        print(f"| {name} | {value:.1f} |")
+    print(f"| in all | {sum(value for _, value in hours):.1f} |")
     ray.shutdown()
 
 
