@@ -59,13 +59,11 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def own_ray_env() -> dict:
-    """Environment for a child `python -m glit_ray...` that must start its own Ray.
-
-    Without it the child joins the session's cluster (Ray finds it on its own), where the trials
-    of a second driver never start (a quirk of `cluster_utils` nodes; a `ray start` cluster works).
-    """
-    return {**os.environ, "RAY_ADDRESS": "local"}
+def cluster_env(ray_cluster) -> dict:
+    """Environment for a child `python -m glit_ray...`: it joins the session's cluster as a second driver, as a
+    command joins a running cluster (`--address auto`), instead of starting a Ray of its own. Killing the child
+    ends its job, and Ray then kills the job's actors (its Ray Train and Tune workers)."""
+    return {**os.environ, "RAY_ADDRESS": ray_cluster.address}
 
 
 @pytest.fixture(scope="session")

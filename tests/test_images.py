@@ -97,7 +97,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_
     assert not torch.equal(epoch_batches(0, 2)[0][0], inline[0][0])  # another epoch, other augmentation
 
 
-def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path):
+def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, cluster_env):
     root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=6, val_per_class=2, size=64)
     bad = root / "train" / "class_001" / "00003.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-file
@@ -110,7 +110,7 @@ def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--space", "glit_pico",
                            "--data", f"imagefolder:{root}", "--epochs", "1", "--batch-size", "4",
                            "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                          env={**__import__("os").environ, "RAY_ADDRESS": "local"}, timeout=240)
+                          env=cluster_env, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()  # our header, then the error: the worker's traceback stays in Ray's logs
     assert lines[-1].startswith(f"error: {bad} is not a readable image"), proc.stderr[-2000:]

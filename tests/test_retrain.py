@@ -114,11 +114,11 @@ def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
         assert settings["epochs"] == 300 and settings["drop_path"] == 0.1  # DeiT's recipe
 
 
-def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, tmp_path, own_ray_env):
+def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, tmp_path, cluster_env):
     reference, _ = retrained  # the same run, uninterrupted
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.retrain", *TWO_EPOCHS, "--out", str(out)]
-    kill_when(command, own_ray_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
+    kill_when(command, cluster_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     wait_until_still(out)
     assert not (out / "model.safetensors").exists()
     retrain(settings_for(*TWO_EPOCHS), out, resume=True)  # on another Ray: this session's

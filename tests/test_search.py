@@ -100,12 +100,12 @@ def test_a_failing_candidate_is_retried_once_then_recorded(ray_session, micro_su
         assert row["status"] == "failed" and "injected failure" in row["error"]
 
 
-def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, high_search, tmp_path, own_ray_env):
+def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, high_search, tmp_path, cluster_env):
     """SIGKILL the search, delete its run directory (the head node and its disk are gone), resume from the mirror."""
     reference, argv = high_search  # the same search, uninterrupted
     out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
     command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out), "--mirror", bucket.as_uri()]
-    kill_when(command, own_ray_env, (bucket / "candidates" / "gen-0001.parquet").exists, "generation 1 in the mirror")
+    kill_when(command, cluster_env, (bucket / "candidates" / "gen-0001.parquet").exists, "generation 1 in the mirror")
     assert not (bucket / "candidates" / "gen-0003.parquet").exists()
     for f in (bucket / "candidates").glob("*.parquet"):
         pq.read_table(f)  # whatever the mirror got is a whole file
@@ -221,13 +221,13 @@ def test_limits_in_the_authors_flops_convention_are_recorded_with_the_run():
     assert settings_for("--level", "high")["limits"]["convention"] == "macs"
 
 
-def test_the_console_shows_our_lines_and_none_of_rays(tmp_path, own_ray_env):
+def test_the_console_shows_our_lines_and_none_of_rays(tmp_path, cluster_env):
     """The front door's console, as a log: a header, a line per supernet epoch and per generation, the summary; none
     of Ray's lines (its start, Ray Train's report lines, Tune's box, C++ warnings, worker prefixes, tracebacks)."""
     command = [sys.executable, "-m", "glit_ray.search", "--level", "high", "--supernet-epochs", "1", "--population", "4",
                "--generations", "2", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
                "--out", str(tmp_path / "run")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=own_ray_env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=cluster_env)
     assert done.returncode == 0, done.stderr[-3000:]
     # Ray 2.60's driver logs one error-level line for restartable actors whose constructor takes an object-store
     # reference, nested or not (ray-project/ray#53727); the evaluators' stay alive while the search holds them

@@ -77,12 +77,12 @@ def epochs_logged(trial_dir) -> list[int]:
     return [e.step for e in events.Scalars("epoch/heldout_top1")]
 
 
-def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, tmp_path, own_ray_env):
+def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, tmp_path, cluster_env):
     run_dir, trial = tmp_path / "high", tmp_path / "high" / "shortlist" / "rank1"
     shutil.copytree(high_run, run_dir)
     argv = [str(run_dir), "--top", "1", "--epochs", "3", "--batch-size", "64"]
     # Ray Train writes its snapshot once a checkpoint is in place: one the trial resumes from
-    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], own_ray_env,
+    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], cluster_env,
               (trial / "train" / "checkpoint_manager_snapshot.json").exists, "trial checkpoint")
     wait_until_still(run_dir)
     assert not (run_dir / "shortlist.json").exists()

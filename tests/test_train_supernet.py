@@ -111,7 +111,7 @@ def wait_until_still(folder: Path, quiet_seconds: float = 5, timeout: float = 60
             last, since = current, time.time()
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, own_ray_env):
+def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, cluster_env):
     argv = ["--level", "high", "--epochs", "2", "--batch-size", "64"]
     reference = micro_supernet  # this run, uninterrupted, once per session
     assert json.loads((reference.parent / "run.json").read_text())["settings"] == json.loads(json.dumps(settings_for(*argv)))
@@ -119,7 +119,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, own
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.train_supernet", *argv, "--out", str(out)]
     # Ray Train writes its snapshot once a checkpoint's files are all in place: one it resumes from
-    kill_when(command, own_ray_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
+    kill_when(command, cluster_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     wait_until_still(out)
     assert not (out / "supernet.pt").exists()
 
