@@ -147,7 +147,7 @@ def train_loop(config: dict) -> None:
             if name in metrics:
                 writer.add_scalar(f"epoch/{name}", metrics[name], step)
         writer.flush()
-        say(f"retrain epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+        say(f"{config.get('label', 'retrain')} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
             f"held-out top-1 {metrics['heldout_top1']:.2f}%"
             + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""))
         recipe.report(net, epoch, metrics)

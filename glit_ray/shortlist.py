@@ -56,7 +56,8 @@ def shortlist_trial(config: dict) -> None:
     out = Path(config["folder"]) / f"rank{rank + 1}"
     out.mkdir(parents=True, exist_ok=True)
     train_config = {**settings, "arch": config["candidates"][rank]["arch"], "out": str(out), "progress": False,
-                    "loader_workers": config["loader_workers"], "initial_weights": None, "score_test": False}
+                    "loader_workers": config["loader_workers"], "initial_weights": None, "score_test": False,
+                    "label": f"shortlist {rank + 1}/{len(config['candidates'])}"}  # its epoch lines say which
     storage = f"{config['storage'].rstrip('/')}/{FOLDER}/rank{rank + 1}" if config["storage"] else None
     fit(train_loop, train_config, out, settings["workers"], config["gpus_per_worker"], config["cpus_per_worker"],
         storage, callbacks=[TuneReportCallback()])

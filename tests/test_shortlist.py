@@ -49,6 +49,7 @@ def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low
 
     run(main, [str(run_dir), *TRIALS, "--scheduler", "asha"])
     record = json.loads((run_dir / "shortlist.json").read_text())
+    assert "winner: " in said(capsys)
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]
     assert [c["search_top1"] for c in record["candidates"]] == [r["top1"] for r in rows[:2]]
