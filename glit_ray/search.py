@@ -10,6 +10,7 @@ RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -203,8 +204,7 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     ensure_ray(address)
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
-                          limits=Limits(flops_max=limits.flops_max, params_max=limits.params_max,
-                                        convention=limits.convention), seed=settings["seed"]),
+                          limits=replace(limits, flops_min=None, params_min=None), seed=settings["seed"]),
         out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console,
         storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
     if mirror:

@@ -36,12 +36,18 @@ RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"
 
 
-def top_candidates(run_dir: Path, top: int) -> list[dict]:
-    """The `top` best distinct architectures a high-level search scored, best first."""
-    search = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).is_file() else {}
+def search_settings(run_dir: Path) -> dict:
+    """The settings of the high-level search run in `run_dir` (its run.json), or a UserError saying it is none."""
+    if not (run_dir / RUN_FILE).is_file():
+        raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
+    search = read_json(run_dir / RUN_FILE)
     if search.get("kind") != "search" or search.get("settings", {}).get("level") != "high":
-        raise UserError(f"{run_dir} is not a high-level search run (no run.json of one); give the RUN_DIR of "
-                        "python -m glit_ray.search --level high")
+        raise UserError(f"{run_dir} is not a high-level search run; give the RUN_DIR of python -m glit_ray.search --level high")
+    return search["settings"]
+
+
+def top_candidates(run_dir: Path, top: int) -> list[dict]:
+    """The `top` best distinct architectures the search in `run_dir` scored, best first."""
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
     chosen = list({r["arch"]: r for r in reversed(rows)}.values())[::-1][:top]  # the best row of each architecture
     if not chosen:
@@ -132,9 +138,7 @@ def settings_from_args(args, run_dir: Path) -> dict:
     """The training settings of every trial: the search's space and data, retraining's recipe."""
     if args.space or args.data:
         raise UserError("the shortlist trains on the search's own space and data; drop --space and --data")
-    search = read_json(run_dir / RUN_FILE).get("settings", {}) if (run_dir / RUN_FILE).is_file() else {}
-    if "space" not in search:
-        raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
+    search = search_settings(run_dir)
     if args.top < 1:
         raise UserError("--top must be at least 1")
     check_counts(args)
