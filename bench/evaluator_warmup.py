@@ -25,13 +25,20 @@ live process maps it.) The old way,
 each actor decoding the held-out split itself into float32, is a computed figure (4 bytes a
 pixel, private to each actor, decoded again on each restart).
 
-Target: second and restarted actor <= 0.10 of the first actor's time.
+The bench runs two rounds, at a small and a large held-out split, each with its own decoded sets,
+actors and restarts. The difference between the rounds, per 1,000 held-out images, is what an
+actor's warm-up costs for the held-out images: the first actor's grows with them (it decodes
+them), a later actor's should not (it maps them). The whole warm-up at the large size is reported
+too: it holds the fixed costs no handling of the images can remove (Ray's new worker process,
+importing torch; Ray noticing a dead actor).
+
+Target: per 1,000 held-out images, second and restarted actor <= 0.10 of the first actor's time.
 
     python bench/evaluator_warmup.py [--data imagefolder:PATH] [--classes 20] [--train-per-class 2500]
-                                     [--calib-batches 16] [--heldout-images 10000] [--restarts 3] [--record]
+                                     [--calib-batches 16] [--heldout-images 2000,10000] [--restarts 5] [--record]
 
 The defaults are what a search scores with on an image folder (`SCORING_DEFAULTS`: 16 calibration
-batches of 64, 10,000 held-out images). Without --data it writes a synthetic 256-px JPEG folder
+batches of 64, 10,000 held-out images), and 2,000 held-out images for the small round. Without --data it writes a synthetic 256-px JPEG folder
 (`glit_ray.synthetic`'s images, two processes) whose held-out split (20 % of train) has
 classes x train-per-class / 5 images: 10,000 by default, about 5 minutes of writing here.
 """
@@ -154,9 +161,10 @@ def main() -> None:
     calib_batches, heldout_images = SCORING_DEFAULTS["imagefolder"]
     parser.add_argument("--calib-batches", type=int, default=calib_batches,
                         help="calibration batches of 64 (default: the search's on an image folder)")
-    parser.add_argument("--heldout-images", type=int, default=heldout_images,
-                        help="default: the search's on an image folder")
-    parser.add_argument("--restarts", type=int, default=3, help="actor restarts timed, alternating between the two actors")
+    parser.add_argument("--heldout-images", type=sizes, default=[2000, heldout_images],
+                        help="SMALL,LARGE held-out split sizes, measured one after the other (default: 2000 and the "
+                             "search's on an image folder); their difference gives the seconds per 1,000 held-out images")
+    parser.add_argument("--restarts", type=int, default=5, help="actor restarts timed, alternating between the two actors")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     if args.restarts < 1:
@@ -177,18 +185,32 @@ def main() -> None:
         # address="local": a cluster of its own, even where another one runs on the machine
         ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
         try:
-            body = report(args, data, measure(args, splits, supernet_bytes, space))
+            rounds = [measure(args, splits, supernet_bytes, space, n) for n in args.heldout_images]
+            body = report(args, data, rounds)
         finally:
             ray.shutdown()
     publish("P7", body, args.record)
 
 
-def measure(args, splits, supernet_bytes: bytes, space: SearchSpace) -> dict:
+def sizes(text: str) -> list[int]:
+    """'SMALL,LARGE' held-out sizes, SMALL < LARGE."""
+    try:
+        small, large = (int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two sizes SMALL,LARGE, e.g. 2000,10000") from None
+    if not 0 < small < large:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < SMALL < LARGE")
+    return [small, large]
+
+
+def measure(args, splits, supernet_bytes: bytes, space: SearchSpace, heldout_images: int) -> dict:
+    """One round at `heldout_images`: decode the sets, start two actors, score, restart; the sets are freed after."""
     m = {"supernet": len(supernet_bytes), "store": {}, "memory": {}, "restarts": [], "load": [os.getloadavg()[0]]}
+    print(f"-- {heldout_images} held-out images", flush=True)
     empty_store = store_bytes()
     ref = ray.put(supernet_bytes)  # as evaluator_pool: the driver holds the supernet's bytes and the sets while actors live
     started = time.perf_counter()
-    sets = scoring_sets(splits, args.calib_batches, args.heldout_images)
+    sets = scoring_sets(splits, args.calib_batches, heldout_images)
     m["decode"] = time.perf_counter() - started
     m["sizes"] = {name: (len(image_set), image_set.nbytes) for name, image_set in sets.items()}
     m["store"]["sets decoded (the driver holds them and the supernet's bytes)"] = store_bytes() - empty_store
@@ -250,6 +272,10 @@ def measure(args, splits, supernet_bytes: bytes, space: SearchSpace) -> dict:
     m["store"]["the last restarted actor read every image and scored a candidate"] = store_bytes() - empty_store
     for actor in actors:
         ray.kill(actor, no_restart=True)
+    del sets, ref
+    deadline = time.monotonic() + 60
+    while store_bytes() > empty_store and time.monotonic() < deadline:  # the next round starts from an empty store
+        time.sleep(0.2)
     m["load"].append(os.getloadavg()[0])
     return m
 
@@ -266,32 +292,43 @@ def span(values: list[int], spec: str) -> str:
     return low if low == high else f"{low} to {high}"
 
 
-def report(args, data: str, m: dict) -> str:
+def warmups(m: dict) -> dict:
+    """A round's three warm-up times: first actor (decoding included), second actor, restarted actor (median)."""
+    return {"first": m["decode"] + m["first"]["seconds"], "second": m["second"]["seconds"],
+            "restarted": statistics.median(r["seconds"] for r in m["restarts"])}
+
+
+def report(args, data: str, rounds: list[dict]) -> str:
+    small, m = rounds
+    n_small, n_large = (r["sizes"]["heldout"][0] for r in rounds)
     (calib, calib_bytes), (heldout, heldout_bytes) = m["sizes"]["calibration"], m["sizes"]["heldout"]
     per = 1000 / heldout
-    first = m["decode"] + m["first"]["seconds"]
+    whole = warmups(m)
+    first = whole["first"]
     restarts = [r["seconds"] for r in m["restarts"]]
-    restart = statistics.median(restarts)
     restart_init = statistics.median(r["init"] for r in m["restarts"])
-    ratio_second, ratio_restart = m["second"]["seconds"] / first, restart / first
+    slope = {k: (whole[k] - warmups(small)[k]) * 1000 / (n_large - n_small) for k in whole}
 
     def row(label, seconds, init, note):
         init = f"{init:.2f}" if init is not None else ""
-        return f"| {label} | {seconds:.2f} | {seconds * per:.2f} | {init} | {seconds / first:.3f} | {note} |"
+        return f"| {label} | {seconds:.2f} | {init} | {seconds / first:.3f} | {note} |"
 
     times = [
         row("first actor: decode the sets, then start", first, m["first"]["init"],
             f"decode {m['decode']:.2f} s ({calib} calibration + {heldout} held-out images, Ray tasks on 2 CPUs), then "
             f"the actor {m['first']['seconds']:.2f} s ({m['first']['process']})"),
-        row("second actor on the node", m["second"]["seconds"], m["second"]["init"],
+        row("second actor on the node", whole["second"], m["second"]["init"],
             f"created while the first lives ({m['second']['process']})"),
-        row(f"restarted actor (median of {len(restarts)})", restart, restart_init,
+        row(f"restarted actor (median of {len(restarts)})", whole["restarted"], restart_init,
             f"from the call that killed its process (min / median / max {spread(restarts)} s, of which the call took "
             f"{statistics.median(r['failed'] for r in m['restarts']):.2f} s to fail; "
             f"{', '.join(sorted(set(r['process'] for r in m['restarts'])))})"),
         row("for scale: an actor that only imports `glit_ray.evaluator`", m["floor"]["seconds"], None,
             f"the floor of any actor ({m['floor']['process']})"),
     ]
+    per_thousand = [f"| {label} | {warmups(small)[k]:.2f} | {whole[k]:.2f} | {slope[k]:.3f} | {slope[k] / slope['first']:.3f} |"
+                    for k, label in [("first", "first actor (decoding included)"), ("second", "second actor on the node"),
+                                     ("restarted", "restarted actor (median)")]]
     memory_rows = []
     for actor, moments in m["memory"].items():
         start = moments["start of __init__"]
@@ -303,16 +340,24 @@ def report(args, data: str, m: dict) -> str:
     shm = [mom["every image read"]["shmem"] - mom["ready"]["shmem"] for mom in m["memory"].values()]
     sets_mib = (calib_bytes + heldout_bytes) / MiB
     heldout_mib = heldout_bytes / MiB
+    loads = [f"{r['load'][0]:.1f}" for r in rounds] + [f"{m['load'][1]:.1f}"]
     return "\n".join([
-        f"{args.space} (untrained supernet) on {data.split(':')[0]}: {heldout} held-out images ({heldout_mib:.1f} MiB "
-        f"uint8 at 224 px) and {calib} calibration images, {sets_mib:.1f} MiB in all; one Ray node of 2 CPUs, actors of "
-        f"{ACTOR_CPUS} CPU and 1 torch thread, as `evaluator_pool` makes them. Wall seconds in the driver until the actor "
-        f"answers `stats` (a warm `stats` call takes {m['stats_call'] * 1e3:.0f} ms); *__init__ s* is the actor's own "
-        "`ready_seconds` (supernet loaded, sets mapped). The machine's 1-minute load average was "
-        f"{m['load'][0]:.1f} when the measurements started and {m['load'][1]:.1f} when they ended.", "",
-        "| actor | seconds | seconds per 1,000 held-out | __init__ s | / first | |",
-        "| --- | ---: | ---: | ---: | ---: | --- |", *times, "",
-        f"**second / first {ratio_second:.3f}, restarted / first {ratio_restart:.3f}** (target <= 0.10); "
+        f"{args.space} (untrained supernet) on {data.split(':')[0]}, {calib} calibration images; one Ray node of 2 CPUs, "
+        f"actors of {ACTOR_CPUS} CPU and 1 torch thread, as `evaluator_pool` makes them. Two rounds one after the other, "
+        f"with {n_small} and {n_large} held-out images, each with its own sets, actors and restarts. Wall seconds in the "
+        f"driver until the actor answers `stats` (a warm `stats` call takes {m['stats_call'] * 1e3:.0f} ms). The "
+        f"machine's 1-minute load average was {' / '.join(loads)} at the start of each round and at the end.", "",
+        f"**Per 1,000 held-out images** (the difference between the rounds, over {(n_large - n_small) / 1000:g} thousand "
+        "images): what an actor's warm-up costs for each 1,000 more held-out images.", "",
+        f"| actor | seconds at {n_small} | seconds at {n_large} | seconds per 1,000 held-out | / first's |",
+        "| --- | ---: | ---: | ---: | ---: |", *per_thousand, "",
+        f"**Per 1,000 held-out images: second / first {slope['second'] / slope['first']:.3f}, restarted / first "
+        f"{slope['restarted'] / slope['first']:.3f}** (target <= 0.10).", "",
+        f"**Whole warm-up at {heldout} held-out images** ({heldout_mib:.1f} MiB uint8 at 224 px, {sets_mib:.1f} MiB with the "
+        "calibration images); *__init__ s* is the actor's own `ready_seconds` (supernet loaded, sets mapped):", "",
+        "| actor | seconds | __init__ s | / first | |",
+        "| --- | ---: | ---: | ---: | --- |", *times, "",
+        f"Whole warm-up: second / first {whole['second'] / first:.3f}, restarted / first {whole['restarted'] / first:.3f}; "
         f"__init__ alone: second {m['second']['init'] / first:.3f}, restarted {restart_init / first:.3f} of the first's time.", "",
         "Object store bytes in use over the empty store's, MiB (the raylet's count; the supernet's "
         f"{m['supernet'] / MiB:.1f} MiB are in it too):", "",
