@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,7 +241,23 @@ class Recipe:
 def final_state(result: ray.train.Result) -> dict:
     """A finished run's last checkpoint: `model` (the weights) and `metrics` (rank 0's last epoch)."""
     with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"checkpoint {result.checkpoint.path} is corrupt ({type(exc).__name__}); "
+                            "start the run again with a new --out") from None
+
+
+def finished_run(storage: str, epochs: int) -> ray.train.Result | None:
+    """The result of the Ray Train run under STORAGE/train when its latest checkpoint is of its last epoch, else
+    None (no run there yet, or epochs left). Such a run is not started again: its workers would train nothing."""
+    try:
+        with warnings.catch_warnings():  # Ray Train reads its snapshot with a deprecated pydantic call: Ray's, not ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            result = ray.train.Result.from_path(f"{storage.rstrip('/')}/train")
+    except RuntimeError:  # no run, or no checkpoint snapshot yet
+        return None
+    return result if result.checkpoint and result.metrics.get("epoch") == epochs - 1 else None
 
 
 def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
@@ -275,7 +292,11 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker gets.
+    A run whose last epoch is checkpointed already (stopped before its caller exported the result) returns at once,
+    unless `callbacks` wait for its reports.
     """
+    if not callbacks and (finished := finished_run(storage or str(out), config["epochs"])):
+        return finished
     ensure_ray()
     resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
     if config["loader_workers"] is None:

@@ -1,11 +1,16 @@
 import copy
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from glit_ray.space import SearchSpace
+
+# Ray Train starts a preemption watcher (one more Ray worker process) per run; no test preempts a node
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -74,16 +79,6 @@ def ray_session(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def micro_supernet(ray_session, tmp_path_factory):
-    """A high-level micro supernet trained briefly, once per session (its supernet.pt path)."""
-    from glit_ray.space import SearchSpace
-    from glit_ray.train_supernet import supernet_settings, train_supernet
-
-    settings = supernet_settings(SearchSpace.load("glit_micro"), "high", None, "digits", epochs=2, batch_size=64)
-    return train_supernet(settings, tmp_path_factory.mktemp("supernet") / "run")
-
-
-@pytest.fixture(scope="session")
 def folder224(tmp_path_factory):
     """A class-sorted ImageNet-layout folder of 256-px JPEGs: 10 classes x 40 train (+ 10 val) images."""
     from glit_ray.synthetic import write_imagefolder
@@ -108,18 +103,29 @@ def cli_error(capsys):
     return call
 
 
-# the high-level search several tests read: 4 generations of 8 on the session's supernet
-HIGH_SEARCH = ["--level", "high", "--population", "8", "--generations", "4", "--mutations", "4", "--crossovers", "4",
-               "--topk", "4", "--heldout-images", "128"]
+# the high-level search several tests read: it trains its own supernet (2 epochs), then runs 4 generations of 8
+HIGH_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--population", "8", "--generations", "4", "--mutations", "4",
+               "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
 
 
 @pytest.fixture(scope="session")
-def high_search(micro_supernet, tmp_path_factory) -> tuple:
-    """A finished high-level search of glit_micro on digits, once per session: (its run dir, its command line).
-    Read it; copy it before changing it."""
-    from glit_ray.search import build_parser, search, settings_from_args
-
-    argv = [*HIGH_SEARCH, "--supernet", str(micro_supernet)]
+def high_search_process(cluster_env, tmp_path_factory) -> tuple:
+    """The session's one high-level search of glit_micro on digits, run as a user runs it (`python -m glit_ray.search`,
+    joining the session's cluster): (its run dir, its console output). The supernet it trains is the session's."""
     out = tmp_path_factory.mktemp("high-search") / "run"
-    search(settings_from_args(build_parser().parse_args([*argv, "--out", str(out)])), out)
-    return out, argv
+    command = [sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cluster_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def micro_supernet(high_search_process):
+    """The session's high-level micro supernet (its supernet.pt): the one its search trained, 2 epochs of batch 32."""
+    return high_search_process[0] / "supernet" / "supernet.pt"
+
+
+@pytest.fixture(scope="session")
+def high_search(high_search_process) -> tuple:
+    """The finished search: (its run dir, its command line). Read it; copy it before changing it."""
+    return high_search_process[0], HIGH_SEARCH
