@@ -12,6 +12,7 @@ import logging
 import random
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,8 +222,7 @@ class Recipe:
                 self.scheduler.load_state_dict(state["scheduler"])
                 self.scaler.load_state_dict(state["scaler"])
             except Exception as exc:
-                raise UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); "
-                                "start the run again with a new --out") from None
+                raise corrupt(checkpoint, exc) from None
         return state["epoch"] + 1
 
     def report(self, net: nn.Module, epoch: int, metrics: dict) -> None:
@@ -244,20 +244,30 @@ def final_state(result: ray.train.Result) -> dict:
         try:
             return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise UserError(f"checkpoint {result.checkpoint.path} is corrupt ({type(exc).__name__}); "
-                            "start the run again with a new --out") from None
+            raise corrupt(result.checkpoint, exc) from None
 
 
-def finished_run(storage: str, epochs: int) -> ray.train.Result | None:
-    """The result of the Ray Train run under STORAGE/train when its latest checkpoint is of its last epoch, else
-    None (no run there yet, or epochs left). Such a run is not started again: its workers would train nothing."""
+def corrupt(checkpoint: ray.train.Checkpoint, exc: Exception) -> UserError:
+    return UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); start the run again with a new --out")
+
+
+def previous_run(storage: str) -> ray.train.Result | None:
+    """The Ray Train run under STORAGE/train that an interrupted run left, with its latest checkpoint checked (whether
+    its state file is a whole torch archive: its zip directory is read, not the tensors, from any storage); None when
+    there is none yet. A corrupt one is refused here, before any worker starts."""
     try:
         with warnings.catch_warnings():  # Ray Train reads its snapshot with a deprecated pydantic call: Ray's, not ours
             warnings.simplefilter("ignore", DeprecationWarning)
             result = ray.train.Result.from_path(f"{storage.rstrip('/')}/train")
     except RuntimeError:  # no run, or no checkpoint snapshot yet
         return None
-    return result if result.checkpoint and result.metrics.get("epoch") == epochs - 1 else None
+    if result.checkpoint:
+        try:
+            with result.checkpoint.filesystem.open_input_file(f"{result.checkpoint.path}/{STATE_FILE}") as f:
+                zipfile.ZipFile(f)
+        except Exception as exc:
+            raise corrupt(result.checkpoint, exc) from None
+    return result
 
 
 def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
@@ -292,11 +302,13 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker gets.
-    A run whose last epoch is checkpointed already (stopped before its caller exported the result) returns at once,
-    unless `callbacks` wait for its reports.
+    A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
+    checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
+    for its reports.
     """
-    if not callbacks and (finished := finished_run(storage or str(out), config["epochs"])):
-        return finished
+    previous = previous_run(storage or str(out))
+    if previous and previous.checkpoint and previous.metrics.get("epoch") == config["epochs"] - 1 and not callbacks:
+        return previous  # its last epoch is checkpointed: workers would train nothing
     ensure_ray()
     resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
     if config["loader_workers"] is None:

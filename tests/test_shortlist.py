@@ -81,7 +81,7 @@ def epochs_logged(trial_dir) -> list[int]:
 def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, tmp_path, cluster_env):
     run_dir, trial = tmp_path / "high", tmp_path / "high" / "shortlist" / "rank1"
     shutil.copytree(high_run, run_dir)
-    argv = [str(run_dir), "--top", "1", "--epochs", "3", "--batch-size", "64"]
+    argv = [str(run_dir), "--top", "1", "--epochs", "2", "--batch-size", "64"]
     # Ray Train writes its snapshot once a checkpoint is in place: one the trial resumes from
     kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], cluster_env,
               (trial / "train" / "checkpoint_manager_snapshot.json").exists, "trial checkpoint")
@@ -90,10 +90,10 @@ def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, 
     run(main, argv)  # Tuner.restore, and the trial's Ray Train run resumes from its checkpoint
     logged = epochs_logged(trial)
     every = sorted(set(logged))
-    assert len(every) == 3
-    # the first epoch, checkpointed before the kill, is not trained again (later ones cut short by it may be)
+    assert len(every) == 2
+    # the first epoch, checkpointed before the kill, is not trained again (the second, cut short by it, may be)
     assert logged.count(every[0]) == 1, logged
-    assert json.loads((run_dir / "shortlist.json").read_text())["candidates"][0]["epochs"] == 3
+    assert json.loads((run_dir / "shortlist.json").read_text())["candidates"][0]["epochs"] == 2
 
 
 def test_bad_input_is_one_line(high_run, tmp_path, cli_error):
