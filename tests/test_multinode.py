@@ -65,7 +65,7 @@ def test_an_actor_that_dies_mid_candidate_is_restarted_and_the_candidate_rescore
 
 
 def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_supernet, ray_cluster, worker_nodes):
-    archs = micro_archs(80)
+    archs = micro_archs(48)
     with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 4, None, actors=4, gpus_per_actor=0) as actors:
         nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
         doomed = worker_nodes[0]
