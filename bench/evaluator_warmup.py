@@ -307,7 +307,8 @@ def report(args, data: str, rounds: list[dict]) -> str:
     first = whole["first"]
     restarts = [r["seconds"] for r in m["restarts"]]
     restart_init = statistics.median(r["init"] for r in m["restarts"])
-    slope = {k: (whole[k] - warmups(small)[k]) * 1000 / (n_large - n_small) for k in whole}
+    before = warmups(small)
+    slope = {k: (whole[k] - before[k]) * 1000 / (n_large - n_small) for k in whole}
 
     def row(label, seconds, init, note):
         init = f"{init:.2f}" if init is not None else ""
@@ -326,7 +327,7 @@ def report(args, data: str, rounds: list[dict]) -> str:
         row("for scale: an actor that only imports `glit_ray.evaluator`", m["floor"]["seconds"], None,
             f"the floor of any actor ({m['floor']['process']})"),
     ]
-    per_thousand = [f"| {label} | {warmups(small)[k]:.2f} | {whole[k]:.2f} | {slope[k]:.3f} | {slope[k] / slope['first']:.3f} |"
+    per_thousand = [f"| {label} | {before[k]:.2f} | {whole[k]:.2f} | {slope[k]:.3f} | {slope[k] / slope['first']:.3f} |"
                     for k, label in [("first", "first actor (decoding included)"), ("second", "second actor on the node"),
                                      ("restarted", "restarted actor (median)")]]
     memory_rows = []

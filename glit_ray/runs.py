@@ -14,6 +14,7 @@ from typing import Any
 
 from .arch import Architecture
 from .errors import UserError
+from .progress import console
 from .space import SearchSpace
 
 RUN_FILE = "run.json"
@@ -70,15 +71,15 @@ def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
     return True
 
 
-def resolve_distribution(value: str, space: SearchSpace) -> tuple[tuple[int, ...], str | None]:
-    """The G distribution named by `--distribution`, and a line saying where it came from (None for a string).
+def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:
+    """The G distribution named by `--distribution`; for a run directory, a console line says where it came from.
 
     `value` is an architecture string (only its G's count, so `3:-0:-1:...` will do) or a high-level
     search run directory: the winner of its shortlist (`glit_ray.shortlist`) when it has one, else
     the search's best architecture."""
     path = Path(value)
     if not path.is_dir():
-        return space.validate_distribution(Architecture.parse(value).distribution), None
+        return space.validate_distribution(Architecture.parse(value).distribution)
     best, shortlisted = path / "best.json", path / "shortlist.json"
     if not best.is_file():
         raise UserError(f"--distribution {path}: not a high-level search run (no best.json); run the high-level search first")
@@ -89,8 +90,12 @@ def resolve_distribution(value: str, space: SearchSpace) -> tuple[tuple[int, ...
         winner = read_json(shortlisted).get("winner") or {}
         if "arch" not in winner:
             raise UserError(f"--distribution {path}: {shortlisted} names no winner; run python -m glit_ray.shortlist again")
-        source = (f"distribution from the shortlist of {path}: {winner['arch']} (held-out top-1 "
+        arch = winner["arch"]
+        source = (f"distribution from the shortlist of {path}: {arch} (held-out top-1 "
                   f"{winner['shortlist_top1']:.2f}% after {winner['epochs']} epoch(s) of training)")
-        return space.validate_distribution(Architecture.parse(winner["arch"]).distribution), source
-    source = f"distribution from {path}: its search's best, {record['arch']} (no shortlist; python -m glit_ray.shortlist makes one)"
-    return space.validate_distribution(Architecture.parse(record["arch"]).distribution), source
+    else:
+        arch = record["arch"]
+        source = f"distribution from {path}: its search's best, {arch} (no shortlist; python -m glit_ray.shortlist makes one)"
+    distribution = space.validate_distribution(Architecture.parse(arch).distribution)
+    console().print(source)
+    return distribution

@@ -138,9 +138,7 @@ def settings_from_args(args) -> dict:
         raise UserError("--level low needs --distribution RUN_DIR (a high-level search run) or an ARCH_STRING")
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
-    distribution, source = resolve_distribution(args.distribution, space) if args.level == "low" else (None, None)
-    if source:
-        make_console().print(source)
+    distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
     for name in ("population", "generations", "topk", "calib_batches", "heldout_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -49,7 +49,10 @@ def search_settings(run_dir: Path) -> dict:
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
     """The `top` best distinct architectures the search in `run_dir` scored, best first."""
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
-    chosen = list({r["arch"]: r for r in reversed(rows)}.values())[::-1][:top]  # the best row of each architecture
+    best: dict[str, dict] = {}
+    for row in rows:  # best first: each architecture's best row, in that order
+        best.setdefault(row["arch"], row)
+    chosen = list(best.values())[:top]
     if not chosen:
         raise UserError(f"{run_dir} has no scored candidate yet; let its search finish a generation first")
     return [{"arch": r["arch"], "search_top1": r["top1"], "generation": r["generation"]} for r in chosen]

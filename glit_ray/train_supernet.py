@@ -160,9 +160,7 @@ def settings_from_args(args) -> dict:
         raise UserError("--level low needs --distribution ARCH_STRING or a high-level RUN_DIR (the G per block)")
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
-    distribution, source = resolve_distribution(args.distribution, space) if args.level == "low" else (None, None)
-    if source:
-        make_console().print(source)
+    distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
     check_counts(args)
     return supernet_settings(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
