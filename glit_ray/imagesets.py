@@ -107,7 +107,12 @@ def decode_on_cluster(splits: Splits, dataset: Dataset, indices: list[int], what
     references, which keep them in the object store while the caller holds the set.
 
     Waits until every chunk is decoded; an unreadable image is raised here as its one-line UserError.
+    A TensorDataset (the digits) holds its images decoded already: its chunks are cut here and put in the store,
+    which spares a Ray task process importing torch for nothing.
     """
+    if isinstance(dataset, TensorDataset):
+        local = decode(splits, dataset, indices)
+        return replace(local, chunks=[ray.put((x.numpy(), y.numpy())) for x, y in local.chunks])
     items = ray.put(compact(dataset, indices))
     tasks = [_decode_chunk.remote(items, start, min(start + CHUNK, len(indices)))
              for start in range(0, len(indices), CHUNK)]

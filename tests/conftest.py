@@ -11,6 +11,8 @@ from glit_ray.space import SearchSpace
 
 # Ray Train starts a preemption watcher (one more Ray worker process) per run; no test preempts a node
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# its controller polls the workers every 2 s; a test run is seconds long, and every poll ends a wait on it
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +58,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster
     ray.shutdown()
@@ -64,17 +66,19 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def cluster_env(ray_cluster) -> dict:
+def cluster_env(ray_cluster, session_search) -> dict:
     """Environment for a child `python -m glit_ray...`: it joins the session's cluster as a second driver, as a
     command joins a running cluster (`--address auto`), instead of starting a Ray of its own. Killing the child
     ends its job, and Ray then kills the job's actors (its Ray Train and Tune workers)."""
+    search_finished(session_search)
     return {**os.environ, "RAY_ADDRESS": ray_cluster.address}
 
 
 @pytest.fixture(scope="session")
-def ray_session(ray_cluster):
+def ray_session(ray_cluster, session_search):
     import ray
 
+    search_finished(session_search)
     return ray
 
 
@@ -108,15 +112,44 @@ HIGH_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--population", "8",
                "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
 
 
-@pytest.fixture(scope="session")
-def high_search_process(cluster_env, tmp_path_factory) -> tuple:
+def pytest_collection_modifyitems(items):
+    """The tests that need no Ray run first, beside the session's search (`session_search`), which starts with them."""
+    items.sort(key=lambda item: bool({"ray_cluster", "high_search_process"} & set(item.fixturenames)))  # stable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_search(request, tmp_path_factory):
     """The session's one high-level search of glit_micro on digits, run as a user runs it (`python -m glit_ray.search`,
-    joining the session's cluster): (its run dir, its console output). The supernet it trains is the session's."""
-    out = tmp_path_factory.mktemp("high-search") / "run"
-    command = [sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=cluster_env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done.stdout + done.stderr
+    joining the session's cluster), started with the first test when any collected test reads it: {"out": its run
+    dir, "process": its Popen, "console": the files its stdout and stderr go to}. The supernet it trains is the
+    session's. Tests that use Ray wait for it (`search_finished`), so that it never competes with them for the
+    cluster's CPUs."""
+    if not any("high_search_process" in item.fixturenames for item in request.session.items):
+        yield {}
+        return
+    cluster = request.getfixturevalue("ray_cluster")
+    folder = tmp_path_factory.mktemp("high-search")
+    console = [folder / "stdout.txt", folder / "stderr.txt"]
+    with console[0].open("w") as stdout, console[1].open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(folder / "run")],
+                                   stdout=stdout, stderr=stderr, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    yield {"out": folder / "run", "process": process, "console": console}
+    process.kill()
+    process.wait()
+
+
+def search_finished(session_search: dict) -> None:
+    if session_search:
+        session_search["process"].wait(timeout=600)
+
+
+@pytest.fixture(scope="session")
+def high_search_process(session_search) -> tuple:
+    """The session's search, finished: (its run dir, its console output)."""
+    search_finished(session_search)
+    stdout, stderr = (path.read_text() for path in session_search["console"])
+    assert session_search["process"].returncode == 0, stderr[-3000:]
+    return session_search["out"], stdout + stderr
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from test_checkpoint import deit_checkpoint, their_state
 CLASSES = 10  # folder224's
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # its tests run apart: those needing no Ray run first
 def their_file(tmp_path_factory):
     """Their DeiT-style checkpoint of GLiT-Tiny, its head cut to folder224's 10 classes."""
     state = their_state(0)

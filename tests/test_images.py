@@ -82,6 +82,24 @@ def test_scoring_sets_are_uint8_at_the_spaces_size_and_the_same_decoded_anywhere
     assert shared["heldout"].nbytes == 24 * 3 * 224 * 224 + 24 * 8
 
 
+def test_in_memory_digits_go_to_the_store_as_they_are(ray_session, monkeypatch):
+    """The digits are tensors already: their chunks are put in the object store from the driver (no decoding task),
+    holding what a local decode holds."""
+    import ray
+    from glit_ray import imagesets
+
+    monkeypatch.delattr(imagesets, "_decode_chunk")  # a decoding task would fail
+    splits = build_splits("digits", 8, 1)
+    shared, local = scoring_sets(splits, 10, None), scoring_sets(splits, 10, None, cluster=False)
+    for name, count, chunks in (("calibration", 640, 2), ("heldout", len(splits.heldout), 1)):
+        assert all(isinstance(chunk, ray.ObjectRef) for chunk in shared[name].chunks)  # a restart reloads from them
+        fetched = shared[name].fetched()
+        assert len(fetched.chunks) == len(local[name].chunks) == chunks and fetched.count == count
+        for (x, y), (x_local, y_local) in zip(fetched.chunks, local[name].chunks):
+            assert torch.equal(x, x_local) and torch.equal(y, y_local) and y.dtype == torch.int64
+        assert shared[name].nbytes == local[name].nbytes
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_processes(folder224):
     """Loader processes persist across epochs; per-sample seeding makes every epoch's batches the same with
     0 or 2 of them, so a run resumed at any epoch replays the uninterrupted one."""

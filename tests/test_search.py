@@ -68,8 +68,8 @@ def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
     assert best_low["level"] == "low"
 
 
-def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_candidate_is_retried_once(ray_session,
-                                                                                                  micro_supernet):
+def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_candidate_is_retried(ray_session,
+                                                                                          micro_supernet):
     with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 2, 64, actors=2, gpus_per_actor=0) as actors:
         assert ray.get(actors[0].stats.remote())["loads"] == 1
         micro = SearchSpace.load("glit_micro")
@@ -92,6 +92,16 @@ def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_candidate_
         ray.get(one[0].inject_failures.remote(2))
         [row] = Dispatcher(one).score(archs[:1])
         assert row["status"] == "failed" and "injected failure" in row["error"]
+
+        # an actor whose process dies mid-candidate is restarted, reloads, and the candidate is scored again
+        ray.get(actors[0].inject_exit.remote())
+        dispatcher = Dispatcher(actors)
+        rows = dispatcher.score(archs[:6])
+        assert [r["top1"] for r in rows] == [r["top1"] for r in results[:6]] and dispatcher.lost_calls >= 1
+        stats = ray.get([a.stats.options(max_task_retries=-1).remote() for a in actors], timeout=120)
+        assert [s["restarted"] for s in stats] == [True, False] and [s["loads"] for s in stats] == [1, 1]
+        again = Dispatcher(actors).score(archs[:6])  # the restarted actor scores like before
+        assert [r["top1"] for r in again] == [r["top1"] for r in results[:6]] and {r["actor"] for r in again} == {0, 1}
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < 1.8:  # the pool gives its CPUs back
         assert time.time() < deadline, ray.available_resources()

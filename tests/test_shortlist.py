@@ -1,5 +1,5 @@
-"""The shortlist step: a high-level search's top distributions retrained briefly as Tune trials, the winner
-handed to the low level."""
+"""The shortlist step: a high-level search's top distributions retrained briefly as Tune trials (resumed after a
+kill), the winner handed to the low level."""
 import json
 import shutil
 import sys
@@ -40,25 +40,43 @@ def last_checkpoint_metrics(trial_dir) -> dict:
     return torch.load(newest / STATE_FILE, weights_only=True)["metrics"]
 
 
-def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low_level(high_run, tmp_path, capsys):
+def epochs_logged(trial_dir) -> list[int]:
+    """The steps of every held-out top-1 a trial logged, across all its TensorBoard files (a rerun adds a file)."""
+    events = EventAccumulator(str(trial_dir / "tb"), purge_orphaned_data=False).Reload()
+    return [e.step for e in events.Scalars("epoch/heldout_top1")]
+
+
+def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_the_winner_feeds_the_low_level(
+        high_run, tmp_path, capsys, cluster_env):
     run_dir = tmp_path / "high"
     shutil.copytree(high_run, run_dir)
     low = search_settings_for("--level", "low", "--distribution", str(run_dir))  # before a shortlist: the search's best
     assert "its search's best" in said(capsys)
     assert tuple(low["distribution"]) == Architecture.parse(json.loads((run_dir / "best.json").read_text())["arch"]).distribution
 
-    run(main, [str(run_dir), *TRIALS, "--scheduler", "asha"])
+    # both trials train side by side; SIGKILL the shortlist once each has a checkpoint (Ray Train writes its
+    # snapshot once a checkpoint is in place), then run it again: Tuner.restore, each trial from its checkpoint
+    argv = [str(run_dir), *TRIALS, "--scheduler", "asha"]
+    trials = [run_dir / "shortlist" / f"rank{rank}" for rank in (1, 2)]
+    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], cluster_env,
+              lambda: all((trial / "train" / "checkpoint_manager_snapshot.json").exists() for trial in trials),
+              "checkpoint of both trials")
+    assert not (run_dir / "shortlist.json").exists()
+    run(main, argv)
+    assert "resuming the shortlist" in said(capsys)
     record = json.loads((run_dir / "shortlist.json").read_text())
-    assert "winner: " in said(capsys)
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]
     assert [c["search_top1"] for c in record["candidates"]] == [r["top1"] for r in rows[:2]]
     assert record["scheduler"] == "asha"
-    for rank, candidate in enumerate(record["candidates"]):  # ASHA may have stopped one after its first epoch
-        trained = last_checkpoint_metrics(run_dir / "shortlist" / f"rank{rank + 1}")
+    for candidate, trial in zip(record["candidates"], trials):  # ASHA may have stopped one after its first epoch
+        trained = last_checkpoint_metrics(trial)
         assert candidate["epochs"] == trained["epoch"] + 1 and candidate["shortlist_top1"] == trained["heldout_top1"]
         assert candidate["stopped_early"] == (candidate["epochs"] < 2)
         assert "test_top1" not in trained  # the shortlist never looks at the test split
+        # the first epoch, checkpointed before the kill, is not trained again (the second, cut short by it, may be)
+        logged = epochs_logged(trial)
+        assert len(set(logged)) == candidate["epochs"] and logged.count(min(logged)) == 1, logged
     assert not all(c["stopped_early"] for c in record["candidates"])
     assert record["winner"] == max(record["candidates"], key=lambda c: c["shortlist_top1"])
 
@@ -67,33 +85,9 @@ def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low
     assert tuple(low["distribution"]) == Architecture.parse(record["winner"]["arch"]).distribution
 
     before = (run_dir / "shortlist.json").read_bytes()
-    run(main, [str(run_dir), *TRIALS, "--scheduler", "asha"])  # finished: nothing retrained, nothing rewritten
+    run(main, argv)  # finished: nothing retrained, nothing rewritten
     assert "already shortlisted" in said(capsys)
     assert (run_dir / "shortlist.json").read_bytes() == before
-
-
-def epochs_logged(trial_dir) -> list[int]:
-    """The steps of every held-out top-1 a trial logged, across all its TensorBoard files (a rerun adds a file)."""
-    events = EventAccumulator(str(trial_dir / "tb"), purge_orphaned_data=False).Reload()
-    return [e.step for e in events.Scalars("epoch/heldout_top1")]
-
-
-def test_a_sigkilled_shortlist_resumes_each_trial_from_its_last_epoch(high_run, tmp_path, cluster_env):
-    run_dir, trial = tmp_path / "high", tmp_path / "high" / "shortlist" / "rank1"
-    shutil.copytree(high_run, run_dir)
-    argv = [str(run_dir), "--top", "1", "--epochs", "2", "--batch-size", "64"]
-    # Ray Train writes its snapshot once a checkpoint is in place: one the trial resumes from
-    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], cluster_env,
-              (trial / "train" / "checkpoint_manager_snapshot.json").exists, "trial checkpoint")
-    assert not (run_dir / "shortlist.json").exists()
-
-    run(main, argv)  # Tuner.restore, and the trial's Ray Train run resumes from its checkpoint
-    logged = epochs_logged(trial)
-    every = sorted(set(logged))
-    assert len(every) == 2
-    # the first epoch, checkpointed before the kill, is not trained again (the second, cut short by it, may be)
-    assert logged.count(every[0]) == 1, logged
-    assert json.loads((run_dir / "shortlist.json").read_text())["candidates"][0]["epochs"] == 2
 
 
 def test_bad_input_is_one_line(high_run, tmp_path, cli_error):

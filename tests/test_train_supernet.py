@@ -77,6 +77,18 @@ def wait_for(predicate, timeout):
     return False
 
 
+# the titles of the Ray worker processes that write to a run: Ray Train's controller and workers, Tune's trials.
+# (Not idle workers, nor detached helpers that outlive a run by design, such as Ray Train's placement group cleaner.)
+WRITERS = ("ray::RayTrainWorker", "ray::TrainController", "ray::ImplicitFunc", "ray::GenerationTrial",
+           "ray::ResourceTrainable")
+
+
+def raylets(gcs_address: str) -> set[int]:
+    """The pids of the raylets of the Ray cluster at `gcs_address`: they start its worker processes."""
+    return {p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet"
+            and f"--gcs-address={gcs_address}" in (p.info["cmdline"] or [])}
+
+
 def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 180) -> None:
     """Run `command` in a process group of its own until `done()` holds (the child exiting first fails the test),
     then SIGKILL the group, as a lost machine would; return once the Ray worker processes the command started (its
@@ -86,8 +98,10 @@ def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 1
     try:
         assert wait_for(lambda: done() or proc.poll() is not None, timeout) and proc.poll() is None, \
             f"no {what} within {timeout:.0f} s"
-        workers = [p for p in psutil.process_iter(["create_time", "cmdline"]) if p.info["create_time"] >= started
-                   and p.pid != proc.pid and any("default_worker.py" in arg for arg in p.info["cmdline"] or [])]
+        parents = raylets(env["RAY_ADDRESS"])  # a Ray worker's command line is its title: ray::RayTrainWorker
+        workers = [p for p in psutil.process_iter(["create_time", "ppid", "cmdline"]) if p.info["create_time"] >= started
+                   and p.info["ppid"] in parents and (p.info["cmdline"] or [""])[0].startswith(WRITERS)]
+        assert workers, f"none of the command's Ray Train or Tune processes was found at its {what}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
