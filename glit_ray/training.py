@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import tempfile
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -322,6 +324,7 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -329,3 +332,8 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
             if isinstance(failure, UserError):
                 raise UserError(one_line(failure)) from None
         raise
+    finally:
+        # Ray Train's Ctrl-C handler holds the run's controller actor: left installed, it would keep the finished
+        # controller (and what it holds of the cluster) alive in a process that goes on, a notebook or a sweep
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)

@@ -41,7 +41,13 @@ def test_path_sampler_is_a_function_of_seed_and_step(micro):
 def test_two_workers_train_a_low_level_supernet_into_storage_and_the_checkpoint_loads(ray_session, tmp_path):
     argv = ["--level", "low", "--distribution", "0:-1:-2:-3:-1:-0:", "--flops-max", "14", "--workers", "2", *FAST]
     out, bucket = tmp_path / "run", tmp_path / "bucket"  # checkpoints in storage every node reaches, by URI (s3://)
+    sigint = signal.getsignal(signal.SIGINT)
     path = train_supernet(settings_for(*argv), out, storage=bucket.as_uri())
+    # Ray Train's Ctrl-C handler, which holds the run's controller, is gone with the run, and so is the controller
+    assert signal.getsignal(signal.SIGINT) is sigint
+    parents = raylets(ray.get_runtime_context().gcs_address)
+    assert wait_for(lambda: not any(p.info["ppid"] in parents and (p.info["cmdline"] or [""])[0].startswith(
+        "ray::TrainController") for p in psutil.process_iter(["ppid", "cmdline"])), 30), "the run's controller lives on"
     assert path == out.resolve() / "supernet.pt"
     net, meta = load_supernet(path)
     assert net.level == "low" and net.distribution == (0, 1, 2, 3, 1, 0) and net.num_classes == 10
