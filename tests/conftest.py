@@ -58,7 +58,9 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # with Ray's dashboard: Ray Train's placement group cleaner asks the state API it serves whether a run's controller
+    # is gone, and without it never gives back the CPUs of a run killed mid-way
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster
     ray.shutdown()
