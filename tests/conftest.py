@@ -141,6 +141,7 @@ def session_search(request, tmp_path_factory):
 
 
 def search_finished(session_search: dict) -> None:
+    """Wait for the session's search, if this session started one."""
     if session_search:
         session_search["process"].wait(timeout=600)
 
