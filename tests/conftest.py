@@ -73,7 +73,12 @@ def cluster_env(ray_cluster, session_search) -> dict:
     command joins a running cluster (`--address auto`), instead of starting a Ray of its own. Killing the child
     ends its job, and Ray then kills the job's actors (its Ray Train and Tune workers)."""
     search_finished(session_search)
-    return {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    return joining(ray_cluster)
+
+
+def joining(cluster) -> dict:
+    """This process's environment, with RAY_ADDRESS naming `cluster`."""
+    return {**os.environ, "RAY_ADDRESS": cluster.address}
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +139,7 @@ def session_search(request, tmp_path_factory):
     console = [folder / "stdout.txt", folder / "stderr.txt"]
     with console[0].open("w") as stdout, console[1].open("w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(folder / "run")],
-                                   stdout=stdout, stderr=stderr, env={**os.environ, "RAY_ADDRESS": cluster.address})
+                                   stdout=stdout, stderr=stderr, env=joining(cluster))
     yield {"out": folder / "run", "process": process, "console": console}
     process.kill()
     process.wait()

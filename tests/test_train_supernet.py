@@ -45,9 +45,8 @@ def test_two_workers_train_a_low_level_supernet_into_storage_and_the_checkpoint_
     path = train_supernet(settings_for(*argv), out, storage=bucket.as_uri())
     # Ray Train's Ctrl-C handler, which holds the run's controller, is gone with the run, and so is the controller
     assert signal.getsignal(signal.SIGINT) is sigint
-    parents = raylets(ray.get_runtime_context().gcs_address)
-    assert wait_for(lambda: not any(p.info["ppid"] in parents and (p.info["cmdline"] or [""])[0].startswith(
-        "ray::TrainController") for p in psutil.process_iter(["ppid", "cmdline"])), 30), "the run's controller lives on"
+    assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
+        "the run's controller lives on"
     assert path == out.resolve() / "supernet.pt"
     net, meta = load_supernet(path)
     assert net.level == "low" and net.distribution == (0, 1, 2, 3, 1, 0) and net.num_classes == 10
@@ -89,10 +88,13 @@ WRITERS = ("ray::RayTrainWorker", "ray::TrainController", "ray::ImplicitFunc", "
            "ray::ResourceTrainable")
 
 
-def raylets(gcs_address: str) -> set[int]:
-    """The pids of the raylets of the Ray cluster at `gcs_address`: they start its worker processes."""
-    return {p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet"
-            and f"--gcs-address={gcs_address}" in (p.info["cmdline"] or [])}
+def ray_workers(gcs_address: str, titles: tuple[str, ...], since: float = 0) -> list[psutil.Process]:
+    """The worker processes the raylets of the Ray cluster at `gcs_address` started after `since` whose title (a Ray
+    worker's command line: ray::RayTrainWorker) begins with one of `titles`."""
+    raylets = {p.pid for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet"
+               and f"--gcs-address={gcs_address}" in (p.info["cmdline"] or [])}
+    return [p for p in psutil.process_iter(["create_time", "ppid", "cmdline"]) if p.info["create_time"] >= since
+            and p.info["ppid"] in raylets and (p.info["cmdline"] or [""])[0].startswith(titles)]
 
 
 def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 180) -> None:
@@ -104,9 +106,7 @@ def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 1
     try:
         assert wait_for(lambda: done() or proc.poll() is not None, timeout) and proc.poll() is None, \
             f"no {what} within {timeout:.0f} s"
-        parents = raylets(env["RAY_ADDRESS"])  # a Ray worker's command line is its title: ray::RayTrainWorker
-        workers = [p for p in psutil.process_iter(["create_time", "ppid", "cmdline"]) if p.info["create_time"] >= started
-                   and p.info["ppid"] in parents and (p.info["cmdline"] or [""])[0].startswith(WRITERS)]
+        workers = ray_workers(env["RAY_ADDRESS"], WRITERS, since=started)
         assert workers, f"none of the command's Ray Train or Tune processes was found at its {what}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
