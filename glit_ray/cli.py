@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .errors import UserError, one_line
 
@@ -15,6 +18,22 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def callers_signal_handlers() -> Iterator[None]:
+    """Put the caller's Ctrl-C (and SIGUSR1) handlers back when a Ray Train or Tune run ends.
+
+    Both install their own for a run and leave them installed: Ray Train's holds the run's controller
+    actor, which then outlives the run, and Tune's turns the next Ctrl-C into a warning about a run
+    that is over. In a process that goes on (a notebook, a sweep) Ctrl-C must interrupt again."""
+    signals = (signal.SIGINT, signal.SIGUSR1) if threading.current_thread() is threading.main_thread() else ()
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):

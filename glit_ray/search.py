@@ -19,7 +19,7 @@ from ray.tune.logger import JsonLoggerCallback
 from rich.console import Console
 from rich.table import Table
 
-from .cli import ArgumentParser, run
+from .cli import ArgumentParser, callers_signal_handlers, run
 from .constraints import Limits, add_flops_convention
 from .data import build_splits, parse_spec
 from .dispatch import ACTOR_LOST, Dispatcher
@@ -122,6 +122,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--heldout-images", type=int, default=None,
                    help="score on a fixed class-stratified subset of N held-out images (default: per data set)")
     p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
+    p.add_argument("--supernet-workers", type=int, default=1,
+                   help="data-parallel Ray Train workers when training the supernet here (default: 1)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
@@ -140,7 +142,8 @@ def settings_from_args(args) -> dict:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
-    for name in ("population", "generations", "topk", "calib_batches", "heldout_images"):
+    for name in ("population", "generations", "topk", "calib_batches", "heldout_images", "supernet_epochs",
+                 "supernet_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.mutation_prob <= 1:
@@ -160,7 +163,7 @@ def settings_from_args(args) -> dict:
         "strategy": args.strategy, "objective": args.objective, "pareto_cost": COST_COLUMNS[args.pareto_cost],
         "latency": {"batch": args.latency_batch, "max_ms": args.latency_max_ms} if latency else None,
         "limits": limits.as_dict(), "calib_batches": calib_batches, "heldout_images": heldout_images,
-        "supernet_epochs": args.supernet_epochs, "seed": args.seed,
+        "supernet_epochs": args.supernet_epochs, "supernet_workers": args.supernet_workers, "seed": args.seed,
     }
 
 
@@ -202,7 +205,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     ensure_ray(address)
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
-                          limits=replace(limits, flops_min=None, params_min=None), seed=settings["seed"]),
+                          workers=settings["supernet_workers"], limits=replace(limits, flops_min=None, params_min=None),
+                          seed=settings["seed"]),
         out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console,
         storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
     if mirror:
@@ -228,7 +232,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         callbacks = [ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])]
         if mirror:
             callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
-        generation_tuner(out, searcher, evaluators, callbacks, restore).fit()
+        with callers_signal_handlers():
+            generation_tuner(out, searcher, evaluators, callbacks, restore).fit()
         loads = supernet_loads(evaluators)
     if mirror:
         mirror.push()

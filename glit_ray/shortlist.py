@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from .cli import ArgumentParser, run
+from .cli import ArgumentParser, callers_signal_handlers, run
 from .errors import UserError
 from .progress import console as make_console
 from .progress import quiet_tune_console
@@ -117,7 +117,8 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
                                                        max_concurrent_trials=at_once),
                            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0))
-    results = tuner.fit()
+    with callers_signal_handlers():
+        results = tuner.fit()
     for result in results:
         rank = result.config["rank"]
         metrics = result.metrics or {}

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import tempfile
-import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, callers_signal_handlers
 from .data import Splits
 from .errors import UserError, one_line
 from .progress import show_only_our_worker_lines
@@ -324,16 +322,11 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    sigint = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
+        with callers_signal_handlers():
+            return trainer.fit()
     except ray.train.TrainingFailedError as exc:
         for failure in getattr(exc, "worker_failures", {}).values():
             if isinstance(failure, UserError):
                 raise UserError(one_line(failure)) from None
         raise
-    finally:
-        # Ray Train's Ctrl-C handler holds the run's controller actor: left installed, it would keep the finished
-        # controller (and what it holds of the cluster) alive in a process that goes on, a notebook or a sweep
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)

@@ -70,6 +70,7 @@ def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments():
     [worker] = spec["workerGroupSpecs"]
     [container] = worker["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert 1 < args.supernet_workers <= worker["replicas"]  # the supernet trains data-parallel, a GPU worker each
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/mnt/runs" in mounts
     dockerfile = (CLUSTERS / "Dockerfile").read_text()

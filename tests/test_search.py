@@ -1,6 +1,7 @@
 import json
 import random
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -8,8 +9,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glit_ray.arch import Architecture
+from glit_ray.cost import cost_range
 from glit_ray.errors import UserError
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
@@ -17,7 +21,9 @@ from glit_ray.evaluator import evaluator_pool
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
-from test_train_supernet import kill_when
+from glit_ray.supernet import load_supernet
+from glit_ray.train_supernet import train_supernet
+from test_train_supernet import kill_when, ray_workers, wait_for
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -52,20 +58,51 @@ def check_run(out, level, generations=3, improves=True):
 
 
 def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
+    """The session's high-level search, then the low level on its best distribution, under a FLOPs limit: the low
+    search trains its supernet on two Ray Train workers, their checkpoints in storage every node reaches, by URI
+    (its mirror, as on a cluster)."""
     high, _ = high_search
     best_high = json.loads((high / "best.json").read_text())
     rows = check_run(high, "high", generations=4)
     assert best_high["arch"] == max(rows, key=lambda r: (r["top1"], [-ord(c) for c in r["arch"]]))["arch"]
     assert any((high / "tb").iterdir())
 
-    low = tmp_path / "low"
-    best_low = search(settings_for("--level", "low", "--distribution", str(high), *SMALL), low)
-    rows = check_run(low, "low")
-    assert (low / "supernet" / "supernet.pt").exists() and (low / "best.json").exists()  # it trained its own supernet
     distribution = Architecture.parse(best_high["arch"]).distribution
+    smallest, largest = cost_range(SearchSpace.load("glit_micro"), "low", 10, distribution)
+    flops_max = (smallest.flops + largest.flops) / 2e6  # the largest path is out, the smallest in
+    low, bucket = tmp_path / "low", tmp_path / "bucket"
+    settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
+                            "--flops-max", f"{flops_max:.3f}")
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)]
+    best_low = search(settings, low, mirror=bucket.as_uri())
+    # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)] == handlers
+    assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
+        "the supernet run's controller lives on"
+    rows = check_run(low, "low")
     assert all(Architecture.parse(r["arch"]).distribution == distribution for r in rows)
+    assert all(r["flops"] <= flops_max * 1e6 for r in rows)
     assert Architecture.parse(best_low["arch"]).distribution == distribution
-    assert best_low["level"] == "low"
+    assert best_low["level"] == "low" and (low / "best.json").exists()
+
+    # the supernet it trained: both workers ran each epoch on the same paths, checkpointed under the mirror
+    path = low / "supernet" / "supernet.pt"
+    net, meta = load_supernet(path)
+    assert net.level == "low" and net.distribution == distribution and net.num_classes == 10
+    assert meta["epochs"] == 2 and meta["limits"]["flops_max"] == float(f"{flops_max:.3f}")
+    assert meta["last_epoch"]["workers"] == 2
+    assert list(bucket.glob("supernet/train/checkpoint_*/state.pt")) and not (low / "supernet" / "train").exists()
+    assert set(meta["probe_top1"]) == {"smallest", "random0", "random1", "random2"}  # the largest is over the limit
+    assert all(0 <= v <= 100 for v in meta["probe_top1"].values())
+    assert net.extract(Architecture.parse(best_low["arch"]))(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    events = EventAccumulator(str(next((low / "supernet" / "tb").iterdir()))).Reload()
+    assert {"train/loss", "train/lr", "train/images_per_s", "probe_top1/smallest", "probe_top1/random0"} <= \
+        set(events.Tags()["scalars"])
+    # training it again into the finished run does no work and changes nothing
+    before = path.read_bytes()
+    supernet = json.loads((low / "supernet" / "run.json").read_text())["settings"]
+    assert train_supernet(supernet, low / "supernet", storage=f"{bucket.as_uri()}/supernet") == path
+    assert path.read_bytes() == before
 
 
 def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_candidate_is_retried(ray_session,

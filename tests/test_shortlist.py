@@ -2,6 +2,7 @@
 kill), the winner handed to the low level."""
 import json
 import shutil
+import signal
 import sys
 
 import pytest
@@ -62,8 +63,10 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
               lambda: all((trial / "train" / "checkpoint_manager_snapshot.json").exists() for trial in trials),
               "checkpoint of both trials")
     assert not (run_dir / "shortlist.json").exists()
+    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)]
     run(main, argv)
     assert "resuming the shortlist" in said(capsys)
+    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)] == handlers  # Tune's are gone with it
     record = json.loads((run_dir / "shortlist.json").read_text())
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]

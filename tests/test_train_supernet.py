@@ -10,7 +10,6 @@ import pytest
 import ray
 import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported)
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
@@ -38,33 +37,15 @@ def test_path_sampler_is_a_function_of_seed_and_step(micro):
     assert all(arch_cost(micro, limited(s), 10).flops <= 13e6 for s in range(50))
 
 
-def test_two_workers_train_a_low_level_supernet_into_storage_and_the_checkpoint_loads(ray_session, tmp_path):
-    argv = ["--level", "low", "--distribution", "0:-1:-2:-3:-1:-0:", "--flops-max", "14", "--workers", "2", *FAST]
-    out, bucket = tmp_path / "run", tmp_path / "bucket"  # checkpoints in storage every node reaches, by URI (s3://)
-    sigint = signal.getsignal(signal.SIGINT)
-    path = train_supernet(settings_for(*argv), out, storage=bucket.as_uri())
-    # Ray Train's Ctrl-C handler, which holds the run's controller, is gone with the run, and so is the controller
-    assert signal.getsignal(signal.SIGINT) is sigint
-    assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
-        "the run's controller lives on"
-    assert path == out.resolve() / "supernet.pt"
-    net, meta = load_supernet(path)
-    assert net.level == "low" and net.distribution == (0, 1, 2, 3, 1, 0) and net.num_classes == 10
-    assert meta["epochs"] == 1 and meta["limits"]["flops_max"] == 14
-    assert meta["last_epoch"]["workers"] == 2  # both workers ran the epoch and their paths agreed
-    assert list(bucket.glob("train/checkpoint_*/state.pt")) and not (out / "train").exists()
-    # the probe paths that meet the limit: the largest path of this distribution is over 14M FLOPs
-    assert set(meta["probe_top1"]) == {"smallest", "random0", "random1", "random2"}
-    assert all(0 <= v <= 100 for v in meta["probe_top1"].values())
-    arch = net.space.sample("low", __import__("random").Random(0), net.distribution)
-    assert net.extract(arch)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    events = EventAccumulator(str(next((out / "tb").iterdir()))).Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "probe_top1/smallest", "probe_top1/random0"} <= tags
-    # running again into the finished run does no work and changes nothing
-    before = path.read_bytes()
-    assert train_supernet(settings_for(*argv), out, storage=bucket.as_uri()) == path
-    assert path.read_bytes() == before
+def test_probe_paths_are_the_extremes_and_three_random_paths_inside_the_limits(micro):
+    distribution = (0, 1, 2, 3, 1, 0)
+    unlimited = PathSampler(micro, "low", distribution, Limits(), 10, seed=0).probes()
+    assert set(unlimited) == {"smallest", "largest", "random0", "random1", "random2"}
+    costs = {name: arch_cost(micro, arch, 10).flops for name, arch in unlimited.items()}
+    assert costs["smallest"] == min(costs.values()) and costs["largest"] == max(costs.values())
+    limited = PathSampler(micro, "low", distribution, Limits(flops_max=14), 10, seed=0).probes()
+    assert costs["largest"] > 14e6 and set(limited) == {"smallest", "random0", "random1", "random2"}
+    assert all(a.distribution == distribution and arch_cost(micro, a, 10).flops <= 14e6 for a in limited.values())
 
 
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path):
