@@ -1,4 +1,5 @@
-"""What every `python -m glit_ray.*` entry point shares: bad input ends in one line and exit code 2."""
+"""What every `python -m glit_ray.*` entry point shares: bad input ends in one line and exit code 2, and the
+caller keeps its Ctrl-C handler across the Ray Train and Tune runs behind it."""
 from __future__ import annotations
 
 import argparse
