@@ -1,7 +1,6 @@
 import json
 import random
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.train_supernet import train_supernet
-from test_train_supernet import kill_when, ray_workers, wait_for
+from test_train_supernet import kill_when, ray_workers, signal_handlers, wait_for
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -57,7 +56,7 @@ def check_run(out, level, generations=3, improves=True):
     return rows
 
 
-def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
+def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     """The session's high-level search, then the low level on its best distribution, under a FLOPs limit: the low
     search trains its supernet on two Ray Train workers, their checkpoints in storage every node reaches, by URI
     (its mirror, as on a cluster)."""
@@ -68,15 +67,15 @@ def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
     assert any((high / "tb").iterdir())
 
     distribution = Architecture.parse(best_high["arch"]).distribution
-    smallest, largest = cost_range(SearchSpace.load("glit_micro"), "low", 10, distribution)
-    flops_max = (smallest.flops + largest.flops) / 2e6  # the largest path is out, the smallest in
+    smallest, largest = cost_range(micro, "low", 10, distribution)
+    flops_max = round((smallest.flops + largest.flops) / 2e6, 3)  # millions: the largest path is out, the smallest in
     low, bucket = tmp_path / "low", tmp_path / "bucket"
     settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
-                            "--flops-max", f"{flops_max:.3f}")
-    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)]
+                            "--flops-max", str(flops_max))
+    handlers = signal_handlers()
     best_low = search(settings, low, mirror=bucket.as_uri())
     # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
-    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)] == handlers
+    assert signal_handlers() == handlers
     assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
         "the supernet run's controller lives on"
     rows = check_run(low, "low")
@@ -89,7 +88,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, tmp_path):
     path = low / "supernet" / "supernet.pt"
     net, meta = load_supernet(path)
     assert net.level == "low" and net.distribution == distribution and net.num_classes == 10
-    assert meta["epochs"] == 2 and meta["limits"]["flops_max"] == float(f"{flops_max:.3f}")
+    assert meta["epochs"] == 2 and meta["limits"]["flops_max"] == flops_max
     assert meta["last_epoch"]["workers"] == 2
     assert list(bucket.glob("supernet/train/checkpoint_*/state.pt")) and not (low / "supernet" / "train").exists()
     assert set(meta["probe_top1"]) == {"smallest", "random0", "random1", "random2"}  # the largest is over the limit

@@ -2,7 +2,6 @@
 kill), the winner handed to the low level."""
 import json
 import shutil
-import signal
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.shortlist import main
 from glit_ray.training import STATE_FILE
-from test_train_supernet import kill_when
+from test_train_supernet import kill_when, signal_handlers
 
 TRIALS = ["--top", "2", "--epochs", "2", "--batch-size", "64"]
 
@@ -63,10 +62,10 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
               lambda: all((trial / "train" / "checkpoint_manager_snapshot.json").exists() for trial in trials),
               "checkpoint of both trials")
     assert not (run_dir / "shortlist.json").exists()
-    handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)]
+    handlers = signal_handlers()
     run(main, argv)
     assert "resuming the shortlist" in said(capsys)
-    assert [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)] == handlers  # Tune's are gone with it
+    assert signal_handlers() == handlers  # Tune's are gone with it
     record = json.loads((run_dir / "shortlist.json").read_text())
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]

@@ -78,6 +78,11 @@ def ray_workers(gcs_address: str, titles: tuple[str, ...], since: float = 0) -> 
             and p.info["ppid"] in raylets and (p.info["cmdline"] or [""])[0].startswith(titles)]
 
 
+def signal_handlers() -> list:
+    """This process's Ctrl-C and SIGUSR1 handlers, the ones Ray Train and Tune install for a run."""
+    return [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)]
+
+
 def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 180) -> None:
     """Run `command` in a process group of its own until `done()` holds (the child exiting first fails the test),
     then SIGKILL the group, as a lost machine would; return once the Ray worker processes the command started (its
