@@ -58,7 +58,8 @@ class GenerationTrial(tune.Trainable):
         progress.close()
         rows = [{**candidate, **score} for candidate, score in zip(candidates, scores)]
         best = max((r["top1"] for r in rows if r["status"] == "ok"), default=float("nan"))
-        return {"generation": self.config["generation"], "rows": rows, "top1": best, "done": True}
+        return {"generation": self.config["generation"], "rows": rows, "top1": best, "done": True,
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 def trial_dirname(trial) -> str:
@@ -75,8 +76,10 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
     quiet_tune_console()
-    trainable = tune.with_resources(
-        tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()), {"cpu": 0.01})
+    # the trial only feeds the evaluators: it runs on the head node, beside the driver, so that losing a worker node
+    # (a spot instance) never costs it a restart; Ray gives the head node this resource (Serve pins its controller so)
+    trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()),
+                                    {"cpu": 0.01, "node:__internal_head__": 0.001})
     if restore:
         return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -252,7 +255,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
 def supernet_loads(actors: list) -> list:
     """Supernet loads of each actor's process (1 unless something is wrong), or 'down' if it does not answer."""
     pings = [actor.stats.remote() for actor in actors]
-    answered, _ = ray.wait(pings, num_returns=len(pings), timeout=10)  # an actor whose node is gone never answers
+    # the search is over, so a live actor is idle and answers in milliseconds; one whose node is gone never does
+    answered, _ = ray.wait(pings, num_returns=len(pings), timeout=2)
     loads = []
     for ping in pings:
         try:

@@ -1,4 +1,5 @@
 """Multi-node behaviour on one machine: the session's Ray cluster grows two worker nodes."""
+import json
 import random
 import threading
 import time
@@ -88,6 +89,10 @@ def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_n
     first = {r["node"] for r in rows if r["generation"] == 0}
     assert len(first) >= 2 and first <= {n["NodeID"] for n in ray.nodes()}
     assert worker_nodes[0].node_id not in {r["node"] for r in rows if r["generation"] == 2}
+    # Tune's generation trial, which feeds the actors, stayed on the head node: one process, never restarted
+    results = [json.loads(line) for path in (tmp_path / "tune").glob("gen-*/result.json") for line in path.open()]
+    assert sorted(r["generation"] for r in results) == [0, 1, 2]
+    assert {(r["node"], r["pid"]) for r in results} == {(ray_cluster.head_node.node_id, results[0]["pid"])}
 
 
 class Counter:
