@@ -60,7 +60,10 @@ def ray_cluster():
 
     # with Ray's dashboard: Ray Train's placement group cleaner asks the state API it serves whether a run's controller
     # is gone, and without it never gives back the CPUs of a run killed mid-way
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # its workers compute on one thread each (Ray would give a 2-CPU Ray Train worker 2): the session's search trains
+    # beside the tests that need no Ray, and an OpenMP team of 2 on 2 busy cores stalls at every barrier (the search's
+    # first supernet epoch ran at 27 images/s beside them, 17 times slower than alone; 396 with one thread)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster
     ray.shutdown()
