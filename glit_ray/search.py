@@ -77,9 +77,10 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
     quiet_tune_console()
     # the trial only feeds the evaluators: it runs on the head node, beside the driver, so that losing a worker node
-    # (a spot instance) never costs it a restart; Ray gives the head node this resource (Serve pins its controller so)
+    # (a spot instance) never costs it a restart; Ray gives the head node this resource (Serve pins its controller so).
+    # It asks for no CPU, so that it also runs on a head node that offers none (num-cpus 0, KubeRay's advice)
     trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()),
-                                    {"cpu": 0.01, "node:__internal_head__": 0.001})
+                                    {"cpu": 0, "node:__internal_head__": 0.001})
     if restore:
         return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
