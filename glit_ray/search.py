@@ -115,8 +115,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
     p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
     p.add_argument("--latency-batch", type=int, default=1, help="images per timed forward pass (default: 1)")
-    for bound in ("flops-min", "flops-max", "params-min", "params-max"):
-        p.add_argument(f"--{bound}", type=float, help="in millions (FLOPs in --flops-convention)")
+    for bound in ("flops-min", "flops-max"):
+        p.add_argument(f"--{bound}", type=float, help="in millions, counted in --flops-convention")
+    for bound in ("params-min", "params-max"):
+        p.add_argument(f"--{bound}", type=float, help="in millions")
     add_flops_convention(p)
     p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")

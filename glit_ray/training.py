@@ -13,6 +13,7 @@ import random
 import tempfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,8 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        value = ((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63
-        torch.manual_seed(value)
-        random.seed(value)
-        np.random.seed(value % 2**32)
-        return self.dataset[index]
+        with seeded(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63):
+            return self.dataset[index]
 
 
 def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
@@ -158,10 +156,29 @@ def quiet_worker_logs() -> None:
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
-    value = seed * 100_003 + epoch * 101 + rank
-    torch.manual_seed(value)
+    seed_all(seed * 100_003 + epoch * 101 + rank)
+
+
+def seed_all(value: int, gpus: bool = True) -> None:
+    """Seed the random state timm's layers and augmentations draw from: torch's (its GPUs' too, with `gpus`),
+    `random`'s and NumPy's."""
+    (torch.manual_seed if gpus else torch.default_generator.manual_seed)(value)
     random.seed(value)
     np.random.seed(value % 2**32)
+
+
+@contextmanager
+def seeded(value: int):
+    """Draw the block's CPU random numbers from `value`, then put this process's random state back: a sample
+    loaded in the training process (no loader processes) leaves the draws of its drop-path and mixup alone."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            seed_all(value, gpus=False)
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The real image path: 224-px JPEGs in a class-sorted ImageFolder through augmentation, sampling, decoding,
 training, search and retraining (what the 8x8 digits cannot show)."""
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -102,17 +103,21 @@ def test_in_memory_digits_go_to_the_store_as_they_are(ray_session, monkeypatch):
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_processes(folder224):
     """Loader processes persist across epochs; per-sample seeding makes every epoch's batches the same with
-    0 or 2 of them, so a run resumed at any epoch replays the uninterrupted one."""
+    0 or 2 of them, so a run resumed at any epoch replays the uninterrupted one. Loading in the training
+    process leaves its random state alone: the draws of its drop-path and mixup are the same either way."""
     splits = build_splits(f"imagefolder:{folder224}", 64, 3)
 
     def epoch_batches(workers, epoch):
         loader = training_loader(splits, 16, seed=3, loader_workers=workers, device=torch.device("cpu"))
         loader.sampler.set_epoch(epoch)
-        return [batch for _, batch in zip(range(2), loader)]
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        batches = [batch for _, batch in zip(range(2), loader)]
+        return batches, (torch.rand(3).tolist(), random.random(), np.random.rand())  # what the training step draws
 
-    inline, parallel = epoch_batches(0, 1), epoch_batches(2, 1)
+    (inline, inline_draws), (parallel, parallel_draws) = epoch_batches(0, 1), epoch_batches(2, 1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(inline, parallel))
-    assert not torch.equal(epoch_batches(0, 2)[0][0], inline[0][0])  # another epoch, other augmentation
+    assert inline_draws == parallel_draws
+    assert not torch.equal(epoch_batches(0, 2)[0][0][0], inline[0][0])  # another epoch, other augmentation
 
 
 def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, cluster_env):
