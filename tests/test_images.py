@@ -15,7 +15,7 @@ from glit_ray.errors import UserError
 from glit_ray.evaluator import scoring_sets
 from glit_ray.imagesets import calibration_indices, heldout_indices
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import training_loader
+from glit_ray.training import seed_all, training_loader
 
 
 def test_posterize_keeps_the_op_at_every_bit_count():
@@ -110,7 +110,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_
     def epoch_batches(workers, epoch):
         loader = training_loader(splits, 16, seed=3, loader_workers=workers, device=torch.device("cpu"))
         loader.sampler.set_epoch(epoch)
-        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        seed_all(7)
         batches = [batch for _, batch in zip(range(2), loader)]
         return batches, (torch.rand(3).tolist(), random.random(), np.random.rand())  # what the training step draws
 
