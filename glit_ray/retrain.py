@@ -36,8 +36,8 @@ from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, final_state, fit,
-                       quiet_worker_logs, seed_epoch, worker_loader)
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
+                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
 
 METRICS = "metrics.json"
 LOG_EVERY = 10
@@ -165,6 +165,7 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
+    check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
     inherited = inherited_model(settings, splits.num_classes) if settings["from_supernet"] else None
     resumed = open_run(out, settings, "retrain", resume)
     if resumed and (out / METRICS).exists():

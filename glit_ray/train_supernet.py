@@ -37,8 +37,8 @@ from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, default_lr, final_state, fit,
-                       quiet_worker_logs, seed_epoch, worker_loader)
+from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
+                       final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 CALIB_BATCHES = 4
@@ -192,6 +192,7 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     out = Path(out).resolve()
     space = SearchSpace.from_dict(settings["space"])
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
+    check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
     limits = Limits(**settings["limits"])
     limits.check_feasible(space, settings["level"], splits.num_classes,
                           tuple(settings["distribution"]) if settings["distribution"] else None)

@@ -48,6 +48,13 @@ def check_batch_size(data: str, batch_size: int) -> None:
         raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
 
 
+def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int) -> None:
+    """Each worker drops its last partial batch, so a batch per worker must fit in the training split."""
+    if batch_size * workers > train_images:
+        raise UserError(f"--batch-size {batch_size} x {workers} worker(s) is more than the {train_images} training "
+                        f"images, so an epoch would have no step; lower --batch-size or --workers")
+
+
 def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_path: float, from_run: bool = False) -> None:
     """The command-line options every training run has, with this run's defaults.
 
@@ -141,6 +148,7 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
     seeded per sample (`SeededSamples`), so that a resumed run replays an uninterrupted one.
     `loader_options` go to the DataLoader (the input-pipeline benchmark tries others).
     """
+    check_epoch_has_a_step(len(splits.train), batch_size, world)
     shard = DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
     dataset, sampler = splits.train, shard
     if splits.natural_images:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from glit_ray.data import build_splits, load_digits, make_loader, mixup_for
 from glit_ray.errors import UserError
+from glit_ray.training import training_loader
 
 
 @pytest.fixture
@@ -165,6 +166,15 @@ def test_training_loader_is_seeded_and_drops_the_last_batch():
     again = [y.tolist() for _, y in make_loader(splits.train, 100, train=True, seed=3)]
     assert first == again and len(first) == 11 and all(len(b) == 100 for b in first)
     assert [y for _, y in make_loader(splits.heldout, 100, train=False)][-1].shape == (88,)
+
+
+def test_a_batch_per_worker_must_fit_in_the_training_split():
+    # drop_last on every shard: a batch larger than a shard would make an epoch of no step (timm's scheduler asserts)
+    splits, cpu = build_splits("digits", 8, 1), torch.device("cpu")
+    half = len(splits.train) // 2
+    assert len(training_loader(splits, half, 0, 0, cpu, world=2, rank=1)) == 1
+    with pytest.raises(UserError, match=f"--batch-size {half + 1} x 2 worker\\(s\\) is more than the {len(splits.train)}"):
+        training_loader(splits, half + 1, 0, 0, cpu, world=2, rank=1)
 
 
 def test_nothing_downloads():
