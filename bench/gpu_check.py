@@ -37,6 +37,7 @@ from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.train_supernet import supernet_settings, train_supernet
+from glit_ray.training import ensure_ray
 
 from harness import machine
 
@@ -86,7 +87,7 @@ def main() -> None:
     step("data", started, f"{len(splits.train)} train / {len(splits.heldout)} held-out / {len(splits.test)} test images, "
                           f"{space.img_size} px, {args.data}")
 
-    ray.init(log_to_driver=False)
+    ensure_ray()  # the commands' quiet console: our lines, not Ray's
     started = time.perf_counter()
     settings = supernet_settings(space, "high", None, args.data, args.epochs, args.batch_size)
     supernet = train_supernet(settings, out / "supernet")
