@@ -24,13 +24,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from .cli import ArgumentParser, callers_signal_handlers, run
+from .data import build_splits
 from .errors import UserError
 from .progress import console as make_console
 from .progress import quiet_tune_console
 from .results import read_candidates
 from .retrain import train_loop
 from .runs import RUN_FILE, open_run, read_json, write_json
-from .training import add_arguments, check_batch_size, check_counts, default_lr, ensure_ray, fit
+from .space import SearchSpace
+from .training import add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr, ensure_ray, fit
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"
@@ -91,6 +93,9 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
     console = console or make_console()
     run_dir = Path(run_dir).resolve()
     candidates = top_candidates(run_dir, top)
+    space = SearchSpace.from_dict(settings["space"])
+    train_images = len(build_splits(settings["data"], space.img_size, space.in_chans).train)  # fails here, before Ray
+    check_epoch_has_a_step(train_images, settings["batch_size"], settings["workers"])
     folder = run_dir / FOLDER
     resumed = open_run(folder, {**settings, "top": top, "scheduler": scheduler}, "shortlist", resume)
     if resumed and (run_dir / RECORD).is_file():
