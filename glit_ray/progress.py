@@ -17,6 +17,7 @@ from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC, tqdm
 from rich.console import Console
 
 LOG_WIDTH = 160  # columns of rich's output when it goes to a file or a pipe (a log), where lines are not re-wrapped
+STARTUP_NOTE = "maximum expected startup concurrency"  # in the raylet's "N PYTHON worker processes have been started"
 WORKER_LINE = "[glit_ray] "  # how a worker's own line (`say`) starts, so that the driver tells it from Ray's
 
 
@@ -51,11 +52,28 @@ def say(line: str) -> None:
 
 def show_only_our_worker_lines() -> None:
     """On a driver that forwards worker output (`ray.init(log_to_driver=True)`), print only our workers' lines
-    and tqdm_ray's bars: Ray's handler is replaced by ours under its name."""
+    and tqdm_ray's bars: Ray's handler is replaced by ours under its name. Of the raylet's messages, all but its
+    note on worker start-ups (`without_startup_notes`)."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", _print_our_lines)
+    if not getattr(ray_worker.print_to_stdstream, "quiet", False):  # the error listener looks it up at each message
+        ray_worker.print_to_stdstream = without_startup_notes(ray_worker.print_to_stdstream)
+
+
+def without_startup_notes(print_to_stdstream):
+    """Ray's printer of the raylet's messages on the driver, less its note that many worker processes are starting
+    at once (a Tune trial's Ray Train run starts five); the note stays in the raylet's log, and its other messages
+    (a worker killed for memory, a request no node can hold) still print."""
+    def print_messages(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if STARTUP_NOTE not in line]
+        if lines:
+            print_to_stdstream({**data, "lines": lines}, ignore_prefix)
+
+    print_messages.quiet = True
+    return print_messages
 
 
 def _print_our_lines(batch: dict) -> None:

@@ -17,6 +17,7 @@ from glit_ray.errors import UserError
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
+from glit_ray.progress import without_startup_notes
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
@@ -287,3 +288,16 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     assert [line for line in lines if any(word in line for word in noise)] == []
     # the top-k table is not folded to 80 columns in a log: its header is one line
     assert any("architecture" in line and "operator" in line for line in lines)
+
+
+def test_the_raylets_note_on_worker_start_ups_is_not_printed_and_its_other_messages_are(capsys):
+    """A shortlist's trials each start a Ray Train run at once; on 2 CPUs the raylet then publishes a note that
+    8 worker processes are starting, which Ray's driver prints with its other messages."""
+    printer = without_startup_notes(ray._private.worker.print_to_stdstream)
+    note = ("WARNING: 8 PYTHON worker processes have been started on node: f08 with address: 192.0.2.2, which is 4x "
+            "the maximum expected startup concurrency (2). This could be a result of using a large number of actors")
+    memory = "Task was killed due to the node running low on memory."
+    for line in (note, memory):
+        printer({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert memory in out and "startup concurrency" not in out
