@@ -26,9 +26,14 @@ from .cost import arch_cost
 from .data import Splits, parse_spec
 from .imagesets import ImageSet, calibration_indices, decode, decode_on_cluster, heldout_indices, place
 from .latency import device_name, measure_ms
+from .progress import stderr_without
 from .scoring import score
 from .supernet import load_supernet
 
+# Ray's driver logs this error-level line (once) for a restartable actor whose constructor takes object-store
+# references (ray-project/ray#53727: a restart would fail if they were gone); evaluator_pool holds them while its
+# actors live, so the line stays in Ray's log file, off the console
+RESTART_NOTE = "has constructor arguments in the object store"
 CALIB_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 256
 # (calibration batches, held-out images; None: all) per kind of data set when the search is not told:
@@ -168,7 +173,8 @@ def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, he
     remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
                                            scheduling_strategy="SPREAD")
     threads = max(1, round(share)) if not gpus_per_actor else 1
-    pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(actors)]
+    with stderr_without(RESTART_NOTE):
+        pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(actors)]
     try:
         yield pool
     finally:

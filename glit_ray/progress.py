@@ -6,12 +6,16 @@ terminal, and the work always prints one summary line per epoch or generation as
 
 Of what Ray forwards from workers to the driver, the console shows only our workers' lines
 (`say`) and the bars; Ray's own warnings and the tracebacks of errors that reach the driver as one
-line stay in Ray's log files (`/tmp/ray/session_latest/logs`).
+line stay in Ray's log files (`/tmp/ray/session_latest/logs`). So do two notes Ray prints on the
+driver about its own machinery: the raylet's on many worker start-ups (`without_startup_notes`)
+and the core worker's on restartable actors' arguments (`stderr_without`, around creating them).
 """
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC, tqdm
 from rich.console import Console
@@ -74,6 +78,25 @@ def without_startup_notes(print_to_stdstream):
 
     print_messages.quiet = True
     return print_messages
+
+
+@contextmanager
+def stderr_without(marker: str):
+    """Hold back what the process writes to its stderr (fd 2, Ray's C++ logging too) inside the block, then
+    write it out without the lines holding `marker`. For a line Ray's core worker logs on the driver's console
+    and in its own log file (python-core-driver-*.log) alike: the file keeps it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, b"".join(line for line in held if marker.encode() not in line))
 
 
 def _print_our_lines(batch: dict) -> None:
