@@ -30,6 +30,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from glit_ray.data import build_splits
+from glit_ray.errors import UserError
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.training import default_loader_workers, training_loader
 
@@ -120,11 +121,12 @@ def measure(args, data: str) -> str:
     def loader(workers: int, **options) -> DataLoader:
         return training_loader(splits, args.batch, 0, workers, dev, **options)
 
-    default_loader = loader(default_loader_workers(data, cores))  # exactly what a worker holding all CPUs gets
+    try:
+        default_loader = loader(default_loader_workers(data, cores))  # exactly what a worker holding all CPUs gets
+    except UserError as exc:  # the training split holds no whole batch
+        raise SystemExit(f"error: {exc}") from None
     default = setting_of(default_loader)
     images = len(default_loader) * args.batch
-    if not images:
-        raise SystemExit(f"error: the training split ({len(splits.train)} images) is smaller than one batch of {args.batch}")
     del default_loader
     settings = [Setting(0)] + [Setting(w, p, persistent) for w in range(1, min(args.max_workers, 2 * cores) + 1)
                                for p in (2, 4) for persistent in (True, False)]
