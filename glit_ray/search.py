@@ -33,8 +33,9 @@ from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
+from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE
 from .train_supernet import supernet_settings, train_supernet
-from .training import ensure_ray
+from .training import check_epoch_has_a_step, ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
 
@@ -204,6 +205,10 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     limits.check_feasible(space, level, splits.num_classes, distribution)
     if settings["supernet"]:
         check_supernet(Path(settings["supernet"]), space, level, distribution)
+    else:
+        check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings["supernet_workers"],
+                               "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
+                               "--batch-size N and give it as --supernet")
     if mirror and resume and not (out / RUN_FILE).exists():
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, "search", resume)

@@ -41,6 +41,7 @@ from .training import (Recipe, add_arguments, check_batch_size, check_counts, ch
                        final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
+BATCH_SIZE = 32  # per worker
 CALIB_BATCHES = 4
 PROBE_IMAGES = 2048
 LOG_EVERY = 10
@@ -169,7 +170,7 @@ def settings_from_args(args) -> dict:
                              args.seed)
 
 
-def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30, batch_size: int = 32,
+def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30, batch_size: int = BATCH_SIZE,
                       workers: int = 1, lr: float | None = None, drop_path: float = 0.0, limits: Limits = Limits(),
                       seed: int = 0) -> dict:
     """The settings of a supernet run, with the recipe's defaults filled in."""
@@ -228,7 +229,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.train_supernet", description=__doc__.splitlines()[0])
     parser.add_argument("--level", required=True, choices=LEVELS)
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
-    add_arguments(parser, epochs=30, batch_size=32, drop_path=0.0)
+    add_arguments(parser, epochs=30, batch_size=BATCH_SIZE, drop_path=0.0)
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
     add_flops_convention(parser)

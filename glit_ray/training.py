@@ -48,11 +48,12 @@ def check_batch_size(data: str, batch_size: int) -> None:
         raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
 
 
-def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int) -> None:
+def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
+                           fix: str = "lower --batch-size or --workers") -> None:
     """Each worker drops its last partial batch, so a batch per worker must fit in the training split."""
     if batch_size * workers > train_images:
-        raise UserError(f"--batch-size {batch_size} x {workers} worker(s) is more than the {train_images} training "
-                        f"images, so an epoch would have no step; lower --batch-size or --workers")
+        raise UserError(f"a batch of {batch_size} on each of {workers} worker(s) is more than the {train_images} "
+                        f"training images, so an epoch would have no step; {fix}")
 
 
 def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_path: float, from_run: bool = False) -> None:

@@ -138,7 +138,7 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet,
     (["--arch", ARCH, "--space", "glit_tiny"], "distribution has 6 blocks but space glit_tiny has depth 12"),
     (["--arch", ARCH, "--epochs", "0"], "--epochs must be at least 1"),
     (["--arch", ARCH, "--from-supernet", "/no/supernet.pt"], "supernet checkpoint /no/supernet.pt does not exist"),
-    (["--arch", ARCH, "--batch-size", "800", "--workers", "2"], "--batch-size 800 x 2 worker(s) is more than the"),
+    (["--arch", ARCH, "--batch-size", "800", "--workers", "2"], "a batch of 800 on each of 2 worker(s) is more than the"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_error):
     assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])

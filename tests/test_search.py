@@ -180,6 +180,7 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, h
     (["--level", "high", "--latency-batch", "0"], "--latency-batch must be at least 1"),
     (["--level", "high", "--supernet-workers", "0"], "--supernet-workers must be at least 1"),
     (["--level", "high", "--supernet-epochs", "0"], "--supernet-epochs must be at least 1"),
+    (["--level", "high", "--supernet-workers", "40"], "a batch of 32 on each of 40 worker(s) is more than the"),
     (["--level", "high", "--mirror", "nosuch://bucket/run"], "--mirror nosuch://bucket/run: not a storage URI"),
 ])
 def test_bad_input_before_ray(tmp_path, argv, message, cli_error):

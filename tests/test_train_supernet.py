@@ -142,7 +142,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, clu
     (["--level", "high", "--data", "cifar10:/no/such/dir"], "cifar10 has RGB images but the search space takes in_chans 1"),
     (["--level", "high", "--data", "mnist"], "unknown dataset 'mnist'"),
     (["--level", "high", "--data", "cifar10:/x", "--batch-size", "33"], "--batch-size 33 is odd"),
-    (["--level", "high", "--batch-size", "2048"], "--batch-size 2048 x 1 worker(s) is more than the"),
+    (["--level", "high", "--batch-size", "2048"], "a batch of 2048 on each of 1 worker(s) is more than the"),
     (["--level", "high", "--space", "glit_nano"], "search space 'glit_nano' not found"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_error):
