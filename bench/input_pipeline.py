@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from glit_ray.data import build_splits
 from glit_ray.errors import UserError
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import default_loader_workers, training_loader
+from glit_ray.training import check_epoch_has_a_step, default_loader_workers, training_loader
 
 from harness import device, paired, publish, spread, sync
 
@@ -122,9 +122,10 @@ def measure(args, data: str) -> str:
         return training_loader(splits, args.batch, 0, workers, dev, **options)
 
     try:
-        default_loader = loader(default_loader_workers(data, cores))  # exactly what a worker holding all CPUs gets
-    except UserError as exc:  # the training split holds no whole batch
+        check_epoch_has_a_step(len(splits.train), args.batch, 1, "lower --batch or write more (--train-per-class)")
+    except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
+    default_loader = loader(default_loader_workers(data, cores))  # exactly what a worker holding all CPUs gets
     default = setting_of(default_loader)
     images = len(default_loader) * args.batch
     del default_loader
