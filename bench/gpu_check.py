@@ -10,7 +10,7 @@ the measured training and scoring rates, the cost of the README's whole protocol
 8 such GPUs (each GPU's rate scaled linearly).
 
     python bench/gpu_check.py [--space glit_tiny] [--data imagefolder:PATH] [--out DIR]
-    python bench/gpu_check.py --allow-cpu --space glit_pico --classes 4 --per-class 20 --batch-size 16   # a smoke run without a GPU
+    python bench/gpu_check.py --allow-cpu --space glit_pico --classes 4 --per-class 20 --batch-size 16   # smoke, no GPU
 """
 from __future__ import annotations
 

@@ -33,8 +33,7 @@ from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
-from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE
-from .train_supernet import supernet_settings, train_supernet
+from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_settings, train_supernet
 from .training import check_epoch_has_a_step, ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads

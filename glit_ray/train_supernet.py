@@ -170,9 +170,9 @@ def settings_from_args(args) -> dict:
                              args.seed)
 
 
-def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30, batch_size: int = BATCH_SIZE,
-                      workers: int = 1, lr: float | None = None, drop_path: float = 0.0, limits: Limits = Limits(),
-                      seed: int = 0) -> dict:
+def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
+                      batch_size: int = BATCH_SIZE, workers: int = 1, lr: float | None = None, drop_path: float = 0.0,
+                      limits: Limits = Limits(), seed: int = 0) -> dict:
     """The settings of a supernet run, with the recipe's defaults filled in."""
     check_batch_size(data, batch_size)
     return {

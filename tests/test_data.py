@@ -173,7 +173,8 @@ def test_a_batch_per_worker_must_fit_in_the_training_split():
     splits, cpu = build_splits("digits", 8, 1), torch.device("cpu")
     half = len(splits.train) // 2
     assert len(training_loader(splits, half, 0, 0, cpu, world=2, rank=1)) == 1
-    with pytest.raises(UserError, match=f"a batch of {half + 1} on each of 2 worker\\(s\\) is more than the {len(splits.train)}"):
+    message = f"a batch of {half + 1} on each of 2 worker\\(s\\) is more than the {len(splits.train)}"
+    with pytest.raises(UserError, match=message):
         training_loader(splits, half + 1, 0, 0, cpu, world=2, rank=1)
 
 

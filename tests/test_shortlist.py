@@ -96,5 +96,6 @@ def test_bad_input_is_one_line(high_run, tmp_path, cli_error):
     assert "is not a glit_ray search run" in cli_error(main, [str(tmp_path), *TRIALS])
     assert "drop --space and --data" in cli_error(main, [str(high_run), *TRIALS, "--data", "digits"])
     assert "--top must be at least 1" in cli_error(main, [str(high_run), "--top", "0"])
-    assert "a batch of 2048 on each of 1 worker(s) is more than the" in cli_error(main, [str(high_run), *TRIALS, "--batch-size", "2048"])
+    too_large = cli_error(main, [str(high_run), *TRIALS, "--batch-size", "2048"])
+    assert "a batch of 2048 on each of 1 worker(s) is more than the" in too_large
     assert not (high_run / "shortlist").exists()
