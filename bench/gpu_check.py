@@ -28,6 +28,7 @@ import torch
 from glit_ray.data import build_splits
 from glit_ray.dispatch import Dispatcher
 from glit_ray.evaluator import evaluator_pool, scoring_sizes
+from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.retrain import build_parser as retrain_parser
 from glit_ray.retrain import retrain, settings_from_args as retrain_settings
@@ -98,7 +99,7 @@ def main() -> None:
     started = time.perf_counter()
     calib_batches, heldout_images = scoring_sizes(args.data)
     archs = list({str(space.sample("high", random.Random(i))) for i in range(args.candidates)})
-    with evaluator_pool(supernet.read_bytes(), splits, calib_batches, heldout_images, 1, None) as [actor]:
+    with evaluator_pool(supernet.read_bytes(), splits, calib_batches, heldout_images, evaluators(1, None)) as [actor]:
         ready = ray.get(actor.stats.remote())
         Dispatcher([actor]).score(archs[:2])  # warm-up: allocator, kernels
         scored = time.perf_counter()

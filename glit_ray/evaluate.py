@@ -30,9 +30,10 @@ from .errors import UserError
 from .export import ARCH, load_model
 from .model import GLiT
 from .progress import console as make_console
+from .resources import Request, plan, waiting_note
 from .runs import read_json, write_json
 from .scoring import evaluate
-from .training import default_loader_workers, ensure_ray
+from .training import add_worker_resources, default_loader_workers, ensure_ray
 
 PUBLISHED = ("glit_tiny_patch16_224", "glit_small_patch16_224", "glit_base_patch16_224")
 RESULT = "evaluation.json"
@@ -74,18 +75,14 @@ def _evaluate_shard(model: GLiT, dataset: Dataset, start: int, stop: int, mean, 
     return evaluate_on(model, Subset(dataset, range(start, stop)), mean, std, device, batch_size, loader_workers)
 
 
-def evaluate_distributed(model: GLiT, dataset: Dataset, mean, std, workers: int, batch_size: int,
+def evaluate_distributed(model: GLiT, dataset: Dataset, mean, std, request: Request, batch_size: int,
                          loader_workers: int | None, data: str) -> dict:
-    """`evaluate_on` over `workers` contiguous shards in Ray tasks (one GPU each on a GPU cluster), combined by count."""
-    ensure_ray()
-    cluster = ray.cluster_resources()
-    gpus = 1 if cluster.get("GPU", 0) > 0 else 0
-    cpus = max(1, int(cluster.get("CPU", 1) // workers))
+    """`evaluate_on` over the tasks of `request`, a contiguous shard each, combined by count."""
     if loader_workers is None:
-        loader_workers = default_loader_workers(data, cpus)
-    bounds = [round(i * len(dataset) / workers) for i in range(workers + 1)]
+        loader_workers = default_loader_workers(data, request.cpus)
+    bounds = [round(i * len(dataset) / request.count) for i in range(request.count + 1)]
     model_ref, dataset_ref = ray.put(model.cpu()), ray.put(dataset)
-    shards = [_evaluate_shard.options(num_cpus=cpus, num_gpus=gpus).remote(
+    shards = [_evaluate_shard.options(num_cpus=request.cpus, num_gpus=request.gpus).remote(
         model_ref, dataset_ref, start, stop, mean, std, batch_size, loader_workers)
         for start, stop in zip(bounds, bounds[1:]) if stop > start]
     try:
@@ -115,11 +112,18 @@ def main(argv: list[str] | None = None) -> None:
                         "evaluate on the data set it was trained for")
     run_dir = Path(args.model).expanduser()
     out = args.out or (run_dir / RESULT if run_dir.is_dir() else Path(RESULT))
-    where = f"{args.workers} Ray worker(s)" if args.workers else "this process"
-    console.print(f"evaluating {args.model} ({model.arch}) on {len(dataset)} test images of {data} in {where}")
-    started = time.perf_counter()
+    request = None
     if args.workers:
-        metrics = evaluate_distributed(model, dataset, mean, std, args.workers, args.batch_size, args.loader_workers, data)
+        ensure_ray()
+        request = plan("evaluate", args.workers, args.gpus_per_worker, args.cpus_per_worker, unit="task")
+    console.print(f"evaluating {args.model} ({model.arch}) on {len(dataset)} test images of {data} in "
+                  f"{'Ray tasks' if request else 'this process'}")
+    if request:
+        console.print(str(request))
+    started = time.perf_counter()
+    if request:
+        with waiting_note(request, console.print):
+            metrics = evaluate_distributed(model, dataset, mean, std, request, args.batch_size, args.loader_workers, data)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loader_workers = default_loader_workers(data, os.cpu_count() or 1) if args.loader_workers is None else args.loader_workers
@@ -141,6 +145,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="take the checkpoint's model_ema entry")
     parser.add_argument("--data", help="digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH (default: a run's own)")
     parser.add_argument("--workers", type=int, help="Ray tasks to split the test split over (a GPU each on a GPU cluster)")
+    add_worker_resources(parser, who="task")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--loader-workers", type=int, help="DataLoader processes per evaluation (default: one per CPU on images)")
     parser.add_argument("--out", type=Path, help=f"the JSON written (default: RUN_DIR/{RESULT}, else ./{RESULT})")

@@ -27,6 +27,7 @@ from .data import Splits, parse_spec
 from .imagesets import ImageSet, calibration_indices, decode, decode_on_cluster, heldout_indices, place
 from .latency import device_name, measure_ms
 from .progress import stderr_without
+from .resources import CPU_ACTOR_SHARE, Request
 from .scoring import score
 from .supernet import load_supernet
 
@@ -151,30 +152,24 @@ def score_on(net: torch.nn.Module, arch: Architecture | None, sets: dict[str, Im
 
 @contextmanager
 def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, heldout_images: int | None,
-                   actors: int, gpus_per_actor: float | None, latency: dict | None = None,
-                   flops_convention: str = "macs") -> Iterator[list]:
-    """Start `actors` evaluators for the `with` block: one GPU each when the cluster has GPUs, else a CPU share.
+                   request: Request, latency: dict | None = None, flops_convention: str = "macs") -> Iterator[list]:
+    """Start the evaluators of `request` (`resources.evaluators`) for the `with` block.
 
     The scoring sets are decoded first, once (`scoring_sets`), and every actor maps them from its
-    node's object store. CPU actors share 90 % of the cluster's CPUs (the rest is for the Tune trial
-    that feeds them) and run as many torch threads as their share rounds to. Actors are spread over
-    the nodes, restart without limit when their process or node dies, and never re-run a call
-    themselves: the `Dispatcher` re-queues the candidate of a call cut short. The supernet's bytes
-    and the sets stay in the object store while the block runs, so that a restarted actor reloads
-    them without decoding. On exit the actors are killed: their CPUs and GPUs go back to the cluster.
+    node's object store. A CPU actor runs as many torch threads as its CPU share rounds to. Actors
+    are spread over the nodes, restart without limit when their process or node dies, and never
+    re-run a call themselves: the `Dispatcher` re-queues the candidate of a call cut short. The
+    supernet's bytes and the sets stay in the object store while the block runs, so that a
+    restarted actor reloads them without decoding. On exit the actors are killed: their CPUs and
+    GPUs go back to the cluster.
     """
-    cluster = ray.cluster_resources()
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    share = cluster.get("CPU", 1) / actors
-    cpus = 1.0 if gpus_per_actor else 0.9 * share
     sets = scoring_sets(splits, calib_batches, heldout_images)  # this frame holds them, and the supernet's bytes,
     ref = ray.put(supernet_bytes)                               # while the block runs: restarts reload from them
-    remote = ray.remote(Evaluator).options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=-1, max_task_retries=0,
-                                           scheduling_strategy="SPREAD")
-    threads = max(1, round(share)) if not gpus_per_actor else 1
+    remote = ray.remote(Evaluator).options(num_cpus=request.cpus, num_gpus=request.gpus, max_restarts=-1,
+                                           max_task_retries=0, scheduling_strategy="SPREAD")
+    threads = 1 if request.gpus else max(1, round(request.cpus / CPU_ACTOR_SHARE))
     with stderr_without(RESTART_NOTE):
-        pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(actors)]
+        pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(request.count)]
     try:
         yield pool
     finally:

@@ -32,6 +32,7 @@ from .model import GLiT
 from .progress import bar as progress_bar
 from .progress import console as make_console
 from .progress import driver_has_terminal, say
+from .resources import plan
 from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate
 from .space import SearchSpace
@@ -167,13 +168,14 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
     check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
     inherited = inherited_model(settings, splits.num_classes) if settings["from_supernet"] else None
+    ensure_ray()
+    request = plan("retrain", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
     resumed = open_run(out, settings, "retrain", resume)
     if resumed and (out / METRICS).exists():
         load_model(out)  # refuse a damaged export rather than report success
         console.print(f"already retrained: {out / WEIGHTS}")
         return read_json(out / METRICS)
 
-    ensure_ray()
     initial = {}
     if inherited is not None:
         sets = scoring_sets(splits, *scoring_sizes(settings["data"]))
@@ -182,10 +184,11 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
         console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
                       f"{initial['inherited_heldout_top1']:.2f}% before any training")
     console.print(f"{'resuming' if resumed else 'retraining'} {settings['arch']} ({space.name}) on {settings['data']} "
-                  f"for {settings['epochs']} epochs with {settings['workers']} worker(s) -> {out}")
+                  f"for {settings['epochs']} epochs -> {out}")
+    console.print(str(request))
     config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal(),
               "initial_weights": ray.put(inherited.state_dict()) if inherited is not None else None}
-    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker, storage)
+    result = fit(train_loop, config, out, request, storage, say=console.print)
 
     model = GLiT(settings["arch"], space, splits.num_classes)
     state = final_state(result)

@@ -29,12 +29,13 @@ from .mirror import Mirror, MirrorCallback
 from .progress import bar, driver_has_terminal, quiet_tune_console
 from .progress import console as make_console
 from .results import ResultsCallback, best_record, read_candidates, repair_generations
+from .resources import evaluators, plan, waiting_note
 from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_settings, train_supernet
-from .training import check_epoch_has_a_step, ensure_ray
+from .training import add_worker_resources, check_epoch_has_a_step, ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
 
@@ -120,8 +121,10 @@ def build_parser() -> ArgumentParser:
     for bound in ("params-min", "params-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions")
     add_flops_convention(p)
-    p.add_argument("--actors", type=int, default=None, help="evaluator actors (default: one per GPU, else 2)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--actors", type=int, default=None,
+                   help="evaluator actors (default: one per GPU up once the supernet is trained, else 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs each evaluator asks for (default: 1 where the cluster has or can add GPU nodes, else 0)")
     p.add_argument("--calib-batches", type=int, default=None,
                    help="BatchNorm is recalibrated on this many batches of 64 training images drawn at random "
                         "(default: per data set, see the README)")
@@ -130,6 +133,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
     p.add_argument("--supernet-workers", type=int, default=1,
                    help="data-parallel Ray Train workers when training the supernet here (default: 1)")
+    add_worker_resources(p, who="supernet worker")
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
@@ -186,8 +190,11 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
 
 def search(settings: dict, out: Path, resume: bool = False, actors: int | None = None,
            gpus_per_actor: float | None = None, address: str | None = None, console: Console | None = None,
-           mirror: str | None = None) -> dict:
+           mirror: str | None = None, gpus_per_worker: float | None = None, cpus_per_worker: int | None = None) -> dict:
     """Run (or resume) a search; returns best.json's content.
+
+    `actors` and `gpus_per_actor` are the evaluators', `gpus_per_worker` and `cpus_per_worker` those of the
+    supernet's Ray Train workers when the search trains it (`resources.plan`).
 
     With `mirror` (a storage URI), the run directory is pushed there after every generation, and
     the supernet's Ray Train checkpoints go there directly; resuming without a local copy (a new
@@ -208,28 +215,29 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings["supernet_workers"],
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
+    ensure_ray(address)  # what the cluster can hold is known before anything is written
+    trainers = None if settings["supernet"] else plan("supernet", settings["supernet_workers"], gpus_per_worker,
+                                                      cpus_per_worker)
+    scorers = evaluators(actors, gpus_per_actor, gpus_after_training=trainers.count * trainers.gpus if trainers else 0)
     if mirror and resume and not (out / RUN_FILE).exists():
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, "search", resume)
 
-    ensure_ray(address)
     supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
         supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
                           workers=settings["supernet_workers"], limits=replace(limits, flops_min=None, params_min=None),
                           seed=settings["seed"]),
-        out / "supernet", resume=(out / "supernet" / "run.json").exists(), console=console,
-        storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
+        out / "supernet", resume=(out / "supernet" / "run.json").exists(), gpus_per_worker=trainers.gpus,
+        cpus_per_worker=trainers.cpus, console=console, storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
     if mirror:
         mirror.push()
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = actors or (gpus if gpus and gpus_per_actor != 0 else 2)
     searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
                                  settings["generations"], settings["topk"], settings["mutations"],
                                  settings["crossovers"], settings["mutation_prob"], settings["seed"],
                                  settings["strategy"], settings["objective"], settings["pareto_cost"])
     with evaluator_pool(supernet.read_bytes(), splits, settings["calib_batches"], settings["heldout_images"],
-                        actors, gpus_per_actor, settings["latency"], limits.convention) as evaluators:
+                        scorers, settings["latency"], limits.convention) as pool, waiting_note(scorers, console.print):
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:
             console.print(f"resuming the {level}-level search in {out}")
@@ -238,13 +246,14 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                 console.print(line)
         else:
             console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
-                          f"generations, {actors} evaluator actor(s) -> {out}")
+                          f"generations -> {out}")
+        console.print(str(scorers))
         callbacks = [ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])]
         if mirror:
             callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
         with callers_signal_handlers():
-            generation_tuner(out, searcher, evaluators, callbacks, restore).fit()
-        loads = supernet_loads(evaluators)
+            generation_tuner(out, searcher, pool, callbacks, restore).fit()
+        loads = supernet_loads(pool)
     if mirror:
         mirror.push()
     rows = read_candidates(out).to_pylist()
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = args.out or Path("runs") / f"search-{args.level}"
     search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address,
-           mirror=args.mirror)
+           mirror=args.mirror, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ directory per candidate with its checkpoints and TensorBoard).
 """
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -28,6 +28,7 @@ from .data import build_splits
 from .errors import UserError
 from .progress import console as make_console
 from .progress import quiet_tune_console
+from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop
 from .runs import RUN_FILE, open_run, read_json, write_json
@@ -70,20 +71,17 @@ def shortlist_trial(config: dict) -> None:
                     "loader_workers": config["loader_workers"], "initial_weights": None, "score_test": False,
                     "label": f"shortlist {rank + 1}/{len(config['candidates'])}"}  # its epoch lines say which
     storage = f"{config['storage'].rstrip('/')}/{FOLDER}/rank{rank + 1}" if config["storage"] else None
-    fit(train_loop, train_config, out, settings["workers"], config["gpus_per_worker"], config["cpus_per_worker"],
-        storage, callbacks=[TuneReportCallback()])
+    request = replace(Request(**config["request"]), count=settings["workers"])
+    fit(train_loop, train_config, out, request, storage, callbacks=[TuneReportCallback()])
 
 
-def side_by_side(settings: dict, trials: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> tuple[int, int]:
-    """How many trials the cluster runs at once, and the CPUs each of their workers gets."""
-    cluster = ray.cluster_resources()
-    workers = settings["workers"]
-    if cluster.get("GPU", 0) > 0 and gpus_per_worker != 0:
-        at_once = max(1, int(cluster["GPU"] // (workers * (gpus_per_worker or 1))))
-    else:
-        at_once = max(1, int(cluster.get("CPU", 1) // workers))
-    at_once = min(at_once, trials)
-    return at_once, cpus_per_worker or max(1, int(cluster.get("CPU", 1) // (at_once * workers)))
+def side_by_side(settings: dict, trials: int, gpus_per_worker: float | None,
+                 cpus_per_worker: int | None) -> tuple[int, Request]:
+    """How many trials run at once (as many as the cluster can hold), and the request of their workers together."""
+    workers, shape = settings["workers"], cluster_shape()
+    every = plan("shortlist", trials * workers, gpus_per_worker, cpus_per_worker, shape=shape)
+    at_once = min(trials, max(1, capacity(every, shape) // workers))
+    return at_once, replace(every, count=at_once * workers)
 
 
 def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = None, resume: bool = False,
@@ -96,15 +94,15 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
     space = SearchSpace.from_dict(settings["space"])
     train_images = len(build_splits(settings["data"], space.img_size, space.in_chans).train)  # fails here, before Ray
     check_epoch_has_a_step(train_images, settings["batch_size"], settings["workers"])
+    ensure_ray()
+    at_once, request = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)  # or fits no node
     folder = run_dir / FOLDER
     resumed = open_run(folder, {**settings, "top": top, "scheduler": scheduler}, "shortlist", resume)
     if resumed and (run_dir / RECORD).is_file():
         record = read_json(run_dir / RECORD)
         console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
         return record
-    ensure_ray()
     quiet_tune_console()
-    at_once, cpus = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)
     # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
     # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
     trainable = tune.with_resources(shortlist_trial, {"cpu": 0, "memory": 2**20})
@@ -115,14 +113,15 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
     else:
         console.print(f"shortlist of {run_dir}: the top {len(candidates)} distributions, {settings['epochs']} epochs "
                       f"each, {at_once} at a time{' (ASHA stops weak ones early)' if asha else ''}")
+        console.print(str(request))
         param_space = {"rank": tune.grid_search(list(range(len(candidates)))), "candidates": candidates,
                        "settings": settings, "folder": str(folder), "storage": storage,
-                       "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus, "loader_workers": loader_workers}
+                       "request": asdict(request), "loader_workers": loader_workers}
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
                                                        max_concurrent_trials=at_once),
                            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0))
-    with callers_signal_handlers():
+    with callers_signal_handlers(), waiting_note(request, console.print):
         results = tuner.fit()
     for result in results:
         rank = result.config["rank"]

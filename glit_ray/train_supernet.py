@@ -32,13 +32,14 @@ from .errors import UserError
 from .progress import bar as progress_bar
 from .progress import console as make_console
 from .progress import driver_has_terminal, say
+from .resources import plan
 from .runs import open_run, resolve_distribution
 from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
+                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
@@ -197,6 +198,8 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     limits = Limits(**settings["limits"])
     limits.check_feasible(space, settings["level"], splits.num_classes,
                           tuple(settings["distribution"]) if settings["distribution"] else None)
+    ensure_ray()
+    request = plan("supernet", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
     resumed = open_run(out, settings, "supernet", resume)
     target = out / SUPERNET_FILE
     if resumed and target.exists():
@@ -205,9 +208,10 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
         return target
 
     console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
-                  f"{space.name} on {settings['data']} with {settings['workers']} worker(s) -> {out}")
+                  f"{space.name} on {settings['data']} -> {out}")
+    console.print(str(request))
     config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()}
-    result = fit(train_loop, config, out, settings["workers"], gpus_per_worker, cpus_per_worker, storage)
+    result = fit(train_loop, config, out, request, storage, say=console.print)
     net = GLiTSupernet(space, settings["level"], settings["distribution"], splits.num_classes)
     state = final_state(result)
     net.load_state_dict(state["model"])

@@ -33,6 +33,7 @@ from .cli import ArgumentParser, callers_signal_handlers
 from .data import Splits
 from .errors import UserError, one_line
 from .progress import show_only_our_worker_lines
+from .resources import Request, waiting_note
 
 CLIP_GRAD_NORM = 5.0
 STATE_FILE = "state.pt"
@@ -69,8 +70,7 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
-    parser.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
-    parser.add_argument("--cpus-per-worker", type=int, default=None, help="default: the cluster's CPUs shared out")
+    add_worker_resources(parser)
     parser.add_argument("--lr", type=float, default=None,
                         help="AdamW peak learning rate (default: 3e-3 on digits, DeiT's 5e-4 x global batch / 512 otherwise)")
     parser.add_argument("--drop-path", type=float, default=drop_path)
@@ -81,6 +81,14 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
     parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
                                           "s3://bucket/prefix on a cluster whose nodes do not share --out")
+
+
+def add_worker_resources(parser: ArgumentParser, who: str = "worker") -> None:
+    """--gpus-per-worker and --cpus-per-worker: what each Ray Train worker asks of the cluster (`resources.plan`)."""
+    parser.add_argument("--gpus-per-worker", type=float, default=None,
+                        help=f"GPUs each {who} asks for (default: 1 where the cluster has or can add GPU nodes, else 0)")
+    parser.add_argument("--cpus-per-worker", type=int, default=None,
+                        help=f"CPUs each {who} asks for (default: its share of the node type that hosts it)")
 
 
 def check_counts(args) -> None:
@@ -301,20 +309,6 @@ def previous_run(storage: str) -> ray.train.Result | None:
     return result
 
 
-def worker_resources(workers: int, gpus_per_worker: float | None, cpus_per_worker: int | None) -> dict:
-    """Per-worker resources: a GPU each when the cluster has GPUs, and the CPUs shared out evenly.
-
-    Ray pins a worker's torch threads to its CPU count, so a CPU-only worker gets its share of
-    the cluster's CPUs rather than one.
-    """
-    cluster = ray.cluster_resources()
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    if cpus_per_worker is None:
-        cpus_per_worker = max(1, int(cluster.get("CPU", 1)) // workers)
-    return {"CPU": cpus_per_worker, "GPU": gpus_per_worker} if gpus_per_worker else {"CPU": cpus_per_worker}
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with a quiet
     console: Ray's own log lines from ERROR up, and of the workers' output only our lines (`progress`)."""
@@ -323,16 +317,17 @@ def ensure_ray(address: str | None = None) -> None:
         show_only_our_worker_lines()
 
 
-def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: float | None,
-        cpus_per_worker: int | None, storage: str | None = None, callbacks: list | None = None) -> ray.train.Result:
-    """Run `train_loop` on `workers` Ray Train workers with checkpoints under STORAGE/train (resumed if there).
+def fit(train_loop, config: dict, out: Path, request: Request, storage: str | None = None,
+        callbacks: list | None = None, say=None) -> ray.train.Result:
+    """Run `train_loop` on the Ray Train workers of `request` with checkpoints under STORAGE/train (resumed if there).
 
     `storage` defaults to the run directory OUT; on a cluster whose workers do not share it, give a
     storage URI (s3://bucket/prefix) every node can reach.
 
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
-    `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker gets.
+    `say`: where to note that the workers wait for the autoscaler (`resources.waiting_note`), the driver's console.
+    `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker asks for.
     A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
     checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
     for its reports.
@@ -341,20 +336,19 @@ def fit(train_loop, config: dict, out: Path, workers: int, gpus_per_worker: floa
     if previous and previous.checkpoint and previous.metrics.get("epoch") == config["epochs"] - 1 and not callbacks:
         return previous  # its last epoch is checkpointed: workers would train nothing
     ensure_ray()
-    resources = worker_resources(workers, gpus_per_worker, cpus_per_worker)
     if config["loader_workers"] is None:
-        config = {**config, "loader_workers": default_loader_workers(config["data"], resources["CPU"])}
+        config = {**config, "loader_workers": default_loader_workers(config["data"], request.cpus)}
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu="GPU" in resources,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,
+                                               resources_per_worker=request.resources),
         run_config=ray.train.RunConfig(name="train", storage_path=storage or str(out),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     try:
-        with callers_signal_handlers():
+        with callers_signal_handlers(), waiting_note(request, say) if say else nullcontext():
             return trainer.fit()
     except ray.train.TrainingFailedError as exc:
         for failure in getattr(exc, "worker_failures", {}).values():

@@ -10,6 +10,7 @@ import ray
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
+from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.space import SearchSpace
@@ -52,7 +53,7 @@ def wait_for(condition, seconds: float, what: str):
 
 def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_supernet, ray_cluster, worker_nodes):
     archs = micro_archs(48)
-    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 4, None, actors=4, gpus_per_actor=0) as actors:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 4, None, evaluators(4, 0)) as actors:
         nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
         doomed = worker_nodes[0]
         assert doomed.node_id in nodes  # SPREAD put an actor on each worker node

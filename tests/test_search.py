@@ -18,6 +18,7 @@ from glit_ray.errors import UserError
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
+from glit_ray.resources import evaluators
 from glit_ray.progress import stderr_without, without_startup_notes
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
@@ -108,7 +109,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
 
 def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_candidate_is_retried(ray_session,
                                                                                           micro_supernet):
-    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 2, 64, actors=2, gpus_per_actor=0) as actors:
+    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 2, 64, evaluators(2, 0)) as actors:
         assert ray.get(actors[0].stats.remote())["loads"] == 1
         micro = SearchSpace.load("glit_micro")
         rng = random.Random(0)

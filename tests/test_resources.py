@@ -1,0 +1,81 @@
+"""What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+from glit_ray.errors import UserError
+from glit_ray.resources import ClusterShape, NodeType, capacity, config_node_types, plan
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+
+
+def aws() -> ClusterShape:
+    """The node types `ray up clusters/aws.yaml` declares (its head's CPUs as the launcher declares them)."""
+    return ClusterShape(config_node_types(yaml.safe_load((CLUSTERS / "aws.yaml").read_text()), {}), "aws.yaml")
+
+
+def kuberay() -> ClusterShape:
+    """The node types KubeRay's autoscaler derives from the RayJob's cluster, the way Ray's KubeRay code does it."""
+    spec = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    config = _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "glit", "namespace": "ml"}, "spec": spec})
+    return ClusterShape(config_node_types(config, {}), "kuberay-rayjob.yaml")
+
+
+def one_machine(cpus: float, gpus: float = 0) -> ClusterShape:
+    return ClusterShape((NodeType("head", cpus, gpus, 1),), "the nodes up")
+
+
+def test_a_p4d_hosts_eight_supernet_workers_with_its_cpus_shared_per_gpu():
+    request = plan("supernet", 8, shape=aws())
+    assert str(request) == "supernet: 8 workers x (1 GPU, 12 CPU) on gpu_a100x8"
+    assert request.resources == {"CPU": 12, "GPU": 1}
+
+
+def test_work_goes_to_the_node_type_that_holds_it_on_the_fewest_nodes_the_smallest_on_a_tie():
+    assert str(plan("retrain", 1, shape=aws())) == "retrain: 1 worker x (1 GPU, 8 CPU) on gpu_a10g"
+    assert plan("evaluate", 4, shape=aws(), unit="task").node_type == "gpu_a100x8"  # one node, not four
+    assert str(plan("retrain", 16, shape=aws())) == "retrain: 16 workers x (1 GPU, 12 CPU) on gpu_a100x8"
+
+
+def test_on_the_kuberay_shape_four_workers_ask_for_what_one_pod_has_not_the_clusters_cpus_divided():
+    shape = kuberay()
+    assert {t.name: (t.cpus, t.gpus) for t in shape.node_types} == {"headgroup": (0, 0), "gpu": (8, 1)}
+    request = plan("supernet", 4, shape=shape)
+    assert str(request) == "supernet: 4 workers x (1 GPU, 8 CPU) on gpu"
+    assert capacity(request, shape) == 16  # the group's maxReplicas
+
+
+def test_gpus_are_asked_for_where_the_cluster_can_add_gpu_nodes_even_with_none_up():
+    assert plan("supernet", 1, shape=kuberay()).gpus == 1  # the GPU group is at 0 replicas: no GPU is up
+    assert plan("supernet", 1, shape=one_machine(2)).gpus == 0
+    assert plan("supernet", 1, 0, shape=kuberay()).gpus == 0  # asked for explicitly: CPU workers
+
+
+def test_on_one_machine_cpu_workers_share_its_cpus():
+    assert str(plan("supernet", 2, shape=one_machine(2))) == "supernet: 2 workers x (0 GPU, 1 CPU) on head"
+    assert plan("supernet", 1, shape=one_machine(2)).cpus == 2
+    assert plan("supernet", 4, shape=one_machine(2)).cpus == 1  # at least one each; Ray queues the rest
+
+
+def test_cpu_work_leaves_gpu_nodes_to_gpu_work_where_a_cpu_node_type_can_hold_it():
+    shape = ClusterShape((NodeType("head", 0, 0, 1), NodeType("cpu", 16, 0, 4), NodeType("gpu", 8, 1, 4)), "test")
+    assert plan("evaluate", 2, 0, shape=shape).node_type == "cpu"
+    assert plan("evaluate", 2, 0, 6, shape=ClusterShape(shape.node_types[::2], "test")).node_type == "gpu"
+
+
+@pytest.mark.parametrize("gpus, cpus, shape, named", [
+    (2, None, kuberay(), "(2 GPU, 1 CPU) per worker, which no node type holds: headgroup (0 CPU, 0 GPU), gpu (8 CPU, 1 GPU)"),
+    (None, 128, aws(), "(1 GPU, 128 CPU) per worker, which no node type holds"),
+    (1, None, one_machine(2), "(1 GPU, 1 CPU) per worker, which no node type holds: head (2 CPU, 0 GPU) (the nodes up)"),
+])
+def test_a_request_no_node_type_holds_is_one_line_naming_it_and_the_node_types(gpus, cpus, shape, named):
+    with pytest.raises(UserError, match="lower --gpus-per-worker") as error:
+        plan("supernet", 4, gpus, cpus, shape=shape)
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_count_below_one_is_refused():
+    with pytest.raises(UserError, match="at least 1 actor"):
+        plan("evaluators", 0, unit="actor", shape=one_machine(2))
