@@ -38,7 +38,8 @@ from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
+                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_device,
+                       worker_loader)
 
 METRICS = "metrics.json"
 LOG_EVERY = 10
@@ -101,7 +102,7 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker."""
     quiet_worker_logs()
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device()
     space, seed, epochs = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"], config["epochs"]
     splits = build_splits(config["data"], space.img_size, space.in_chans)
 
@@ -114,7 +115,7 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = len(loader)
     recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
-    model = ray.train.torch.prepare_model(net)
+    model = ray.train.torch.prepare_model(net, move_to_device=device)
     writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None
 
     for epoch in range(start_epoch, epochs):

@@ -39,7 +39,8 @@ from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_loader)
+                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_device,
+                       worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
@@ -88,7 +89,7 @@ def train_loop(config: dict) -> None:
     quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device()
     space = SearchSpace.from_dict(config["space"], source="run.json")
     level, seed, epochs = config["level"], config["seed"], config["epochs"]
     distribution = tuple(config["distribution"]) if config["distribution"] else None
@@ -102,7 +103,8 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = len(loader)
     recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
-    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = ray.train.torch.prepare_model(net, move_to_device=device,
+                                            parallel_strategy_kwargs={"find_unused_parameters": True})
 
     writer = probes = None
     if rank == 0:

@@ -14,7 +14,7 @@ import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.torch.config import _TorchBackend
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from .cli import ArgumentParser, callers_signal_handlers
 from .data import Splits
 from .errors import UserError, one_line
-from .progress import show_only_our_worker_lines
+from .progress import say, show_only_our_worker_lines
 from .resources import Request, waiting_note
 
 CLIP_GRAD_NORM = 5.0
@@ -164,6 +165,33 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
         dataset, sampler = SeededSamples(splits.train, seed), EpochSampler(shard)
     options = {"persistent_workers": loader_workers > 0, "pin_memory": device.type == "cuda", **loader_options}
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
+
+
+def worker_device() -> torch.device:
+    """This Ray Train worker's device: its GPU, or the CPU where its node shows no CUDA device for the GPU Ray
+    accounted to it (`DeviceTorchConfig` then connects the workers over gloo)."""
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _DeviceTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with NCCL (TorchTrainer's choice for GPU workers) only where the workers see CUDA
+    devices: GPU workers whose nodes show none (a fake GPU of Ray's autoscaler test provider; a node without its
+    driver) connect over gloo and say so."""
+
+    def on_start(self, worker_group, backend_config) -> None:
+        if backend_config.backend == "nccl" and not all(worker_group.execute(torch.cuda.is_available)):
+            say("the Ray Train workers hold GPUs but their nodes show no CUDA device: they train on the CPU, over gloo")
+            backend_config = replace(backend_config, backend="gloo")
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class DeviceTorchConfig(ray.train.torch.TorchConfig):
+    """`TorchTrainer`'s torch config with `_DeviceTorchBackend`."""
+
+    @property
+    def backend_cls(self):
+        return _DeviceTorchBackend
 
 
 def quiet_worker_logs() -> None:
@@ -341,6 +369,7 @@ def fit(train_loop, config: dict, out: Path, request: Request, storage: str | No
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=config,
+        torch_config=DeviceTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,
                                                resources_per_worker=request.resources),
         run_config=ray.train.RunConfig(name="train", storage_path=storage or str(out),
