@@ -9,6 +9,7 @@ sampled path (`net(images, arch)`), a retrained architecture is a plain `net(ima
 from __future__ import annotations
 
 import logging
+import os
 import random
 import tempfile
 import warnings
@@ -341,7 +342,15 @@ def ensure_ray(address: str | None = None) -> None:
     """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with a quiet
     console: Ray's own log lines from ERROR up, and of the workers' output only our lines (`progress`)."""
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.ERROR)
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.ERROR)
+        except ConnectionError as exc:  # no cluster there, or one that wants its token
+            where = address or os.environ.get("RAY_ADDRESS", "auto")
+            if isinstance(exc.__cause__, ray.exceptions.AuthenticationError):
+                raise UserError(f"the Ray cluster at {where} wants its authentication token: set RAY_AUTH_MODE=token, "
+                                "with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH") from None
+            raise UserError(f"no Ray cluster to join at {where} ({str(exc).splitlines()[0]}); give --address of a "
+                            "running one, or leave it and RAY_ADDRESS out to start one here") from None
         show_only_our_worker_lines()
 
 

@@ -1,8 +1,10 @@
 """What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.exceptions import AuthenticationError
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
 from glit_ray.errors import UserError
@@ -79,3 +81,21 @@ def test_a_request_no_node_type_holds_is_one_line_naming_it_and_the_node_types(g
 def test_a_count_below_one_is_refused():
     with pytest.raises(UserError, match="at least 1 actor"):
         plan("evaluators", 0, unit="actor", shape=one_machine(2))
+
+
+@pytest.mark.parametrize("cause, named", [
+    (AuthenticationError("Authentication token is missing or incorrect"),
+     "the Ray cluster at 10.0.0.1:6379 wants its authentication token: set RAY_AUTH_MODE=token"),
+    (None, "no Ray cluster to join at 10.0.0.1:6379 (Could not find any running Ray instance.)"),
+])
+def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
+    import glit_ray.training as training
+
+    def init(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.\nmore") from cause
+
+    monkeypatch.setattr(training.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(training.ray, "init", init)
+    with pytest.raises(UserError, match=re.escape(named)) as error:
+        training.ensure_ray("10.0.0.1:6379")
+    assert "\n" not in str(error.value)

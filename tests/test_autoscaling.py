@@ -1,0 +1,157 @@
+"""GPU work on an autoscaling cluster, on one machine: Ray's fake multi-node provider with the GPU worker shape of
+`clusters/kuberay-rayjob.yaml` (8 CPUs + 1 fake GPU, from zero) and a head that offers no CPU, token
+authentication on. A search's requests bring GPU nodes up, every Ray Train worker and evaluator runs on them, the
+cluster scales back down, and a request no node type holds is refused before anything is written.
+
+Torch sees no CUDA on a fake GPU node, so the work computes on the CPU while Ray accounts a GPU to it.
+"""
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray._private.services import get_node_ip_address
+
+from glit_ray.results import read_candidates
+
+CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
+RAY = str(Path(sys.executable).parent / "ray")
+IDLE_TIMEOUT_MIN = 0.1  # an idle fake node goes after 6 s
+GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "4", "--population", "4",
+              "--generations", "1", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
+              "--actors", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def kuberay_gpu_shape() -> dict:
+    """The RayJob's GPU worker group, as Ray resources."""
+    job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
+    [group] = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    [container] = group["template"]["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    return {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}
+
+
+def fake_cluster_config(gcs_address: str) -> dict:
+    """A cluster launcher configuration for Ray's fake multi-node provider (Ray's own example file is not in the
+    wheel): a 0-CPU head and up to 4 nodes of the KubeRay GPU shape, none at the start."""
+    return {
+        "cluster_name": "glit-fake", "max_workers": 4, "upscaling_speed": 4.0, "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {**kuberay_gpu_shape(), "object_store_memory": 200 * 2**20}, "node_config": {},
+                    "min_workers": 0, "max_workers": 4},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(ray_session, tmp_path_factory):
+    """The fake autoscaling cluster, started after the session's search (it needs the CPUs): {"env": a child's
+    environment that joins it, "dashboard": its dashboard's address}. Stopped by killing only its own processes
+    (Ray's `ray stop` would stop every Ray on the machine)."""
+    folder = tmp_path_factory.mktemp("autoscaling")
+    ip, port = get_node_ip_address(), free_port()
+    ports = {option: free_port() for option in ("dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")}
+    (folder / "cluster.yaml").write_text(yaml.safe_dump(fake_cluster_config(f"{ip}:{port}")))
+    (folder / "token").write_text(secrets.token_hex(32))
+    temp = tempfile.mkdtemp(prefix="gfake-", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(folder / "token"), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([RAY, "start", "--head", "--num-cpus=0", f"--port={port}", "--object-store-memory=200000000",
+                    *(f"--{option}={p}" for option, p in ports.items()), f"--temp-dir={temp}",
+                    f"--autoscaling-config={folder / 'cluster.yaml'}"],
+                   env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                   check=True, capture_output=True, timeout=120)
+    yield {"env": {**env, "RAY_ADDRESS": f"{ip}:{port}"}, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if temp.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), 9)
+        except OSError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def state(cluster: dict, what: str, *filters: str) -> list[dict]:
+    """`ray list WHAT` of the fake cluster (its state API, with its token), as dicts."""
+    args = [arg for f in filters for arg in ("--filter", f)]
+    listed = subprocess.run([RAY, "list", what, *args, "--detail", "--format", "json", "--limit", "1000",
+                             "--address", cluster["dashboard"]], env=cluster["env"], capture_output=True, text=True,
+                            check=True, timeout=60)
+    return json.loads(listed.stdout)
+
+
+def gpu_nodes(cluster: dict) -> dict[str, str]:
+    """The fake cluster's nodes that hold GPUs: node id -> state."""
+    return {n["node_id"]: n["state"] for n in state(cluster, "nodes") if n["resources_total"].get("GPU")}
+
+
+def test_a_request_no_node_type_holds_is_one_line_before_anything_is_written(autoscaling_cluster, tmp_path):
+    out = tmp_path / "supernet"
+    run = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "1",
+                          "--gpus-per-worker", "2", "--out", str(out)], env=autoscaling_cluster["env"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: supernet asks for (2 GPU, 1 CPU) per worker, which no node type holds: ")
+    for shape in ("ray.head.default (0 CPU, 0 GPU)", "gpu (8 CPU, 1 GPU)", "(the autoscaler's node types)"):
+        assert shape in run.stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def gpu_search(autoscaling_cluster, tmp_path_factory) -> tuple[Path, str]:
+    """A search that trains its supernet on 4 GPU workers and scores on 2 GPU evaluators, on a cluster with no GPU
+    node up: its run dir and console."""
+    assert gpu_nodes(autoscaling_cluster) == {}
+    out = tmp_path_factory.mktemp("gpu-search") / "run"
+    run = subprocess.run([sys.executable, "-m", "glit_ray.search", *GPU_SEARCH, "--out", str(out)],
+                         env=autoscaling_cluster["env"], capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run.stdout + run.stderr
+
+
+def test_a_search_brings_gpu_nodes_up_from_zero_and_runs_every_worker_and_evaluator_on_them(autoscaling_cluster,
+                                                                                          gpu_search):
+    out, console = gpu_search
+    # the KubeRay shape holds the 4 workers, a pod each: 8 CPUs, not the cluster's CPUs divided out
+    assert "supernet: 4 workers x (1 GPU, 8 CPU) on gpu" in console
+    assert "supernet: waiting for the autoscaler to add room for 4 more worker(s) of (1 GPU, 8 CPU), 0 s so far" in console
+    assert "evaluators: 2 actors x (1 GPU, 1 CPU) on gpu" in console
+    nodes = gpu_nodes(autoscaling_cluster)
+    workers = state(autoscaling_cluster, "actors", "class_name=RayTrainWorker")
+    assert len(workers) == 4 and len({w["node_id"] for w in workers}) == 4  # one per 1-GPU node
+    assert {w["node_id"] for w in workers} <= set(nodes)
+    evaluators = state(autoscaling_cluster, "actors", "class_name=Evaluator")
+    assert len(evaluators) == 2 and {e["node_id"] for e in evaluators} <= set(nodes)
+    rows = read_candidates(out).to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert {r["node"] for r in rows} <= set(nodes)  # every candidate scored on a GPU node
+
+
+def test_the_cluster_scales_back_down_after(autoscaling_cluster, gpu_search):
+    deadline = time.monotonic() + 60 + IDLE_TIMEOUT_MIN * 60
+    while "ALIVE" in (nodes := gpu_nodes(autoscaling_cluster)).values():
+        assert time.monotonic() < deadline, "GPU nodes still up a minute after the search"
+        time.sleep(2)
+    assert len(nodes) >= 4  # the search's nodes, all gone
