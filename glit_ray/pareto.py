@@ -1,5 +1,10 @@
 """Ranking candidates: by held-out top-1, or by Pareto rank over (top-1, cost) as NSGA-II does.
 
+Held-out top-1 on a few hundred images takes few distinct values, so candidates equal in top-1 are
+ranked by held-out loss (lower first), a finer signal of the same held-out pass; then by the
+architecture string, so that the order is a function of the scores alone. The Pareto objective
+breaks ties in top-1 the same way: of two candidates equal in top-1, the lower loss is the better.
+
 A candidate dominates another when it is no worse on both (top-1 at least as high, cost at most as
 low) and better on one. Rank 0 is the front (dominated by none), rank 1 the front once rank 0 is
 removed, and so on; within a rank, the crowding distance (the perimeter of the box to its
@@ -12,8 +17,16 @@ import numpy as np
 
 
 def by_top1(rows: list[dict]) -> list[dict]:
-    """Rows best first by top-1, ties by architecture string: best.json's order and the searcher's."""
-    return sorted(rows, key=lambda r: (-r["top1"], r["arch"]))
+    """Rows best first by top-1, then held-out loss, then architecture string: best.json's order and the searcher's."""
+    return sorted(rows, key=lambda r: (-r["top1"], r["loss"], r["arch"]))
+
+
+def gain(rows: list[dict]) -> list[int]:
+    """Each row's place in the order of (top-1, -loss): top-1 with ties broken by held-out loss, as a number that the
+    Pareto ranking compares (rows equal in both share a place)."""
+    keys = [(r["top1"], -r["loss"]) for r in rows]
+    place = {key: i for i, key in enumerate(sorted(set(keys)))}
+    return [place[key] for key in keys]
 
 
 def ranks(gain: list[float], cost: list[float]) -> list[int]:
@@ -46,10 +59,10 @@ def crowding(gain: list[float], cost: list[float]) -> list[float]:
 
 
 def select(rows: list[dict], count: int, cost: str) -> list[dict]:
-    """The `count` best rows by (rank, -crowding) over (top1, rows[cost]); ties by architecture string."""
+    """The `count` best rows by (rank, -crowding) over (`gain`, rows[cost]); ties by architecture string."""
     if not rows:
         return []
-    rank = ranks([r["top1"] for r in rows], [r[cost] for r in rows])
+    rank = ranks(gain(rows), [r[cost] for r in rows])
     distance = [0.0] * len(rows)
     for level in set(rank):
         members = [i for i, r in enumerate(rank) if r == level]
@@ -63,5 +76,5 @@ def front(rows: list[dict], cost: str) -> list[dict]:
     """The rows of rank 0, by increasing cost (then decreasing top-1)."""
     if not rows:
         return []
-    rank = ranks([r["top1"] for r in rows], [r[cost] for r in rows])
+    rank = ranks(gain(rows), [r[cost] for r in rows])
     return sorted((r for r, k in zip(rows, rank) if k == 0), key=lambda r: (r[cost], -r["top1"], r["arch"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import statistics
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -137,7 +138,9 @@ class ResultsCallback(tune.Callback):
         scores = [r["top1"] for r in rows if r["status"] == "ok"]
         failed, rejected = (sum(r["status"] == status for r in rows) for status in ("failed", "rejected"))
         self.log(generation, rows, scores, failed, rejected, trial.config.get("draws", {}), best)
-        line = f"generation {generation + 1}/{self.generations}: {len(rows)} candidates"
+        operators = Counter(r["operator"] for r in rows)
+        line = (f"generation {generation + 1}/{self.generations}: {len(rows)} candidates "
+                f"({', '.join(f'{n} {operator}' for operator, n in operators.most_common())})")
         if scores:
             line += f", best {max(scores):.2f}%, mean {statistics.fmean(scores):.2f}%"
         missing = trial.config.get("missing", 0)

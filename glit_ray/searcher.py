@@ -4,8 +4,12 @@ Generation 0 is `population` random architectures inside the limits. (`strategy=
 baseline, draws every later generation at random too, with the same budget.) Every later generation
 takes the top-k of all candidates scored so far as parents (by top-1, or with `objective="pareto"`
 by Pareto rank and crowding over top-1 and `cost`, as NSGA-II does) and breeds `mutations` children by
-mutation and `crossovers` by uniform crossover; a child that breaks a limit or was seen before
-is redrawn (bounded tries, then random candidates fill the gap and the shortfall is recorded).
+mutation and `crossovers` by uniform crossover. A child its operator cannot make new (converged
+parents cross into architectures seen before; a mutation that changed nothing) is searched for
+around its parents first: a mutation of the parent (of the crossover's child: "crossover+mutation")
+that changes at least one gene, at a rate doubled step by step from `mutation_prob` to 1. Only when
+that neighbourhood is exhausted within the limits is the child a random architecture; a space too
+small for the generation leaves it short, and the shortfall is recorded.
 
 Each generation is suggested as one trial whose config lists its candidates with their lineage.
 Scoring a candidate takes milliseconds to seconds, far below Tune's per-trial overhead, so
@@ -27,6 +31,7 @@ from .constraints import Limits
 from .space import SearchSpace
 
 TRIES_PER_CHILD = 50
+MIN_FALLBACK_RATE = 0.05  # a fallback mutation's rate when --mutation-prob is 0 (it doubles from there to 1)
 TRIAL_ATTEMPTS = 2  # a generation whose trial errors is run once more, then recorded as failed
 
 
@@ -133,29 +138,40 @@ class EvolutionSearcher(Searcher):
                                "parents": [str(p) for p in parents]})
             return True
 
-        def draw(count: int, operator: str, make) -> int:
-            made = 0
-            for _ in range(count):
+        def child(operator: str, make) -> bool:
+            """One new child of `operator`, else one found around its parents (the module doc); False when their
+            neighbourhood is exhausted. `make()` gives (the operator's child, its parents, the architecture a
+            fallback mutation starts from: the parent, or the crossover's child)."""
+            for _ in range(TRIES_PER_CHILD):
+                arch, parents, _ = make()
+                if admit(arch, operator, parents):
+                    return True
+            fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.mutation_prob
+            while True:
                 for _ in range(TRIES_PER_CHILD):
-                    child, parents = make()
-                    if admit(child, operator, parents):
-                        made += 1
-                        break
-            return made
+                    _, parents, base = make()
+                    if admit(self.space.mutate(base, self.level, rate, rng, changed=True), fallback, parents):
+                        return True
+                if rate >= 1:
+                    return False
+                rate = min(1.0, max(2 * rate, MIN_FALLBACK_RATE))
 
         parents = self.parents() if generation and self.strategy == "evolution" else []
         wanted = self.mutations + self.crossovers if generation else self.population
         if parents:
             def mutate():
                 parent = rng.choice(parents)
-                return self.space.mutate(parent, self.level, self.mutation_prob, rng), [parent]
+                return self.space.mutate(parent, self.level, self.mutation_prob, rng), [parent], parent
 
             def cross():
                 pair = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
-                return self.space.crossover(pair[0], pair[1], rng), pair
+                crossed = self.space.crossover(pair[0], pair[1], rng)
+                return crossed, pair, crossed
 
-            draw(self.mutations, "mutation", mutate)
-            draw(self.crossovers, "crossover", cross)
-        # generation 0, and any children the tries could not produce, are random architectures
-        draw(wanted - len(candidates), "random", lambda: (self.space.sample(self.level, rng, self.distribution), []))
+            for operator, count, make in (("mutation", self.mutations, mutate), ("crossover", self.crossovers, cross)):
+                for _ in range(count):
+                    child(operator, make)
+        # generation 0, the random baseline, and children whose parents' neighbourhood is exhausted: random draws
+        for _ in range(wanted - len(candidates)):
+            any(admit(self.space.sample(self.level, rng, self.distribution), "random", []) for _ in range(TRIES_PER_CHILD))
         return {"generation": generation, "candidates": candidates, "draws": draws, "missing": wanted - len(candidates)}

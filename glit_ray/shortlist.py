@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from . import pareto
 from .cli import ArgumentParser, callers_signal_handlers, run
 from .data import build_splits
 from .errors import UserError
@@ -51,7 +52,7 @@ def search_settings(run_dir: Path) -> dict:
 
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
     """The `top` best distinct architectures the search in `run_dir` scored, best first."""
-    rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"), key=lambda r: -r["top1"])
+    rows = pareto.by_top1([r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"])
     best: dict[str, dict] = {}
     for row in rows:  # best first: each architecture's best row, in that order
         best.setdefault(row["arch"], row)

@@ -249,10 +249,17 @@ class SearchSpace:
         """A uniformly random architecture of `level`."""
         return Architecture(tuple(rng.choice(allowed) for allowed in self.block_choices(level, distribution)))
 
-    def mutate(self, arch: Architecture, level: str, prob: float, rng: random.Random) -> Architecture:
-        """Resample each gene with probability `prob` (the low level keeps `arch`'s distribution)."""
+    def mutate(self, arch: Architecture, level: str, prob: float, rng: random.Random,
+               changed: bool = False) -> Architecture:
+        """Resample each gene with probability `prob` (the low level keeps `arch`'s distribution); with `changed`,
+        first set one gene drawn at random to another of its values, so that the child differs from `arch`."""
         allowed = self.block_choices(level, arch.distribution if level == "low" else None)
-        return Architecture(tuple(rng.choice(a) if rng.random() < prob else b for a, b in zip(allowed, arch.blocks)))
+        blocks = [rng.choice(a) if rng.random() < prob else b for a, b in zip(allowed, arch.blocks)]
+        movable = [i for i, a in enumerate(allowed) if len(a) > 1]
+        if changed and movable and tuple(blocks) == arch.blocks:
+            i = rng.choice(movable)
+            blocks[i] = rng.choice([b for b in allowed[i] if b != arch.blocks[i]])
+        return Architecture(tuple(blocks))
 
     @staticmethod
     def crossover(a: Architecture, b: Architecture, rng: random.Random) -> Architecture:

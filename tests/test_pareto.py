@@ -11,7 +11,7 @@ from glit_ray import pareto
 POINTS = [("a", 1, 50), ("b", 2, 60), ("c", 2, 55), ("d", 3, 58), ("e", 4, 70), ("f", 5, 70), ("g", 4, 70),
           ("h", 3, 54), ("i", 6, 69), ("j", 6, 50)]
 RANKS = {"a": 0, "b": 0, "e": 0, "g": 0, "c": 1, "d": 1, "f": 1, "h": 2, "i": 2, "j": 3}
-ROWS = [{"arch": n, "flops": c, "top1": t} for n, c, t in POINTS]
+ROWS = [{"arch": n, "flops": c, "top1": t, "loss": 1.0} for n, c, t in POINTS]
 
 
 def test_ranks_on_a_hand_made_set():
@@ -51,3 +51,12 @@ def test_ranks_match_the_definition_on_random_points():
     for j in range(80):
         dominators = [ranks[i] for i in range(80) if dominates(i, j)]
         assert ranks[j] == (max(dominators) + 1 if dominators else 0)
+
+
+def test_a_tie_in_top1_is_broken_by_held_out_loss_then_the_string():
+    rows = [{"arch": "a", "top1": 90.0, "loss": 0.5, "flops": 2}, {"arch": "b", "top1": 90.0, "loss": 0.3, "flops": 2},
+            {"arch": "c", "top1": 91.0, "loss": 0.9, "flops": 3}, {"arch": "d", "top1": 90.0, "loss": 0.3, "flops": 1}]
+    assert [r["arch"] for r in pareto.by_top1(rows)] == ["c", "b", "d", "a"]
+    # Pareto: b (90, loss 0.3) now beats a (90, loss 0.5) at the same cost; d beats both (cheaper)
+    assert pareto.ranks(pareto.gain(rows), [r["flops"] for r in rows]) == [2, 1, 0, 0]
+    assert [r["arch"] for r in pareto.front(rows, "flops")] == ["d", "c"]

@@ -19,9 +19,9 @@ def fake_top1(arch: str) -> float:
     return 50 + 5 * sum(parsed.distribution) + zlib.crc32(arch.encode()) % 97 / 100
 
 
-def fake_rows(config, fail=()):
+def fake_rows(config, fail=(), top1=fake_top1):
     return [{**c, "status": "failed", "error": "boom"} if i in fail else
-            {**c, "status": "ok", "error": None, "top1": fake_top1(c["arch"])}
+            {**c, "status": "ok", "error": None, "top1": top1(c["arch"]), "loss": zlib.crc32(c["arch"].encode()) % 1000 / 1000}
             for i, c in enumerate(config["candidates"])]
 
 
@@ -29,14 +29,14 @@ def make(space, **overrides):
     return EvolutionSearcher(space, "high", None, overrides.pop("limits", Limits()), 10, **{**BUDGET, **overrides})
 
 
-def run_to_end(searcher, start=0):
+def run_to_end(searcher, start=0, top1=fake_top1):
     configs = []
     for n in range(start, 100):
         config = searcher.suggest(f"t{n}")
         if config == Searcher.FINISHED:
             return configs
         configs.append(config)
-        searcher.on_trial_complete(f"t{n}", {"rows": fake_rows(config)})
+        searcher.on_trial_complete(f"t{n}", {"rows": fake_rows(config, top1=top1)})
     raise AssertionError("never finished")
 
 
@@ -165,7 +165,7 @@ def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
     rows = []
     for n, (top1, flops) in enumerate([(90, 30), (89, 31), (88, 32), (70, 5), (60, 2), (50, 40)]):
         arch = str(micro.sample("high", random.Random(n)))
-        rows.append({"arch": arch, "status": "ok", "top1": top1, "flops": flops})
+        rows.append({"arch": arch, "status": "ok", "top1": top1, "loss": 1.0, "flops": flops})
     searcher.state["scored"] = rows
     # the front is (90, 30), (70, 5), (60, 2): its ends first (infinite crowding), then its middle
     parents = [str(a) for a in searcher.parents()]
@@ -177,3 +177,30 @@ def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
     settings = settings_from_args(args)
     assert settings["objective"] == "pareto" and settings["pareto_cost"] == "latency_ms"
     assert settings["latency"] == {"batch": 1, "max_ms": None}  # a latency front needs latency measured
+
+
+def test_converged_parents_breed_around_themselves_not_at_random(micro):
+    """Scores that peak at one architecture (and tie often: 7 values) make the top-k alike within a few generations:
+    their crossovers give architectures seen before, and the children come from mutating around them instead."""
+    target = micro.sample("high", random.Random(99)).blocks
+
+    def peaked(arch: str) -> float:
+        return 100.0 - 10 * sum(a != b for a, b in zip(Architecture.parse(arch).blocks, target))
+
+    budget = dict(population=20, generations=12, topk=5, mutations=10, crossovers=10, mutation_prob=0.1)
+    configs = run_to_end(make(micro, **budget), top1=peaked)
+    bred = [c for config in configs[1:] for c in config["candidates"]]
+    operators = {op: sum(c["operator"] == op for c in bred) for op in ("mutation", "crossover", "crossover+mutation", "random")}
+    assert len(bred) == 11 * 20 and operators["random"] <= 0.1 * len(bred), operators
+    assert operators["crossover+mutation"] > 0 and operators["mutation"] > 0, operators
+    for c in bred:  # a fallback child is one mutation away from its parent (or its parents' crossover)
+        assert c["parents"] and all(micro.validate(Architecture.parse(p), "high") for p in c["parents"])
+    assert max(peaked(c["arch"]) for c in bred) == 100.0  # it found the peak
+    again = run_to_end(make(micro, **budget), top1=peaked)
+    assert [c["candidates"] for c in again] == [c["candidates"] for c in configs]
+
+
+def test_a_mutation_that_must_change_changes_one_gene_at_least(micro, rng):
+    arch = micro.sample("high", rng)
+    assert all(micro.mutate(arch, "high", 0.0, rng, changed=True) != arch for _ in range(50))
+    assert micro.mutate(arch, "high", 0.0, rng) == arch
