@@ -9,10 +9,11 @@ a run says so before any Ray process starts.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from .arch import Architecture
-from .cost import CONVENTIONS, Cost, arch_cost, check_convention, cost_range
+from .cost import CONVENTIONS, Cost, arch_cost, block_cost, check_convention, cost_range, stem_cost
 from .errors import UserError
 from .space import SearchSpace
 
@@ -66,6 +67,24 @@ class Limits:
                     f"no architecture of {space.name} ({level} level) meets {self}: its {name} range is "
                     f"{lo / 1e6:.3g}M to {hi / 1e6:.3g}M; widen the limits"
                 )
+
+
+def count_within(limits: Limits, space: SearchSpace, level: str, num_classes: int,
+                 distribution: tuple[int, ...] | None = None, most_costs: int = 100_000) -> int | None:
+    """How many architectures of the level meet `limits`, counted over the distinct (FLOPs, params) sums, as a cost
+    is the stem's plus each block's; None when the sums outgrow `most_costs` (a space too large to count)."""
+    stem = stem_cost(space, num_classes)
+    sums = Counter({(stem.flops, stem.params): 1})
+    for allowed in space.block_choices(level, distribution):
+        blocks = Counter((c.flops, c.params) for c in (block_cost(space, b, limits.convention) for b in allowed))
+        grown: Counter = Counter()
+        for (flops, params), n in sums.items():
+            for (block_flops, block_params), m in blocks.items():
+                grown[flops + block_flops, params + block_params] += n * m
+        if len(grown) > most_costs:
+            return None
+        sums = grown
+    return sum(n for (flops, params), n in sums.items() if limits.admits(Cost(flops, params)))
 
 
 def sample_within(space: SearchSpace, level: str, rng: random.Random, limits: Limits, num_classes: int,

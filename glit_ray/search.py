@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import ArgumentParser, callers_signal_handlers, run
-from .constraints import Limits, add_flops_convention
+from .constraints import Limits, add_flops_convention, count_within
 from .data import build_splits, parse_spec
 from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
@@ -156,6 +156,14 @@ def settings_from_args(args) -> dict:
                  "supernet_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.topk > args.population:
+        raise UserError(f"--topk {args.topk} is more than the --population {args.population} that generation 0 scores "
+                        "and the first parents come from; lower --topk or raise --population")
+    if args.mutations < 0 or args.crossovers < 0:
+        raise UserError("--mutations and --crossovers count children: give 0 or more")
+    if args.strategy == "evolution" and args.generations > 1 and args.mutations + args.crossovers == 0:
+        raise UserError("--mutations 0 and --crossovers 0 breed no child after generation 0; give either, "
+                        "or --generations 1")
     if not 0 <= args.mutation_prob <= 1:
         raise UserError(f"--mutation-prob {args.mutation_prob} is not a probability; give a value in 0..1")
     if args.latency_max_ms is not None and args.latency_max_ms <= 0:
@@ -209,6 +217,11 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails before Ray
     limits = Limits(**settings["limits"])
     limits.check_feasible(space, level, splits.num_classes, distribution)
+    inside = count_within(limits, space, level, splits.num_classes, distribution)
+    if inside is not None and inside < settings["population"]:
+        raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
+                        f"--population {settings['population']}: generation 0 cannot fill; widen the limits or lower "
+                        "--population")
     if settings["supernet"]:
         check_supernet(Path(settings["supernet"]), space, level, distribution)
     else:

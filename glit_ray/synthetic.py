@@ -62,13 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=256, help="pixels per side (default: 256, as ImageNet's short side)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.path.exists() and any(args.path.iterdir()):
-        raise UserError(f"{args.path} is not empty; give a new folder")
+    if args.path.exists() and (not args.path.is_dir() or any(args.path.iterdir())):
+        raise UserError(f"{args.path} is not an empty folder; give a new folder")
     for name in ("classes", "train_per_class", "val_per_class", "size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    write_imagefolder(args.path, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed,
-                      driver_has_terminal())
+    try:
+        write_imagefolder(args.path, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed,
+                          driver_has_terminal())
+    except OSError as exc:  # a path it may not create, a full disk
+        raise UserError(f"cannot write {exc.filename or args.path} ({exc.strerror}); give a folder you can write "
+                        "with room for the images") from None
     print(f"wrote {args.classes} classes x ({args.train_per_class} train + {args.val_per_class} val) "
           f"{args.size}-px JPEGs to {args.path}; use --data imagefolder:{args.path}")
 

@@ -18,6 +18,19 @@ from glit_ray.synthetic import write_imagefolder
 from glit_ray.training import seed_all, training_loader
 
 
+@pytest.mark.parametrize("where, message", [
+    ("/proc/forbidden", "cannot write /proc/forbidden (No such file or directory); give a folder you can write"),
+    ("file", "is not an empty folder; give a new folder"),
+])
+def test_the_synthetic_folder_on_a_path_it_cannot_write_is_one_line(tmp_path, cli_error, where, message):
+    from glit_ray.synthetic import main
+
+    (tmp_path / "file").write_text("mine")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert message in cli_error(main, [path, "--classes", "2", "--train-per-class", "1", "--val-per-class", "1"])
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_posterize_keeps_the_op_at_every_bit_count():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert not np.asarray(posterize(image, 0)).any()  # 0 bits kept: black, as TF's RandAugment

@@ -183,6 +183,10 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, h
     (["--level", "high", "--supernet-epochs", "0"], "--supernet-epochs must be at least 1"),
     (["--level", "high", "--supernet-workers", "40"], "a batch of 32 on each of 40 worker(s) is more than the"),
     (["--level", "high", "--mirror", "nosuch://bucket/run"], "--mirror nosuch://bucket/run: not a storage URI"),
+    (["--level", "high", "--topk", "60"], "--topk 60 is more than the --population 50 that generation 0 scores"),
+    (["--level", "high", "--mutations", "0", "--crossovers", "0"], "--mutations 0 and --crossovers 0 breed no child"),
+    (["--level", "high", "--flops-max", "10.28"],
+     "only 22 architecture(s) of glit_micro (high level) meet flops-max 10.28M, fewer than --population 50"),
 ])
 def test_bad_input_before_ray(tmp_path, argv, message, cli_error):
     assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
