@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import statistics
+from itertools import accumulate
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure draws to files with Agg: no pyplot, no display
@@ -32,7 +33,9 @@ def run_summary(rows: list[dict]) -> dict:
     return {"candidates": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
             "rejected": sum(r["status"] == "rejected" for r in rows), "generations": len({r["generation"] for r in rows}),
             "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto.front(ok, "flops"),
-            "scores": {g: [r["top1"] for r in ok if r["generation"] == g] for g in generations}}
+            "scores": {g: [r["top1"] for r in ok if r["generation"] == g] for g in generations},
+            "best_so_far": list(accumulate((max(r["top1"] for r in ok if r["generation"] == g) for g in generations),
+                                           max))}
 
 
 def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
@@ -55,7 +58,10 @@ def plot_evolution(summaries: dict[str, dict], path: Path) -> None:
                         alpha=0.15)
         ax.plot(generations, [statistics.median(s) for s in scores], ls="--", color=line.get_color(),
                 label=f"{name}: median")
-    ax.set(xlabel="generation", ylabel="held-out top-1 (%)", title="search progress (band: min to max)")
+        ax.plot(generations, summary["best_so_far"], ls=":", lw=2.5, drawstyle="steps-post", color=line.get_color(),
+                label=f"{name}: best so far")
+    ax.set(xlabel="generation", ylabel="held-out top-1 (%)",
+           title="search progress: each generation's best and median, the best so far (band: min to max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     save(fig, path)

@@ -21,6 +21,16 @@ def fake_run(run_dir, micro, seed):
     return run_dir
 
 
+def test_the_best_so_far_is_the_running_maximum_of_each_generations_best(micro, tmp_path):
+    from glit_ray.report import run_summary
+
+    rows = read_candidates(fake_run(tmp_path / "run", micro, 3)).to_pylist()
+    summary = run_summary(rows)
+    bests = [max(scores) for scores in summary["scores"].values()]
+    assert summary["best_so_far"] == [max(bests[:g + 1]) for g in range(len(bests))]
+    assert summary["best_so_far"][-1] == summary["best"]["top1"]
+
+
 def test_report_writes_real_plots_and_a_summary_matching_the_parquet(micro, tmp_path):
     first, second = fake_run(tmp_path / "evolution", micro, 1), fake_run(tmp_path / "random", micro, 2)
     out = report([first, second])
