@@ -56,8 +56,9 @@ class ClusterShape:
     source: str
 
     @property
-    def has_gpus(self) -> bool:
-        return any(t.gpus > 0 and t.max_count > 0 for t in self.node_types)
+    def default_gpus(self) -> float:
+        """GPUs per worker when none are asked for: 1 where the cluster has or can add GPU nodes, else 0."""
+        return 1.0 if any(t.gpus > 0 and t.max_count > 0 for t in self.node_types) else 0.0
 
     def __str__(self) -> str:
         return f"{', '.join(map(str, self.node_types))} ({self.source})"
@@ -94,8 +95,7 @@ def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = 
     if count < 1:
         raise UserError(f"{what}: give at least 1 {unit}")
     shape = shape or cluster_shape()
-    if gpus is None:
-        gpus = 1.0 if shape.has_gpus else 0.0
+    gpus = shape.default_gpus if gpus is None else gpus
     if gpus < 0 or (cpus is not None and cpus <= 0):
         raise UserError(f"{what}: GPUs per {unit} must be at least 0 and CPUs above 0; {fix}")
     least_cpus = cpus if cpus is not None else (1.0 if whole_cpus else 0.01)
@@ -125,8 +125,7 @@ def evaluators(actors: int | None, gpus: float | None, gpus_after_training: floa
     CPU_ACTOR_SHARE of their share of the CPUs. `actors` defaults to one per GPU up once the supernet is trained
     (`gpus_after_training`: the GPUs its workers brought up), else 2."""
     shape = cluster_shape()
-    if gpus is None:
-        gpus = 1.0 if shape.has_gpus else 0.0
+    gpus = shape.default_gpus if gpus is None else gpus
     if actors is None:
         gpus_up = max(ray.cluster_resources().get("GPU", 0.0), gpus_after_training)
         actors = max(1, math.floor(gpus_up / gpus + 1e-9)) if gpus else 2
