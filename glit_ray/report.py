@@ -60,8 +60,7 @@ def plot_evolution(summaries: dict[str, dict], path: Path) -> None:
                 label=f"{name}: median")
         ax.plot(generations, summary["best_so_far"], ls=":", lw=2.5, drawstyle="steps-post", color=line.get_color(),
                 label=f"{name}: best so far")
-    ax.set(xlabel="generation", ylabel="held-out top-1 (%)",
-           title="search progress: each generation's best and median, the best so far (band: min to max)")
+    ax.set(xlabel="generation", ylabel="held-out top-1 (%)", title="search progress (band: min to max)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     save(fig, path)
