@@ -120,11 +120,12 @@ def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = 
     return Request(what, count, cpus, gpus, host.name, unit)
 
 
-def evaluators(actors: int | None, gpus: float | None, gpus_after_training: float = 0.0) -> Request:
+def evaluators(actors: int | None, gpus: float | None, gpus_after_training: float = 0.0,
+               shape: ClusterShape | None = None) -> Request:
     """The search's evaluator actors: `gpus` each (default as `plan`'s) and one CPU to drive a GPU, or on CPU
     CPU_ACTOR_SHARE of their share of the CPUs. `actors` defaults to one per GPU up once the supernet is trained
     (`gpus_after_training`: the GPUs its workers brought up), else 2."""
-    shape = cluster_shape()
+    shape = shape or cluster_shape()
     gpus = shape.default_gpus if gpus is None else gpus
     if actors is None:
         gpus_up = max(ray.cluster_resources().get("GPU", 0.0), gpus_after_training)

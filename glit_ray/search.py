@@ -29,7 +29,7 @@ from .mirror import Mirror, MirrorCallback
 from .progress import bar, driver_has_terminal, quiet_tune_console
 from .progress import console as make_console
 from .results import ResultsCallback, best_record, read_candidates, repair_generations
-from .resources import evaluators, plan, waiting_note
+from .resources import cluster_shape, evaluators, plan, waiting_note
 from .runs import RUN_FILE, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
@@ -229,9 +229,10 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
     ensure_ray(address)  # what the cluster can hold is known before anything is written
+    shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
     trainers = None if settings["supernet"] else plan("supernet", settings["supernet_workers"], gpus_per_worker,
-                                                      cpus_per_worker)
-    scorers = evaluators(actors, gpus_per_actor, gpus_after_training=trainers.count * trainers.gpus if trainers else 0)
+                                                      cpus_per_worker, shape=shape)
+    scorers = evaluators(actors, gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
     if mirror and resume and not (out / RUN_FILE).exists():
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, "search", resume)
