@@ -1,26 +1,37 @@
-"""P5: search quality on the micro supernet: evolution against random search, same budget, several seeds.
+"""P5: search quality: evolution against random search, same budget, several seeds, beside the breeding it replaced.
 
-One high-level micro supernet is trained on digits (kept in OUT/supernet and reused by later
-runs). For each seed, both strategies run the search's real pipeline (`glit_ray.search.search`:
-the same supernet, evaluators and budget, `population` + (generations - 1) x (mutations +
-crossovers) candidates; generation 0 is the same random draw for both). Held-out top-1 is what the
-search maximises, so a strategy that scores many near-duplicates could win on it by luck of the
-noise; each run's best architecture is therefore also scored on the test split, which no search
-sees, with the same supernet weights (BatchNorm recalibrated as in the search).
+Three sides, each through the search's real pipeline (`glit_ray.search.search`: the same supernet,
+evaluators and budget; generation 0 is the same random draw for all):
+- `evolution`: today's breeding, where a child its operator cannot make new is searched for around
+  its parents (`EvolutionSearcher.search_around`) and only an exhausted neighbourhood falls back to
+  a random architecture;
+- `random fill`: the breeding before it, where every such child was a random architecture (the
+  same searcher with `search_around` finding nothing);
+- `random`: random search.
 
-The default budget, 200 candidates (20 per generation, 10 generations), is 5 % of the micro high
-level's 4,096 architectures: a budget at which the strategy matters (at 1,000, a quarter of the
-space, random search finds the top by sampling alone).
+Two settings (`--setting`):
+- `demo`: what `make demo` runs: glit_micro on digits, its supernet (30 epochs), population 50,
+  top-k 10, 25 mutations + 25 crossovers a generation, 20 generations (1,000 candidates);
+- `pico`: the README's 224-px trial: glit_pico on a synthetic ImageNet-layout folder
+  (`glit_ray.synthetic`, written under --out unless --data names one), its supernet (15 epochs),
+  population 16, top-k 4, 8 + 8 a generation, 5 generations (80 of the space's 256 distributions),
+  scored on 2 calibration batches and 200 held-out images to keep a run at about two minutes.
 
-    python bench/search_quality.py [--seeds 0 1 2 3 4] [--population 20] [--generations 10] [--record]
+Held-out top-1 is what the search maximises, so a side that scores many near-duplicates could win on
+it by luck of the noise; each run's best architecture is also scored on the test split, which no
+search sees, with the same supernet weights (BatchNorm recalibrated as in the search).
+
+    python bench/search_quality.py [--setting demo|pico] [--seeds 0 1 2 3 4] [--generations N] [--record]
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import statistics
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from unittest import mock
 
 import ray
 import torch
@@ -28,106 +39,166 @@ from matplotlib.figure import Figure
 
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits
-from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
+from glit_ray.evaluator import score_on, scoring_sets
 from glit_ray.imagesets import decode
 from glit_ray.report import save
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
+from glit_ray.searcher import EvolutionSearcher
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
+from glit_ray.synthetic import write_imagefolder
 from glit_ray.train_supernet import supernet_settings, train_supernet
 
 from harness import BENCHMARKS, publish
 
-STRATEGIES = ("evolution", "random")
-FIGURE = BENCHMARKS.parent / "bench" / "figures" / "search_quality.png"
+SIDES = ("evolution", "random fill", "random")
+COLOURS = ("tab:blue", "tab:green", "tab:orange")
+
+
+@dataclass(frozen=True)
+class Setting:
+    space: str
+    supernet_epochs: int
+    population: int
+    topk: int
+    generations: int
+    calib_batches: int | None = None  # None: the search's default for the data
+    heldout_images: int | None = None
+    what: str = ""
+
+
+SETTINGS = {
+    "demo": Setting("glit_micro", 30, 50, 10, 20, what="`make demo`'s search: glit_micro high level on digits"),
+    "pico": Setting("glit_pico", 15, 16, 4, 5, calib_batches=2, heldout_images=200,
+                    what="the README's 224-px trial: glit_pico high level on a synthetic 50-class 256-px JPEG folder"),
+}
 
 
 def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
 
 
+def run_side(side: str, argv: list[str], out: Path) -> dict:
+    """One search of `side`; `random fill` is today's searcher with its neighbourhood search turned off."""
+    strategy = "random" if side == "random" else "evolution"
+    settings = settings_from_args(build_parser().parse_args([*argv, "--strategy", strategy, "--out", str(out)]))
+    if side == "random fill":
+        with mock.patch.object(EvolutionSearcher, "search_around", lambda *_: False):
+            return search(settings, out)
+    return search(settings, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=tuple(SETTINGS), default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--population", type=int, default=20, help="and mutations + crossovers per generation")
-    parser.add_argument("--topk", type=int, default=5)
-    parser.add_argument("--generations", type=int, default=10)
-    parser.add_argument("--supernet-epochs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/search-quality"))
+    parser.add_argument("--generations", type=int, default=None, help="(default: the setting's)")
+    parser.add_argument("--data", help="pico: imagefolder:PATH (default: write a synthetic folder under --out)")
+    parser.add_argument("--out", type=Path, default=None, help="(default: runs/bench/search-quality-SETTING)")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md and the plot")
     args = parser.parse_args()
+    setting = SETTINGS[args.setting]
+    generations = args.generations or setting.generations
+    out_root = args.out or Path(f"runs/bench/search-quality-{args.setting}")
     ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
-    space = SearchSpace.load("glit_micro")
-    supernet_dir = args.out / "supernet"
-    supernet = train_supernet(supernet_settings(space, "high", None, "digits", args.supernet_epochs, batch_size=64),
+    space = SearchSpace.load(setting.space)
+    data = "digits"
+    if args.setting == "pico":
+        folder = out_root / "folder"
+        if not args.data and not (folder / "val").is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            write_imagefolder(folder, classes=50, train_per_class=40, val_per_class=10)
+        data = args.data or f"imagefolder:{folder}"
+    supernet_dir = out_root / "supernet"
+    supernet = train_supernet(supernet_settings(space, "high", None, data, setting.supernet_epochs),
                               supernet_dir, resume=(supernet_dir / "run.json").exists())
 
     net, _ = load_supernet(supernet)
-    splits = build_splits("digits", space.img_size, space.in_chans)
-    calibration = scoring_sets(splits, *scoring_sizes("digits"), cluster=False)["calibration"]
+    splits = build_splits(data, space.img_size, space.in_chans)
+    argv = ["--level", "high", "--space", setting.space, "--data", data, "--supernet", str(supernet),
+            "--population", str(setting.population), "--generations", str(generations), "--topk", str(setting.topk),
+            "--mutations", str(setting.population // 2), "--crossovers", str(setting.population - setting.population // 2)]
+    if setting.calib_batches:
+        argv += ["--calib-batches", str(setting.calib_batches), "--heldout-images", str(setting.heldout_images)]
+    calib_batches = settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))["calib_batches"]
+    calibration = scoring_sets(splits, calib_batches, 1, cluster=False)["calibration"]
     test = decode(splits, splits.test, list(range(len(splits.test))))  # the test split in place of the held-out one
 
     def test_top1(arch: str) -> float:
         sets = {"calibration": calibration, "heldout": test}
         return score_on(net, Architecture.parse(arch), sets, torch.device("cpu"))["top1"]
 
-    results = {s: [] for s in STRATEGIES}  # per seed: best held-out, candidates to reach it, its test top-1, curve
+    results = {s: [] for s in SIDES}  # per seed: best held-out, candidates to reach it, its test top-1, curve, fill
     for seed in args.seeds:
-        for strategy in STRATEGIES:
-            out = args.out / f"{strategy}-seed{seed}"
+        for side in SIDES:
+            out = out_root / f"{side.replace(' ', '-')}-seed{seed}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: this measures, it does not resume
-            argv = ["--level", "high", "--supernet", str(supernet), "--strategy", strategy, "--seed", str(seed),
-                    "--population", str(args.population), "--generations", str(args.generations), "--topk", str(args.topk),
-                    "--mutations", str(args.population // 2), "--crossovers", str(args.population - args.population // 2)]
-            best = search(settings_from_args(build_parser().parse_args([*argv, "--out", str(out)])), out)
-            scores = [r["top1"] for r in read_candidates(out).to_pylist() if r["status"] == "ok"]
+            best = run_side(side, [*argv, "--seed", str(seed)], out)
+            rows = read_candidates(out).to_pylist()
+            scores = [r["top1"] for r in rows if r["status"] == "ok"]
+            bred = [r for r in rows if r["generation"] > 0]
             curve = list(accumulate(scores, max))
-            results[strategy].append({"seed": seed, "heldout": best["top1"], "test": test_top1(best["arch"]),
-                                      "reached": curve.index(best["top1"]) + 1, "curve": curve, "arch": best["arch"]})
+            results[side].append({"seed": seed, "heldout": best["top1"], "test": test_top1(best["arch"]),
+                                  "reached": curve.index(best["top1"]) + 1, "curve": curve,
+                                  "fill": 100 * sum(r["operator"] == "random" for r in bred) / max(1, len(bred))})
+            print(f"{args.setting} seed {seed} {side}: best {best['top1']:.2f}% after {results[side][-1]['reached']}, "
+                  f"random fill {results[side][-1]['fill']:.0f}%", flush=True)
 
-    rows = []
-    for i, seed in enumerate(args.seeds):
-        evo, rnd = results["evolution"][i], results["random"][i]
-        rows.append(f"| {seed} | {evo['heldout']:.2f} | {rnd['heldout']:.2f} | {evo['heldout'] - rnd['heldout']:+.2f} "
-                    f"| {evo['reached']} | {rnd['reached']} | {evo['test']:.2f} | {rnd['test']:.2f} |")
-    column = {s: {k: [r[k] for r in results[s]] for k in ("heldout", "test", "reached")} for s in STRATEGIES}
-    diff = [e - r for e, r in zip(column["evolution"]["heldout"], column["random"]["heldout"])]
-    wins = sum(d > 0 for d in diff)
     candidates = len(results["evolution"][0]["curve"])
-    body = "\n".join([
-        f"glit_micro high level on digits, one supernet ({args.supernet_epochs} epochs), {candidates} candidates per "
-        f"run ({args.population} per generation, {args.generations} generations), seeds {args.seeds}. Held-out top-1 "
-        "is what the search maximises; test top-1 is the best architecture's on the test split, which no search sees.", "",
-        "| seed | evolution best held-out % | random best held-out % | difference | evolution: candidates to its best "
-        "| random: candidates to its best | evolution best, test % | random best, test % |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows,
-        f"| mean ± std | {mean_std(column['evolution']['heldout'])} | {mean_std(column['random']['heldout'])} "
-        f"| {mean_std(diff)} | {statistics.fmean(column['evolution']['reached']):.0f} "
-        f"| {statistics.fmean(column['random']['reached']):.0f} | {mean_std(column['evolution']['test'])} "
-        f"| {mean_std(column['random']['test'])} |", "",
-        f"**Evolution's best held-out top-1 is higher in {wins} of {len(diff)} seeds (mean difference "
-        f"{mean_std(diff)} points).**", "",
-        f"![best so far against candidates evaluated]({FIGURE.relative_to(BENCHMARKS.parent)})",
-    ])
+    body = report(args.setting, setting, args.seeds, generations, candidates, results)
+    figure = BENCHMARKS.parent / "bench" / "figures" / f"search_quality_{args.setting}.png"
+    body += f"\n\n![best so far against candidates evaluated]({figure.relative_to(BENCHMARKS.parent)})"
     if args.record:
-        plot(results, FIGURE)
-    publish("P5", body, args.record)
+        plot(results, figure, f"{setting.space}: evolution against random search ({args.setting} settings)")
+    publish(f"P5-{args.setting}", body, args.record)
     ray.shutdown()
 
 
-def plot(results: dict, path: Path) -> None:
+def report(name: str, setting: Setting, seeds: list[int], generations: int, candidates: int, results: dict) -> str:
+    column = {s: {k: [r[k] for r in results[s]] for k in ("heldout", "test", "reached", "fill")} for s in SIDES}
+    rows = []
+    for i, seed in enumerate(seeds):
+        cells = [f"{results[s][i]['heldout']:.2f} ({results[s][i]['reached']})" for s in SIDES]
+        rows.append(f"| {seed} | {' | '.join(cells)} | {results['evolution'][i]['fill']:.0f} "
+                    f"| {results['random fill'][i]['fill']:.0f} "
+                    f"| {' | '.join(f'{results[s][i]['test']:.2f}' for s in SIDES)} |")
+    mean = " | ".join(f"{mean_std(column[s]['heldout'])} ({statistics.fmean(column[s]['reached']):.0f})" for s in SIDES)
+    over = {s: [e - o for e, o in zip(column["evolution"]["heldout"], column[s]["heldout"])] for s in SIDES[1:]}
+    wins = {s: sum(d > 0 for d in over[s]) for s in over}
+    ties = {s: sum(d == 0 for d in over[s]) for s in over}
+    return "\n".join([
+        f"{setting.what}, one supernet ({setting.supernet_epochs} epochs), {candidates} candidates per run "
+        f"(population {setting.population}, top-k {setting.topk}, {setting.population // 2} mutations + "
+        f"{setting.population - setting.population // 2} crossovers a generation, {generations} generations), seeds "
+        f"{seeds}. Each cell: best held-out top-1 % (candidates evaluated to reach it). Random fill: the share of "
+        "children after generation 0 that are random architectures. Test top-1: each run's best architecture on the "
+        "test split, which no search sees.", "",
+        "| seed | evolution | random fill (before) | random search | evolution: random fill % "
+        "| before: random fill % | evolution, test % | before, test % | random search, test % |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows,
+        f"| mean ± std | {mean} | {statistics.fmean(column['evolution']['fill']):.1f} "
+        f"| {statistics.fmean(column['random fill']['fill']):.1f} "
+        f"| {' | '.join(mean_std(column[s]['test']) for s in SIDES)} |", "",
+        f"**Evolution's best held-out top-1 against random search: higher in {wins['random']}, equal in "
+        f"{ties['random']} of {len(seeds)} seeds ({mean_std(over['random'])} points); against the breeding before it "
+        f"(random fill): higher in {wins['random fill']}, equal in {ties['random fill']} ({mean_std(over['random fill'])} "
+        "points).**",
+    ])
+
+
+def plot(results: dict, path: Path, title: str) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:orange")):
-        curves = [r["curve"] for r in results[strategy]]
+    for side, color in zip(SIDES, COLOURS):
+        curves = [r["curve"] for r in results[side]]
         for curve in curves:
             ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8)
         mean = [statistics.fmean(values) for values in zip(*curves)]
-        ax.plot(range(1, len(mean) + 1), mean, color=color, linewidth=2, label=f"{strategy} (mean of {len(curves)} seeds)")
+        ax.plot(range(1, len(mean) + 1), mean, color=color, linewidth=2, label=f"{side} (mean of {len(curves)} seeds)")
     ax.set_xlabel("candidates evaluated")
     ax.set_ylabel("best held-out top-1 so far (%)")
-    ax.set_title("glit_micro on digits: evolution against random search")
+    ax.set_title(title)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     save(fig, path)

@@ -120,6 +120,20 @@ class EvolutionSearcher(Searcher):
             best = pareto.by_top1(ok)[: self.topk]
         return [Architecture.parse(r["arch"]) for r in best]
 
+    def search_around(self, operator: str, make, admit, rng: random.Random) -> bool:
+        """A child found around the parents `make()` draws when `operator` made nothing new: a mutation that changes
+        at least one gene, of the parent or of the crossover's child, its rate doubled step by step up to 1. False
+        when that neighbourhood is exhausted within the limits."""
+        fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.mutation_prob
+        while True:
+            for _ in range(TRIES_PER_CHILD):
+                _, parents, base = make()
+                if admit(self.space.mutate(base, self.level, rate, rng, changed=True), fallback, parents):
+                    return True
+            if rate >= 1:
+                return False
+            rate = min(1.0, max(2 * rate, MIN_FALLBACK_RATE))
+
     def breed(self, generation: int) -> dict:
         """The config of generation `generation`: its candidates with lineage, and draw statistics."""
         rng = random.Random(f"{self.seed}:{generation}")
@@ -139,22 +153,14 @@ class EvolutionSearcher(Searcher):
             return True
 
         def child(operator: str, make) -> bool:
-            """One new child of `operator`, else one found around its parents (the module doc); False when their
+            """One new child of `operator`, else one found around its parents (`search_around`); False when their
             neighbourhood is exhausted. `make()` gives (the operator's child, its parents, the architecture a
             fallback mutation starts from: the parent, or the crossover's child)."""
             for _ in range(TRIES_PER_CHILD):
                 arch, parents, _ = make()
                 if admit(arch, operator, parents):
                     return True
-            fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.mutation_prob
-            while True:
-                for _ in range(TRIES_PER_CHILD):
-                    _, parents, base = make()
-                    if admit(self.space.mutate(base, self.level, rate, rng, changed=True), fallback, parents):
-                        return True
-                if rate >= 1:
-                    return False
-                rate = min(1.0, max(2 * rate, MIN_FALLBACK_RATE))
+            return self.search_around(operator, make, admit, rng)
 
         parents = self.parents() if generation and self.strategy == "evolution" else []
         wanted = self.mutations + self.crossovers if generation else self.population

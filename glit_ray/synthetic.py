@@ -1,13 +1,15 @@
 """`python -m glit_ray.synthetic PATH`: write a learnable ImageNet-layout folder of JPEGs, no download needed.
 
 The real path (224-px JPEGs decoded, augmented with the DeiT recipe, class-sorted ImageFolder files)
-is what the 8x8 digits cannot show; this writes data that walks it. Each class is an oriented
-grating of its own angle and frequency under colour blobs and noise, at random phase, contrast
-and tint, so a network has something to learn and no two images are alike. PATH/train/CLASS/*.jpg
-and PATH/val/CLASS/*.jpg, as `--data imagefolder:PATH` reads them.
+is what the 8x8 digits cannot show; this writes data that walks it. Each class is a hue and a
+texture (stripes of one angle and frequency; five textures share each hue) under colour blobs and
+noise, at random phase, contrast and shade, so a network has something to learn that the DeiT
+augmentation keeps, and no two images are alike. PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg,
+as `--data imagefolder:PATH` reads them.
 """
 from __future__ import annotations
 
+import colorsys
 import math
 from pathlib import Path
 
@@ -19,18 +21,28 @@ from .errors import UserError
 from .progress import bar, driver_has_terminal
 
 
+# Each class is a hue group and one of these textures (stripe angle in degrees, cycles per image side). A
+# horizontal flip maps each texture to itself (the 45-degree stripes are drawn at +45 or -45 at random), so the
+# DeiT recipe's flips keep an image in its class; crops, rotations and colour ops only blur the cues.
+TEXTURES = ((0, 4), (90, 4), (0, 12), (90, 12), (45, 8))
+
+
 def synthetic_image(label: int, classes: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """One image of class `label`: its grating, random blobs and noise, as an RGB PIL image."""
-    angle = math.pi * label / classes
-    frequency = 2 * math.pi * (3 + (label * 7) % 11) / size
+    """One image of class `label`: its hue's striped texture under colour blobs and noise, as an RGB PIL image."""
+    hues = -(-classes // len(TEXTURES))
+    hue, texture = divmod(label, len(TEXTURES))
+    degrees, cycles = TEXTURES[texture]
+    angle = math.radians(degrees) * rng.choice((-1, 1))
+    colour = np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.2, 0.2)) / hues, rng.uniform(0.5, 0.8),
+                                          rng.uniform(0.5, 0.7)), dtype=np.float32)
+    frequency = 2 * math.pi * cycles * rng.uniform(0.85, 1.15) / size
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     grating = np.sin(frequency * (x * math.cos(angle) + y * math.sin(angle)) + rng.uniform(0, 2 * math.pi))
-    tint = np.array([math.cos(angle), math.sin(angle), math.cos(2 * angle)], dtype=np.float32) * 0.3 + 0.5
-    image = 0.5 + rng.uniform(0.15, 0.35) * grating[..., None] * tint + rng.normal(0, 0.02, 3).astype(np.float32)
-    for _ in range(rng.integers(2, 6)):  # colour blobs that belong to no class
-        (cx, cy), radius = rng.uniform(0, size, 2), rng.uniform(size / 16, size / 4)
+    image = colour * (1 + rng.uniform(0.3, 0.6) * grating[..., None])
+    for _ in range(rng.integers(1, 4)):  # colour blobs that belong to no class
+        (cx, cy), radius = rng.uniform(0, size, 2), rng.uniform(size / 16, size / 6)
         mask = ((x - cx) ** 2 + (y - cy) ** 2 < radius ** 2)[..., None]
-        image = np.where(mask, 0.6 * image + 0.4 * rng.uniform(0, 1, 3), image)
+        image = np.where(mask, 0.5 * image + 0.5 * rng.uniform(0, 1, 3), image)
     image += rng.normal(0, 0.05, image.shape)
     return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
 
