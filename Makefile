@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test test-quick bench gpu-check clean
 
 install: $(STAMP)
 
@@ -22,13 +22,18 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# The edit loop's tier: every test that starts neither Ray nor a Python process (about a minute); CI runs `make test`.
+test-quick: install
+	$(BIN)/python -m pytest -m "not ray and not subprocess"
+
 # Benchmarks P1-P8 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
 	$(BIN)/python bench/orchestration.py --record
 	$(BIN)/python bench/scaling.py --record
-	$(BIN)/python bench/search_quality.py --record
+	$(BIN)/python bench/search_quality.py --setting demo --record
+	$(BIN)/python bench/search_quality.py --setting pico --record
 	$(BIN)/python bench/input_pipeline.py --record
 	$(BIN)/python bench/evaluator_warmup.py --record
 	$(BIN)/python bench/ranking_stability.py --record

@@ -10,8 +10,10 @@ whole held-out split. For each calibration size of the grid the candidate is rec
 exactly the sample `scoring_sets` uses at that size (the same seeded draw, in the same order and
 batches) and scored on the whole held-out split, keeping which images it got right; a held-out
 size of the grid is the fixed class-stratified subset `scoring_sets` takes, so its top-1 is read
-off those hits without another pass. Each cell is Kendall's tau-b (`scipy.stats.kendalltau`) of
-the candidates' top-1 at that size against their top-1 at the reference.
+off those hits (and per-image losses) without another pass. Each cell is Kendall's tau-b
+(`scipy.stats.kendalltau`) of the candidates' top-1 at that size against their top-1 at the
+reference, beside the tau of the order the search ranks by (top-1, ties broken by held-out loss:
+`pareto.by_top1`) against the reference's order of the same kind.
 
 The images are decoded once (the union of the calibration samples, and the held-out split) and
 each set is sliced from them; one candidate's score at the default calibration size and the largest
@@ -46,7 +48,9 @@ from pathlib import Path
 import ray
 import torch
 from scipy.stats import kendalltau
+from torch.nn import functional as F
 
+from glit_ray import pareto
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits, labels_of, stratified_sample
 from glit_ray.errors import UserError
@@ -148,7 +152,7 @@ def run_setting(name: str, args) -> tuple[str, str]:
             archs.append(arch)
 
     # Score what the cache lacks: each set decoded once, sliced per sample.
-    cache = run_dir / f"hits-{hashlib.sha1(supernet.read_bytes()).hexdigest()[:12]}"  # this supernet's
+    cache = run_dir / f"scores-{hashlib.sha1(supernet.read_bytes()).hexdigest()[:12]}"  # this supernet's
     cache.mkdir(parents=True, exist_ok=True)
     paths = [cache / f"{hashlib.sha1(str(a).encode()).hexdigest()[:16]}.pt" for a in archs]
     stored = [torch.load(p) if p.exists() else {"arch": str(a), "rows": {}, "seconds": 0.0} for a, p in zip(archs, paths)]
@@ -161,21 +165,30 @@ def run_setting(name: str, args) -> tuple[str, str]:
         began = time.perf_counter()
         for key, calib_set in calib_sets.items():
             if row_key[key] not in stored[i]["rows"]:
-                stored[i]["rows"][row_key[key]] = held_out_hits(net, archs[i], calib_set, heldout_set)
+                stored[i]["rows"][row_key[key]] = held_out_scores(net, archs[i], calib_set, heldout_set)
         stored[i]["seconds"] += time.perf_counter() - began
         torch.save(stored[i], paths[i].with_suffix(".tmp"))
         os.replace(paths[i].with_suffix(".tmp"), paths[i])
         print(f"{name}: scored {done + 1}/{len(missing)} candidates ({time.perf_counter() - t1:.0f} s)", flush=True)
-    hits = {k: [s["rows"][row_key[k]] for s in stored] for k in samples}
+    scores = {k: [s["rows"][row_key[k]] for s in stored] for k in samples}
     scoring = sum(s["seconds"] for s in stored)
 
     subsets = {h: torch.tensor(heldout_indices(splits, h)) for h in heldout}
 
     def top1(key, positions) -> list[float]:
-        return [100.0 * float(hit[positions].float().mean()) for hit in hits[key]]
+        return [100.0 * float(score["hits"][positions].float().mean()) for score in scores[key]]
 
-    truth = top1(REFERENCE, subsets[None])
+    def places(key, positions) -> list[int]:
+        """Each candidate's place in the search's order: top-1, ties broken by held-out loss (`pareto.by_top1`)."""
+        rows = [{"top1": t, "loss": float(score["loss"][positions].mean()), "arch": str(a)}
+                for t, score, a in zip(top1(key, positions), scores[key], archs)]
+        place = {row["arch"]: i for i, row in enumerate(pareto.by_top1(rows))}
+        return [place[str(a)] for a in archs]
+
+    truth, truth_places = top1(REFERENCE, subsets[None]), places(REFERENCE, subsets[None])
     tau = {(c, h): kendalltau(top1(c, subsets[h]), truth).statistic for c in samples for h in heldout}
+    tau_ordered = {(c, h): kendalltau(places(c, subsets[h]), truth_places).statistic for c in samples for h in heldout}
+    tied = {(c, h): len(archs) - len(set(top1(c, subsets[h]))) for c in samples for h in heldout}
 
     # The check: candidate 0 at the default calibration size and the largest held-out subset of the grid, its sets
     # decoded directly by scoring_sets and scored by score_on, against the sliced sets' hits.
@@ -213,7 +226,8 @@ def run_setting(name: str, args) -> tuple[str, str]:
     for c in samples:
         label = (f"{c} x 64 = {c * CALIB_BATCH_SIZE} ({100 * c * CALIB_BATCH_SIZE / n_train:.0f} % of the reference's)"
                  if c != REFERENCE else f"reference: all {n_train}, random order")
-        cells = ["1 (reference)" if (c, h) == (REFERENCE, None) else f"{tau[(c, h)]:.3f}" for h in heldout]
+        cells = ["1 (reference)" if (c, h) == (REFERENCE, None) else f"{tau[(c, h)]:.3f} / {tau_ordered[(c, h)]:.3f}"
+                 for h in heldout]
         cells = [f"**{v}**" if (c, h) == best else v for v, h in zip(cells, heldout)]
         change = statistics.fmean(abs(a - b) for a, b in zip(top1(c, subsets[None]), truth))
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {change:.2f} |")
@@ -221,6 +235,9 @@ def run_setting(name: str, args) -> tuple[str, str]:
                 + " | ".join(f"{statistics.fmean(draws[h]):.3f} ± {statistics.stdev(draws[h]):.3f}" if h else "-"
                              for h in heldout) + " | - |")
     ranked = sorted(truth)
+    cells = [cell for cell in tau if cell != (REFERENCE, None)]
+    gained = [tau_ordered[cell] - tau[cell] for cell in cells]
+    at_least = sum(tau_ordered[cell] >= tau[cell] for cell in cells)
     pick = "none of the grid" if best is None else f"({best[0]}, {h_label(best[1])})"
     text = "\n".join([
         f"**{LABEL[name]}**: {about}; supernet {epochs} epochs (batch {batch}"
@@ -232,14 +249,19 @@ def run_setting(name: str, args) -> tuple[str, str]:
         f"{h_label(check_heldout)}) is {direct:.2f} % through `scoring_sets` + `score_on`, {sliced:.2f} % sliced. "
         f"Seconds: supernet {trained:.0f} (0: reused), decoding {decoded:.0f}, scoring {scoring:.0f} (summed over "
         f"the runs that scored them).", "",
-        "Kendall tau of the candidates' top-1 against the reference (rows: the calibration sample `scoring_sets` "
-        "draws at that size; columns: its class-stratified held-out subset):", "",
+        "Kendall tau against the reference, of the candidates' top-1 / of the search's order (top-1, ties broken by "
+        "held-out loss) (rows: the calibration sample `scoring_sets` draws at that size; columns: its "
+        "class-stratified held-out subset):", "",
         "| calibration \\ held-out | " + " | ".join(h_label(h) for h in heldout)
         + " | mean abs. top-1 change against the reference, whole held-out split (points) |",
         "| --- | " + " | ".join("---:" for _ in heldout) + " | ---: |", *rows, "",
         f"Stable by the rule at tau >= {args.threshold:g}: "
         + (f"**{best[0]} calibration batches, {h_label(best[1])} held-out images** ({images(best)} images per candidate)."
-           if best else "no cell of the grid."),
+           if best else "no cell of the grid."), "",
+        f"Ties: {len(archs)} candidates share {len(set(truth))} distinct top-1 values at the reference, "
+        f"{len(archs) - tied[best] if best else '-'} at the stable cell. The search's order against top-1 alone: tau at "
+        f"least as high in {at_least} of {len(cells)} cells, by {statistics.fmean(gained):+.3f} on average "
+        f"(min {min(gained):+.3f}, max {max(gained):+.3f}).",
     ])
     return text, pick
 
@@ -263,15 +285,17 @@ def decoded_sets(splits, samples: dict, workers: int) -> tuple[dict[object, Imag
 
 
 @torch.no_grad()
-def held_out_hits(net: torch.nn.Module, arch: Architecture, calib: ImageSet, heldout: ImageSet) -> torch.Tensor:
-    """Which held-out images `arch` gets right (top-1 as `scoring.evaluate` counts it) after recalibrating on `calib`."""
+def held_out_scores(net: torch.nn.Module, arch: Architecture, calib: ImageSet, heldout: ImageSet) -> dict:
+    """Which held-out images `arch` gets right (top-1 as `scoring.evaluate` counts it) and each one's cross-entropy,
+    after recalibrating on `calib`: {"hits": bool, "loss": float}, one entry per held-out image."""
     recalibrate_bn(net, arch, (x for x, _ in calib.batches(CALIB_BATCH_SIZE, CPU)))
     net.eval()
-    hits = []
+    hits, losses = [], []
     for images, labels in heldout.batches(EVAL_BATCH_SIZE, CPU):
         logits = net(images, arch).float()
         hits.append(logits.topk(min(5, logits.shape[1]), dim=1).indices[:, 0] == labels)
-    return torch.cat(hits)
+        losses.append(F.cross_entropy(logits, labels, reduction="none"))
+    return {"hits": torch.cat(hits), "loss": torch.cat(losses)}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Two settings (`--setting`):
 - `demo`: what `make demo` runs: glit_micro on digits, its supernet (30 epochs), population 50,
   top-k 10, 25 mutations + 25 crossovers a generation, 20 generations (1,000 candidates);
 - `pico`: the README's 224-px trial: glit_pico on a synthetic ImageNet-layout folder
-  (`glit_ray.synthetic`, written under --out unless --data names one), its supernet (15 epochs),
+  (`glit_ray.synthetic`, written under --out unless --data names one), its supernet (12 epochs),
   population 16, top-k 4, 8 + 8 a generation, 5 generations (80 of the space's 256 distributions),
   scored on 2 calibration batches and 200 held-out images to keep a run at about two minutes.
 
@@ -70,7 +70,7 @@ class Setting:
 
 SETTINGS = {
     "demo": Setting("glit_micro", 30, 50, 10, 20, what="`make demo`'s search: glit_micro high level on digits"),
-    "pico": Setting("glit_pico", 15, 16, 4, 5, calib_batches=2, heldout_images=200,
+    "pico": Setting("glit_pico", 12, 16, 4, 5, calib_batches=2, heldout_images=200,
                     what="the README's 224-px trial: glit_pico high level on a synthetic 50-class 256-px JPEG folder"),
 }
 
@@ -162,7 +162,7 @@ def report(name: str, setting: Setting, seeds: list[int], generations: int, cand
         cells = [f"{results[s][i]['heldout']:.2f} ({results[s][i]['reached']})" for s in SIDES]
         rows.append(f"| {seed} | {' | '.join(cells)} | {results['evolution'][i]['fill']:.0f} "
                     f"| {results['random fill'][i]['fill']:.0f} "
-                    f"| {' | '.join(f'{results[s][i]['test']:.2f}' for s in SIDES)} |")
+                    f"| {' | '.join(format(results[s][i]['test'], '.2f') for s in SIDES)} |")
     mean = " | ".join(f"{mean_std(column[s]['heldout'])} ({statistics.fmean(column[s]['reached']):.0f})" for s in SIDES)
     over = {s: [e - o for e, o in zip(column["evolution"]["heldout"], column[s]["heldout"])] for s in SIDES[1:]}
     wins = {s: sum(d > 0 for d in over[s]) for s in over}

@@ -122,9 +122,22 @@ HIGH_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--population", "8",
                "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
 
 
+# Fixtures that start Ray (the session's cluster, or the session's search as a process): a test using any is not quick.
+RAY_FIXTURES = {"ray_cluster", "high_search_process", "autoscaling_cluster"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: starts Ray or a run on it (set from the test's fixtures)")
+    config.addinivalue_line("markers", "subprocess: starts a Python process (a command as a user runs it)")
+
+
 def pytest_collection_modifyitems(items):
-    """The tests that need no Ray run first, beside the session's search (`session_search`), which starts with them."""
-    items.sort(key=lambda item: bool({"ray_cluster", "high_search_process"} & set(item.fixturenames)))  # stable
+    """Marks the tests that use Ray `ray`, so that `make test-quick` (`-m "not ray and not subprocess"`) leaves them
+    out; the tests that need no Ray run first, beside the session's search (`session_search`), which starts with them."""
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: bool(RAY_FIXTURES & set(item.fixturenames)))  # stable
 
 
 @pytest.fixture(scope="session", autouse=True)

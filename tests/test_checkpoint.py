@@ -225,6 +225,7 @@ def test_a_stray_or_missing_tensor_is_named(tmp_path, authors):
     assert "tensor blocks.1.0.attn.net.3.conv.bias (ours: blocks.1.conv.dw.bias) is missing" in message
 
 
+@pytest.mark.subprocess
 def test_missing_truncated_or_foreign_files_are_one_line_and_exit_2(tmp_path, authors):
     path, _, _ = authors
     assert "does not exist" in one_line_error(lambda: glit_ray.load_model(tmp_path / "nope.pth.tar", space="glit_tiny"))

@@ -178,6 +178,7 @@ def test_a_batch_per_worker_must_fit_in_the_training_split():
         training_loader(splits, half + 1, 0, 0, cpu, world=2, rank=1)
 
 
+@pytest.mark.subprocess
 def test_nothing_downloads():
     # nor imports scikit-learn (1.2 s of CPU in every Ray worker that builds the splits)
     code = ("import socket, sys\nsocket.socket.connect = None\nfrom glit_ray.data import build_splits\n"

@@ -56,6 +56,7 @@ def test_their_checkpoint_scores_as_timm_does_in_process_and_on_ray_workers(ray_
     assert on_ray["loss"] == pytest.approx(here["loss"], rel=1e-5)
 
 
+@pytest.mark.subprocess
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(their_file, folder224, tmp_path, cli_error):
     data = ["--data", f"imagefolder:{folder224}", "--out", str(tmp_path / "out.json")]
     truncated = tmp_path / "truncated.pth.tar"

@@ -23,6 +23,7 @@ def test_timm_registry_lists_and_builds_glit():
     assert model.pretrained_cfg["first_conv"] == "patch_embed.proj"
 
 
+@pytest.mark.subprocess
 def test_registration_needs_only_the_package_import():
     code = "import timm, glit_ray; m = timm.create_model('glit_tiny_patch16_224', num_classes=3); print(type(m).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -86,6 +86,7 @@ def test_invalid_yaml_and_missing_file_are_one_line_errors(write_space):
         SearchSpace.load("no/such/glit_micro.yaml")
 
 
+@pytest.mark.subprocess
 def test_cli_reports_bad_space_in_one_line_with_exit_code_2(micro_dict, write_space):
     micro_dict["num_heads"] = 5
     path = write_space(micro_dict)
@@ -95,6 +96,7 @@ def test_cli_reports_bad_space_in_one_line_with_exit_code_2(micro_dict, write_sp
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.subprocess
 def test_cli_summary_lists_every_space():
     proc = subprocess.run([sys.executable, "-m", "glit_ray.summary"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "120"})

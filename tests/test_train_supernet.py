@@ -150,6 +150,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_erro
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.ray  # the run dir is read after Ray starts (`resources.plan` reads the cluster first)
 def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
     not_a_run = tmp_path / "plain"
     not_a_run.mkdir()
@@ -163,6 +164,7 @@ def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
     assert (not_a_run / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.ray
 def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
@@ -176,6 +178,7 @@ def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     assert (out / "supernet.pt").read_bytes() == b"weights"
 
 
+@pytest.mark.subprocess
 def test_cli_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "low", "--out", str(tmp_path)],
                           capture_output=True, text=True)
