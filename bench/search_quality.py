@@ -54,6 +54,7 @@ from harness import BENCHMARKS, publish
 
 SIDES = ("evolution", "random fill", "random")
 COLOURS = ("tab:blue", "tab:green", "tab:orange")
+STYLES = ("-", "--", "-")  # the old breeding dashed: where it matches today's, today's line shows through
 
 
 @dataclass(frozen=True)
@@ -190,12 +191,13 @@ def report(name: str, setting: Setting, seeds: list[int], generations: int, cand
 def plot(results: dict, path: Path, title: str) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for side, color in zip(SIDES, COLOURS):
+    for side, color, style in zip(SIDES, COLOURS, STYLES):
         curves = [r["curve"] for r in results[side]]
         for curve in curves:
-            ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(range(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8, linestyle=style)
         mean = [statistics.fmean(values) for values in zip(*curves)]
-        ax.plot(range(1, len(mean) + 1), mean, color=color, linewidth=2, label=f"{side} (mean of {len(curves)} seeds)")
+        ax.plot(range(1, len(mean) + 1), mean, color=color, linewidth=2, linestyle=style,
+                label=f"{side} (mean of {len(curves)} seeds)")
     ax.set_xlabel("candidates evaluated")
     ax.set_ylabel("best held-out top-1 so far (%)")
     ax.set_title(title)
