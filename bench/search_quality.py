@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits
-from glit_ray.evaluator import score_on, scoring_sets
+from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
 from glit_ray.imagesets import decode
 from glit_ray.report import save
 from glit_ray.results import read_candidates
@@ -122,8 +122,7 @@ def main() -> None:
             "--mutations", str(setting.population // 2), "--crossovers", str(setting.population - setting.population // 2)]
     if setting.calib_batches:
         argv += ["--calib-batches", str(setting.calib_batches), "--heldout-images", str(setting.heldout_images)]
-    calib_batches = settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))["calib_batches"]
-    calibration = scoring_sets(splits, calib_batches, 1, cluster=False)["calibration"]
+    calibration = scoring_sets(splits, scoring_sizes(data, setting.calib_batches)[0], 1, cluster=False)["calibration"]
     test = decode(splits, splits.test, list(range(len(splits.test))))  # the test split in place of the held-out one
 
     def test_top1(arch: str) -> float:

@@ -134,10 +134,11 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(items):
     """Marks the tests that use Ray `ray`, so that `make test-quick` (`-m "not ray and not subprocess"`) leaves them
     out; the tests that need no Ray run first, beside the session's search (`session_search`), which starts with them."""
+    uses_ray = {item: bool(RAY_FIXTURES & set(item.fixturenames)) for item in items}
     for item in items:
-        if RAY_FIXTURES & set(item.fixturenames):
+        if uses_ray[item]:
             item.add_marker(pytest.mark.ray)
-    items.sort(key=lambda item: bool(RAY_FIXTURES & set(item.fixturenames)))  # stable
+    items.sort(key=uses_ray.get)  # stable
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -36,7 +36,8 @@ def test_a_horizontal_flip_keeps_a_synthetic_image_in_its_class():
 
     rng = np.random.default_rng(0)
     for label in range(10):
-        allowed = {TEXTURES[label % len(TEXTURES)][0] % 180, -TEXTURES[label % len(TEXTURES)][0] % 180}
+        degrees = TEXTURES[label % len(TEXTURES)][0]
+        allowed = {degrees % 180, -degrees % 180}
         for _ in range(3):
             image = synthetic_image(label, 10, 128, rng)
             for seen in (image, ImageOps.mirror(image)):
