@@ -8,8 +8,8 @@ the driver:
 
 - *first actor*: decoding the sets, then the first actor from its creation until it answers `stats`;
 - *second actor*: another actor created on the node while the first lives, until it answers `stats`;
-- *restarted actor*: an actor's process killed mid-call (`inject_exit`, then `score`), from that
-  call (the process's death) until the restarted process answers `stats` (`restarted` True, a new pid).
+- *restarted actor*: an actor's process SIGKILLed with a `score` call in flight, from that call (the
+  process's death) until the restarted process answers `stats` (`restarted` True, a new pid).
 
 For scale, the floor any actor pays: a Ray actor that only imports `glit_ray.evaluator` (a new
 worker process importing torch, timm and the package), timed the same way.
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import statistics
 import tempfile
 import time
@@ -249,11 +250,12 @@ def measure(args, splits, supernet_bytes: bytes, space: SearchSpace, heldout_ima
     for r in range(args.restarts):
         actor = actors[r % 2]
         before = ray.get(actor.stats.remote())
-        ray.get(actor.inject_exit.remote())
         started = time.perf_counter()
+        call = actor.score.remote(arch)
+        os.kill(before["pid"], signal.SIGKILL)  # the process dies with the call in flight, as on a crash or a lost node
         try:
-            ray.get(actor.score.remote(arch))
-            raise SystemExit("error: the actor scored instead of exiting")
+            ray.get(call)
+            raise SystemExit("error: the actor scored instead of dying")
         except ray.exceptions.RayActorError:
             failed = time.perf_counter() - started
         seconds, stats = until_ready(actor)

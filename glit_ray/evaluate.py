@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .checkpoint import fit_state_dict, read_checkpoint
+from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .data import build_test, view_batches
 from .errors import UserError
@@ -98,6 +99,7 @@ def evaluate_distributed(model: GLiT, dataset: Dataset, mean, std, request: Requ
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    ray_workarounds.apply()
     console = make_console()
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: give at least 1 (or leave it out to evaluate in this process)")

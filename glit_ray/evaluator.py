@@ -13,28 +13,22 @@ from __future__ import annotations
 import io
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import ray
 import torch
-from ray.util.annotations import RayDeprecationWarning
 
 from .arch import Architecture
 from .cost import arch_cost
 from .data import Splits, parse_spec
 from .imagesets import ImageSet, calibration_indices, decode, decode_on_cluster, heldout_indices, place
 from .latency import device_name, measure_ms
-from .progress import stderr_without
+from .ray_workarounds import actor_restarted, quiet_actor_creation
 from .resources import CPU_ACTOR_SHARE, Request
 from .scoring import score
 from .supernet import load_supernet
 
-# Ray's driver logs this error-level line (once) for a restartable actor whose constructor takes object-store
-# references (ray-project/ray#53727: a restart would fail if they were gone); evaluator_pool holds them while its
-# actors live, so the line stays in Ray's log file, off the console
-RESTART_NOTE = "has constructor arguments in the object store"
 CALIB_BATCH_SIZE = 64
 EVAL_BATCH_SIZE = 256
 # (calibration batches, held-out images; None: all) per kind of data set when the search is not told:
@@ -68,16 +62,9 @@ class Evaluator:
         self.flops_convention = flops_convention
         self.sets = place({name: image_set.fetched() for name, image_set in sets.items()}, self.device)
         self.ready_seconds = time.perf_counter() - started
-        self.fail_next = 0  # test hooks: make the next N calls raise, or make the next call kill the process
-        self.exit_next = False
 
     def score(self, arch_text: str) -> dict:
         """Recalibrate BatchNorm for `arch`, then top-1/top-5/loss on the held-out split."""
-        if self.exit_next:
-            os._exit(1)
-        if self.fail_next:
-            self.fail_next -= 1
-            raise RuntimeError(f"injected failure on actor {self.actor_id}")
         started = time.perf_counter()
         arch = Architecture.parse(arch_text)
         cost = arch_cost(self.net.space, arch, self.net.num_classes, self.flops_convention)
@@ -111,23 +98,8 @@ class Evaluator:
         on_device = sum(s.nbytes for s in self.sets.values() if s.chunks and s.chunks[0][0].is_cuda)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return {"actor": self.actor_id, "loads": self.loads, "pid": os.getpid(), "node": self.node,
-                "device": str(self.device), "restarted": restarted(), "ready_seconds": self.ready_seconds,
+                "device": str(self.device), "restarted": actor_restarted(), "ready_seconds": self.ready_seconds,
                 "device_image_bytes": on_device, "device_peak_bytes": peak}
-
-    def inject_failures(self, count: int) -> None:
-        self.fail_next = count
-
-    def inject_exit(self) -> None:
-        """The next `score` call kills this actor's process mid-candidate, as a crash or a lost node would."""
-        self.exit_next = True
-
-
-def restarted() -> bool:
-    """Whether Ray restarted the calling actor. (Ray's property reads its own deprecated `actor_id` inside,
-    which warns; the warning is Ray's, not a deprecated call of ours.)"""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RayDeprecationWarning)
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def scoring_sets(splits: Splits, calib_batches: int, heldout_images: int | None, cluster: bool = True,
@@ -152,8 +124,10 @@ def score_on(net: torch.nn.Module, arch: Architecture | None, sets: dict[str, Im
 
 @contextmanager
 def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, heldout_images: int | None,
-                   request: Request, latency: dict | None = None, flops_convention: str = "macs") -> Iterator[list]:
-    """Start the evaluators of `request` (`resources.evaluators`) for the `with` block.
+                   request: Request, latency: dict | None = None, flops_convention: str = "macs",
+                   actor_class: type = Evaluator) -> Iterator[list]:
+    """Start the evaluators of `request` (`resources.evaluators`) for the `with` block: `actor_class` actors (an
+    `Evaluator`, or a subclass of one).
 
     The scoring sets are decoded first, once (`scoring_sets`), and every actor maps them from its
     node's object store. A CPU actor runs as many torch threads as its CPU share rounds to. Actors
@@ -165,10 +139,10 @@ def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, he
     """
     sets = scoring_sets(splits, calib_batches, heldout_images)  # this frame holds them, and the supernet's bytes,
     ref = ray.put(supernet_bytes)                               # while the block runs: restarts reload from them
-    remote = ray.remote(Evaluator).options(num_cpus=request.cpus, num_gpus=request.gpus, max_restarts=-1,
+    remote = ray.remote(actor_class).options(num_cpus=request.cpus, num_gpus=request.gpus, max_restarts=-1,
                                            max_task_retries=0, scheduling_strategy="SPREAD")
     threads = 1 if request.gpus else max(1, round(request.cpus / CPU_ACTOR_SHARE))
-    with stderr_without(RESTART_NOTE):
+    with quiet_actor_creation():
         pool = [remote.remote(ref, sets, i, threads, latency, flops_convention) for i in range(request.count)]
     try:
         yield pool

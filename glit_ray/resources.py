@@ -26,6 +26,7 @@ import ray
 import yaml
 
 from .errors import UserError
+from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_groups, kuberay_autoscaling_config
 
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
@@ -143,18 +144,15 @@ def cluster_shape() -> ClusterShape:
         return ClusterShape(declared, "the cluster's node types")
     config = kuberay_config() or autoscaler_config()
     if config is not None:
-        head = next(n["Resources"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+        head = next(n["Resources"] for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE in n["Resources"])
         return ClusterShape(config_node_types(config, head), "the autoscaler's node types")
     return ClusterShape(nodes_up(), "the nodes up; no autoscaler configuration is visible from here")
 
 
 def _gcs_node_types() -> tuple[NodeType, ...]:
     """The node groups an autoscaler reported to the GCS (KubeRay's v2 autoscaler does), if any."""
-    config = ray._private.state.state.get_cluster_config()
-    if config is None:
-        return ()
     return tuple(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
-                          2**31 if g.max_count < 0 else g.max_count) for g in config.node_group_configs)
+                          2**31 if g.max_count < 0 else g.max_count) for g in gcs_node_groups())
 
 
 def kuberay_config() -> dict | None:
@@ -164,10 +162,8 @@ def kuberay_config() -> dict | None:
     name, namespace_file = os.environ.get("RAY_CLUSTER_NAME"), Path(KUBERNETES_NAMESPACE_FILE)
     if not name or not namespace_file.is_file():
         return None
-    from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
-
     try:
-        return AutoscalingConfigProducer(name, namespace_file.read_text().strip())()
+        return kuberay_autoscaling_config(name, namespace_file.read_text().strip())
     except Exception:  # no permission to read it (no in-tree autoscaling): the nodes up tell the shape
         return None
 
@@ -181,7 +177,7 @@ def autoscaler_config() -> dict | None:
             args = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:  # a process that ended meanwhile, or one not ours to read
             continue
-        if not any(arg.endswith("autoscaler/_private/monitor.py") for arg in args):
+        if not any(arg.endswith(AUTOSCALER_MONITOR) for arg in args):
             continue
         options = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
         if options.get("gcs-address", "").rsplit(":", 1)[-1] == gcs_port and options.get("autoscaling-config"):
@@ -213,7 +209,7 @@ def nodes_up() -> tuple[NodeType, ...]:
     for node in ray.nodes():
         if node["Alive"]:
             r = node["Resources"]
-            name = "head" if "node:__internal_head__" in r else f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU"
+            name = "head" if HEAD_NODE_RESOURCE in r else f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU"
             shapes[name, float(r.get("CPU", 0)), float(r.get("GPU", 0))] += 1
     return tuple(NodeType(name, cpus, gpus, count) for (name, cpus, gpus), count in sorted(shapes.items()))
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
+from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .data import build_splits, eval_batches, mixup_for, parse_spec
 from .errors import UserError
@@ -38,7 +39,7 @@ from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_device,
+                       ensure_ray, final_state, fit, seed_epoch, worker_device,
                        worker_loader)
 
 METRICS = "metrics.json"
@@ -100,7 +101,7 @@ def inherited_model(settings: dict, num_classes: int) -> GLiT:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
-    quiet_worker_logs()
+    ray_workarounds.quiet_train_worker_log()
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = worker_device()
     space, seed, epochs = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"], config["epochs"]
@@ -215,6 +216,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    ray_workarounds.apply()
     retrain(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
             args.loader_workers, storage=args.storage)
 

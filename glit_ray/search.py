@@ -9,7 +9,6 @@ RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
 from .evaluator import evaluator_pool, scoring_sizes
 from .mirror import Mirror, MirrorCallback
-from .progress import bar, driver_has_terminal, quiet_tune_console
+from . import ray_workarounds
+from .progress import bar, driver_has_terminal
 from .progress import console as make_console
 from .results import ResultsCallback, best_record, read_candidates, repair_generations
 from .resources import cluster_shape, evaluators, plan, waiting_note
@@ -74,14 +74,11 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     With `restore`, Tune's snapshot in RUN_DIR/tune (the searcher's state with it) is picked up
     where it stopped; otherwise a fresh one.
     """
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # snapshot the searcher after every generation
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # Parquet and tb/ hold the results; JSON stays
-    quiet_tune_console()
     # the trial only feeds the evaluators: it runs on the head node, beside the driver, so that losing a worker node
     # (a spot instance) never costs it a restart; Ray gives the head node this resource (Serve pins its controller so).
     # It asks for no CPU, so that it also runs on a head node that offers none (num-cpus 0, KubeRay's advice)
     trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()),
-                                    {"cpu": 0, "node:__internal_head__": 0.001})
+                                    {"cpu": 0, ray_workarounds.HEAD_NODE_RESOURCE: 0.001})
     if restore:
         return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -312,6 +309,7 @@ def print_table(console: Console, title: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    ray_workarounds.apply()
     out = args.out or Path("runs") / f"search-{args.level}"
     search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address,
            mirror=args.mirror, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)

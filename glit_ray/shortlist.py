@@ -28,7 +28,7 @@ from .cli import ArgumentParser, callers_signal_handlers, run
 from .data import build_splits
 from .errors import UserError
 from .progress import console as make_console
-from .progress import quiet_tune_console
+from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop
@@ -103,7 +103,6 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
         record = read_json(run_dir / RECORD)
         console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
         return record
-    quiet_tune_console()
     # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
     # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
     trainable = tune.with_resources(shortlist_trial, {"cpu": 0, "memory": 2**20})
@@ -168,6 +167,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    ray_workarounds.apply()
     run_dir = args.run_dir.resolve()
     shortlist(run_dir, settings_from_args(args, run_dir), args.top, args.scheduler, args.resume, args.gpus_per_worker,
               args.cpus_per_worker, args.loader_workers, args.storage)

@@ -25,6 +25,7 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
+from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
 from .data import build_splits, mixup_for, parse_spec
@@ -39,7 +40,7 @@ from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, quiet_worker_logs, seed_epoch, worker_device,
+                       ensure_ray, final_state, fit, seed_epoch, worker_device,
                        worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
@@ -86,7 +87,7 @@ def _check_paths_agree(digest: str, world: int) -> None:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
-    quiet_worker_logs()
+    ray_workarounds.quiet_train_worker_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
@@ -94,8 +95,7 @@ def train_loop(config: dict) -> None:
     level, seed, epochs = config["level"], config["seed"], config["epochs"]
     distribution = tuple(config["distribution"]) if config["distribution"] else None
     splits = build_splits(config["data"], space.img_size, space.in_chans)
-    sampler = PathSampler(space, level, distribution, Limits(**config["limits"]), splits.num_classes,
-                          seed + config.get("_desync_paths_for_test", 0) * rank)
+    sampler = PathSampler(space, level, distribution, Limits(**config["limits"]), splits.num_classes, seed)
 
     torch.manual_seed(seed)
     net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
@@ -245,6 +245,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    ray_workarounds.apply()
     train_supernet(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
                    args.loader_workers, storage=args.storage)
 

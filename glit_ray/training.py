@@ -12,10 +12,9 @@ import logging
 import os
 import random
 import tempfile
-import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train.torch.config import _TorchBackend
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -34,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from .cli import ArgumentParser, callers_signal_handlers
 from .data import Splits
 from .errors import UserError, one_line
-from .progress import say, show_only_our_worker_lines
+from .ray_workarounds import DeviceTorchConfig, train_result
 from .resources import Request, waiting_note
 
 CLIP_GRAD_NORM = 5.0
@@ -182,35 +180,6 @@ def worker_device() -> torch.device:
     return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
-class _DeviceTorchBackend(_TorchBackend):
-    """Ray Train's torch backend, with NCCL (TorchTrainer's choice for GPU workers) only where the workers see CUDA
-    devices: GPU workers whose nodes show none (a fake GPU of Ray's autoscaler test provider; a node without its
-    driver) connect over gloo and say so."""
-
-    def on_start(self, worker_group, backend_config) -> None:
-        if backend_config.backend == "nccl" and not all(worker_group.execute(torch.cuda.is_available)):
-            say("the Ray Train workers hold GPUs but their nodes show no CUDA device: they train on the CPU, over gloo")
-            backend_config = replace(backend_config, backend="gloo")
-        super().on_start(worker_group, backend_config)
-
-
-@dataclass
-class DeviceTorchConfig(ray.train.torch.TorchConfig):
-    """`TorchTrainer`'s torch config with `_DeviceTorchBackend`."""
-
-    @property
-    def backend_cls(self):
-        return _DeviceTorchBackend
-
-
-def quiet_worker_logs() -> None:
-    """Drop Ray Train's INFO line per report (about 700 characters an epoch on the driver's console): it logs
-    it on a logger named after its source file, which `LoggingConfig(log_level=...)` does not reach."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
     seed_all(seed * 100_003 + epoch * 101 + rank)
@@ -332,9 +301,7 @@ def previous_run(storage: str) -> ray.train.Result | None:
     its state file is a whole torch archive: its zip directory is read, not the tensors, from any storage); None when
     there is none yet. A corrupt one is refused here, before any worker starts."""
     try:
-        with warnings.catch_warnings():  # Ray Train reads its snapshot with a deprecated pydantic call: Ray's, not ours
-            warnings.simplefilter("ignore", DeprecationWarning)
-            result = ray.train.Result.from_path(f"{storage.rstrip('/')}/train")
+        result = train_result(f"{storage.rstrip('/')}/train")
     except RuntimeError:  # no run, or no checkpoint snapshot yet
         return None
     if result.checkpoint:
@@ -347,8 +314,8 @@ def previous_run(storage: str) -> ray.train.Result | None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with a quiet
-    console: Ray's own log lines from ERROR up, and of the workers' output only our lines (`progress`)."""
+    """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with Ray's own
+    log lines from ERROR up on the console (a command shows only ours of the workers' output: `ray_workarounds`)."""
     if not ray.is_initialized():
         try:
             ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.ERROR)
@@ -359,7 +326,6 @@ def ensure_ray(address: str | None = None) -> None:
                                 "with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH") from None
             raise UserError(f"no Ray cluster to join at {where} ({str(exc).splitlines()[0]}); give --address of a "
                             "running one, or leave it and RAY_ADDRESS out to start one here") from None
-        show_only_our_worker_lines()
 
 
 def fit(train_loop, config: dict, out: Path, request: Request, storage: str | None = None,

@@ -58,6 +58,10 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from glit_ray import ray_workarounds
+
+    ray_workarounds.apply()  # what the commands apply before Ray starts, for the runs tests start in this process
+
     # with Ray's dashboard: Ray Train's placement group cleaner asks the state API it serves whether a run's controller
     # is gone, and without it never gives back the CPUs of a run killed mid-way
     # its workers compute on one thread each (Ray would give a 2-CPU Ray Train worker 2): the session's search trains
@@ -90,6 +94,17 @@ def ray_session(ray_cluster, session_search):
 
     search_finished(session_search)
     return ray
+
+
+@pytest.fixture
+def shipped_by_value(request):
+    """Ray's workers cannot import a test module: what the requesting test's module defines (a test subclass of an
+    actor, a wrapped train loop) goes to them by value while the test runs."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(request.module)
 
 
 @pytest.fixture(scope="session")

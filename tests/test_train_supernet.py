@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import ray
@@ -15,6 +16,7 @@ from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.supernet import load_supernet
+import glit_ray.train_supernet as training_module
 from glit_ray.train_supernet import PathSampler, build_parser, main, settings_from_args, train_supernet
 
 FAST = ["--epochs", "1", "--batch-size", "64"]
@@ -48,10 +50,22 @@ def test_probe_paths_are_the_extremes_and_three_random_paths_inside_the_limits(m
     assert all(a.distribution == distribution and arch_cost(micro, a, 10).flops <= 14e6 for a in limited.values())
 
 
-def test_workers_on_different_paths_are_caught(ray_session, tmp_path):
-    settings = {**settings_for("--level", "high", "--workers", "2", *FAST), "_desync_paths_for_test": 1}
+def train_loop_on_desynced_paths(config: dict) -> None:
+    """The supernet's train loop with each worker drawing its paths from a seed of its own."""
+    rank = ray.train.get_context().get_world_rank()
+
+    class Desynced(PathSampler):
+        def __init__(self, *args):
+            super().__init__(*args[:-1], args[-1] + rank)
+
+    with mock.patch.object(training_module, "PathSampler", Desynced):
+        training_module.train_loop(config)
+
+
+def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
+    monkeypatch.setattr(training_module, "train_loop", train_loop_on_desynced_paths)
     with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
-        train_supernet(settings, tmp_path / "run")
+        train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), tmp_path / "run")
 
 
 def wait_for(predicate, timeout):

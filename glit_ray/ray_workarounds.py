@@ -1,0 +1,177 @@
+"""Every place glit_ray leans on Ray past its public API, in one module, each with why and Ray's issue.
+
+The commands apply the driver's part (`apply`: environment defaults and the console) before Ray
+starts, through `cli.run`; importing glit_ray changes nothing in Ray. Code that calls `search`,
+`train_supernet` or `retrain` from Python gets Ray's own console and Tune's own snapshot period
+unless it calls `apply()` first. `tests/test_ray_workarounds.py` fails when Ray moves or changes
+what one of these relies on; pyproject.toml pins Ray to the range those tests pass on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+from ray.train.torch.config import _TorchBackend
+from ray.util.annotations import RayDeprecationWarning
+
+from .progress import WORKER_LINE, say
+
+# Ray gives the head node this resource (Serve pins its controller with it); Ray has no public name for the head
+# node (ray-project/ray#8438 proposed one and was closed)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+# Ray's driver logs this error-level line (once) for a restartable actor whose constructor takes object-store
+# references (ray-project/ray#53727: a restart would fail if they were gone); evaluator_pool holds them while its
+# actors live, so the line only belongs in Ray's log file
+RESTART_NOTE = "has constructor arguments in the object store"
+# in the raylet's "N PYTHON worker processes have been started ... maximum expected startup concurrency", which it
+# publishes whenever a Tune trial's Ray Train run starts its processes; C++ has no switch for it (ray-project/ray#63800)
+STARTUP_NOTE = "maximum expected startup concurrency"
+ENVIRONMENT_DEFAULTS = {
+    "TUNE_GLOBAL_CHECKPOINT_S": "0",  # snapshot the searcher after every generation (Tune's default: adaptive)
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # Parquet and tb/ hold the results; the JSON logger is added by name
+    # Tune's new console prints its configuration box ("Number of trials 9223372036854775807") at any verbosity;
+    # the old one prints nothing at verbose=0 (no RunConfig option turns the box off)
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+_applied = False
+
+
+def apply() -> None:
+    """The driver's part, for a command, before Ray starts: the environment defaults (a value already set wins) and a
+    console that shows only our lines (`_our_lines_only`)."""
+    global _applied
+    for name, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    import ray._private.worker as ray_worker
+
+    if not getattr(ray_worker.print_to_stdstream, "ours", False):
+        ray_worker.print_to_stdstream = _our_lines_only(ray_worker.print_to_stdstream)
+    _applied = True
+
+
+def _our_lines_only(ray_printer):
+    """Ray's printer on the driver, for what it forwards from workers (`ray.init` hands it to its log thread) and the
+    raylet's messages (its error listener looks it up at each one). Ray offers all or nothing (`log_to_driver`) and a
+    skip pattern read when Ray is imported (`RAY_DEDUP_LOGS_SKIP_REGEX`, ray-project/ray#47913), which keeps Ray's
+    prefix on the lines it lets through; no issue of Ray's asks for more. Of the workers' output, only our lines (`progress.say`, unprefixed) and tqdm_ray's bars print; Ray's own warnings and tracebacks
+    stay in its log files. Of the raylet's messages, all but its note on worker start-ups (a worker killed for
+    memory, a request no node can hold still print)."""
+    from ray._private.worker import print_worker_logs
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        lines = data.get("lines", [])
+        if "ip" not in data:  # a raylet message from the error listener; forwarded output names its node's ip
+            kept = [line for line in lines if STARTUP_NOTE not in line]
+            if kept:
+                ray_printer({**data, "lines": kept}, ignore_prefix)
+            return
+        bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+        if bars:
+            print_worker_logs({**data, "lines": bars}, sys.stderr)  # past Ray's deduplication, which merges updates
+        for line in lines:
+            if line.startswith(WORKER_LINE):
+                print(line[len(WORKER_LINE):], file=sys.stderr, flush=True)
+
+    print_to_stdstream.ours = True
+    return print_to_stdstream
+
+
+@contextmanager
+def quiet_actor_creation():
+    """Around creating restartable actors whose arguments are object-store references: RESTART_NOTE stays out of a
+    command's console (`stderr_without`); a no-op unless `apply` ran."""
+    with stderr_without(RESTART_NOTE) if _applied else nullcontext():
+        yield
+
+
+@contextmanager
+def stderr_without(marker: str):
+    """Hold back what the process writes to its stderr (fd 2, Ray's C++ logging too) inside the block, then
+    write it out without the lines holding `marker`. For a line Ray's core worker logs on the driver's console
+    and in its own log file (python-core-driver-*.log) alike: the file keeps it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, b"".join(line for line in held if marker.encode() not in line))
+
+
+def quiet_train_worker_log() -> None:
+    """In a Ray Train worker: drop its INFO line per report (about 700 characters an epoch on the driver's console).
+    Ray Train logs it on a logger named after its source file, which `LoggingConfig(log_level=...)` does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def actor_restarted() -> bool:
+    """Whether Ray restarted the calling actor. (Ray's property reads its own deprecated `actor_id` inside, which
+    warns: the warning is Ray's, not a deprecated call of ours.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+def train_result(path: str) -> ray.train.Result:
+    """`ray.train.Result.from_path`, which reads its snapshot with a deprecated pydantic call: Ray's, not ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ray.train.Result.from_path(path)
+
+
+def gcs_node_groups() -> list:
+    """The node groups an autoscaler reported to the GCS (KubeRay's v2 autoscaler does), [] where none did: Ray has
+    no public call for the cluster's declared node types."""
+    config = ray._private.state.state.get_cluster_config()
+    return list(config.node_group_configs) if config is not None else []
+
+
+def kuberay_autoscaling_config(cluster_name: str, namespace: str) -> dict:
+    """The autoscaling configuration KubeRay's autoscaler derives from the RayCluster resource, read as it reads it."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
+
+    return AutoscalingConfigProducer(cluster_name, namespace)()
+
+
+# the autoscaler's monitor process: a command line ending in this script, with --gcs-address= and
+# --autoscaling-config= (the cluster launcher's `ray start --autoscaling-config`)
+AUTOSCALER_MONITOR = "autoscaler/_private/monitor.py"
+
+
+class _DeviceTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with NCCL (TorchTrainer's choice for GPU workers) only where the workers see CUDA
+    devices: GPU workers whose nodes show none (a fake GPU of Ray's autoscaler test provider; a node without its
+    driver) connect over gloo and say so. TorchConfig's backend is chosen from `use_gpu` alone."""
+
+    def on_start(self, worker_group, backend_config) -> None:
+        if backend_config.backend == "nccl" and not all(worker_group.execute(torch.cuda.is_available)):
+            say("the Ray Train workers hold GPUs but their nodes show no CUDA device: they train on the CPU, over gloo")
+            backend_config = replace(backend_config, backend="gloo")
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class DeviceTorchConfig(ray.train.torch.TorchConfig):
+    """`TorchTrainer`'s torch config with `_DeviceTorchBackend`."""
+
+    @property
+    def backend_cls(self):
+        return _DeviceTorchBackend

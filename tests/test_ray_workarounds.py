@@ -1,0 +1,118 @@
+"""glit_ray's leans on Ray past its public API (`glit_ray.ray_workarounds`), each checked against the Ray installed: a
+test here fails when Ray moves or changes what one of them relies on."""
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+
+import ray
+import ray._private.worker
+import tomllib
+from packaging.requirements import Requirement
+
+from glit_ray import ray_workarounds
+from glit_ray.ray_workarounds import (AUTOSCALER_MONITOR, ENVIRONMENT_DEFAULTS, RESTART_NOTE, STARTUP_NOTE,
+                                      _our_lines_only, stderr_without)
+
+RAY = Path(ray.__file__).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ray_python_source(*folders: str) -> str:
+    return "".join(path.read_text(errors="replace") for folder in folders for path in (RAY / folder).rglob("*.py"))
+
+
+def test_ray_is_pinned_to_the_range_these_tests_pass_on():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [ray_requirement] = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "ray"]
+    assert ray_requirement.specifier.contains(ray.__version__) and "<" in str(ray_requirement.specifier)
+
+
+def test_a_commands_console_keeps_our_worker_lines_and_the_raylets_messages_but_its_startup_note(capsys):
+    printer = _our_lines_only(ray._private.worker.print_to_stdstream)
+    # what Ray's log thread hands on: a batch forwarded from a worker (it names the worker's node)
+    printer({"ip": "192.0.2.2", "pid": 4242, "job": "01000000", "is_err": False, "localhost": "192.0.2.2",
+             "lines": ["[glit_ray] supernet epoch 1/2: loss 2.1", "INFO Reporting training result 1", "Traceback (x)"]},
+            ignore_prefix=False)
+    # what Ray's error listener hands on: the raylet's messages
+    note = ("WARNING: 8 PYTHON worker processes have been started on node: f08 with address: 192.0.2.2, which is 4x "
+            "the maximum expected startup concurrency (2). This could be a result of using a large number of actors")
+    memory = "Task was killed due to the node running low on memory."
+    for line in (note, memory):
+        printer({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["supernet epoch 1/2: loss 2.1"]
+    assert memory in out and "startup concurrency" not in out
+
+
+def test_ray_hands_its_printer_the_batches_and_messages_the_console_tells_apart():
+    worker = inspect.getsource(ray._private.worker)
+    # ray.init registers the module's printer for forwarded output, and the error listener calls it by name
+    assert "functools.partial(print_to_stdstream, ignore_prefix=ignore_prefix)" in worker
+    listener = inspect.getsource(ray._private.worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener and '"ip"' not in listener
+    # forwarded batches name their node's ip
+    assert '"ip": self.ip' in (RAY / "_private" / "log_monitor.py").read_text()
+
+
+def test_the_notes_held_back_are_still_what_ray_writes():
+    assert STARTUP_NOTE.encode() in (RAY / "core" / "src" / "ray" / "raylet" / "raylet").read_bytes()
+    [core] = RAY.glob("_raylet*.so")
+    assert RESTART_NOTE.encode() in core.read_bytes()
+
+
+def test_stderr_without_holds_back_only_the_marked_lines_also_those_written_below_python(capfd):
+    with stderr_without(RESTART_NOTE):
+        os.write(2, f"[E core_worker.cc] Actor 'Evaluator' {RESTART_NOTE}\n".encode())
+        os.write(2, b"a C++ line of another kind\n")
+        print("a Python line", file=sys.stderr)
+    print("after", file=sys.stderr)
+    lines = capfd.readouterr().err.splitlines()  # (pytest's sys.stderr writes past fd 2: its order is its own)
+    assert sorted(lines) == ["a C++ line of another kind", "a Python line", "after"]
+
+
+def test_the_environment_defaults_are_read_by_ray():
+    tune = ray_python_source("tune", "air")
+    for name in ENVIRONMENT_DEFAULTS:
+        assert re.search(rf'["\']{name}["\']', tune), name
+
+
+def test_apply_sets_defaults_without_overriding_and_patches_once(monkeypatch):
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "60")
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    monkeypatch.setattr(ray._private.worker, "print_to_stdstream", ray._private.worker.print_to_stdstream)
+    monkeypatch.setattr(ray_workarounds, "_applied", False)
+    ray_workarounds.apply()
+    printer = ray._private.worker.print_to_stdstream
+    ray_workarounds.apply()
+    assert ray._private.worker.print_to_stdstream is printer and printer.ours
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "60" and os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
+
+
+def test_ray_trains_report_logger_is_named_after_its_file():
+    from ray.train.v2._internal.execution import context
+
+    assert context.logger.name == context.__file__
+
+
+def test_the_private_calls_exist_as_they_are_called():
+    assert isinstance(inspect.getattr_static(ray.runtime_context.RuntimeContext, "was_current_actor_reconstructed"),
+                      property)
+    assert callable(ray._private.state.state.get_cluster_config)
+    from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
+
+    assert list(inspect.signature(AutoscalingConfigProducer).parameters)[:2] == ["ray_cluster_name",
+                                                                                  "ray_cluster_namespace"]
+    monitor = (RAY / AUTOSCALER_MONITOR).read_text()
+    assert '"--gcs-address"' in monitor and '"--autoscaling-config"' in monitor
+    from ray.train.torch.config import _TorchBackend
+
+    assert list(inspect.signature(_TorchBackend.on_start).parameters) == ["self", "worker_group", "backend_config"]
+    assert isinstance(inspect.getattr_static(ray.train.torch.TorchConfig, "backend_cls"), property)
+
+
+def test_the_head_node_has_its_resource_and_the_gcs_no_node_groups_on_a_local_cluster(ray_session):
+    head = [n for n in ray.nodes() if n["Alive"] and ray_workarounds.HEAD_NODE_RESOURCE in n["Resources"]]
+    assert len(head) == 1
+    assert ray_workarounds.gcs_node_groups() == []
