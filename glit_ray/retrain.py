@@ -12,7 +12,6 @@ or timm reload it, see `glit_ray.export`) and RUN_DIR/metrics.json.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import ray
@@ -20,7 +19,6 @@ import ray.train
 import ray.train.torch
 import torch
 from rich.console import Console
-from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from . import ray_workarounds
@@ -30,20 +28,17 @@ from .errors import UserError
 from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
-from .progress import bar as progress_bar
 from .progress import console as make_console
-from .progress import driver_has_terminal, say
+from .progress import driver_has_terminal
 from .resources import plan
 from .runs import RUN_FILE, open_run, read_json, write_json
 from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, seed_epoch, worker_device,
-                       worker_loader)
+                       ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 METRICS = "metrics.json"
-LOG_EVERY = 10
 
 
 def resolve_arch(value: str) -> tuple[str, dict]:
@@ -102,9 +97,8 @@ def inherited_model(settings: dict, num_classes: int) -> GLiT:
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
     ray_workarounds.quiet_train_worker_log()
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = worker_device()
-    space, seed, epochs = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"], config["epochs"]
+    space, seed = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"]
     splits = build_splits(config["data"], space.img_size, space.in_chans)
 
     torch.manual_seed(seed)
@@ -113,49 +107,21 @@ def train_loop(config: dict) -> None:
         net.load_state_dict(ray.get(config["initial_weights"]))
     net.to(device)
     loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
-    steps_per_epoch = len(loader)
-    recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
+    recipe = Recipe.deit(net, config["lr"], config["epochs"], len(loader), device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device)
-    writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None
 
-    for epoch in range(start_epoch, epochs):
-        seed_epoch(seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        model.train()
-        total_loss, started = 0.0, time.perf_counter()
-        bar = progress_bar(steps_per_epoch, f"retrain epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
-        for i, (images, labels) in enumerate(loader):
-            step = epoch * steps_per_epoch + i
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = recipe.step(model, net.parameters(), images, labels, step)
-            total_loss += loss
-            bar.update(1)
-            if writer and step % LOG_EVERY == 0:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", recipe.lr, step)
-        bar.close()
-        metrics = {"epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": recipe.lr, "workers": world,
-                   "images_per_s": steps_per_epoch * config["batch_size"] * world / (time.perf_counter() - started)}
-        if rank != 0:
-            ray.train.report(metrics)
-            continue
-        heldout = evaluate(net, None, eval_batches(splits, splits.heldout, device, workers=config["loader_workers"]))
-        metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
-        if epoch == epochs - 1 and config.get("score_test", True):  # a shortlist trial never looks at the test split
-            test = evaluate(net, None, eval_batches(splits, splits.test, device, workers=config["loader_workers"]))
-            metrics.update({f"test_{k}": v for k, v in test.items()})
-        step = (epoch + 1) * steps_per_epoch
-        for name in ("loss", "images_per_s", "heldout_top1", "heldout_top5", "test_top1", "test_top5"):
-            if name in metrics:
-                writer.add_scalar(f"epoch/{name}", metrics[name], step)
-        writer.flush()
-        say(f"{config.get('label', 'retrain')} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-            f"held-out top-1 {metrics['heldout_top1']:.2f}%"
-            + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else ""))
-        recipe.report(net, epoch, metrics)
-    if writer:
-        writer.close()
+    def score_heldout(epoch: int) -> tuple[dict, str]:
+        """Held-out top-1/top-5, and the test split's after the last epoch (a shortlist trial never looks at it)."""
+        views = {"heldout": splits.heldout}
+        if epoch == config["epochs"] - 1 and config.get("score_test", True):
+            views["test"] = splits.test
+        metrics = {f"{name}_{k}": v for name, view in views.items() for k, v in
+                   evaluate(net, None, eval_batches(splits, view, device, workers=config["loader_workers"])).items()}
+        line = f"held-out top-1 {metrics['heldout_top1']:.2f}%"
+        return metrics, line + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else "")
+
+    train_epochs(config, config.get("label", "retrain"), net, model, recipe, loader, start_epoch, device, score_heldout)
 
 
 def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,

@@ -11,9 +11,7 @@ The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` re
 """
 from __future__ import annotations
 
-import hashlib
 import random
-import time
 from pathlib import Path
 
 import ray
@@ -22,7 +20,6 @@ import ray.train.torch
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.tensorboard import SummaryWriter
 
 from .arch import Architecture
 from . import ray_workarounds
@@ -30,9 +27,8 @@ from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
 from .data import build_splits, mixup_for, parse_spec
 from .errors import UserError
-from .progress import bar as progress_bar
 from .progress import console as make_console
-from .progress import driver_has_terminal, say
+from .progress import driver_has_terminal
 from .resources import plan
 from .runs import open_run, resolve_distribution
 from .evaluator import score_on, scoring_sets
@@ -40,14 +36,12 @@ from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, seed_epoch, worker_device,
-                       worker_loader)
+                       ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
 CALIB_BATCHES = 4
 PROBE_IMAGES = 2048
-LOG_EVERY = 10
 
 
 class PathSampler:
@@ -76,23 +70,12 @@ class PathSampler:
         return probes
 
 
-def _check_paths_agree(digest: str, world: int) -> None:
-    if world == 1:
-        return
-    digests = [None] * world
-    torch.distributed.all_gather_object(digests, digest)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"workers trained different paths this epoch (digests {digests}); gradients were mixed")
-
-
 def train_loop(config: dict) -> None:
     """One Ray Train worker."""
     ray_workarounds.quiet_train_worker_log()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device()
     space = SearchSpace.from_dict(config["space"], source="run.json")
-    level, seed, epochs = config["level"], config["seed"], config["epochs"]
+    level, seed = config["level"], config["seed"]
     distribution = tuple(config["distribution"]) if config["distribution"] else None
     splits = build_splits(config["data"], space.img_size, space.in_chans)
     sampler = PathSampler(space, level, distribution, Limits(**config["limits"]), splits.num_classes, seed)
@@ -100,61 +83,21 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(seed)
     net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
     loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
-    steps_per_epoch = len(loader)
-    recipe = Recipe.deit(net, config["lr"], epochs, steps_per_epoch, device, mixup_for(splits))
+    recipe = Recipe.deit(net, config["lr"], config["epochs"], len(loader), device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device,
                                             parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    writer = probes = None
-    if rank == 0:
-        writer = SummaryWriter(str(Path(config["out"]) / "tb"))
+    probes = probe_sets = None
+    if ray.train.get_context().get_world_rank() == 0:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
                                         workers=config["loader_workers"]), device)
 
-    for epoch in range(start_epoch, epochs):
-        seed_epoch(seed, epoch, rank)
-        loader.sampler.set_epoch(epoch)
-        model.train()
-        digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
-        bar = progress_bar(steps_per_epoch, f"supernet epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
-        for i, (images, labels) in enumerate(loader):
-            step = epoch * steps_per_epoch + i
-            arch = sampler(step)
-            digest.update(str(arch).encode())
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = recipe.step(lambda x: model(x, arch), net.parameters(), images, labels, step)
-            total_loss += loss
-            bar.update(1)
-            if writer and step % LOG_EVERY == 0:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", recipe.lr, step)
-        bar.close()
-        elapsed = time.perf_counter() - started
-        _check_paths_agree(digest.hexdigest(), world)
-        metrics = {
-            "epoch": epoch, "loss": total_loss / steps_per_epoch, "lr": recipe.lr,
-            "images_per_s": steps_per_epoch * config["batch_size"] * world / elapsed,
-            "path_digest": digest.hexdigest(), "workers": world,
-        }
-        if rank != 0:
-            ray.train.report(metrics)
-            continue
-        for name, arch in probes.items():
-            metrics[f"probe_{name}_top1"] = score_on(net, arch, probe_sets, device)["top1"]
-        step = (epoch + 1) * steps_per_epoch
-        writer.add_scalar("train/images_per_s", metrics["images_per_s"], step)
-        writer.add_scalar("train/epoch_loss", metrics["loss"], step)
-        for name in probes:
-            writer.add_scalar(f"probe_top1/{name}", metrics[f"probe_{name}_top1"], step)
-        writer.flush()
-        probe_top1 = [metrics[f"probe_{name}_top1"] for name in probes]
-        say(f"supernet epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-            f"probe top-1 {min(probe_top1):.1f}-{max(probe_top1):.1f}%")
-        recipe.report(net, epoch, metrics)
-    if writer:
-        writer.close()
+    def score_probes(epoch: int) -> tuple[dict, str]:
+        top1 = {f"probe_{name}_top1": score_on(net, arch, probe_sets, device)["top1"] for name, arch in probes.items()}
+        return top1, f"probe top-1 {min(top1.values()):.1f}-{max(top1.values()):.1f}%"
+
+    train_epochs(config, "supernet", net, model, recipe, loader, start_epoch, device, score_probes, path_at=sampler)
 
 
 def settings_from_args(args) -> dict:

@@ -8,11 +8,14 @@ sampled path (`net(images, arch)`), a retrained architecture is a plain `net(ima
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +31,18 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.tensorboard import SummaryWriter
 
 from .cli import ArgumentParser, callers_signal_handlers
 from .data import Splits
 from .errors import UserError, one_line
+from .progress import bar as progress_bar
+from .progress import say
 from .ray_workarounds import DeviceTorchConfig, train_result
 from .resources import Request, waiting_note
 
 CLIP_GRAD_NORM = 5.0
+LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
 STATE_FILE = "state.pt"
 
 
@@ -281,6 +288,74 @@ class Recipe:
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                         "metrics": metrics}, Path(folder) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_epochs(config: dict, label: str, net: nn.Module, model: nn.Module, recipe: Recipe, loader: DataLoader,
+                 start_epoch: int, device: torch.device, score: Callable[[int], tuple[dict, str]],
+                 path_at: Callable[[int], object] | None = None) -> None:
+    """The epoch loop of every training run (supernet, retrain, shortlist trial), on one Ray Train worker.
+
+    `model` is `net` as Ray Train prepared it (DDP across workers). `path_at(step)`: the supernet's path for a step,
+    run as `model(images, path)`; the workers check after each epoch that they drew the same paths. Without it,
+    `model(images)`. After each epoch, rank 0 calls `score(epoch)` for the metrics it adds (its probes, its held-out
+    and test top-1) and the end of the epoch's console line; every epoch metric goes to TensorBoard as epoch/NAME,
+    the step's loss and learning rate every LOG_EVERY steps as train/NAME. Rank 0 reports and checkpoints the
+    epoch (`Recipe.report`), the others report its metrics.
+    """
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed, epochs, steps = config["seed"], config["epochs"], len(loader)
+    writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None
+    for epoch in range(start_epoch, epochs):
+        seed_epoch(seed, epoch, rank)
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
+        bar = progress_bar(steps, f"{label} epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
+        for i, (images, labels) in enumerate(loader):
+            step = epoch * steps + i
+            forward = model
+            if path_at:
+                path = path_at(step)
+                digest.update(str(path).encode())
+                forward = lambda x, path=path: model(x, path)  # noqa: E731
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = recipe.step(forward, net.parameters(), images, labels, step)
+            total_loss += loss
+            bar.update(1)
+            if writer and step % LOG_EVERY == 0:
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", recipe.lr, step)
+        bar.close()
+        metrics = {"epoch": epoch, "loss": total_loss / steps, "lr": recipe.lr, "workers": world,
+                   "images_per_s": steps * config["batch_size"] * world / (time.perf_counter() - started)}
+        if path_at:
+            metrics["path_digest"] = digest.hexdigest()
+            check_paths_agree(metrics["path_digest"], world)
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        scores, line = score(epoch)
+        metrics.update(scores)
+        for name in ("loss", "images_per_s", *scores):
+            writer.add_scalar(f"epoch/{name}", metrics[name], (epoch + 1) * steps)
+        writer.flush()
+        say(f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
+            + line)
+        recipe.report(net, epoch, metrics)
+    if writer:
+        writer.close()
+
+
+def check_paths_agree(digest: str, world: int) -> None:
+    """Every worker trained the same paths this epoch (DDP would otherwise have averaged gradients of different
+    subnets)."""
+    if world == 1:
+        return
+    digests = [None] * world
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"workers trained different paths this epoch (digests {digests}); gradients were mixed")
 
 
 def final_state(result: ray.train.Result) -> dict:

@@ -97,7 +97,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     assert all(0 <= v <= 100 for v in meta["probe_top1"].values())
     assert net.extract(Architecture.parse(best_low["arch"]))(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     events = EventAccumulator(str(next((low / "supernet" / "tb").iterdir()))).Reload()
-    assert {"train/loss", "train/lr", "train/images_per_s", "probe_top1/smallest", "probe_top1/random0"} <= \
+    assert {"train/loss", "train/lr", "epoch/images_per_s", "epoch/probe_smallest_top1", "epoch/probe_random0_top1"} <= \
         set(events.Tags()["scalars"])
     # training it again into the finished run does no work and changes nothing
     before = path.read_bytes()
