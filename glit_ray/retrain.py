@@ -31,7 +31,7 @@ from .model import GLiT
 from .progress import console as make_console
 from .progress import driver_has_terminal
 from .resources import plan
-from .runs import RUN_FILE, open_run, read_json, write_json
+from .runs import RUN_FILE, check_run, open_run, read_json, write_json
 from .scoring import evaluate
 from .space import SearchSpace
 from .supernet import load_supernet
@@ -136,13 +136,13 @@ def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: fl
     splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
     check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
     inherited = inherited_model(settings, splits.num_classes) if settings["from_supernet"] else None
-    ensure_ray()
-    request = plan("retrain", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
-    resumed = open_run(out, settings, "retrain", resume)
-    if resumed and (out / METRICS).exists():
+    if check_run(out, settings, "retrain", resume) and (out / METRICS).exists():  # before Ray: a finished run needs none
         load_model(out)  # refuse a damaged export rather than report success
         console.print(f"already retrained: {out / WEIGHTS}")
         return read_json(out / METRICS)
+    ensure_ray()
+    request = plan("retrain", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
+    resumed = open_run(out, settings, "retrain", resume)
 
     initial = {}
     if inherited is not None:

@@ -46,10 +46,11 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is unreadable ({type(exc).__name__}); it is not a glit_ray run file") from None
 
 
-def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
-    """Claim `out` for a run of `kind` with `settings`; return True when it resumes an earlier one.
+def check_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
+    """Whether `out` resumes an earlier run of `kind` with `settings` (False: a new run goes there), reading only.
 
-    Refuses (UserError) an `out` that holds another run, or `--resume` of a directory that holds none.
+    Refuses (UserError) an `out` that holds another run, or `--resume` of a directory that holds none: a command
+    checks its run directory before it starts Ray, and claims it (`open_run`) once it knows the cluster can hold it.
     """
     settings = json.loads(json.dumps(settings))  # compare as JSON reads it back (tuples become lists)
     run_file = out / RUN_FILE
@@ -58,7 +59,6 @@ def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
             raise UserError(f"--resume: {out} is not a glit_ray run (no {RUN_FILE}); drop --resume to start one")
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} is not empty and is not a glit_ray run; choose a new --out")
-        write_json(run_file, {"kind": kind, "settings": settings})
         return False
     existing = read_json(run_file)
     if existing.get("kind") != kind:
@@ -69,6 +69,15 @@ def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
         diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
         raise UserError(f"{out} holds a different {kind} run ({diff}); choose another --out or repeat its settings")
     return True
+
+
+def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
+    """Claim `out` for a run of `kind` with `settings` (`check_run`, then run.json written for a new run); return True
+    when it resumes an earlier one."""
+    resumed = check_run(out, settings, kind, resume)
+    if not resumed:
+        write_json(out / RUN_FILE, {"kind": kind, "settings": json.loads(json.dumps(settings))})
+    return resumed
 
 
 def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:

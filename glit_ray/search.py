@@ -30,7 +30,7 @@ from .progress import bar, driver_has_terminal
 from .progress import console as make_console
 from .results import ResultsCallback, best_record, read_candidates, repair_generations
 from .resources import cluster_shape, evaluators, plan, waiting_note
-from .runs import RUN_FILE, open_run, resolve_distribution
+from .runs import RUN_FILE, check_run, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
@@ -225,6 +225,8 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
         check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings["supernet_workers"],
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
+    if not (mirror and resume and not (out / RUN_FILE).exists()):  # (else run.json is in the mirror, pulled below)
+        check_run(out, settings, "search", resume)  # a run dir that is not this run's is refused before Ray starts
     ensure_ray(address)  # what the cluster can hold is known before anything is written
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
     trainers = None if settings["supernet"] else plan("supernet", settings["supernet_workers"], gpus_per_worker,

@@ -32,7 +32,7 @@ from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop
-from .runs import RUN_FILE, open_run, read_json, write_json
+from .runs import RUN_FILE, check_run, open_run, read_json, write_json
 from .space import SearchSpace
 from .training import add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr, ensure_ray, fit
 
@@ -95,14 +95,14 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
     space = SearchSpace.from_dict(settings["space"])
     train_images = len(build_splits(settings["data"], space.img_size, space.in_chans).train)  # fails here, before Ray
     check_epoch_has_a_step(train_images, settings["batch_size"], settings["workers"])
-    ensure_ray()
-    at_once, request = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)  # or fits no node
-    folder = run_dir / FOLDER
-    resumed = open_run(folder, {**settings, "top": top, "scheduler": scheduler}, "shortlist", resume)
-    if resumed and (run_dir / RECORD).is_file():
+    folder, run_settings = run_dir / FOLDER, {**settings, "top": top, "scheduler": scheduler}
+    if check_run(folder, run_settings, "shortlist", resume) and (run_dir / RECORD).is_file():  # before Ray
         record = read_json(run_dir / RECORD)
         console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
         return record
+    ensure_ray()
+    at_once, request = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)  # or fits no node
+    resumed = open_run(folder, run_settings, "shortlist", resume)
     # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
     # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
     trainable = tune.with_resources(shortlist_trial, {"cpu": 0, "memory": 2**20})

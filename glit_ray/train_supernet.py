@@ -30,7 +30,7 @@ from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
 from .resources import plan
-from .runs import open_run, resolve_distribution
+from .runs import check_run, open_run, resolve_distribution
 from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
@@ -143,14 +143,14 @@ def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_wor
     limits = Limits(**settings["limits"])
     limits.check_feasible(space, settings["level"], splits.num_classes,
                           tuple(settings["distribution"]) if settings["distribution"] else None)
-    ensure_ray()
-    request = plan("supernet", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
-    resumed = open_run(out, settings, "supernet", resume)
     target = out / SUPERNET_FILE
-    if resumed and target.exists():
+    if check_run(out, settings, "supernet", resume) and target.exists():  # before Ray: a finished run needs none
         load_supernet(target)  # refuse a damaged file rather than report success
         console.print(f"supernet already trained: {target}")
         return target
+    ensure_ray()
+    request = plan("supernet", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
+    resumed = open_run(out, settings, "supernet", resume)
 
     console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
                   f"{space.name} on {settings['data']} -> {out}")

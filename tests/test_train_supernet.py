@@ -164,7 +164,6 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_erro
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.ray  # the run dir is read after Ray starts (`resources.plan` reads the cluster first)
 def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
     not_a_run = tmp_path / "plain"
     not_a_run.mkdir()
@@ -178,7 +177,6 @@ def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
     assert (not_a_run / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.ray
 def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
