@@ -21,7 +21,10 @@ Held-out top-1 is what the search maximises, so a side that scores many near-dup
 it by luck of the noise; each run's best architecture is also scored on the test split, which no
 search sees, with the same supernet weights (BatchNorm recalibrated as in the search).
 
-    python bench/search_quality.py [--setting demo|pico] [--seeds 0 1 2 3 4] [--generations N] [--record]
+    python bench/search_quality.py [--setting demo|pico] [--seeds 0 1 2 3 4] [--generations N] [--fresh] [--record]
+
+Each search runs in OUT/SIDE-seedN; a later invocation reads finished ones back and resumes stopped ones
+(`--fresh` runs them all again).
 """
 from __future__ import annotations
 
@@ -80,14 +83,14 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
 
 
-def run_side(side: str, argv: list[str], out: Path) -> dict:
+def run_side(side: str, argv: list[str], out: Path, resume: bool) -> dict:
     """One search of `side`; `random fill` is today's searcher with its neighbourhood search turned off."""
     strategy = "random" if side == "random" else "evolution"
     settings = settings_from_args(build_parser().parse_args([*argv, "--strategy", strategy, "--out", str(out)]))
     if side == "random fill":
         with mock.patch.object(EvolutionSearcher, "search_around", lambda *_: False):
-            return search(settings, out)
-    return search(settings, out)
+            return search(settings, out, resume)
+    return search(settings, out, resume)
 
 
 def main() -> None:
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=None, help="(default: the setting's)")
     parser.add_argument("--data", help="pico: imagefolder:PATH (default: write a synthetic folder under --out)")
     parser.add_argument("--out", type=Path, default=None, help="(default: runs/bench/search-quality-SETTING)")
+    parser.add_argument("--fresh", action="store_true", help="run every search again (default: reuse finished runs)")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md and the plot")
     args = parser.parse_args()
     setting = SETTINGS[args.setting]
@@ -133,8 +137,11 @@ def main() -> None:
     for seed in args.seeds:
         for side in SIDES:
             out = out_root / f"{side.replace(' ', '-')}-seed{seed}"
-            shutil.rmtree(out, ignore_errors=True)  # a fresh run each time: this measures, it does not resume
-            best = run_side(side, [*argv, "--seed", str(seed)], out)
+            if args.fresh:
+                shutil.rmtree(out, ignore_errors=True)
+            # a run an earlier invocation finished is read back (a search is a function of its seed and scores), one
+            # it was stopped in goes on, so that the seeds of a long setting can be measured over several sittings
+            best = run_side(side, [*argv, "--seed", str(seed)], out, resume=(out / "run.json").exists())
             rows = read_candidates(out).to_pylist()
             scores = [r["top1"] for r in rows if r["status"] == "ok"]
             bred = [r for r in rows if r["generation"] > 0]

@@ -11,6 +11,7 @@ The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` re
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -42,6 +43,7 @@ SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
 CALIB_BATCHES = 4
 PROBE_IMAGES = 2048
+PROBE_SHARE = 0.1  # of the training compute, at most, that the probes take (`probe_every`)
 
 
 class PathSampler:
@@ -92,12 +94,22 @@ def train_loop(config: dict) -> None:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
                                         workers=config["loader_workers"]), device)
+        every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * config["batch_size"])
 
     def score_probes(epoch: int) -> tuple[dict, str]:
+        if (epoch + 1) % every and epoch != config["epochs"] - 1:
+            return {}, f"probes every {every} epochs"
         top1 = {f"probe_{name}_top1": score_on(net, arch, probe_sets, device)["top1"] for name, arch in probes.items()}
         return top1, f"probe top-1 {min(top1.values()):.1f}-{max(top1.values()):.1f}%"
 
     train_epochs(config, "supernet", net, model, recipe, loader, start_epoch, device, score_probes, path_at=sampler)
+
+
+def probe_every(probe_images: int, epoch_images: int) -> int:
+    """Epochs between probe rounds (the last epoch always has one): every epoch unless scoring the probes (one
+    forward pass over `probe_images`, calibration and held-out images of every probe) costs more than PROBE_SHARE of
+    an epoch's training on the worker (`epoch_images`, a forward and a backward pass: about three forward passes)."""
+    return max(1, math.ceil(probe_images / (PROBE_SHARE * 3 * epoch_images)))
 
 
 def settings_from_args(args) -> dict:

@@ -17,7 +17,7 @@ from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.supernet import load_supernet
 import glit_ray.train_supernet as training_module
-from glit_ray.train_supernet import PathSampler, build_parser, main, settings_from_args, train_supernet
+from glit_ray.train_supernet import PathSampler, build_parser, main, probe_every, settings_from_args, train_supernet
 
 FAST = ["--epochs", "1", "--batch-size", "64"]
 
@@ -60,6 +60,12 @@ def train_loop_on_desynced_paths(config: dict) -> None:
 
     with mock.patch.object(training_module, "PathSampler", Desynced):
         training_module.train_loop(config)
+
+
+def test_probes_take_at_most_a_tenth_of_training():
+    imagenet = 5 * (4 * 64 + 2048)  # five probes' calibration and held-out images
+    assert probe_every(imagenet, 1_281_167 // 8) == 1  # ImageNet on 8 workers: every epoch
+    assert probe_every(5 * (4 * 64 + 40), 10 * 32) == 16  # 10 batches of 32 a worker: every 16th epoch, and the last
 
 
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
