@@ -25,6 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
+from glit_ray import ray_workarounds
 from glit_ray.data import build_splits
 from glit_ray.dispatch import Dispatcher
 from glit_ray.evaluator import evaluator_pool, scoring_sizes
@@ -88,7 +89,8 @@ def main() -> None:
     step("data", started, f"{len(splits.train)} train / {len(splits.heldout)} held-out / {len(splits.test)} test images, "
                           f"{space.img_size} px, {args.data}")
 
-    ensure_ray()  # the commands' quiet console: our lines, not Ray's
+    ray_workarounds.apply()  # the commands' console (our lines, not Ray's) and Tune's defaults, before Ray starts
+    ensure_ray()
     started = time.perf_counter()
     settings = supernet_settings(space, "high", None, args.data, args.epochs, args.batch_size)
     supernet = train_supernet(settings, out / "supernet")

@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from glit_ray import ray_workarounds
 from glit_ray.space import SearchSpace
 
 from harness import SPACE, publish, run_generations, spread, start_fake_evaluators
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating; medians are compared")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
+    ray_workarounds.apply()  # as the commands do before Ray starts
     ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     actors = start_fake_evaluators(2)
     default, ours = [], []

@@ -50,6 +50,7 @@ import torch
 from scipy.stats import kendalltau
 from torch.nn import functional as F
 
+from glit_ray import ray_workarounds
 from glit_ray import pareto
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits, labels_of, stratified_sample
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     started = time.perf_counter()
+    ray_workarounds.apply()  # as the commands do before Ray starts
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     texts, picks = [], {}
     for name in args.settings:

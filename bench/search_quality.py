@@ -40,6 +40,7 @@ import ray
 import torch
 from matplotlib.figure import Figure
 
+from glit_ray import ray_workarounds
 from glit_ray.arch import Architecture
 from glit_ray.data import build_splits
 from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
@@ -106,6 +107,7 @@ def main() -> None:
     setting = SETTINGS[args.setting]
     generations = args.generations or setting.generations
     out_root = args.out or Path(f"runs/bench/search-quality-{args.setting}")
+    ray_workarounds.apply()  # as the commands do before Ray starts
     ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     space = SearchSpace.load(setting.space)
     data = "digits"
