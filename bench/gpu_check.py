@@ -38,7 +38,8 @@ from glit_ray.search import search, settings_from_args as search_settings
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.train_supernet import supernet_settings, train_supernet
+from glit_ray.settings import Placement
+from glit_ray.train_supernet import supernet_run, train_supernet
 from glit_ray.training import ensure_ray
 
 from harness import machine
@@ -92,8 +93,8 @@ def main() -> None:
     ray_workarounds.apply()  # the commands' console (our lines, not Ray's) and Tune's defaults, before Ray starts
     ensure_ray()
     started = time.perf_counter()
-    settings = supernet_settings(space, "high", None, args.data, args.epochs, args.batch_size)
-    supernet = train_supernet(settings, out / "supernet")
+    settings = supernet_run(space, "high", None, args.data, args.epochs, args.batch_size)
+    supernet = train_supernet(settings, Placement(out / "supernet"))
     _, meta = load_supernet(supernet)
     step("supernet training", started, f"{args.epochs} epochs of {len(splits.train) // args.batch_size} batches of "
                                        f"{args.batch_size}, last epoch {meta['last_epoch']['images_per_s']:.0f} images/s")
@@ -121,14 +122,14 @@ def main() -> None:
     argv = ["--level", "high", "--space", args.space, "--data", args.data, "--supernet", str(supernet),
             "--population", str(args.candidates), "--generations", "2", "--mutations", str(args.candidates // 2),
             "--crossovers", str(args.candidates - args.candidates // 2), "--topk", "4", "--out", str(out / "search")]
-    best = search(search_settings(search_parser().parse_args(argv)), out / "search")
+    best = search(search_settings(search_parser().parse_args(argv)), Placement(out / "search"))
     seconds = [r["eval_seconds"] for r in read_candidates(out / "search").to_pylist()]
     step("search", started, f"{len(seconds)} candidates, median {statistics.median(seconds):.2f} s each, "
                             f"best {best['top1']:.1f}% held-out")
 
     started = time.perf_counter()
     argv = ["--arch", str(out / "search"), "--epochs", "1", "--batch-size", str(args.batch_size), "--out", str(out / "retrain")]
-    metrics = retrain(retrain_settings(retrain_parser().parse_args(argv)), out / "retrain")
+    metrics = retrain(retrain_settings(retrain_parser().parse_args(argv)), Placement(out / "retrain"))
     step("retrain", started, f"1 epoch, test top-1 {metrics['test_top1']:.1f}%")
 
     total = time.perf_counter() - clock

@@ -16,12 +16,10 @@ from pathlib import Path
 import ray
 import torch
 
-from glit_ray.constraints import Limits
 from glit_ray.runs import write_atomic
 from glit_ray.results import ResultsCallback, read_candidates
-from glit_ray.search import generation_tuner
+from glit_ray.search import build_parser, generation_tuner, settings_from_args
 from glit_ray.searcher import EvolutionSearcher
-from glit_ray.space import SearchSpace
 
 SPACE = "glit_tiny"  # 4^12 high-level architectures: breeding never runs out of new children
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -129,9 +127,11 @@ def run_generations(actors: list, per_generation: int, generations: int, out: Pa
 
     Its rows are in `read_candidates(out)`, each stamped when its result reached the trial.
     """
-    searcher = EvolutionSearcher(SearchSpace.load(SPACE), "high", None, Limits(), 1000, population=per_generation,
-                                 generations=generations, topk=20, mutations=per_generation // 2,
-                                 crossovers=per_generation - per_generation // 2, mutation_prob=0.1, seed=0)
+    args = build_parser().parse_args([
+        "--level", "high", "--space", SPACE, "--population", str(per_generation), "--generations", str(generations),
+        "--topk", str(min(20, per_generation)), "--mutations", str(per_generation // 2),
+        "--crossovers", str(per_generation - per_generation // 2)])
+    searcher = EvolutionSearcher(settings_from_args(args), 1000)
     tuner = generation_tuner(out, searcher, actors, [ResultsCallback(out, "high", 10, generations)], restore=False)
     started = time.perf_counter()
     tuner.fit()

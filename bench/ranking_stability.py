@@ -61,7 +61,8 @@ from glit_ray.scoring import recalibrate_bn
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.train_supernet import SUPERNET_FILE, supernet_settings, train_supernet
+from glit_ray.settings import Placement
+from glit_ray.train_supernet import SUPERNET_FILE, supernet_run, train_supernet
 
 from harness import publish
 
@@ -132,8 +133,8 @@ def run_setting(name: str, args) -> tuple[str, str]:
         if supernet.exists():  # saved by an earlier glit_ray, whose tensors differ: train it again
             print(f"{exc}: training it again", flush=True)
             shutil.rmtree(supernet_dir)
-        supernet = train_supernet(supernet_settings(space, "high", None, data, epochs, batch_size=batch, lr=lr),
-                                  supernet_dir, resume=(supernet_dir / "run.json").exists())
+        supernet = train_supernet(supernet_run(space, "high", None, data, epochs, batch_size=batch, lr=lr),
+                                  Placement(supernet_dir, resume=(supernet_dir / "run.json").exists()))
     trained = time.perf_counter() - t0
     net, _ = load_supernet(supernet)
     splits = build_splits(data, space.img_size, space.in_chans)

@@ -52,7 +52,8 @@ from glit_ray.searcher import EvolutionSearcher
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.train_supernet import supernet_settings, train_supernet
+from glit_ray.settings import Placement
+from glit_ray.train_supernet import supernet_run, train_supernet
 
 from harness import BENCHMARKS, publish
 
@@ -87,11 +88,12 @@ def mean_std(values: list[float]) -> str:
 def run_side(side: str, argv: list[str], out: Path, resume: bool) -> dict:
     """One search of `side`; `random fill` is today's searcher with its neighbourhood search turned off."""
     strategy = "random" if side == "random" else "evolution"
-    settings = settings_from_args(build_parser().parse_args([*argv, "--strategy", strategy, "--out", str(out)]))
+    args = build_parser().parse_args([*argv, "--strategy", strategy, "--out", str(out), *(["--resume"] * resume)])
+    settings, where = settings_from_args(args), Placement.from_args(args)
     if side == "random fill":
         with mock.patch.object(EvolutionSearcher, "search_around", lambda *_: False):
-            return search(settings, out, resume)
-    return search(settings, out, resume)
+            return search(settings, where)
+    return search(settings, where)
 
 
 def main() -> None:
@@ -118,8 +120,8 @@ def main() -> None:
             write_imagefolder(folder, classes=50, train_per_class=40, val_per_class=10)
         data = args.data or f"imagefolder:{folder}"
     supernet_dir = out_root / "supernet"
-    supernet = train_supernet(supernet_settings(space, "high", None, data, setting.supernet_epochs),
-                              supernet_dir, resume=(supernet_dir / "run.json").exists())
+    supernet = train_supernet(supernet_run(space, "high", None, data, setting.supernet_epochs),
+                              Placement(supernet_dir, resume=(supernet_dir / "run.json").exists()))
 
     net, _ = load_supernet(supernet)
     splits = build_splits(data, space.img_size, space.in_chans)

@@ -27,6 +27,7 @@ from .latency import device_name, measure_ms
 from .ray_workarounds import actor_restarted, quiet_actor_creation
 from .resources import CPU_ACTOR_SHARE, Request
 from .scoring import score
+from .settings import Latency
 from .supernet import load_supernet
 
 CALIB_BATCH_SIZE = 64
@@ -47,9 +48,9 @@ class Evaluator:
     """Scores candidates of one supernet. Used as a Ray actor (`ray.remote(Evaluator)`)."""
 
     def __init__(self, supernet_bytes: bytes, sets: dict[str, ImageSet], actor_id: int, threads: int = 1,
-                 latency: dict | None = None, flops_convention: str = "macs"):
-        """`sets`: the "calibration" and "heldout" ImageSets (`scoring_sets`); `latency`: {"batch": images per
-        timed pass, "max_ms": limit or None}, None measures none; `flops_convention`: of the rows' flops."""
+                 latency: Latency | None = None, flops_convention: str = "macs"):
+        """`sets`: the "calibration" and "heldout" ImageSets (`scoring_sets`); `latency`: what to measure (None:
+        none); `flops_convention`: of the rows' flops."""
         started = time.perf_counter()
         torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
@@ -74,7 +75,7 @@ class Evaluator:
         with self.autocast:
             if self.latency:
                 row["latency_ms"] = latency = self.measure(arch)
-                limit = self.latency["max_ms"]
+                limit = self.latency.max_ms
                 if limit is not None and latency > limit:
                     return {**row, "status": "rejected", "eval_seconds": time.perf_counter() - started,
                             "error": f"latency {latency:.3g} ms is over --latency-max-ms {limit:g}"}
@@ -86,7 +87,7 @@ class Evaluator:
         key = str(arch)
         if key not in self.latency_ms:
             space = self.net.space
-            example = torch.randn(self.latency["batch"], space.in_chans, space.img_size, space.img_size, device=self.device)
+            example = torch.randn(self.latency.batch, space.in_chans, space.img_size, space.img_size, device=self.device)
             self.net.eval()
             self.latency_ms[key] = measure_ms(lambda x: self.net(x, arch), example)
         return self.latency_ms[key]
@@ -124,7 +125,7 @@ def score_on(net: torch.nn.Module, arch: Architecture | None, sets: dict[str, Im
 
 @contextmanager
 def evaluator_pool(supernet_bytes: bytes, splits: Splits, calib_batches: int, heldout_images: int | None,
-                   request: Request, latency: dict | None = None, flops_convention: str = "macs",
+                   request: Request, latency: Latency | None = None, flops_convention: str = "macs",
                    actor_class: type = Evaluator) -> Iterator[list]:
     """Start the evaluators of `request` (`resources.evaluators`) for the `with` block: `actor_class` actors (an
     `Evaluator`, or a subclass of one).

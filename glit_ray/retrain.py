@@ -31,17 +31,18 @@ from .model import GLiT
 from .progress import console as make_console
 from .progress import driver_has_terminal
 from .resources import plan
-from .runs import RUN_FILE, check_run, open_run, read_json, write_json
+from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
 from .scoring import evaluate
+from .settings import Placement, RetrainRun, SearchRun
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 METRICS = "metrics.json"
 
 
-def resolve_arch(value: str) -> tuple[str, dict]:
+def resolve_arch(value: str) -> tuple[str, SearchRun | None]:
     """The architecture `--arch` names (a search RUN_DIR, its best.json, or a string) and that search's settings."""
     path = Path(value)
     if path.is_dir():
@@ -56,36 +57,34 @@ def resolve_arch(value: str) -> tuple[str, dict]:
         if not isinstance(record, dict) or "arch" not in record:
             raise UserError(f"--arch {path} is not a search's best.json (no 'arch'); give the search's RUN_DIR")
         run_file = path.parent / RUN_FILE
-        search = read_json(run_file).get("settings", {}) if run_file.is_file() else {}
-        return record["arch"], search
-    return str(Architecture.parse(value)), {}
+        return record["arch"], read_settings(run_file, "search") if run_file.is_file() else None
+    return str(Architecture.parse(value)), None
 
 
-def settings_from_args(args) -> dict:
+def settings_from_args(args) -> RetrainRun:
     """Validate the command line into the settings that define a retraining run (stored in run.json)."""
     arch, search = resolve_arch(args.arch)
-    space = SearchSpace.load(args.space) if args.space else (
-        SearchSpace.from_dict(search["space"]) if "space" in search else SearchSpace.load("glit_micro"))
+    space = SearchSpace.load(args.space) if args.space else search.space if search else SearchSpace.load("glit_micro")
     space.validate(Architecture.parse(arch))
-    data = args.data or search.get("data", "digits")
+    data = args.data or (search.data if search else "digits")
     parse_spec(data)
     check_counts(args)
     check_batch_size(data, args.batch_size)
-    supernet = str(args.from_supernet.resolve()) if args.from_supernet else None
-    return {"arch": arch, "space": space.to_dict(), "data": data, "epochs": args.epochs, "batch_size": args.batch_size,
-            "workers": args.workers, "lr": args.lr or default_lr(data, args.batch_size, args.workers),
-            "drop_path": args.drop_path, "from_supernet": supernet, "seed": args.seed}
+    return RetrainRun(space=space, data=data, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
+                      lr=args.lr or default_lr(data, args.batch_size, args.workers), drop_path=args.drop_path,
+                      seed=args.seed, arch=arch,
+                      from_supernet=str(args.from_supernet.resolve()) if args.from_supernet else None)
 
 
-def inherited_model(settings: dict, num_classes: int) -> GLiT:
-    """The architecture with the weights it inherits from `settings['from_supernet']`."""
-    path = Path(settings["from_supernet"])
+def inherited_model(settings: RetrainRun, num_classes: int) -> GLiT:
+    """The architecture with the weights it inherits from `settings.from_supernet`."""
+    path = Path(settings.from_supernet)
     net, _ = load_supernet(path)
-    space, arch = SearchSpace.from_dict(settings["space"]), Architecture.parse(settings["arch"])
+    space, arch = settings.space, Architecture.parse(settings.arch)
     if net.space != space:
         raise UserError(f"supernet {path} was trained on space {net.space.name}, not {space.name}; pass the matching --space")
     if net.num_classes != num_classes:
-        raise UserError(f"supernet {path} has {net.num_classes} classes but {settings['data']} has {num_classes}; "
+        raise UserError(f"supernet {path} has {net.num_classes} classes but {settings.data} has {num_classes}; "
                         "use a supernet trained on this dataset")
     if net.level == "low" and arch.distribution != net.distribution:
         raise UserError(f"supernet {path} holds distribution {net.distribution}, not this architecture's "
@@ -95,76 +94,75 @@ def inherited_model(settings: dict, num_classes: int) -> GLiT:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker."""
+    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `RetrainRun`)."""
     ray_workarounds.quiet_train_worker_log()
     device = worker_device()
-    space, seed = SearchSpace.from_dict(config["space"], source="run.json"), config["seed"]
-    splits = build_splits(config["data"], space.img_size, space.in_chans)
+    job: TrainJob = config["job"]
+    settings: RetrainRun = job.settings
+    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)
 
-    torch.manual_seed(seed)
-    net = GLiT(config["arch"], space, splits.num_classes, drop_path_rate=config["drop_path"])
-    if config["initial_weights"] is not None:
-        net.load_state_dict(ray.get(config["initial_weights"]))
+    torch.manual_seed(settings.seed)
+    net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.drop_path)
+    if job.initial_weights is not None:
+        net.load_state_dict(ray.get(job.initial_weights))
     net.to(device)
-    loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
-    recipe = Recipe.deit(net, config["lr"], config["epochs"], len(loader), device, mixup_for(splits))
+    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
+    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device)
 
     def score_heldout(epoch: int) -> tuple[dict, str]:
         """Held-out top-1/top-5, and the test split's after the last epoch (a shortlist trial never looks at it)."""
         views = {"heldout": splits.heldout}
-        if epoch == config["epochs"] - 1 and config.get("score_test", True):
+        if epoch == settings.epochs - 1 and job.score_test:
             views["test"] = splits.test
         metrics = {f"{name}_{k}": v for name, view in views.items() for k, v in
-                   evaluate(net, None, eval_batches(splits, view, device, workers=config["loader_workers"])).items()}
+                   evaluate(net, None, eval_batches(splits, view, device, workers=job.loader_workers)).items()}
         line = f"held-out top-1 {metrics['heldout_top1']:.2f}%"
         return metrics, line + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else "")
 
-    train_epochs(config, config.get("label", "retrain"), net, model, recipe, loader, start_epoch, device, score_heldout)
+    train_epochs(job, net, model, recipe, loader, start_epoch, device, score_heldout)
 
 
-def retrain(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-            cpus_per_worker: int | None = None, loader_workers: int | None = None, console: Console | None = None,
-            storage: str | None = None) -> dict:
-    """Train (or resume, or find finished) the architecture of `settings` in run dir `out`; return metrics.json.
+def retrain(settings: RetrainRun, where: Placement, console: Console | None = None) -> dict:
+    """Train (or resume, or find finished) the architecture of `settings` in run dir `where.out`; return metrics.json.
 
-    `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
+    `where.storage`: where Ray Train keeps its checkpoints (default: the run dir), a URI when workers do not share it."""
     console = console or make_console()
-    out = Path(out).resolve()
-    space = SearchSpace.from_dict(settings["space"])
-    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
-    check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
-    inherited = inherited_model(settings, splits.num_classes) if settings["from_supernet"] else None
-    if check_run(out, settings, "retrain", resume) and (out / METRICS).exists():  # before Ray: a finished run needs none
+    out = where.out
+    space = settings.space
+    splits = build_splits(settings.data, space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
+    check_epoch_has_a_step(len(splits.train), settings.batch_size, settings.workers)
+    inherited = inherited_model(settings, splits.num_classes) if settings.from_supernet else None
+    if check_run(out, settings, where.resume) and (out / METRICS).exists():  # before Ray: a finished run needs none
         load_model(out)  # refuse a damaged export rather than report success
         console.print(f"already retrained: {out / WEIGHTS}")
         return read_json(out / METRICS)
-    ensure_ray()
-    request = plan("retrain", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
-    resumed = open_run(out, settings, "retrain", resume)
+    ensure_ray(where.address)
+    request = plan("retrain", settings.workers, where.gpus_per_worker, where.cpus_per_worker)  # or fits no node: here
+    resumed = open_run(out, settings, where.resume)
 
     initial = {}
     if inherited is not None:
-        sets = scoring_sets(splits, *scoring_sizes(settings["data"]))
+        sets = scoring_sets(splits, *scoring_sizes(settings.data))
         scores = score_on(inherited, None, sets, torch.device("cpu"))  # as the search scores the path
         initial = {f"inherited_heldout_{k}": v for k, v in scores.items()}
-        console.print(f"inherited weights from {settings['from_supernet']}: held-out top-1 "
+        console.print(f"inherited weights from {settings.from_supernet}: held-out top-1 "
                       f"{initial['inherited_heldout_top1']:.2f}% before any training")
-    console.print(f"{'resuming' if resumed else 'retraining'} {settings['arch']} ({space.name}) on {settings['data']} "
-                  f"for {settings['epochs']} epochs -> {out}")
+    console.print(f"{'resuming' if resumed else 'retraining'} {settings.arch} ({space.name}) on {settings.data} "
+                  f"for {settings.epochs} epochs -> {out}")
     console.print(str(request))
-    config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal(),
-              "initial_weights": ray.put(inherited.state_dict()) if inherited is not None else None}
-    result = fit(train_loop, config, out, request, storage, say=console.print)
+    job = TrainJob(settings, str(out), "retrain", driver_has_terminal(), where.loader_workers,
+                   initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
+    result = fit(train_loop, job, request, where.storage, say=console.print)
 
-    model = GLiT(settings["arch"], space, splits.num_classes)
+    model = GLiT(settings.arch, space, splits.num_classes)
     state = final_state(result)
     model.load_state_dict(state["model"])
     final = {k: v for k, v in state["metrics"].items() if k.startswith(("test_", "heldout_"))}
-    metrics = {"arch": settings["arch"], "data": settings["data"], "epochs": settings["epochs"],
-               "from_supernet": settings["from_supernet"], **initial, **final}
-    export_model(model.eval(), out, data=settings["data"], test_top1=final["test_top1"], test_top5=final["test_top5"])
+    metrics = {"arch": settings.arch, "data": settings.data, "epochs": settings.epochs,
+               "from_supernet": settings.from_supernet, **initial, **final}
+    export_model(model.eval(), out, data=settings.data, test_top1=final["test_top1"], test_top5=final["test_top5"])
     write_json(out / METRICS, metrics)
     console.print(f"test top-1 {final['test_top1']:.2f}%, top-5 {final['test_top5']:.2f}%; "
                   f"model: {out / WEIGHTS} + {out / ARCH}")
@@ -183,8 +181,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ray_workarounds.apply()
-    retrain(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
-            args.loader_workers, storage=args.storage)
+    retrain(settings_from_args(args), Placement.from_args(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 from .arch import Architecture
 from .errors import UserError
 from .progress import console
+from .settings import from_json, kind_of, to_json
 from .space import SearchSpace
 
 RUN_FILE = "run.json"
@@ -46,14 +47,13 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is unreadable ({type(exc).__name__}); it is not a glit_ray run file") from None
 
 
-def check_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
-    """Whether `out` resumes an earlier run of `kind` with `settings` (False: a new run goes there), reading only.
+def check_run(out: Path, settings, resume: bool) -> bool:
+    """Whether `out` resumes an earlier run with `settings` (False: a new run goes there), reading only.
 
     Refuses (UserError) an `out` that holds another run, or `--resume` of a directory that holds none: a command
     checks its run directory before it starts Ray, and claims it (`open_run`) once it knows the cluster can hold it.
     """
-    settings = json.loads(json.dumps(settings))  # compare as JSON reads it back (tuples become lists)
-    run_file = out / RUN_FILE
+    kind, run_file = kind_of(settings), out / RUN_FILE
     if not run_file.exists():
         if resume:
             raise UserError(f"--resume: {out} is not a glit_ray run (no {RUN_FILE}); drop --resume to start one")
@@ -63,21 +63,29 @@ def check_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
     existing = read_json(run_file)
     if existing.get("kind") != kind:
         raise UserError(f"{out} holds a {existing.get('kind')} run, not a {kind} run; choose another --out")
-    old = existing.get("settings", {})
-    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    old, new = to_json(read_settings(run_file, kind)), to_json(settings)
+    changed = [name for name in new if old[name] != new[name]]
     if changed:
-        diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed[:3])
+        diff = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:3])
         raise UserError(f"{out} holds a different {kind} run ({diff}); choose another --out or repeat its settings")
     return True
 
 
-def open_run(out: Path, settings: dict, kind: str, resume: bool) -> bool:
-    """Claim `out` for a run of `kind` with `settings` (`check_run`, then run.json written for a new run); return True
-    when it resumes an earlier one."""
-    resumed = check_run(out, settings, kind, resume)
+def open_run(out: Path, settings, resume: bool) -> bool:
+    """Claim `out` for a run with `settings` (`check_run`, then run.json written for a new run); return True when it
+    resumes an earlier one."""
+    resumed = check_run(out, settings, resume)
     if not resumed:
-        write_json(out / RUN_FILE, {"kind": kind, "settings": json.loads(json.dumps(settings))})
+        write_json(out / RUN_FILE, {"kind": kind_of(settings), "settings": to_json(settings)})
     return resumed
+
+
+def read_settings(run_file: Path, kind: str):
+    """The settings of the `kind` run whose run.json is `run_file` (`settings.from_json`)."""
+    existing = read_json(run_file)
+    if not isinstance(existing, dict) or existing.get("kind") != kind or not isinstance(existing.get("settings"), dict):
+        raise UserError(f"{run_file} is not the run file of a {kind} run")
+    return from_json(kind, existing["settings"], source=str(run_file))
 
 
 def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:

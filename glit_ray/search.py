@@ -34,7 +34,8 @@ from .runs import RUN_FILE, check_run, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
-from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_settings, train_supernet
+from .settings import Latency, Placement, SearchRun
+from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_run, train_supernet
 from .training import add_worker_resources, check_epoch_has_a_step, ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
@@ -140,7 +141,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def settings_from_args(args) -> dict:
+def settings_from_args(args) -> SearchRun:
     """Validate the command line into the settings that define a search run (stored in run.json)."""
     space = SearchSpace.load(args.space)
     if args.level == "low" and not args.distribution:
@@ -170,16 +171,15 @@ def settings_from_args(args) -> dict:
     latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
     limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention)
     calib_batches, heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
-    return {
-        "space": space.to_dict(), "level": args.level, "distribution": list(distribution) if distribution else None,
-        "data": args.data, "supernet": str(args.supernet.resolve()) if args.supernet else None,
-        "population": args.population, "generations": args.generations, "topk": args.topk,
-        "mutations": args.mutations, "crossovers": args.crossovers, "mutation_prob": args.mutation_prob,
-        "strategy": args.strategy, "objective": args.objective, "pareto_cost": COST_COLUMNS[args.pareto_cost],
-        "latency": {"batch": args.latency_batch, "max_ms": args.latency_max_ms} if latency else None,
-        "limits": limits.as_dict(), "calib_batches": calib_batches, "heldout_images": heldout_images,
-        "supernet_epochs": args.supernet_epochs, "supernet_workers": args.supernet_workers, "seed": args.seed,
-    }
+    return SearchRun(
+        space=space, level=args.level, distribution=distribution, data=args.data,
+        supernet=str(args.supernet.resolve()) if args.supernet else None, population=args.population,
+        generations=args.generations, topk=args.topk, mutations=args.mutations, crossovers=args.crossovers,
+        mutation_prob=args.mutation_prob, strategy=args.strategy, objective=args.objective,
+        pareto_cost=COST_COLUMNS[args.pareto_cost],
+        latency=Latency(args.latency_batch, args.latency_max_ms) if latency else None, limits=limits,
+        calib_batches=calib_batches, heldout_images=heldout_images, supernet_epochs=args.supernet_epochs,
+        supernet_workers=args.supernet_workers, seed=args.seed)
 
 
 def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> None:
@@ -193,64 +193,58 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
         raise UserError(f"supernet {path} was trained for distribution {net.distribution}, not {tuple(distribution)}")
 
 
-def search(settings: dict, out: Path, resume: bool = False, actors: int | None = None,
-           gpus_per_actor: float | None = None, address: str | None = None, console: Console | None = None,
-           mirror: str | None = None, gpus_per_worker: float | None = None, cpus_per_worker: int | None = None) -> dict:
+def search(settings: SearchRun, where: Placement, console: Console | None = None) -> dict:
     """Run (or resume) a search; returns best.json's content.
 
-    `actors` and `gpus_per_actor` are the evaluators', `gpus_per_worker` and `cpus_per_worker` those of the
-    supernet's Ray Train workers when the search trains it (`resources.plan`).
+    `where.actors` and `where.gpus_per_actor` are the evaluators', `where.gpus_per_worker` and `cpus_per_worker`
+    those of the supernet's Ray Train workers when the search trains it (`resources.plan`).
 
-    With `mirror` (a storage URI), the run directory is pushed there after every generation, and
+    With `where.mirror` (a storage URI), the run directory is pushed there after every generation, and
     the supernet's Ray Train checkpoints go there directly; resuming without a local copy (a new
     head node) pulls it back first.
     """
     console = console or make_console()
-    out = Path(out).resolve()
-    mirror = Mirror(out, mirror) if mirror else None
-    space = SearchSpace.from_dict(settings["space"])
-    level = settings["level"]
-    distribution = tuple(settings["distribution"]) if settings["distribution"] else None
-    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails before Ray
-    limits = Limits(**settings["limits"])
-    limits.check_feasible(space, level, splits.num_classes, distribution)
-    inside = count_within(limits, space, level, splits.num_classes, distribution)
-    if inside is not None and inside < settings["population"]:
+    out, space, level, limits = where.out, settings.space, settings.level, settings.limits
+    mirror = Mirror(out, where.mirror) if where.mirror else None
+    pulling = mirror and where.resume and not (out / RUN_FILE).exists()  # run.json is in the mirror, pulled below
+    splits = build_splits(settings.data, space.img_size, space.in_chans)  # a bad dataset fails before Ray
+    limits.check_feasible(space, level, splits.num_classes, settings.distribution)
+    inside = count_within(limits, space, level, splits.num_classes, settings.distribution)
+    if inside is not None and inside < settings.population:
         raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
-                        f"--population {settings['population']}: generation 0 cannot fill; widen the limits or lower "
+                        f"--population {settings.population}: generation 0 cannot fill; widen the limits or lower "
                         "--population")
-    if settings["supernet"]:
-        check_supernet(Path(settings["supernet"]), space, level, distribution)
+    if settings.supernet:
+        check_supernet(Path(settings.supernet), space, level, settings.distribution)
     else:
-        check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings["supernet_workers"],
+        check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings.supernet_workers,
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
-    if not (mirror and resume and not (out / RUN_FILE).exists()):  # (else run.json is in the mirror, pulled below)
-        check_run(out, settings, "search", resume)  # a run dir that is not this run's is refused before Ray starts
-    ensure_ray(address)  # what the cluster can hold is known before anything is written
+    if not pulling:
+        check_run(out, settings, where.resume)  # a run dir that is not this run's is refused before Ray starts
+    ensure_ray(where.address)  # what the cluster can hold is known before anything is written
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
-    trainers = None if settings["supernet"] else plan("supernet", settings["supernet_workers"], gpus_per_worker,
-                                                      cpus_per_worker, shape=shape)
-    scorers = evaluators(actors, gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
-    if mirror and resume and not (out / RUN_FILE).exists():
+    trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.gpus_per_worker,
+                                                   where.cpus_per_worker, shape=shape)
+    scorers = evaluators(where.actors, where.gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
+    if pulling:
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
-    resumed = open_run(out, settings, "search", resume)
+    resumed = open_run(out, settings, where.resume)
 
-    supernet = Path(settings["supernet"]) if settings["supernet"] else train_supernet(
-        supernet_settings(space, level, distribution, settings["data"], settings["supernet_epochs"],
-                          workers=settings["supernet_workers"], limits=replace(limits, flops_min=None, params_min=None),
-                          seed=settings["seed"]),
-        out / "supernet", resume=(out / "supernet" / "run.json").exists(), gpus_per_worker=trainers.gpus,
-        cpus_per_worker=trainers.cpus, console=console, storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None)
+    supernet = Path(settings.supernet) if settings.supernet else train_supernet(
+        supernet_run(space, level, settings.distribution, settings.data, settings.supernet_epochs,
+                     workers=settings.supernet_workers, limits=replace(limits, flops_min=None, params_min=None),
+                     seed=settings.seed),
+        replace(where, out=out / "supernet", resume=(out / "supernet" / RUN_FILE).exists(),
+                gpus_per_worker=trainers.gpus, cpus_per_worker=trainers.cpus,
+                storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None),
+        console=console)
     if mirror:
         mirror.push()
 
-    searcher = EvolutionSearcher(space, level, distribution, limits, splits.num_classes, settings["population"],
-                                 settings["generations"], settings["topk"], settings["mutations"],
-                                 settings["crossovers"], settings["mutation_prob"], settings["seed"],
-                                 settings["strategy"], settings["objective"], settings["pareto_cost"])
-    with evaluator_pool(supernet.read_bytes(), splits, settings["calib_batches"], settings["heldout_images"],
-                        scorers, settings["latency"], limits.convention) as pool, waiting_note(scorers, console.print):
+    searcher = EvolutionSearcher(settings, splits.num_classes)
+    with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,
+                        settings.latency, limits.convention) as pool, waiting_note(scorers, console.print):
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
         if restore:
             console.print(f"resuming the {level}-level search in {out}")
@@ -258,10 +252,10 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
             for line in repair_generations(out, searcher.state["scored"], level):
                 console.print(line)
         else:
-            console.print(f"{level}-level search of {space.name} on {settings['data']}: {settings['generations']} "
+            console.print(f"{level}-level search of {space.name} on {settings.data}: {settings.generations} "
                           f"generations -> {out}")
         console.print(str(scorers))
-        callbacks = [ResultsCallback(out, level, settings["topk"], settings["generations"], settings["pareto_cost"])]
+        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost)]
         if mirror:
             callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
         with callers_signal_handlers():
@@ -270,11 +264,11 @@ def search(settings: dict, out: Path, resume: bool = False, actors: int | None =
     if mirror:
         mirror.push()
     rows = read_candidates(out).to_pylist()
-    best = best_record(rows, level, settings["topk"], settings["pareto_cost"])
+    best = best_record(rows, level, settings.topk, settings.pareto_cost)
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
     print_table(console, f"top-{len(best['topk'])} of {len(rows)} candidates ({level} level)", best["topk"])
-    if settings["objective"] == "pareto":
+    if settings.objective == "pareto":
         print_table(console, f"Pareto front over top-1 and {best['front_cost']}", best["front"])
     console.print(f"best: {best['arch']}  top-1 {best['top1']:.2f}%  ({out / 'best.json'}); "
                   f"supernet loads per actor: {loads}")
@@ -312,9 +306,7 @@ def print_table(console: Console, title: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ray_workarounds.apply()
-    out = args.out or Path("runs") / f"search-{args.level}"
-    search(settings_from_args(args), out, args.resume, args.actors, args.gpus_per_actor, args.address,
-           mirror=args.mirror, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+    search(settings_from_args(args), Placement.from_args(args, out=args.out or Path("runs") / f"search-{args.level}"))
 
 
 if __name__ == "__main__":

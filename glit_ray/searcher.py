@@ -27,8 +27,7 @@ from ray.tune.search import Searcher
 
 from . import pareto
 from .arch import Architecture
-from .constraints import Limits
-from .space import SearchSpace
+from .settings import SearchRun
 
 TRIES_PER_CHILD = 50
 MIN_FALLBACK_RATE = 0.05  # a fallback mutation's rate when --mutation-prob is 0 (it doubles from there to 1)
@@ -36,16 +35,11 @@ TRIAL_ATTEMPTS = 2  # a generation whose trial errors is run once more, then rec
 
 
 class EvolutionSearcher(Searcher):
-    def __init__(self, space: SearchSpace, level: str, distribution: tuple[int, ...] | None, limits: Limits,
-                 num_classes: int, population: int = 50, generations: int = 20, topk: int = 10,
-                 mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, seed: int = 0,
-                 strategy: str = "evolution", objective: str = "top1", cost: str = "flops"):
+    """The evolution of one search run's `settings` (`settings.SearchRun`) over `num_classes` classes."""
+
+    def __init__(self, settings: SearchRun, num_classes: int):
         super().__init__(metric="top1", mode="max")
-        self.space, self.level, self.distribution, self.limits = space, level, distribution, limits
-        self.num_classes, self.population, self.generations, self.topk = num_classes, population, generations, topk
-        self.mutations, self.crossovers, self.mutation_prob, self.seed = mutations, crossovers, mutation_prob, seed
-        self.strategy = strategy  # "random": the baseline, every generation drawn at random, same budget and limits
-        self.objective, self.cost = objective, cost  # "top1" | "pareto" over (top1, the row's `cost` column)
+        self.settings, self.num_classes = settings, num_classes
         self.state = {
             "generation": 0,   # the next generation to breed
             "scored": [],      # every finished candidate row, in generation and candidate order
@@ -58,7 +52,7 @@ class EvolutionSearcher(Searcher):
     # ---- Tune interface ------------------------------------------------------------------------
     def suggest(self, trial_id: str):
         state = self.state
-        if state["generation"] >= self.generations:
+        if state["generation"] >= self.settings.generations:
             return Searcher.FINISHED
         generation = state["generation"]
         if any(c["generation"] == generation for c in state["pending"].values()):
@@ -92,43 +86,34 @@ class EvolutionSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
 
-    _SETTINGS = ("level", "distribution", "num_classes", "population", "generations", "topk", "mutations",
-                 "crossovers", "mutation_prob", "seed", "strategy", "objective", "cost")
-
     def get_state(self) -> dict:
-        """Everything: the settings (so a blank searcher restores into this one) and the evolution."""
-        settings = {name: getattr(self, name) for name in self._SETTINGS}
-        return {"settings": {**settings, "space": self.space.to_dict(), "limits": self.limits.as_dict()}, **self.state}
+        """The evolution. The settings are the run's (run.json, checked on resume), and the search builds its
+        searcher from them before restoring this."""
+        return self.state
 
     def set_state(self, state: dict):
-        state = dict(state)
-        settings = state.pop("settings", None)
-        if settings:
-            self.space = SearchSpace.from_dict(settings.pop("space"))
-            self.limits = Limits(**settings.pop("limits"))
-            for name, value in settings.items():
-                setattr(self, name, value)
-        self.state = state
+        self.state = {key: value for key, value in state.items() if key != "settings"}  # (earlier versions kept them)
 
     # ---- evolution -------------------------------------------------------------------------------
     def parents(self) -> list[Architecture]:
         """The top-k architectures scored so far (ties broken by the architecture string)."""
-        ok = [r for r in self.state["scored"] if r["status"] == "ok"]
-        if self.objective == "pareto":
-            best = pareto.select(ok, self.topk, self.cost)
+        ok, settings = [r for r in self.state["scored"] if r["status"] == "ok"], self.settings
+        if settings.objective == "pareto":
+            best = pareto.select(ok, settings.topk, settings.pareto_cost)
         else:
-            best = pareto.by_top1(ok)[: self.topk]
+            best = pareto.by_top1(ok)[: settings.topk]
         return [Architecture.parse(r["arch"]) for r in best]
 
     def search_around(self, operator: str, make, admit, rng: random.Random) -> bool:
         """A child found around the parents `make()` draws when `operator` made nothing new: a mutation that changes
         at least one gene, of the parent or of the crossover's child, its rate doubled step by step up to 1. False
         when that neighbourhood is exhausted within the limits."""
-        fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.mutation_prob
+        fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.settings.mutation_prob
+        space, level = self.settings.space, self.settings.level
         while True:
             for _ in range(TRIES_PER_CHILD):
                 _, parents, base = make()
-                if admit(self.space.mutate(base, self.level, rate, rng, changed=True), fallback, parents):
+                if admit(space.mutate(base, level, rate, rng, changed=True), fallback, parents):
                     return True
             if rate >= 1:
                 return False
@@ -136,13 +121,14 @@ class EvolutionSearcher(Searcher):
 
     def breed(self, generation: int) -> dict:
         """The config of generation `generation`: its candidates with lineage, and draw statistics."""
-        rng = random.Random(f"{self.seed}:{generation}")
-        seen = self.state["seen"]
+        settings, seen = self.settings, self.state["seen"]
+        space, level, limits = settings.space, settings.level, settings.limits
+        rng = random.Random(f"{settings.seed}:{generation}")
         candidates, draws = [], {"total": 0, "met": 0}
 
         def admit(arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
             draws["total"] += 1
-            if not self.limits.admits(self.limits.cost(self.space, arch, self.num_classes)):
+            if not limits.admits(limits.cost(space, arch, self.num_classes)):
                 return False
             draws["met"] += 1
             if str(arch) in seen:
@@ -162,22 +148,23 @@ class EvolutionSearcher(Searcher):
                     return True
             return self.search_around(operator, make, admit, rng)
 
-        parents = self.parents() if generation and self.strategy == "evolution" else []
-        wanted = self.mutations + self.crossovers if generation else self.population
+        parents = self.parents() if generation and settings.strategy == "evolution" else []
+        wanted = settings.mutations + settings.crossovers if generation else settings.population
         if parents:
             def mutate():
                 parent = rng.choice(parents)
-                return self.space.mutate(parent, self.level, self.mutation_prob, rng), [parent], parent
+                return space.mutate(parent, level, settings.mutation_prob, rng), [parent], parent
 
             def cross():
                 pair = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
-                crossed = self.space.crossover(pair[0], pair[1], rng)
+                crossed = space.crossover(pair[0], pair[1], rng)
                 return crossed, pair, crossed
 
-            for operator, count, make in (("mutation", self.mutations, mutate), ("crossover", self.crossovers, cross)):
+            for operator, count, make in (("mutation", settings.mutations, mutate),
+                                          ("crossover", settings.crossovers, cross)):
                 for _ in range(count):
                     child(operator, make)
         # generation 0, the random baseline, and children whose parents' neighbourhood is exhausted: random draws
         for _ in range(wanted - len(candidates)):
-            any(admit(self.space.sample(self.level, rng, self.distribution), "random", []) for _ in range(TRIES_PER_CHILD))
+            any(admit(space.sample(level, rng, settings.distribution), "random", []) for _ in range(TRIES_PER_CHILD))
         return {"generation": generation, "candidates": candidates, "draws": draws, "missing": wanted - len(candidates)}

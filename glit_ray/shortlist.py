@@ -16,7 +16,7 @@ directory per candidate with its checkpoints and TensorBoard).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from ray import tune
@@ -31,23 +31,23 @@ from .progress import console as make_console
 from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
-from .retrain import train_loop
-from .runs import RUN_FILE, check_run, open_run, read_json, write_json
-from .space import SearchSpace
-from .training import add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr, ensure_ray, fit
+from .retrain import train_loop as retrain_loop
+from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
+from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
+from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
+                       ensure_ray, fit)
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"
 
 
-def search_settings(run_dir: Path) -> dict:
+def search_settings(run_dir: Path) -> SearchRun:
     """The settings of the high-level search run in `run_dir` (its run.json), or a UserError saying it is none."""
     if not (run_dir / RUN_FILE).is_file():
         raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
-    search = read_json(run_dir / RUN_FILE)
-    if search.get("kind") != "search" or search.get("settings", {}).get("level") != "high":
+    if read_json(run_dir / RUN_FILE).get("kind") != "search" or read_settings(run_dir / RUN_FILE, "search").level != "high":
         raise UserError(f"{run_dir} is not a high-level search run; give the RUN_DIR of python -m glit_ray.search --level high")
-    return search["settings"]
+    return read_settings(run_dir / RUN_FILE, "search")
 
 
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
@@ -65,58 +65,57 @@ def top_candidates(run_dir: Path, top: int) -> list[dict]:
 def shortlist_trial(config: dict) -> None:
     """One Tune trial: train candidate `rank` for the shortlist's epochs, resuming its own checkpoints; each
     epoch's metrics reach Tune through `TuneReportCallback`."""
-    rank, settings = config["rank"], config["settings"]
-    out = Path(config["folder"]) / f"rank{rank + 1}"
+    rank, settings, where = config["rank"], config["settings"], config["where"]
+    candidates = config["candidates"]
+    out = where.out / FOLDER / f"rank{rank + 1}"
     out.mkdir(parents=True, exist_ok=True)
-    train_config = {**settings, "arch": config["candidates"][rank]["arch"], "out": str(out), "progress": False,
-                    "loader_workers": config["loader_workers"], "initial_weights": None, "score_test": False,
-                    "label": f"shortlist {rank + 1}/{len(config['candidates'])}"}  # its epoch lines say which
-    storage = f"{config['storage'].rstrip('/')}/{FOLDER}/rank{rank + 1}" if config["storage"] else None
-    request = replace(Request(**config["request"]), count=settings["workers"])
-    fit(train_loop, train_config, out, request, storage, callbacks=[TuneReportCallback()])
+    trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)},
+                         arch=candidates[rank]["arch"], from_supernet=None)
+    job = TrainJob(trained, str(out), f"shortlist {rank + 1}/{len(candidates)}", progress=False,  # its lines say which
+                   loader_workers=where.loader_workers, score_test=False)
+    storage = f"{where.storage.rstrip('/')}/{FOLDER}/rank{rank + 1}" if where.storage else None
+    fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
+        callbacks=[TuneReportCallback()])
 
 
-def side_by_side(settings: dict, trials: int, gpus_per_worker: float | None,
-                 cpus_per_worker: int | None) -> tuple[int, Request]:
+def side_by_side(settings: ShortlistRun, trials: int, where: Placement) -> tuple[int, Request]:
     """How many trials run at once (as many as the cluster can hold), and the request of their workers together."""
-    workers, shape = settings["workers"], cluster_shape()
-    every = plan("shortlist", trials * workers, gpus_per_worker, cpus_per_worker, shape=shape)
-    at_once = min(trials, max(1, capacity(every, shape) // workers))
-    return at_once, replace(every, count=at_once * workers)
+    shape = cluster_shape()
+    every = plan("shortlist", trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)
+    at_once = min(trials, max(1, capacity(every, shape) // settings.workers))
+    return at_once, replace(every, count=at_once * settings.workers)
 
 
-def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = None, resume: bool = False,
-              gpus_per_worker: float | None = None, cpus_per_worker: int | None = None, loader_workers: int | None = None,
-              storage: str | None = None, console=None) -> dict:
-    """Retrain the `top` best distributions of the high-level search in `run_dir`; return shortlist.json's content."""
+def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
+    """Retrain the `settings.top` best distributions of the high-level search in run dir `where.out`; return
+    shortlist.json's content."""
     console = console or make_console()
-    run_dir = Path(run_dir).resolve()
-    candidates = top_candidates(run_dir, top)
-    space = SearchSpace.from_dict(settings["space"])
-    train_images = len(build_splits(settings["data"], space.img_size, space.in_chans).train)  # fails here, before Ray
-    check_epoch_has_a_step(train_images, settings["batch_size"], settings["workers"])
-    folder, run_settings = run_dir / FOLDER, {**settings, "top": top, "scheduler": scheduler}
-    if check_run(folder, run_settings, "shortlist", resume) and (run_dir / RECORD).is_file():  # before Ray
+    run_dir = where.out
+    candidates = top_candidates(run_dir, settings.top)
+    space = settings.space
+    train_images = len(build_splits(settings.data, space.img_size, space.in_chans).train)  # fails here, before Ray
+    check_epoch_has_a_step(train_images, settings.batch_size, settings.workers)
+    folder = run_dir / FOLDER
+    if check_run(folder, settings, where.resume) and (run_dir / RECORD).is_file():  # before Ray
         record = read_json(run_dir / RECORD)
         console.print(f"already shortlisted: {record['winner']['arch']} ({run_dir / RECORD})")
         return record
-    ensure_ray()
-    at_once, request = side_by_side(settings, len(candidates), gpus_per_worker, cpus_per_worker)  # or fits no node
-    resumed = open_run(folder, run_settings, "shortlist", resume)
+    ensure_ray(where.address)
+    at_once, request = side_by_side(settings, len(candidates), where)  # or fits no node
+    resumed = open_run(folder, settings, where.resume)
     # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
     # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
     trainable = tune.with_resources(shortlist_trial, {"cpu": 0, "memory": 2**20})
-    asha = ASHAScheduler(max_t=settings["epochs"], grace_period=1) if scheduler == "asha" else None
+    asha = ASHAScheduler(max_t=settings.epochs, grace_period=1) if settings.scheduler == "asha" else None
     if resumed and tune.Tuner.can_restore(str(folder / "tune")):
         console.print(f"resuming the shortlist of {run_dir}")
         tuner = tune.Tuner.restore(str(folder / "tune"), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        console.print(f"shortlist of {run_dir}: the top {len(candidates)} distributions, {settings['epochs']} epochs "
+        console.print(f"shortlist of {run_dir}: the top {len(candidates)} distributions, {settings.epochs} epochs "
                       f"each, {at_once} at a time{' (ASHA stops weak ones early)' if asha else ''}")
         console.print(str(request))
         param_space = {"rank": tune.grid_search(list(range(len(candidates)))), "candidates": candidates,
-                       "settings": settings, "folder": str(folder), "storage": storage,
-                       "request": asdict(request), "loader_workers": loader_workers}
+                       "settings": settings, "where": where, "request": request}
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
                                                        max_concurrent_trials=at_once),
@@ -130,9 +129,9 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
             raise UserError(f"shortlist trial for {candidates[rank]['arch']} failed ({result.error}); "
                             f"see {folder / 'tune'}, then run the command again to resume")
         candidates[rank].update(shortlist_top1=metrics[METRIC], epochs=metrics["epoch"] + 1,
-                                stopped_early=metrics["epoch"] + 1 < settings["epochs"])
+                                stopped_early=metrics["epoch"] + 1 < settings.epochs)
     winner = max(candidates, key=lambda c: c["shortlist_top1"])
-    record = {"run": str(run_dir), "epochs": settings["epochs"], "scheduler": scheduler, "candidates": candidates,
+    record = {"run": str(run_dir), "epochs": settings.epochs, "scheduler": settings.scheduler, "candidates": candidates,
               "winner": winner}
     write_json(run_dir / RECORD, record)
     for i, c in enumerate(candidates):
@@ -142,7 +141,7 @@ def shortlist(run_dir: Path, settings: dict, top: int, scheduler: str | None = N
     return record
 
 
-def settings_from_args(args, run_dir: Path) -> dict:
+def settings_from_args(args, run_dir: Path) -> ShortlistRun:
     """The training settings of every trial: the search's space and data, retraining's recipe."""
     if args.space or args.data:
         raise UserError("the shortlist trains on the search's own space and data; drop --space and --data")
@@ -150,10 +149,10 @@ def settings_from_args(args, run_dir: Path) -> dict:
     if args.top < 1:
         raise UserError("--top must be at least 1")
     check_counts(args)
-    check_batch_size(search["data"], args.batch_size)
-    return {"space": search["space"], "data": search["data"], "epochs": args.epochs, "batch_size": args.batch_size,
-            "workers": args.workers, "lr": args.lr or default_lr(search["data"], args.batch_size, args.workers),
-            "drop_path": args.drop_path, "from_supernet": None, "seed": args.seed}
+    check_batch_size(search.data, args.batch_size)
+    return ShortlistRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
+                        workers=args.workers, lr=args.lr or default_lr(search.data, args.batch_size, args.workers),
+                        drop_path=args.drop_path, seed=args.seed, top=args.top, scheduler=args.scheduler)
 
 
 def build_parser() -> ArgumentParser:
@@ -168,9 +167,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ray_workarounds.apply()
-    run_dir = args.run_dir.resolve()
-    shortlist(run_dir, settings_from_args(args, run_dir), args.top, args.scheduler, args.resume, args.gpus_per_worker,
-              args.cpus_per_worker, args.loader_workers, args.storage)
+    where = Placement.from_args(args, out=args.run_dir)
+    shortlist(settings_from_args(args, where.out), where)
 
 
 if __name__ == "__main__":

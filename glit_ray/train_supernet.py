@@ -32,12 +32,13 @@ from .progress import console as make_console
 from .progress import driver_has_terminal
 from .resources import plan
 from .runs import check_run, open_run, resolve_distribution
+from .settings import Placement, SupernetRun
 from .evaluator import score_on, scoring_sets
 from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
@@ -73,19 +74,19 @@ class PathSampler:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker."""
+    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `SupernetRun`)."""
     ray_workarounds.quiet_train_worker_log()
     device = worker_device()
-    space = SearchSpace.from_dict(config["space"], source="run.json")
-    level, seed = config["level"], config["seed"]
-    distribution = tuple(config["distribution"]) if config["distribution"] else None
-    splits = build_splits(config["data"], space.img_size, space.in_chans)
-    sampler = PathSampler(space, level, distribution, Limits(**config["limits"]), splits.num_classes, seed)
+    job: TrainJob = config["job"]
+    settings: SupernetRun = job.settings
+    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)
+    sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes, settings.seed)
 
-    torch.manual_seed(seed)
-    net = GLiTSupernet(space, level, distribution, splits.num_classes, drop_path_rate=config["drop_path"]).to(device)
-    loader = worker_loader(splits, config["batch_size"], seed, config["loader_workers"], device)
-    recipe = Recipe.deit(net, config["lr"], config["epochs"], len(loader), device, mixup_for(splits))
+    torch.manual_seed(settings.seed)
+    net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes, drop_path_rate=settings.drop_path)
+    net.to(device)
+    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
+    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, mixup_for(splits))
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device,
                                             parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -93,16 +94,16 @@ def train_loop(config: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
-                                        workers=config["loader_workers"]), device)
-        every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * config["batch_size"])
+                                        workers=job.loader_workers), device)
+        every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * settings.batch_size)
 
     def score_probes(epoch: int) -> tuple[dict, str]:
-        if (epoch + 1) % every and epoch != config["epochs"] - 1:
+        if (epoch + 1) % every and epoch != settings.epochs - 1:
             return {}, f"probes every {every} epochs"
         top1 = {f"probe_{name}_top1": score_on(net, arch, probe_sets, device)["top1"] for name, arch in probes.items()}
         return top1, f"probe top-1 {min(top1.values()):.1f}-{max(top1.values()):.1f}%"
 
-    train_epochs(config, "supernet", net, model, recipe, loader, start_epoch, device, score_probes, path_at=sampler)
+    train_epochs(job, net, model, recipe, loader, start_epoch, device, score_probes, path_at=sampler)
 
 
 def probe_every(probe_images: int, epoch_images: int) -> int:
@@ -112,7 +113,7 @@ def probe_every(probe_images: int, epoch_images: int) -> int:
     return max(1, math.ceil(probe_images / (PROBE_SHARE * 3 * epoch_images)))
 
 
-def settings_from_args(args) -> dict:
+def settings_from_args(args) -> SupernetRun:
     """Validate the command line into the settings that define a run (stored in run.json)."""
     space = SearchSpace.load(args.space)
     if args.level == "low" and not args.distribution:
@@ -122,61 +123,53 @@ def settings_from_args(args) -> dict:
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     parse_spec(args.data)
     check_counts(args)
-    return supernet_settings(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
-                             args.lr, args.drop_path,
-                             Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
-                             args.seed)
+    return supernet_run(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
+                        args.lr, args.drop_path,
+                        Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
+                        args.seed)
 
 
-def supernet_settings(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
-                      batch_size: int = BATCH_SIZE, workers: int = 1, lr: float | None = None, drop_path: float = 0.0,
-                      limits: Limits = Limits(), seed: int = 0) -> dict:
+def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
+                 batch_size: int = BATCH_SIZE, workers: int = 1, lr: float | None = None, drop_path: float = 0.0,
+                 limits: Limits = Limits(), seed: int = 0) -> SupernetRun:
     """The settings of a supernet run, with the recipe's defaults filled in."""
     check_batch_size(data, batch_size)
-    return {
-        "space": space.to_dict(), "level": level, "distribution": list(distribution) if distribution else None,
-        "data": data, "epochs": epochs, "batch_size": batch_size, "workers": workers,
-        "lr": lr or default_lr(data, batch_size, workers), "drop_path": drop_path,
-        "limits": limits.as_dict(), "seed": seed,
-    }
+    return SupernetRun(space=space, data=data, epochs=epochs, batch_size=batch_size, workers=workers,
+                       lr=lr or default_lr(data, batch_size, workers), drop_path=drop_path, seed=seed, level=level,
+                       distribution=tuple(distribution) if distribution else None, limits=limits)
 
 
-def train_supernet(settings: dict, out: Path, resume: bool = False, gpus_per_worker: float | None = None,
-                   cpus_per_worker: int | None = None, loader_workers: int | None = None, console: Console | None = None,
-                   storage: str | None = None) -> Path:
-    """Train (or resume, or find finished) the supernet of `settings` in run dir `out`; return its file.
+def train_supernet(settings: SupernetRun, where: Placement, console: Console | None = None) -> Path:
+    """Train (or resume, or find finished) the supernet of `settings` in run dir `where.out`; return its file.
 
-    `storage`: where Ray Train keeps its checkpoints (default: `out`), a URI when workers do not share `out`."""
+    `where.storage`: where Ray Train keeps its checkpoints (default: the run dir), a URI when workers do not share it."""
     console = console or make_console()
-    out = Path(out).resolve()
-    space = SearchSpace.from_dict(settings["space"])
-    splits = build_splits(settings["data"], space.img_size, space.in_chans)  # a bad dataset fails here, before Ray
-    check_epoch_has_a_step(len(splits.train), settings["batch_size"], settings["workers"])
-    limits = Limits(**settings["limits"])
-    limits.check_feasible(space, settings["level"], splits.num_classes,
-                          tuple(settings["distribution"]) if settings["distribution"] else None)
+    out = where.out
+    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)  # a bad dataset fails here, before Ray
+    check_epoch_has_a_step(len(splits.train), settings.batch_size, settings.workers)
+    settings.limits.check_feasible(settings.space, settings.level, splits.num_classes, settings.distribution)
     target = out / SUPERNET_FILE
-    if check_run(out, settings, "supernet", resume) and target.exists():  # before Ray: a finished run needs none
+    if check_run(out, settings, where.resume) and target.exists():  # before Ray: a finished run needs none
         load_supernet(target)  # refuse a damaged file rather than report success
         console.print(f"supernet already trained: {target}")
         return target
-    ensure_ray()
-    request = plan("supernet", settings["workers"], gpus_per_worker, cpus_per_worker)  # one that fits no node: here
-    resumed = open_run(out, settings, "supernet", resume)
+    ensure_ray(where.address)
+    request = plan("supernet", settings.workers, where.gpus_per_worker, where.cpus_per_worker)  # one that fits no node: here
+    resumed = open_run(out, settings, where.resume)
 
-    console.print(f"{'resuming' if resumed else 'training'} {settings['level']}-level supernet of "
-                  f"{space.name} on {settings['data']} -> {out}")
+    console.print(f"{'resuming' if resumed else 'training'} {settings.level}-level supernet of "
+                  f"{settings.space.name} on {settings.data} -> {out}")
     console.print(str(request))
-    config = {**settings, "out": str(out), "loader_workers": loader_workers, "progress": driver_has_terminal()}
-    result = fit(train_loop, config, out, request, storage, say=console.print)
-    net = GLiTSupernet(space, settings["level"], settings["distribution"], splits.num_classes)
+    job = TrainJob(settings, str(out), "supernet", driver_has_terminal(), where.loader_workers)
+    result = fit(train_loop, job, request, where.storage, say=console.print)
+    net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes)
     state = final_state(result)
     net.load_state_dict(state["model"])
     probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in state["metrics"].items() if k.startswith("probe_")}
     last_epoch = {k: v for k, v in state["metrics"].items() if not k.startswith("probe_")}
-    save_supernet(net, target, data=settings["data"], epochs=settings["epochs"], seed=settings["seed"],
-                  limits=settings["limits"], probe_top1=probes, last_epoch=last_epoch)
-    table = Table(title=f"probe paths, held-out top-1 after epoch {settings['epochs']}")
+    save_supernet(net, target, data=settings.data, epochs=settings.epochs, seed=settings.seed, limits=settings.limits.as_dict(),
+                  probe_top1=probes, last_epoch=last_epoch)
+    table = Table(title=f"probe paths, held-out top-1 after epoch {settings.epochs}")
     table.add_column("path")
     table.add_column("top-1 %", justify="right")
     for name, top1 in probes.items():
@@ -201,8 +194,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ray_workarounds.apply()
-    train_supernet(settings_from_args(args), args.out, args.resume, args.gpus_per_worker, args.cpus_per_worker,
-                   args.loader_workers, storage=args.storage)
+    train_supernet(settings_from_args(args), Placement.from_args(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from .progress import bar as progress_bar
 from .progress import say
 from .ray_workarounds import DeviceTorchConfig, train_result
 from .resources import Request, waiting_note
+from .settings import Training
 
 CLIP_GRAD_NORM = 5.0
 LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
@@ -216,6 +217,18 @@ def preserved_random_state():
             np.random.set_state(numpy)
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """What every Ray Train worker of a run is given: the run's settings, whole, and how this run trains them."""
+    settings: Training  # a SupernetRun or a RetrainRun
+    out: str  # the run directory: TensorBoard writes RUN_DIR/tb
+    label: str  # what its console lines call it
+    progress: bool  # a progress bar on rank 0 (the driver has a terminal)
+    loader_workers: int | None = None  # None: `default_loader_workers` of the CPUs each worker asks for
+    score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
+    initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
+
+
 @dataclass
 class Recipe:
     """Optimizer, schedule, loss, mixup and mixed precision of one training run."""
@@ -290,7 +303,7 @@ class Recipe:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def train_epochs(config: dict, label: str, net: nn.Module, model: nn.Module, recipe: Recipe, loader: DataLoader,
+def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe, loader: DataLoader,
                  start_epoch: int, device: torch.device, score: Callable[[int], tuple[dict, str]],
                  path_at: Callable[[int], object] | None = None) -> None:
     """The epoch loop of every training run (supernet, retrain, shortlist trial), on one Ray Train worker.
@@ -304,14 +317,14 @@ def train_epochs(config: dict, label: str, net: nn.Module, model: nn.Module, rec
     """
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed, epochs, steps = config["seed"], config["epochs"], len(loader)
-    writer = SummaryWriter(str(Path(config["out"]) / "tb")) if rank == 0 else None
+    seed, epochs, steps, label = job.settings.seed, job.settings.epochs, len(loader), job.label
+    writer = SummaryWriter(str(Path(job.out) / "tb")) if rank == 0 else None
     for epoch in range(start_epoch, epochs):
         seed_epoch(seed, epoch, rank)
         loader.sampler.set_epoch(epoch)
         model.train()
         digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
-        bar = progress_bar(steps, f"{label} epoch {epoch + 1}/{epochs}", rank == 0 and config["progress"])
+        bar = progress_bar(steps, f"{label} epoch {epoch + 1}/{epochs}", rank == 0 and job.progress)
         for i, (images, labels) in enumerate(loader):
             step = epoch * steps + i
             forward = model
@@ -328,7 +341,7 @@ def train_epochs(config: dict, label: str, net: nn.Module, model: nn.Module, rec
                 writer.add_scalar("train/lr", recipe.lr, step)
         bar.close()
         metrics = {"epoch": epoch, "loss": total_loss / steps, "lr": recipe.lr, "workers": world,
-                   "images_per_s": steps * config["batch_size"] * world / (time.perf_counter() - started)}
+                   "images_per_s": steps * job.settings.batch_size * world / (time.perf_counter() - started)}
         if path_at:
             metrics["path_digest"] = digest.hexdigest()
             check_paths_agree(metrics["path_digest"], world)
@@ -403,34 +416,36 @@ def ensure_ray(address: str | None = None) -> None:
                             "running one, or leave it and RAY_ADDRESS out to start one here") from None
 
 
-def fit(train_loop, config: dict, out: Path, request: Request, storage: str | None = None,
+def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
         callbacks: list | None = None, say=None) -> ray.train.Result:
-    """Run `train_loop` on the Ray Train workers of `request` with checkpoints under STORAGE/train (resumed if there).
+    """Run `train_loop({"job": job})` on the Ray Train workers of `request` with checkpoints under STORAGE/train
+    (resumed if there).
 
-    `storage` defaults to the run directory OUT; on a cluster whose workers do not share it, give a
+    `storage` defaults to the run directory `job.out`; on a cluster whose workers do not share it, give a
     storage URI (s3://bucket/prefix) every node can reach.
 
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `say`: where to note that the workers wait for the autoscaler (`resources.waiting_note`), the driver's console.
-    `config["loader_workers"]` None becomes `default_loader_workers` of the CPUs each worker asks for.
+    `job.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
     A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
     checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
     for its reports.
     """
-    previous = previous_run(storage or str(out))
-    if previous and previous.checkpoint and previous.metrics.get("epoch") == config["epochs"] - 1 and not callbacks:
+    storage = storage or job.out
+    previous = previous_run(storage)
+    if previous and previous.checkpoint and previous.metrics.get("epoch") == job.settings.epochs - 1 and not callbacks:
         return previous  # its last epoch is checkpointed: workers would train nothing
     ensure_ray()
-    if config["loader_workers"] is None:
-        config = {**config, "loader_workers": default_loader_workers(config["data"], request.cpus)}
+    if job.loader_workers is None:
+        job = replace(job, loader_workers=default_loader_workers(job.settings.data, request.cpus))
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config=config,
+        train_loop_config={"job": job},
         torch_config=DeviceTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,
                                                resources_per_worker=request.resources),
-        run_config=ray.train.RunConfig(name="train", storage_path=storage or str(out),
+        run_config=ray.train.RunConfig(name="train", storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )

@@ -85,7 +85,7 @@ def test_the_aws_search_command_asks_for_gpus_carries_the_token_and_mirrors_its_
     args = build_parser().parse_args(commented_command(header, "python -m glit_ray.search"))
     assert args.mirror.startswith("s3://") and args.address == "auto"
     assert args.gpus_per_worker == 1 and args.gpus_per_actor == 1 and args.supernet_workers == 8
-    assert settings_from_args(args)["space"]["name"] == "glit_tiny"
+    assert settings_from_args(args).space.name == "glit_tiny"
 
 
 def test_the_readmes_cluster_commands_parse_and_carry_the_token():
@@ -106,7 +106,7 @@ def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments(rayjob):
     assert command[:3] == ["python", "-m", "glit_ray.search"]
     args = build_parser().parse_args(command[3:])
     assert args.address == "auto" and str(args.out).startswith("/mnt/runs/")
-    assert settings_from_args(args)["space"]["name"] == "glit_tiny"
+    assert settings_from_args(args).space.name == "glit_tiny"
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__
     [worker] = spec["workerGroupSpecs"]

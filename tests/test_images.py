@@ -190,6 +190,7 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
     from glit_ray import retrain as retraining
     from glit_ray import search as searching
     from glit_ray.results import read_candidates
+    from glit_ray.settings import Placement
     from glit_ray.supernet import load_supernet
 
     data = f"imagefolder:{folder224}"
@@ -197,7 +198,7 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
     argv = ["--level", "high", "--space", "glit_pico", "--data", data, "--supernet-epochs", "6", "--population", "6",
             "--generations", "2", "--mutations", "3", "--crossovers", "3", "--topk", "3", "--calib-batches", "2",
             "--heldout-images", "40", "--out", str(run)]
-    best = searching.search(searching.settings_from_args(searching.build_parser().parse_args(argv)), run)
+    best = searching.search(searching.settings_from_args(searching.build_parser().parse_args(argv)), Placement(run))
     net, meta = load_supernet(run / "supernet" / "supernet.pt")
     assert net.patch_embed.img_size == (224, 224) and meta["epochs"] == 6 and meta["last_epoch"]["loss"] > 0
     chance = 100 / 10
@@ -210,7 +211,7 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
 
     out = tmp_path / "retrain"
     metrics = retraining.retrain(retraining.settings_from_args(retraining.build_parser().parse_args(
-        ["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out", str(out)])), out)
+        ["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out", str(out)])), Placement(out))
     assert metrics["arch"] == best["arch"] and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100
     model = glit_ray.load_model(out)
     with torch.no_grad():

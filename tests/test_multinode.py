@@ -13,6 +13,7 @@ from glit_ray.evaluator import evaluator_pool
 from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
+from glit_ray.settings import Placement
 from glit_ray.space import SearchSpace
 
 DIGITS = build_splits("digits", 8, 1)
@@ -76,7 +77,7 @@ def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_n
     argv = search_argv(micro_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
     settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, tmp_path, actors=4)))
+    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))
     thread.start()
     wait_for(lambda: (tmp_path / "candidates" / "gen-0000.parquet").exists(), 180, "generation 0")
     ray_cluster.remove_node(worker_nodes[0])

@@ -1,5 +1,7 @@
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -16,6 +18,7 @@ from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
 from glit_ray.export import export_model
 from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
 from glit_ray.scoring import evaluate
+from glit_ray.settings import Placement
 from glit_ray.supernet import load_supernet
 from test_train_supernet import kill_when
 
@@ -38,7 +41,7 @@ def from_supernet(micro_supernet) -> list[str]:
 def retrained(ray_session, from_supernet, tmp_path_factory) -> tuple:
     """The module's retrain, run once: (its run dir, its metrics). A test that changes the run puts it back."""
     out = tmp_path_factory.mktemp("retrain") / "run"
-    return out, retrain(settings_for(*from_supernet), out)
+    return out, retrain(settings_for(*from_supernet), Placement(out))
 
 
 def test_retrain_exports_a_model_both_loaders_rebuild(retrained, from_supernet, micro_supernet):
@@ -71,12 +74,12 @@ def test_retrain_exports_a_model_both_loaders_rebuild(retrained, from_supernet, 
     events = EventAccumulator(str(out / "tb")).Reload()
     assert {"train/loss", "train/lr", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
     before = (out / "model.safetensors").read_bytes()
-    assert retrain(settings_for(*from_supernet), out) == metrics  # finished: no work, nothing rewritten
+    assert retrain(settings_for(*from_supernet), Placement(out)) == metrics  # finished: no work, nothing rewritten
     assert (out / "model.safetensors").read_bytes() == before
     # stopped after its last checkpoint but before the export: resuming trains nothing and exports the same
     for name in ("model.safetensors", "arch.json", "metrics.json"):
         (out / name).unlink()
-    assert retrain(settings_for(*from_supernet), out, resume=True) == metrics
+    assert retrain(settings_for(*from_supernet), Placement(out, resume=True)) == metrics
     again = load_file(out / "model.safetensors")  # the same tensors (safetensors' header order varies by run)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
@@ -110,12 +113,12 @@ def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
     run_dir = tmp_path / "search"
     run_dir.mkdir()
     (run_dir / "best.json").write_text(json.dumps({"level": "high", "arch": ARCH}))
-    (run_dir / "run.json").write_text(json.dumps({"kind": "search", "settings": {
-        "space": glit_ray.SearchSpace.load("glit_micro").to_dict(), "data": "digits"}}))
+    # the run file of a search of the previous release (2291a49) reads as this one's
+    shutil.copy(Path(__file__).parent / "data" / "runs-2291a49" / "search.json", run_dir / "run.json")
     for value in (str(run_dir), str(run_dir / "best.json")):
         settings = settings_for("--arch", value)
-        assert settings["arch"] == ARCH and settings["data"] == "digits" and settings["space"]["name"] == "glit_micro"
-        assert settings["epochs"] == 300 and settings["drop_path"] == 0.1  # DeiT's recipe
+        assert settings.arch == ARCH and settings.data == "digits" and settings.space.name == "glit_micro"
+        assert settings.epochs == 300 and settings.drop_path == 0.1  # DeiT's recipe
 
 
 def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet, tmp_path, cluster_env):
@@ -124,7 +127,7 @@ def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet,
     command = [sys.executable, "-m", "glit_ray.retrain", *from_supernet, "--out", str(out)]
     kill_when(command, cluster_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     assert not (out / "model.safetensors").exists()
-    retrain(settings_for(*from_supernet), out, resume=True)  # on another Ray: this session's
+    retrain(settings_for(*from_supernet), Placement(out, resume=True))  # on another Ray: this session's
     resumed, expected = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
     for key in expected:

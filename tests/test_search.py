@@ -22,6 +22,7 @@ from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
+from glit_ray.settings import Latency, Placement, from_json, to_json
 from glit_ray.supernet import load_supernet
 from glit_ray.train_supernet import train_supernet
 from test_train_supernet import kill_when, ray_workers, signal_handlers, wait_for
@@ -75,7 +76,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
                             "--flops-max", str(flops_max))
     handlers = signal_handlers()
-    best_low = search(settings, low, mirror=bucket.as_uri())
+    best_low = search(settings, Placement(low, mirror=bucket.as_uri()))
     # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
     assert signal_handlers() == handlers
     assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
@@ -101,8 +102,8 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
         set(events.Tags()["scalars"])
     # training it again into the finished run does no work and changes nothing
     before = path.read_bytes()
-    supernet = json.loads((low / "supernet" / "run.json").read_text())["settings"]
-    assert train_supernet(supernet, low / "supernet", storage=f"{bucket.as_uri()}/supernet") == path
+    supernet = from_json("supernet", json.loads((low / "supernet" / "run.json").read_text())["settings"])
+    assert train_supernet(supernet, Placement(low / "supernet", storage=f"{bucket.as_uri()}/supernet")) == path
     assert path.read_bytes() == before
 
 
@@ -181,7 +182,7 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, h
         pq.read_table(f)  # whatever the mirror got is a whole file
     shutil.rmtree(tmp_path / "head")
 
-    search(settings_for(*argv), out, resume=True, mirror=bucket.as_uri())  # on a new head: this session's cluster
+    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri()))  # on a new head: this session's cluster
     keys = ("arch", "generation", "operator", "parents", "top1")
     expected = [{k: r[k] for k in keys} for r in read_candidates(reference).to_pylist()]
     for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
@@ -233,7 +234,7 @@ def test_an_out_dir_holding_a_different_run_is_refused(micro_supernet, tmp_path,
     out.mkdir()
     settings = settings_for("--level", "high", "--supernet", str(micro_supernet))
     from glit_ray.runs import write_json
-    write_json(out / "run.json", {"kind": "search", "settings": settings})
+    write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
     err = cli_error(main, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
     assert "holds a different search run (seed: 0 -> 3)" in err
@@ -245,11 +246,11 @@ def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, mi
 
     arch = "3:v1m4-" * 5 + "3:v1m4"
     sets = scoring_sets(DIGITS, 1, 64)
-    free = Evaluator(micro_supernet.read_bytes(), sets, 0, latency={"batch": 2, "max_ms": None})
+    free = Evaluator(micro_supernet.read_bytes(), sets, 0, latency=Latency(batch=2))
     row = free.score(arch)
     assert row["latency_ms"] > 0 and row["device"].startswith("cpu") and 0 <= row["top1"] <= 100
     assert free.score(arch)["latency_ms"] == row["latency_ms"]  # measured once per architecture
-    strict = Evaluator(micro_supernet.read_bytes(), sets, 1, latency={"batch": 2, "max_ms": 1e-6})
+    strict = Evaluator(micro_supernet.read_bytes(), sets, 1, latency=Latency(batch=2, max_ms=1e-6))
     rejected = strict.score(arch)
     assert rejected["status"] == "rejected" and "over --latency-max-ms 1e-06" in rejected["error"]
     assert "top1" not in rejected and rejected["latency_ms"] > 0
@@ -261,7 +262,7 @@ def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, 
 
     out = tmp_path / "pareto"
     best = search(settings_for("--level", "high", "--supernet", str(micro_supernet), *SMALL, "--objective", "pareto",
-                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), out)
+                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out))
     rows = check_run(out, "high", improves=False)
     assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
     front = [r["arch"] for r in pareto.front(rows, "latency_ms")]
@@ -284,7 +285,7 @@ def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_ses
     with pytest.raises(UserError, match="gen-0001.parquet is not a readable generation file"):
         read_candidates(out)
     capsys.readouterr()
-    best = search(settings_for(*argv), out, resume=True)
+    best = search(settings_for(*argv), Placement(out, resume=True))
     assert f"rebuilt the unreadable {damaged}" in capsys.readouterr().err
     keys = ("arch", "generation", "candidate", "operator", "parents", "top1", "status")
     assert [{k: r[k] for k in keys} for r in read_candidates(out).to_pylist()] == [{k: r[k] for k in keys} for r in rows]
@@ -293,9 +294,9 @@ def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_ses
 
 def test_limits_in_the_authors_flops_convention_are_recorded_with_the_run():
     settings = settings_for("--level", "high", "--flops-convention", "glit", "--flops-max", "30")
-    assert settings["limits"] == {"flops_min": None, "flops_max": 30.0, "params_min": None, "params_max": None,
-                                  "convention": "glit"}
-    assert settings_for("--level", "high")["limits"]["convention"] == "macs"
+    assert to_json(settings)["limits"] == {"flops_min": None, "flops_max": 30.0, "params_min": None, "params_max": None,
+                                           "convention": "glit"}
+    assert settings_for("--level", "high").limits.convention == "macs"
 
 
 def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):

@@ -1,5 +1,6 @@
 import random
 import zlib
+from dataclasses import replace
 
 from ray.tune.search import Searcher
 
@@ -8,6 +9,7 @@ from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.search import build_parser, settings_from_args
 from glit_ray.searcher import EvolutionSearcher
+from glit_ray.settings import Latency
 from glit_ray.space import SearchSpace
 
 BUDGET = dict(population=12, generations=4, topk=4, mutations=5, crossovers=5, mutation_prob=0.3, seed=7)
@@ -26,7 +28,9 @@ def fake_rows(config, fail=(), top1=fake_top1):
 
 
 def make(space, **overrides):
-    return EvolutionSearcher(space, "high", None, overrides.pop("limits", Limits()), 10, **{**BUDGET, **overrides})
+    """A searcher over 10 classes with the BUDGET and `overrides` on the search's default settings."""
+    defaults = settings_from_args(build_parser().parse_args(["--level", "high"]))
+    return EvolutionSearcher(replace(defaults, space=space, **{**BUDGET, **overrides}), 10)
 
 
 def run_to_end(searcher, start=0, top1=fake_top1):
@@ -92,7 +96,7 @@ def test_save_restore_into_a_blank_searcher_continues_the_same_evolution(micro, 
     pending = first.suggest("t2")  # in flight when the run stops
     first.save(str(tmp_path / "searcher.pkl"))
 
-    blank = make(SearchSpace.load("glit_tiny"), seed=999, topk=1)  # restore brings back settings and state
+    blank = make(micro)  # as the search builds it from run.json's settings; restore brings back the evolution
     blank.restore(str(tmp_path / "searcher.pkl"))
     assert blank.suggest("t3") is None  # generation 2 is still being scored
     blank.on_trial_complete("t2", {"rows": fake_rows(pending)})
@@ -156,12 +160,12 @@ def test_the_random_baseline_has_the_same_budget_and_limits_but_no_parents(micro
     again = [c["arch"] for config in run_to_end(make(micro, limits=limits, strategy="random")) for c in config["candidates"]]
     assert again == [c["arch"] for c in candidates]
     args = build_parser().parse_args(["--level", "high", "--strategy", "random"])
-    assert settings_from_args(args)["strategy"] == "random"
+    assert settings_from_args(args).strategy == "random"
 
 
 def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
     """With a cost that falls as top-1 rises for some rows, the top-1 ranking and the Pareto one differ."""
-    searcher = make(micro, objective="pareto", cost="flops", topk=3)
+    searcher = make(micro, objective="pareto", pareto_cost="flops", topk=3)
     rows = []
     for n, (top1, flops) in enumerate([(90, 30), (89, 31), (88, 32), (70, 5), (60, 2), (50, 40)]):
         arch = str(micro.sample("high", random.Random(n)))
@@ -175,8 +179,8 @@ def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
     assert [str(a) for a in by_top1.parents()] == [r["arch"] for r in rows[:3]]
     args = build_parser().parse_args(["--level", "high", "--objective", "pareto", "--pareto-cost", "latency"])
     settings = settings_from_args(args)
-    assert settings["objective"] == "pareto" and settings["pareto_cost"] == "latency_ms"
-    assert settings["latency"] == {"batch": 1, "max_ms": None}  # a latency front needs latency measured
+    assert settings.objective == "pareto" and settings.pareto_cost == "latency_ms"
+    assert settings.latency == Latency(batch=1, max_ms=None)  # a latency front needs latency measured
 
 
 def test_converged_parents_breed_around_themselves_not_at_random(micro):

@@ -52,7 +52,7 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
     shutil.copytree(high_run, run_dir)
     low = search_settings_for("--level", "low", "--distribution", str(run_dir))  # before a shortlist: the search's best
     assert "its search's best" in said(capsys)
-    assert tuple(low["distribution"]) == Architecture.parse(json.loads((run_dir / "best.json").read_text())["arch"]).distribution
+    assert low.distribution == Architecture.parse(json.loads((run_dir / "best.json").read_text())["arch"]).distribution
 
     # both trials train side by side; SIGKILL the shortlist once each has a checkpoint (Ray Train writes its
     # snapshot once a checkpoint is in place), then run it again: Tuner.restore, each trial from its checkpoint
@@ -85,7 +85,7 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
 
     low = search_settings_for("--level", "low", "--distribution", str(run_dir))
     assert "distribution from the shortlist of" in said(capsys)
-    assert tuple(low["distribution"]) == Architecture.parse(record["winner"]["arch"]).distribution
+    assert low.distribution == Architecture.parse(record["winner"]["arch"]).distribution
 
     before = (run_dir / "shortlist.json").read_bytes()
     run(main, argv)  # finished: nothing retrained, nothing rewritten

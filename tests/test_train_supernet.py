@@ -15,6 +15,7 @@ import torch
 from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
+from glit_ray.settings import Placement, to_json
 from glit_ray.supernet import load_supernet
 import glit_ray.train_supernet as training_module
 from glit_ray.train_supernet import PathSampler, build_parser, main, probe_every, settings_from_args, train_supernet
@@ -71,7 +72,7 @@ def test_probes_take_at_most_a_tenth_of_training():
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
     monkeypatch.setattr(training_module, "train_loop", train_loop_on_desynced_paths)
     with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
-        train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), tmp_path / "run")
+        train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), Placement(tmp_path / "run"))
 
 
 def wait_for(predicate, timeout):
@@ -126,7 +127,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, clu
     reference = micro_supernet  # this run, uninterrupted (the session's search trained it)
     # without limits, every probe path: the smallest, the largest and three random ones
     assert set(load_supernet(reference)[1]["probe_top1"]) == {"smallest", "largest", "random0", "random1", "random2"}
-    assert json.loads((reference.parent / "run.json").read_text())["settings"] == json.loads(json.dumps(settings_for(*argv)))
+    assert json.loads((reference.parent / "run.json").read_text())["settings"] == json.loads(json.dumps(to_json(settings_for(*argv))))
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.train_supernet", *argv, "--out", str(out)]
@@ -140,12 +141,12 @@ def test_sigkilled_run_resumes_to_the_same_weights(micro_supernet, tmp_path, clu
         path.write_bytes(b"not a checkpoint")
     run_json = (out / "run.json").read_bytes()
     with pytest.raises(UserError, match=r"checkpoint .* is corrupt \(.*\); start the run again with a new --out"):
-        train_supernet(settings_for(*argv), out, resume=True)
+        train_supernet(settings_for(*argv), Placement(out, resume=True))
     assert (out / "run.json").read_bytes() == run_json and not (out / "supernet.pt").exists()
     for path, data in states.items():
         path.write_bytes(data)
 
-    train_supernet(settings_for(*argv), out, resume=True)  # on another Ray: this session's
+    train_supernet(settings_for(*argv), Placement(out, resume=True))  # on another Ray: this session's
     resumed, expected = state_of(out / "supernet.pt"), state_of(reference)
     assert resumed.keys() == expected.keys()
     for key in expected:
@@ -186,7 +187,7 @@ def test_run_dirs_that_are_not_runs(tmp_path, cli_error):
 def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings_for("--level", "high")}))
+    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": to_json(settings_for("--level", "high"))}))
     (out / "supernet.pt").write_bytes(b"weights")
     err = cli_error(main, ["--level", "high", "--epochs", "5", "--out", str(out)])
     assert "holds a different supernet run (epochs: 30 -> 5)" in err

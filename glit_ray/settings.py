@@ -1,0 +1,153 @@
+"""Run settings: what defines a run apart from where and how it runs, as frozen dataclasses.
+
+A command parses its command line once into a run's settings (`SearchRun`, `SupernetRun`, `RetrainRun`,
+`ShortlistRun`: what run.json holds and a resume must repeat) and a `Placement` (where the run directory is,
+which cluster, what each worker asks of it: free to change between a run and its resume). Both travel whole,
+to Ray Train workers, evaluator actors and Tune trials, as Ray's own `ScalingConfig` does. run.json holds
+`to_json(settings)`; `from_json` is the one way back, and refuses a key it does not know.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .constraints import Limits
+from .errors import UserError
+from .space import SearchSpace
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency measured on each evaluator's device: `batch` images per timed pass, candidates over `max_ms`
+    rejected."""
+    batch: int = 1
+    max_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    """The DeiT recipe of a training run, and what it trains on."""
+    space: SearchSpace
+    data: str
+    epochs: int
+    batch_size: int  # per worker
+    workers: int
+    lr: float
+    drop_path: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class SupernetRun(Training):
+    """A supernet of one level (of one distribution at the low level), trained on paths inside `limits`."""
+    level: str
+    distribution: tuple[int, ...] | None
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class RetrainRun(Training):
+    """One architecture trained from scratch, or from the weights it inherits from `from_supernet`."""
+    arch: str
+    from_supernet: str | None
+
+
+@dataclass(frozen=True)
+class ShortlistRun(Training):
+    """The `top` distributions of a high-level search, each retrained for the recipe's epochs."""
+    top: int
+    scheduler: str | None
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """One level's evolutionary search (and the supernet it trains when it is given none)."""
+    space: SearchSpace
+    level: str
+    distribution: tuple[int, ...] | None
+    data: str
+    supernet: str | None  # a trained supernet.pt; None: the search trains one
+    population: int
+    generations: int
+    topk: int
+    mutations: int
+    crossovers: int
+    mutation_prob: float
+    strategy: str  # "evolution" | "random"
+    objective: str  # "top1" | "pareto"
+    pareto_cost: str  # the candidates' column the Pareto front's cost axis reads
+    latency: Latency | None
+    limits: Limits
+    calib_batches: int
+    heldout_images: int | None
+    supernet_epochs: int
+    supernet_workers: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a run runs: its directory, its cluster, and what each of its workers asks for (None: decided
+    by `resources.plan` from the cluster's node types)."""
+    out: Path  # (a str is taken, and made absolute)
+    resume: bool = False
+    address: str | None = None
+    storage: str | None = None  # where Ray Train keeps checkpoints (default: out), a URI on a cluster
+    mirror: str | None = None  # where a search pushes its run directory after every generation
+    gpus_per_worker: float | None = None
+    cpus_per_worker: int | None = None
+    loader_workers: int | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out).resolve())  # (frozen) absolute: workers run elsewhere
+
+    @classmethod
+    def from_args(cls, args, out: Path | None = None) -> Placement:
+        """The placement a command's parsed options give (`out` instead of --out where the command derives it)."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        return cls(**{**given, "out": out or args.out})
+
+
+KINDS = {"search": SearchRun, "supernet": SupernetRun, "retrain": RetrainRun, "shortlist": ShortlistRun}
+# fields stored in JSON as something else: (to JSON, from JSON)
+_STORED = {
+    "space": (SearchSpace.to_dict, lambda value: SearchSpace.from_dict(value, source="run.json")),
+    "limits": (Limits.as_dict, lambda value: Limits(**value)),
+    "distribution": (list, tuple),
+    "latency": (lambda latency: {"batch": latency.batch, "max_ms": latency.max_ms}, lambda value: Latency(**value)),
+}
+
+
+def kind_of(settings) -> str:
+    return next(kind for kind, cls in KINDS.items() if type(settings) is cls)
+
+
+def to_json(settings) -> dict[str, Any]:
+    """`settings` as run.json holds them."""
+    stored = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        stored[f.name] = _STORED[f.name][0](value) if f.name in _STORED and value is not None else value
+    return stored
+
+
+def from_json(kind: str, stored: dict, source: str = "run.json"):
+    """The settings of a `kind` run from what run.json holds; a key it does not know or lacks is refused in one line."""
+    cls = KINDS[kind]
+    names = [f.name for f in fields(cls)]
+    unknown = [key for key in stored if key not in names]
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r} in the {kind} settings (known: {', '.join(names)}); "
+                        "fix it or start the run in a new --out")
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise UserError(f"{source}: the {kind} settings lack {missing[0]!r}; it was written by another glit_ray "
+                        "version or edited; start the run in a new --out")
+    try:
+        return cls(**{name: _STORED[name][1](value) if name in _STORED and value is not None else value
+                      for name, value in stored.items()})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{source}: the {kind} settings do not read ({exc}); start the run in a new --out") from None

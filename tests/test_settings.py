@@ -1,0 +1,77 @@
+"""Run settings: typed, frozen, stored in run.json and read back by one function that refuses what it does not know."""
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from glit_ray import retrain, search, shortlist, train_supernet
+from glit_ray.errors import UserError
+from glit_ray.settings import Latency, Placement, from_json, to_json
+
+PREVIOUS = Path(__file__).parent / "data" / "runs-2291a49"  # run.json files the previous release (2291a49) wrote
+ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"  # the best.json of its search run
+
+
+def stored(kind: str) -> dict:
+    return json.loads((PREVIOUS / f"{kind}.json").read_text())["settings"]
+
+
+def test_the_previous_releases_run_files_read_as_the_same_command_line_gives_today():
+    """So its runs resume: run.json's JSON is unchanged for searches, supernets and retraining runs."""
+    search_args = search.build_parser().parse_args(
+        ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20"])
+    supernet_args = train_supernet.build_parser().parse_args(["--level", "high", "--epochs", "2", "--out", "x"])
+    today = {"search": search.settings_from_args(search_args),
+             "supernet": train_supernet.settings_from_args(supernet_args)}
+    for kind, settings in today.items():
+        assert from_json(kind, stored(kind)) == settings, kind
+        assert to_json(settings) == stored(kind), kind  # what a resume compares
+    old = from_json("retrain", stored("retrain"))
+    assert (old.arch, old.epochs, old.space.name, old.from_supernet) == (ARCH, 3, "glit_micro", None)
+    assert to_json(old) == stored("retrain")
+    assert from_json("search", stored("search")).latency == Latency(batch=1, max_ms=None)
+
+
+def test_a_shortlist_of_the_previous_release_is_refused_in_one_line_naming_its_key():
+    with pytest.raises(UserError, match=r"unknown key 'from_supernet' in the shortlist settings") as caught:
+        from_json("shortlist", stored("shortlist"))
+    assert "\n" not in str(caught.value)
+    fixed = {k: v for k, v in stored("shortlist").items() if k != "from_supernet"}  # the fix the line suggests
+    assert from_json("shortlist", fixed).top == 2
+
+
+def test_settings_are_frozen_and_travel_whole(micro):
+    settings = train_supernet.supernet_run(micro, "low", [0, 1, 2, 3, 1, 0], "digits")
+    assert settings.distribution == (0, 1, 2, 3, 1, 0)  # a tuple however it is given
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.epochs = 3
+    assert pickle.loads(pickle.dumps(settings)) == settings  # as Ray ships it to workers, actors and trials
+
+
+def test_a_hand_edited_run_file_with_a_mistyped_key_is_refused_in_one_line(tmp_path, cli_error):
+    out = tmp_path / "run"
+    argv = ["--level", "high", "--epochs", "2", "--out", str(out)]
+    settings = to_json(train_supernet.settings_from_args(train_supernet.build_parser().parse_args(argv)))
+    settings["epoch"] = settings.pop("epochs")  # the typo
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings}))
+    before = (out / "run.json").read_bytes()
+    err = cli_error(train_supernet.main, [*argv, "--resume"])
+    assert "unknown key 'epoch' in the supernet settings" in err and "start the run in a new --out" in err
+    assert (out / "run.json").read_bytes() == before and [p.name for p in out.iterdir()] == ["run.json"]
+    del settings["epoch"]
+    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings}))
+    assert "the supernet settings lack 'epochs'" in cli_error(train_supernet.main, [*argv, "--resume"])
+
+
+def test_placement_is_what_the_command_line_says_of_where_and_how(tmp_path):
+    args = search.build_parser().parse_args(["--level", "high", "--actors", "3", "--gpus-per-worker", "1",
+                                             "--mirror", "s3://bucket/run"])
+    where = Placement.from_args(args, out=tmp_path / "default")
+    assert where == Placement(tmp_path / "default", actors=3, gpus_per_worker=1.0, mirror="s3://bucket/run")
+    args = retrain.build_parser().parse_args(["--arch", ARCH, "--out", "rel", "--resume", "--loader-workers", "0"])
+    assert Placement.from_args(args) == Placement(Path("rel").resolve(), resume=True, loader_workers=0)
+    args = shortlist.build_parser().parse_args([str(tmp_path), "--storage", "s3://b/p"])
+    assert Placement.from_args(args, out=args.run_dir) == Placement(tmp_path, storage="s3://b/p")
