@@ -12,12 +12,13 @@ search. Sources, named by a spec string:
 - `imagefolder:PATH`: ImageNet layout, PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg (val is the
   test split).
 
-Training images go through timm's transforms with the DeiT recipe (RandAugment, random erasing,
-bicubic; `mixup_for` gives the DeiT mixup/cutmix for their batches). The held-out and test splits,
-and the training images BatchNorm is recalibrated on (`Splits.calibration`), are read with the
-deterministic eval transform as uint8 tensors, timm's prefetcher convention: a quarter of float32's
-size, normalised on the device per batch (`normalize`). An image that cannot be decoded stops the
-run with one line naming its file.
+Every view is read as uint8 tensors, timm's prefetcher convention: a quarter of float32's size, and
+the per-pixel work moves to the device, batched. Training images go through timm's transforms with
+the DeiT recipe (RandAugment, bicubic) in the loader processes; `DeviceAugment` normalises their
+batches and erases random boxes on the device, and `mixup_for` gives DeiT's mixup/cutmix for them.
+The held-out and test splits, and the training images BatchNorm is recalibrated on
+(`Splits.calibration`), are read with the deterministic eval transform, normalised on the device
+per batch (`normalize`). An image that cannot be decoded stops the run with one line naming its file.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import AugmentOp
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
@@ -43,14 +45,15 @@ SPEC_FORMS = "digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH"
 SPLIT_SEED = 0  # fixed: the held-out and test splits never change with the run's seed
 SAMPLE_SEED = 1  # fixed: the calibration sample and held-out subsets are the same in every run
 HELDOUT_FRACTION, HELDOUT_MAX = 0.2, 50_000
-# DeiT's training recipe, as timm's create_transform and Mixup spell it.
-DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "interpolation": "bicubic"}
+# DeiT's training recipe, as timm's create_transform, RandomErasing and Mixup spell it.
+DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic"}
+DEIT_ERASING = {"probability": 0.25, "mode": "pixel"}
 DEIT_MIXUP = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 
 
 @dataclass
 class Splits:
-    train: Dataset        # augmented, normalised float tensors
+    train: Dataset        # augmented uint8 images (float for digits), finished on the device by `DeviceAugment`
     heldout: Dataset      # deterministic view: uint8 images (float for digits), see `normalize`
     test: Dataset         # likewise
     calibration: Dataset  # the training images through the deterministic view: what BatchNorm is recalibrated on
@@ -112,12 +115,13 @@ def eval_transform(img_size: int):
 
 
 def train_transform(img_size: int):
-    """DeiT's training transform, with RandAugment's posterize safe at every magnitude.
+    """DeiT's training transform up to uint8 tensors (random erasing follows on the device: `DeviceAugment`), with
+    RandAugment's posterize safe at every magnitude.
 
     `rand-m9-mstd0.5-inc1` draws magnitudes up to 10, where the increasing posterize keeps 0 bits:
     a black image in the TF and UDA references and in Pillow before 13, which now refuses it.
     """
-    transform = create_transform(img_size, is_training=True, **DEIT_AUGMENT)
+    transform = create_transform(img_size, is_training=True, use_prefetcher=True, **DEIT_AUGMENT)
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):
             if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
@@ -218,6 +222,20 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[f
     mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
     std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean) / std
+
+
+class DeviceAugment:
+    """The end of the training transform, on a batch where it is (the GPU): uint8 -> normalised float, then DeiT's
+    random erasing, as timm's prefetcher does. Its draws come from the training process's random state, which every
+    epoch reseeds, so a resumed epoch replays the uninterrupted one whatever the loader processes."""
+
+    def __init__(self, splits: Splits, device: torch.device):
+        self.mean, self.std = splits.mean, splits.std
+        self.erase = RandomErasing(**DEIT_ERASING, device=device) if splits.natural_images else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = normalize(images, self.mean, self.std)
+        return self.erase(images) if self.erase else images
 
 
 def labels_of(dataset: Dataset) -> list[int]:

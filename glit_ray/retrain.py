@@ -23,7 +23,7 @@ from rich.console import Console
 from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
-from .data import build_splits, eval_batches, mixup_for, parse_spec
+from .data import build_splits, eval_batches, parse_spec
 from .errors import UserError
 from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
@@ -107,7 +107,7 @@ def train_loop(config: dict) -> None:
         net.load_state_dict(ray.get(job.initial_weights))
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
-    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, mixup_for(splits))
+    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device)
 

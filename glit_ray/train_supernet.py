@@ -26,7 +26,7 @@ from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
-from .data import build_splits, mixup_for, parse_spec
+from .data import build_splits, parse_spec
 from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
@@ -86,7 +86,7 @@ def train_loop(config: dict) -> None:
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes, drop_path_rate=settings.drop_path)
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
-    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, mixup_for(splits))
+    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device,
                                             parallel_strategy_kwargs={"find_unused_parameters": True})

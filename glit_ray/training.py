@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torch.utils.tensorboard import SummaryWriter
 
 from .cli import ArgumentParser, callers_signal_handlers
-from .data import Splits
+from .data import DeviceAugment, Splits, mixup_for
 from .errors import UserError, one_line
 from .progress import bar as progress_bar
 from .progress import say
@@ -44,6 +44,7 @@ from .settings import Training
 
 CLIP_GRAD_NORM = 5.0
 LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
+INPUT_BOUND = 0.1  # share of an epoch spent waiting for the loader past which its line says so
 STATE_FILE = "state.pt"
 
 
@@ -231,19 +232,23 @@ class TrainJob:
 
 @dataclass
 class Recipe:
-    """Optimizer, schedule, loss, mixup and mixed precision of one training run."""
+    """Optimizer, schedule, loss, on-device augmentation, mixup and mixed precision of one training run."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: nn.Module
+    augment: DeviceAugment | None
     mixup: Mixup | None
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
 
     @classmethod
     def deit(cls, net: nn.Module, lr: float, epochs: int, steps_per_epoch: int, device: torch.device,
-             mixup: Mixup | None = None) -> Recipe:
-        """DeiT's recipe for `net`; `mixup` (from `data.mixup_for`) switches the loss to soft targets."""
+             splits: Splits | None = None) -> Recipe:
+        """DeiT's recipe for `net` on the training batches of `splits` (None: batches the step takes as they are):
+        their `DeviceAugment`, and on natural images mixup/cutmix with a loss on soft targets."""
+        augment = DeviceAugment(splits, device) if splits else None
+        mixup = mixup_for(splits) if splits else None
         optimizer = create_optimizer_v2(net, "adamw", lr=lr, weight_decay=0.05)
         scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=min(5, epochs // 10),
                                            warmup_prefix=True, warmup_lr=lr * 0.01, min_lr=lr * 0.01,
@@ -253,10 +258,12 @@ class Recipe:
         if device.type == "cuda":
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-        return cls(optimizer, scheduler, criterion, mixup, scaler, amp_dtype)
+        return cls(optimizer, scheduler, criterion, augment, mixup, scaler, amp_dtype)
 
     def step(self, forward, params, images: torch.Tensor, labels: torch.Tensor, update: int) -> float:
         """One optimisation step of `forward(images)` (update number `update`, from 0); returns the loss."""
+        if self.augment:
+            images = self.augment(images)
         if self.mixup:
             images, labels = self.mixup(images, labels)
         with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -325,7 +332,9 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         model.train()
         digest, total_loss, started = hashlib.sha1(), 0.0, time.perf_counter()
         bar = progress_bar(steps, f"{label} epoch {epoch + 1}/{epochs}", rank == 0 and job.progress)
+        waited, asked = 0.0, started  # seconds spent waiting for the loader, from the second batch on
         for i, (images, labels) in enumerate(loader):
+            waited += (time.perf_counter() - asked) if i else 0.0
             step = epoch * steps + i
             forward = model
             if path_at:
@@ -339,9 +348,12 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
             if writer and step % LOG_EVERY == 0:
                 writer.add_scalar("train/loss", loss, step)
                 writer.add_scalar("train/lr", recipe.lr, step)
+            asked = time.perf_counter()
         bar.close()
+        seconds, images_seen = time.perf_counter() - started, steps * job.settings.batch_size * world
         metrics = {"epoch": epoch, "loss": total_loss / steps, "lr": recipe.lr, "workers": world,
-                   "images_per_s": steps * job.settings.batch_size * world / (time.perf_counter() - started)}
+                   "images_per_s": images_seen / seconds, "input_wait": waited / seconds,
+                   "step_images_per_s": images_seen / (seconds - waited)}
         if path_at:
             metrics["path_digest"] = digest.hexdigest()
             check_paths_agree(metrics["path_digest"], world)
@@ -350,14 +362,22 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
             continue
         scores, line = score(epoch)
         metrics.update(scores)
-        for name in ("loss", "images_per_s", *scores):
+        for name in ("loss", "images_per_s", "input_wait", *scores):
             writer.add_scalar(f"epoch/{name}", metrics[name], (epoch + 1) * steps)
         writer.flush()
         say(f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-            + line)
+            + line + input_bound(metrics))
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()
+
+
+def input_bound(metrics: dict) -> str:
+    """The end of an epoch's line when its loader could not keep up: the rate the step runs at, against the epoch's."""
+    if metrics["input_wait"] <= INPUT_BOUND:
+        return ""
+    return (f"; input-bound: the step runs {metrics['step_images_per_s']:.0f} images/s, {metrics['input_wait']:.0%} "
+            "of the epoch waited for batches (raise --loader-workers or --cpus-per-worker)")
 
 
 def check_paths_agree(digest: str, world: int) -> None:

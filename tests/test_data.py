@@ -120,8 +120,9 @@ def test_imagefolder_with_deit_transforms(tmp_path):
     assert_disjoint_views(splits)
     train_tf = splits.train.dataset.transform
     names = " ".join(type(t).__name__ for t in train_tf.transforms)
-    assert "RandAugment" in names and "RandomErasing" in names
+    assert "RandAugment" in names and "RandomErasing" not in names  # erasing runs on the device (DeviceAugment)
     assert splits.train[0][0].shape == splits.heldout[0][0].shape == splits.test[0][0].shape == (3, 32, 32)
+    assert splits.train[0][0].dtype == splits.heldout[0][0].dtype == torch.uint8
     # held-out images are read with the deterministic eval transform
     assert torch.equal(splits.heldout[0][0], splits.heldout[0][0])
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from glit_ray.data import build_splits, labels_of, posterize, train_transform
+from glit_ray.data import DeviceAugment, build_splits, labels_of, normalize, posterize, train_transform
 from glit_ray.errors import UserError
 from glit_ray.evaluator import scoring_sets
 from glit_ray.imagesets import calibration_indices, heldout_indices
@@ -160,6 +160,30 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_whatever_the_loader_
     assert not torch.equal(epoch_batches(0, 2)[0][0][0], inline[0][0])  # another epoch, other augmentation
 
 
+def test_training_batches_leave_the_loader_as_uint8_and_are_finished_on_the_device(folder224):
+    """timm's prefetcher convention: a quarter of float32's bytes cross from the loader processes; normalisation and
+    DeiT's random erasing run on the batch where it is, drawn from the training process's seeded state."""
+    splits = build_splits(f"imagefolder:{folder224}", 224, 3)
+    loader = training_loader(splits, 16, seed=3, loader_workers=2, device=torch.device("cpu"))
+    loader.sampler.set_epoch(0)
+    images, _ = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 224, 224)
+    augment = DeviceAugment(splits, torch.device("cpu"))
+    plain = normalize(images, splits.mean, splits.std)
+
+    def finished(seed):
+        seed_all(seed)
+        return augment(images.clone())
+
+    first = finished(5)
+    assert first.dtype == torch.float32 and torch.equal(first, finished(5)) and not torch.equal(first, finished(6))
+    erased = [not torch.equal(a, b) for a, b in zip(first, plain)]
+    assert 0 < sum(erased) < 16  # DeiT's probability, 0.25, per image
+    kept = [a for a, b, e in zip(first, plain, erased) if not e]
+    assert all(torch.equal(a, b) for a, b in zip(kept, [b for b, e in zip(plain, erased) if not e]))
+    assert -3 < plain.mean() < 3 and 0.3 < plain.std() < 3  # normalised as the network takes it
+
+
 def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, cluster_env):
     root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=6, val_per_class=2, size=64)
     bad = root / "train" / "class_001" / "00003.jpg"
@@ -201,6 +225,8 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
     best = searching.search(searching.settings_from_args(searching.build_parser().parse_args(argv)), Placement(run))
     net, meta = load_supernet(run / "supernet" / "supernet.pt")
     assert net.patch_embed.img_size == (224, 224) and meta["epochs"] == 6 and meta["last_epoch"]["loss"] > 0
+    last = meta["last_epoch"]  # how long its step waited for the loader processes, and the step's own rate
+    assert 0 <= last["input_wait"] < 1 and last["step_images_per_s"] >= last["images_per_s"] > 0
     chance = 100 / 10
     assert statistics.fmean(meta["probe_top1"].values()) >= 1.5 * chance, meta["probe_top1"]  # 2.3x measured
     rows = read_candidates(run).to_pylist()

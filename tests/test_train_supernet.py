@@ -17,6 +17,7 @@ from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.settings import Placement, to_json
 from glit_ray.supernet import load_supernet
+from glit_ray.training import input_bound
 import glit_ray.train_supernet as training_module
 from glit_ray.train_supernet import PathSampler, build_parser, main, probe_every, settings_from_args, train_supernet
 
@@ -61,6 +62,14 @@ def train_loop_on_desynced_paths(config: dict) -> None:
 
     with mock.patch.object(training_module, "PathSampler", Desynced):
         training_module.train_loop(config)
+
+
+def test_an_epoch_whose_loader_could_not_keep_up_says_so_in_its_line():
+    fed = {"input_wait": 0.05, "step_images_per_s": 2900.0, "images_per_s": 2750.0}
+    assert input_bound(fed) == ""
+    starved = {"input_wait": 0.59, "step_images_per_s": 2845.0, "images_per_s": 1173.0}
+    assert input_bound(starved) == ("; input-bound: the step runs 2845 images/s, 59% of the epoch waited for batches "
+                                    "(raise --loader-workers or --cpus-per-worker)")
 
 
 def test_probes_take_at_most_a_tenth_of_training():
