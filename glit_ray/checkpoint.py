@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file as load_safetensors_file
+from timm.layers import resample_abs_pos_embed
 from timm.models import clean_state_dict
 from torch import nn
 
@@ -175,4 +176,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     source = str(file) if file else "the pretrained state dict"
     if file and cfg.get("state_dict") is None and cfg.get("source") != "local-dir" and not str(file).endswith(".safetensors"):
         state_dict = read_checkpoint(file)
-    return fit_state_dict(state_dict, model, source, _timm_adapted(model, cfg))
+    fitted = fit_state_dict(state_dict, model, source, _timm_adapted(model, cfg) + ("pos_embed",))
+    # positions of another image size are resampled to the model's patch grid, as timm's ViT does
+    fitted["pos_embed"] = resample_abs_pos_embed(fitted["pos_embed"], list(model.patch_embed.grid_size),
+                                                 num_prefix_tokens=model.num_prefix_tokens)
+    return fitted

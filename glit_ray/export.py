@@ -1,16 +1,15 @@
-"""A trained architecture on disk: `model.safetensors` (weights) and `arch.json` (how to build it).
+"""A trained architecture on disk: `model.safetensors` (weights), `arch.json` and `config.json` (how to build it).
 
 `arch.json` holds the keyword arguments of `GLiT` (architecture string, the space as a mapping,
 classes, image size, channels), so the pair reloads without glit_ray's run files or the space's
-YAML, in one call either way:
+YAML. `config.json` says the same in timm's layout (the one `timm.models.push_to_hf_hub` writes), so
+that the folder loads as any timm model does, and pushes to a hub as it is:
 
     model = glit_ray.load_model(RUN_DIR)
     model = glit_ray.load_model("glit_tiny.pth.tar", space="glit_tiny")  # the authors' checkpoint
 
-    import json, timm, glit_ray  # importing glit_ray registers 'glit' with timm
-    spec = json.load(open(f"{RUN_DIR}/arch.json"))
-    model = timm.create_model("glit", pretrained=True, **spec["model_args"], pretrained_cfg_overlay=dict(
-        file=f"{RUN_DIR}/model.safetensors", **spec["pretrained_cfg"]))
+    import timm, glit_ray  # importing glit_ray registers 'glit' with timm
+    model = timm.create_model(f"local-dir:{RUN_DIR}", pretrained=True)
 """
 from __future__ import annotations
 
@@ -22,12 +21,12 @@ from safetensors.torch import save as save_safetensors
 
 from .checkpoint import fit_state_dict, read_checkpoint
 from .errors import UserError
-from .model import GLiT, published_arch
+from .model import GLiT, default_cfg, published_arch
 from .runs import read_json, write_atomic, write_json
 from .space import SearchSpace
 
 FORMAT = "glit_ray.model/1"
-WEIGHTS, ARCH = "model.safetensors", "arch.json"
+WEIGHTS, ARCH, TIMM_CONFIG = "model.safetensors", "arch.json", "config.json"
 
 
 def model_args(model: GLiT) -> dict:
@@ -42,6 +41,11 @@ def export_model(model: GLiT, run_dir: Path, **info) -> None:
     write_atomic(Path(run_dir) / WEIGHTS, save_safetensors(state, metadata={"format": FORMAT, "arch": str(model.arch)}))
     args = model_args(model)
     pretrained_cfg = {"num_classes": args["num_classes"], "input_size": [args["in_chans"], args["img_size"], args["img_size"]]}
+    timm_cfg = {**default_cfg(), **pretrained_cfg, "architecture": "glit"}
+    write_json(Path(run_dir) / TIMM_CONFIG, {
+        "architecture": "glit", "num_classes": args["num_classes"], "num_features": model.num_features,
+        "global_pool": model.global_pool, "model_args": {k: v for k, v in args.items() if k != "num_classes"},
+        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in timm_cfg.items() if k != "file"}})
     write_json(Path(run_dir) / ARCH, {"format": FORMAT, "model_args": args, "pretrained_cfg": pretrained_cfg, **info})
 
 

@@ -18,8 +18,9 @@ from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .arch import Architecture, Block
@@ -28,6 +29,7 @@ from .errors import UserError
 from .space import SearchSpace
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+GLOBAL_POOLS = ("token", "avg", "")  # the class token (GLiT's, DeiT's), the mean of the patch tokens, none
 
 
 class ConvModule(nn.Module):
@@ -90,18 +92,29 @@ class GLBlock(nn.Module):
 
 
 class VisionTransformerShell(nn.Module):
-    """Patch embedding, class token, positions, final norm and head: what every GLiT shares.
+    """Patch embedding, class token, positions, final norm and head: what every GLiT shares, with timm's ViT contract
+    (`global_pool`, `head_hidden_size`, `reset_classifier`, `set_grad_checkpointing`, `dynamic_img_size`).
 
-    Subclasses add `self.blocks`; the standalone model and the supernet differ only there.
+    Subclasses add `self.blocks`; the standalone model and the supernet differ only there. A local head's
+    convolution runs along the token sequence, so any image size works once the positions are resampled to its
+    grid: at creation (`img_size`), or per input with `dynamic_img_size=True`, as timm's ViT does.
     """
 
     def __init__(self, space: SearchSpace, num_classes: int = 1000, img_size: int | None = None,
-                 in_chans: int | None = None, drop_rate: float = 0.0):
+                 in_chans: int | None = None, drop_rate: float = 0.0, global_pool: str = "token",
+                 dynamic_img_size: bool = False):
         super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise UserError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
         self.space = space
-        self.num_classes = num_classes
-        self.num_features = self.embed_dim = space.embed_dim
-        self.patch_embed = PatchEmbed(img_size or space.img_size, space.patch_size, in_chans or space.in_chans, space.embed_dim)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = space.embed_dim
+        self.num_prefix_tokens, self.dynamic_img_size, self.grad_checkpointing = 1, dynamic_img_size, False
+        dynamic = {"strict_img_size": False, "output_fmt": "NHWC"} if dynamic_img_size else {}
+        self.patch_embed = PatchEmbed(img_size or space.img_size, space.patch_size, in_chans or space.in_chans,
+                                      space.embed_dim, **dynamic)
+        self.feature_info = [{"module": f"blocks.{i}", "num_chs": space.embed_dim, "reduction": space.patch_size}
+                             for i in range(space.depth)]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, space.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, space.embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -121,19 +134,38 @@ class VisionTransformerShell(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            batch, height, width, channels = x.shape
+            pos_embed = resample_abs_pos_embed(self.pos_embed, [height, width], num_prefix_tokens=self.num_prefix_tokens)
+            x = x.view(batch, -1, channels)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.norm(x)[:, 0])
+        """The (normed) tokens of `forward_features`, pooled as `global_pool` says, through the classifier."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int):
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise UserError(f"global_pool {global_pool!r} is not one of {GLOBAL_POOLS}")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block's activations in the backward pass instead of keeping them (memory for compute)."""
+        self.grad_checkpointing = enable
 
 
 def drop_path_rates(depth: int, rate: float) -> list[float]:
@@ -146,24 +178,65 @@ class GLiT(VisionTransformerShell):
 
     def __init__(self, arch: Architecture | str, space: SearchSpace | str | dict = "glit_tiny", num_classes: int = 1000,
                  img_size: int | None = None, in_chans: int | None = None, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, global_pool: str = "token", dynamic_img_size: bool = False):
         """`space`: a SearchSpace, a built-in name or YAML path, or the mapping `SearchSpace.to_dict` gives."""
         if isinstance(space, dict):
             space = SearchSpace.from_dict(space)
         elif not isinstance(space, SearchSpace):
             space = SearchSpace.load(space)
         arch = space.validate(Architecture.parse(arch) if isinstance(arch, str) else arch)
-        super().__init__(space, num_classes, img_size, in_chans, drop_rate)
+        super().__init__(space, num_classes, img_size, in_chans, drop_rate, global_pool, dynamic_img_size)
         self.arch = arch
         rates = drop_path_rates(space.depth, drop_path_rate)
         self.blocks = nn.Sequential(*(GLBlock(space, b, r) for b, r in zip(arch.blocks, rates)))
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.embed(x))
+        x = self.embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's ViT intermediates: the outputs of the blocks `indices` names (the last n for an int, all for None),
+        as (B, C, H, W) patch grids (`output_fmt="NCHW"`) or token sequences ("NLC"), with their class tokens
+        when `return_prefix_tokens`; and, unless `intermediates_only`, the final normed features before them."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: give NCHW or NLC")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = block(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefixes = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefixes))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the norm, the head); returns the indices kept."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
 
 # The published GLiT-Tiny (reference table: block G and low-level choice), in architecture-string form.
@@ -190,7 +263,7 @@ def published_arch(space: SearchSpace) -> Architecture:
         raise UserError(f"space {space.name} does not hold the published GLiT-Tiny ({exc}); give the architecture") from None
 
 
-def _cfg(**kwargs) -> dict:
+def default_cfg(**kwargs) -> dict:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -199,16 +272,23 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "glit": _cfg(),
-    "glit_tiny_patch16_224": _cfg(),
-    "glit_small_patch16_224": _cfg(),
-    "glit_base_patch16_224": _cfg(),
+    "glit": default_cfg(),
+    "glit_tiny_patch16_224": default_cfg(),
+    "glit_small_patch16_224": default_cfg(),
+    "glit_base_patch16_224": default_cfg(),
 })
 
 
+def _build(variant: str, pretrained: bool, **kwargs) -> GLiT:
+    """timm's builder, with the authors' checkpoints through `checkpoint_filter_fn` and `features_only` served by
+    `forward_intermediates` (timm's ViT default: the last 3 blocks)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(GLiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg={"out_indices": out_indices, "feature_cls": "getter"}, **kwargs)
+
+
 def _create_glit(variant: str, pretrained: bool, space: str, factor: int, **kwargs) -> GLiT:
-    return build_model_with_cfg(GLiT, variant, pretrained, arch=scaled_arch(GLIT_TINY_ARCH, factor),
-                                space=space, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return _build(variant, pretrained, arch=scaled_arch(GLIT_TINY_ARCH, factor), space=space, **kwargs)
 
 
 @register_model
@@ -233,5 +313,4 @@ def glit_base_patch16_224(pretrained: bool = False, **kwargs) -> GLiT:
 def glit(pretrained: bool = False, arch: Architecture | str = GLIT_TINY_ARCH, space: SearchSpace | str | dict = "glit_tiny",
          **kwargs) -> GLiT:
     """Any architecture of any GLiT space; weights from `pretrained_cfg_overlay=dict(file=...)`."""
-    return build_model_with_cfg(GLiT, "glit", pretrained, arch=arch, space=space,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return _build("glit", pretrained, arch=arch, space=space, **kwargs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-from ray.experimental.tqdm_ray import tqdm
 from rich.console import Console
 
 LOG_WIDTH = 160  # columns of rich's output when it goes to a file or a pipe (a log), where lines are not re-wrapped
@@ -33,7 +32,11 @@ def driver_has_terminal() -> bool:
 
 def bar(total: int, desc: str, enabled: bool):
     """A tqdm_ray bar when `enabled` (pass `driver_has_terminal()` from the driver), else a no-op."""
-    return tqdm(total=total, desc=desc) if enabled else _NoBar()
+    if not enabled:
+        return _NoBar()
+    from ray.experimental.tqdm_ray import tqdm  # here: the model layer (`import glit_ray`) imports no Ray
+
+    return tqdm(total=total, desc=desc)
 
 
 def console(stderr: bool = True) -> Console:

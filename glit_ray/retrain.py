@@ -30,14 +30,14 @@ from .export import ARCH, WEIGHTS, export_model, load_model
 from .model import GLiT
 from .progress import console as make_console
 from .progress import driver_has_terminal
-from .resources import plan
+from .resources import cluster_shape, plan
 from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
 from .scoring import evaluate
 from .settings import Placement, RetrainRun, SearchRun
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, check_ingest, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 METRICS = "metrics.json"
 
@@ -105,8 +105,9 @@ def train_loop(config: dict) -> None:
     net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.drop_path)
     if job.initial_weights is not None:
         net.load_state_dict(ray.get(job.initial_weights))
+    net.set_grad_checkpointing(job.grad_checkpointing)
     net.to(device)
-    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
+    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
     recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device)
@@ -139,7 +140,9 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
         console.print(f"already retrained: {out / WEIGHTS}")
         return read_json(out / METRICS)
     ensure_ray(where.address)
-    request = plan("retrain", settings.workers, where.gpus_per_worker, where.cpus_per_worker)  # or fits no node: here
+    shape = cluster_shape()
+    request = plan("retrain", settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)  # or fits no node
+    check_ingest(where.ingest, request, shape)
     resumed = open_run(out, settings, where.resume)
 
     initial = {}
@@ -152,7 +155,8 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
     console.print(f"{'resuming' if resumed else 'retraining'} {settings.arch} ({space.name}) on {settings.data} "
                   f"for {settings.epochs} epochs -> {out}")
     console.print(str(request))
-    job = TrainJob(settings, str(out), "retrain", driver_has_terminal(), where.loader_workers,
+    job = TrainJob(settings, str(out), "retrain", driver_has_terminal(), where.loader_workers, where.ingest,
+                   where.grad_checkpointing,
                    initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
     result = fit(train_loop, job, request, where.storage, say=console.print)
 

@@ -36,7 +36,7 @@ from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .settings import Latency, Placement, SearchRun
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_run, train_supernet
-from .training import add_worker_resources, check_epoch_has_a_step, ensure_ray
+from .training import add_training_placement, add_worker_resources, check_ingest, check_epoch_has_a_step, ensure_ray
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
 
@@ -132,6 +132,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--supernet-workers", type=int, default=1,
                    help="data-parallel Ray Train workers when training the supernet here (default: 1)")
     add_worker_resources(p, who="supernet worker")
+    add_training_placement(p)
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
@@ -226,6 +227,8 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
     trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.gpus_per_worker,
                                                    where.cpus_per_worker, shape=shape)
+    if trainers:
+        check_ingest(where.ingest, trainers, shape)
     scorers = evaluators(where.actors, where.gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
     if pulling:
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")

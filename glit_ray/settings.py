@@ -98,6 +98,8 @@ class Placement:
     gpus_per_worker: float | None = None
     cpus_per_worker: int | None = None
     loader_workers: int | None = None
+    ingest: str = "loader"  # "ray-data": training images decoded by Ray Data on the cluster's CPUs (`ingest`)
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass: memory for compute
     actors: int | None = None
     gpus_per_actor: float | None = None
 

@@ -34,8 +34,8 @@ from .results import read_candidates
 from .retrain import train_loop as retrain_loop
 from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
-from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       ensure_ray, fit)
+from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, check_ingest,
+                       default_lr, ensure_ray, fit)
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"
@@ -72,18 +72,23 @@ def shortlist_trial(config: dict) -> None:
     trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)},
                          arch=candidates[rank]["arch"], from_supernet=None)
     job = TrainJob(trained, str(out), f"shortlist {rank + 1}/{len(candidates)}", progress=False,  # its lines say which
-                   loader_workers=where.loader_workers, score_test=False)
+                   loader_workers=where.loader_workers, ingest=where.ingest,
+                   grad_checkpointing=where.grad_checkpointing, score_test=False)
     storage = f"{where.storage.rstrip('/')}/{FOLDER}/rank{rank + 1}" if where.storage else None
     fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
         callbacks=[TuneReportCallback()])
 
 
 def side_by_side(settings: ShortlistRun, trials: int, where: Placement) -> tuple[int, Request]:
-    """How many trials run at once (as many as the cluster can hold), and the request of their workers together."""
+    """How many trials run at once (as many as the cluster can hold; with Ray Data ingest, one trial fewer, whose
+    CPUs decode), and the request of their workers together."""
     shape = cluster_shape()
     every = plan("shortlist", trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)
-    at_once = min(trials, max(1, capacity(every, shape) // settings.workers))
-    return at_once, replace(every, count=at_once * settings.workers)
+    held = capacity(every, shape) // settings.workers - (where.ingest == "ray-data")
+    at_once = min(trials, max(1, held))
+    request = replace(every, count=at_once * settings.workers)
+    check_ingest(where.ingest, request, shape)
+    return at_once, request
 
 
 def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .arch import Architecture, Block
 from .checkpoint import fit_state_dict
@@ -89,8 +90,8 @@ class GLiTSupernet(VisionTransformerShell):
     def forward_features(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
         x = self.embed(x)
         for block, gene in zip(self.blocks, arch.blocks, strict=True):
-            x = block(x, gene)
-        return x
+            x = checkpoint(block, x, gene, use_reentrant=False) if self.grad_checkpointing else block(x, gene)
+        return self.norm(x)
 
     def forward(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, arch))

@@ -30,7 +30,7 @@ from .data import build_splits, parse_spec
 from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
-from .resources import plan
+from .resources import cluster_shape, plan
 from .runs import check_run, open_run, resolve_distribution
 from .settings import Placement, SupernetRun
 from .evaluator import score_on, scoring_sets
@@ -38,7 +38,7 @@ from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, check_ingest, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
@@ -84,8 +84,9 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(settings.seed)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes, drop_path_rate=settings.drop_path)
+    net.set_grad_checkpointing(job.grad_checkpointing)
     net.to(device)
-    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device)
+    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
     recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device,
@@ -154,13 +155,16 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
         console.print(f"supernet already trained: {target}")
         return target
     ensure_ray(where.address)
-    request = plan("supernet", settings.workers, where.gpus_per_worker, where.cpus_per_worker)  # one that fits no node: here
+    shape = cluster_shape()
+    request = plan("supernet", settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)  # or fits no node
+    check_ingest(where.ingest, request, shape)
     resumed = open_run(out, settings, where.resume)
 
     console.print(f"{'resuming' if resumed else 'training'} {settings.level}-level supernet of "
                   f"{settings.space.name} on {settings.data} -> {out}")
     console.print(str(request))
-    job = TrainJob(settings, str(out), "supernet", driver_has_terminal(), where.loader_workers)
+    job = TrainJob(settings, str(out), "supernet", driver_has_terminal(), where.loader_workers, where.ingest,
+                   where.grad_checkpointing)
     result = fit(train_loop, job, request, where.storage, say=console.print)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes)
     state = final_state(result)

@@ -36,13 +36,15 @@ from torch.utils.tensorboard import SummaryWriter
 from .cli import ArgumentParser, callers_signal_handlers
 from .data import DeviceAugment, Splits, mixup_for
 from .errors import UserError, one_line
+from .ingest import RayDataFeed
 from .progress import bar as progress_bar
 from .progress import say
 from .ray_workarounds import DeviceTorchConfig, train_result
-from .resources import Request, waiting_note
+from .resources import ClusterShape, Request, waiting_note
 from .settings import Training
 
 CLIP_GRAD_NORM = 5.0
+INGESTS = ("loader", "ray-data")
 LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
 INPUT_BOUND = 0.1  # share of an epoch spent waiting for the loader past which its line says so
 STATE_FILE = "state.pt"
@@ -95,6 +97,7 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
                              "0 on digits, which are tensors in memory)")
+    add_training_placement(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
     parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
                                           "s3://bucket/prefix on a cluster whose nodes do not share --out")
@@ -106,6 +109,28 @@ def add_worker_resources(parser: ArgumentParser, who: str = "worker") -> None:
                         help=f"GPUs each {who} asks for (default: 1 where the cluster has or can add GPU nodes, else 0)")
     parser.add_argument("--cpus-per-worker", type=int, default=None,
                         help=f"CPUs each {who} asks for (default: its share of the node type that hosts it)")
+
+
+def add_training_placement(parser: ArgumentParser) -> None:
+    """--ingest and --grad-checkpointing: how a training run feeds and fits its workers (neither changes its result)."""
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward pass instead of keeping them: less "
+                             "device memory (a larger batch, Base on a 24 GB card) for about a third more compute")
+    parser.add_argument("--ingest", choices=INGESTS, default="loader",
+                        help="loader: each Ray Train worker decodes its images in DataLoader processes on its node "
+                             "(default); ray-data: Ray Data tasks decode them on any CPU of the cluster, CPU-only "
+                             "nodes included, with the same batches (see glit_ray.ingest)")
+
+
+def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
+    """Refuse (UserError) `--ingest ray-data` on a cluster whose CPUs the training workers of `request` would all
+    hold: its decoding tasks would wait for ever."""
+    if ingest != "ray-data":
+        return
+    spare = sum(t.cpus * t.max_count for t in shape.node_types) - request.count * request.cpus
+    if spare < 1:
+        raise UserError(f"--ingest ray-data decodes on CPUs the training workers do not hold, and {request} holds "
+                        f"every CPU of {shape}; lower --cpus-per-worker, add a CPU node type, or drop --ingest")
 
 
 def check_counts(args) -> None:
@@ -160,10 +185,21 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device) -> DataLoader:
-    """This Ray Train worker's shard of the training set (`training_loader` with its rank)."""
+def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
+                  ingest: str = "loader") -> DataLoader | RayDataFeed:
+    """This Ray Train worker's shard of the training set: loaded here (`training_loader` with its rank), or with
+    `ingest="ray-data"` the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
     ctx = ray.train.get_context()
-    return training_loader(splits, batch_size, seed, loader_workers, device, ctx.get_world_size(), ctx.get_world_rank())
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    if ingest == "ray-data":
+        check_epoch_has_a_step(len(splits.train), batch_size, world)
+        return RayDataFeed(SeededSamples(splits.train, seed), EpochSampler(shard_of(splits, seed, world, rank)), batch_size)
+    return training_loader(splits, batch_size, seed, loader_workers, device, world, rank)
+
+
+def shard_of(splits: Splits, seed: int, world: int, rank: int) -> DistributedSampler:
+    """Worker `rank`'s share of the training set, reshuffled per epoch (`set_epoch`), whole batches only."""
+    return DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
 
 
 def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
@@ -175,7 +211,7 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
     `loader_options` go to the DataLoader (the input-pipeline benchmark tries others).
     """
     check_epoch_has_a_step(len(splits.train), batch_size, world)
-    shard = DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
+    shard = shard_of(splits, seed, world, rank)
     dataset, sampler = splits.train, shard
     if splits.natural_images:
         dataset, sampler = SeededSamples(splits.train, seed), EpochSampler(shard)
@@ -226,6 +262,8 @@ class TrainJob:
     label: str  # what its console lines call it
     progress: bool  # a progress bar on rank 0 (the driver has a terminal)
     loader_workers: int | None = None  # None: `default_loader_workers` of the CPUs each worker asks for
+    ingest: str = "loader"  # "ray-data": the batches are decoded by Ray Data on the cluster's CPUs (`ingest`)
+    grad_checkpointing: bool = False  # the network recomputes its blocks' activations in the backward pass
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
 
@@ -354,6 +392,8 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         metrics = {"epoch": epoch, "loss": total_loss / steps, "lr": recipe.lr, "workers": world,
                    "images_per_s": images_seen / seconds, "input_wait": waited / seconds,
                    "step_images_per_s": images_seen / (seconds - waited)}
+        if isinstance(loader, RayDataFeed):
+            metrics["decoded_on"] = sorted(loader.decoded_on)
         if path_at:
             metrics["path_digest"] = digest.hexdigest()
             check_paths_agree(metrics["path_digest"], world)

@@ -42,13 +42,15 @@ def test_aws_workers_declare_their_shape_write_s3_and_boot_a_gpu_ami(aws):
     types = aws["available_node_types"]
     head = types.pop(aws["head_node_type"])
     assert head["resources"]["GPU"] == 0 and head["max_workers"] == 0
-    assert {t["node_config"]["InstanceType"].split(".")[0] for t in types.values()} == {"g5", "p4d"}
+    assert {t["node_config"]["InstanceType"].split(".")[0] for t in types.values()} == {"g5", "p4d", "c6i"}
+    assert types["cpu_c6i"]["resources"] == {"CPU": 32, "GPU": 0}  # decodes for --ingest ray-data
     for node_type in [head, *types.values()]:
         assert node_type["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
                                                               "base-oss-nvidia-driver-gpu-")
     for node_type in types.values():
-        assert node_type["min_workers"] == 0 <= node_type["max_workers"]  # GPU nodes come up for requests only
-        assert node_type["resources"]["GPU"] >= 1 and node_type["resources"]["CPU"] >= 8
+        assert node_type["min_workers"] == 0 <= node_type["max_workers"]  # worker nodes come up for requests only
+        assert node_type["resources"]["GPU"] >= 1 or node_type is types["cpu_c6i"]
+        assert node_type["resources"]["CPU"] >= 8
         assert node_type["node_config"]["IamInstanceProfile"] == {"Name": "glit-ray-worker"}  # Ray Train writes S3
 
 
@@ -109,9 +111,11 @@ def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments(rayjob):
     assert settings_from_args(args).space.name == "glit_tiny"
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__
-    [worker] = spec["workerGroupSpecs"]
+    worker, decoder = spec["workerGroupSpecs"]
     [container] = worker["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    [container] = decoder["template"]["spec"]["containers"]  # CPU only: decodes for --ingest ray-data
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and decoder["minReplicas"] == 0
     assert 1 < args.supernet_workers <= worker["maxReplicas"]  # the supernet trains data-parallel, a GPU worker each
 
 
@@ -119,14 +123,14 @@ def test_the_rayjob_autoscales_from_zero_keeps_work_off_the_head_mounts_data_rea
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["enableInTreeAutoscaling"] is True and spec["authOptions"] == {"mode": "token"}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    [worker] = spec["workerGroupSpecs"]
-    assert worker["minReplicas"] == worker["replicas"] == 0
-    for pod in (spec["headGroupSpec"]["template"]["spec"], worker["template"]["spec"]):
+    workers = spec["workerGroupSpecs"]
+    assert all(worker["minReplicas"] == worker["replicas"] == 0 for worker in workers)
+    for pod in (spec["headGroupSpec"]["template"]["spec"], *(worker["template"]["spec"] for worker in workers)):
         [container] = pod["containers"]
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         assert mounts["data"]["readOnly"] is True and claims["data"]["readOnly"] is True
-        assert not mounts["runs"].get("readOnly")
+        assert "runs" not in mounts or not mounts["runs"].get("readOnly")
 
 
 def pruned(value, schema: dict, path: str) -> list[str]:

@@ -209,7 +209,7 @@ def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, cluster
 def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tmp_path):
     """The front door on 224-px JPEGs with the defaults a user gets: the supernet trains 6 epochs of 10 batches
     each and learns (its probe paths end above chance under the DeiT augmentation), the search scores on the fixed
-    sets, the winner retrains for an epoch and reloads."""
+    sets, the winner retrains for an epoch (through Ray Data ingest) and reloads."""
     import glit_ray
     from glit_ray import retrain as retraining
     from glit_ray import search as searching
@@ -235,10 +235,15 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
     assert all(r["top1"] * 40 / 100 == pytest.approx(round(r["top1"] * 40 / 100)) for r in rows)  # on 40 images
     assert best["arch"] in {r["arch"] for r in rows}
 
+    # the winner retrains with its images decoded by Ray Data, on the CPU its Ray Train worker leaves free
     out = tmp_path / "retrain"
-    metrics = retraining.retrain(retraining.settings_from_args(retraining.build_parser().parse_args(
-        ["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out", str(out)])), Placement(out))
+    args = retraining.build_parser().parse_args(["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out",
+                                                 str(out), "--ingest", "ray-data", "--cpus-per-worker", "1"])
+    metrics = retraining.retrain(retraining.settings_from_args(args), Placement.from_args(args))
     assert metrics["arch"] == best["arch"] and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100
+    [checkpoint] = (out / "train").glob("checkpoint_*/state.pt")
+    node = ray_session.get_runtime_context().get_node_id()  # the session's one node
+    assert torch.load(checkpoint, weights_only=True)["metrics"]["decoded_on"] == [node]
     model = glit_ray.load_model(out)
     with torch.no_grad():
         assert model(torch.randn(2, 3, 224, 224)).shape == (2, 10)

@@ -24,10 +24,11 @@ def test_timm_registry_lists_and_builds_glit():
 
 
 @pytest.mark.subprocess
-def test_registration_needs_only_the_package_import():
-    code = "import timm, glit_ray; m = timm.create_model('glit_tiny_patch16_224', num_classes=3); print(type(m).__name__)"
+def test_registration_needs_only_the_package_import_which_imports_no_ray():
+    code = ("import sys, timm, glit_ray; m = timm.create_model('glit_tiny_patch16_224', num_classes=3); "
+            "print(type(m).__name__, sorted({name.split('.')[0] for name in sys.modules} & {'ray', 'pyarrow', 'pandas'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "GLiT"
+    assert out.strip() == "GLiT []"  # a timm user who wants the model pays for neither Ray nor its data stack
 
 
 def test_published_tiny_blocks_match_the_reference_table():
@@ -101,3 +102,108 @@ def test_model_trains_on_cpu(micro):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# timm's model contract for its ViT family (tests/test_models.py of pytorch-image-models), asserted here on GLiT-Tiny.
+def test_default_cfg_contract_as_timm_checks_its_vits():
+    model = timm.create_model("glit_tiny_patch16_224").eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        features = model.forward_features(images)  # normed tokens, unpooled
+        assert features.shape == (2, 197, 192)
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size) == (2, 192)
+        torch.testing.assert_close(model.forward_head(features), model(images))
+        model.reset_classifier(0)
+        assert model(images).shape == (2, model.num_features)
+        model.reset_classifier(0, "")  # no pooling: every token
+        assert model(images).shape == (2, 197, 192)
+        model.reset_classifier(5, "avg")
+        assert model(images).shape == (2, 5) and model.global_pool == "avg"
+    state = model.state_dict()
+    assert f"{model.pretrained_cfg['classifier']}.weight" in state and f"{model.pretrained_cfg['first_conv']}.weight" in state
+    assert timm.create_model("glit_tiny_patch16_224", global_pool="", num_classes=0)(images).shape == (2, 197, 192)
+    with pytest.raises(glit_ray.UserError, match="global_pool 'max' is not one of"):
+        timm.create_model("glit_tiny_patch16_224", global_pool="max")
+
+
+def test_other_input_sizes_as_timm_vits_take_them(tmp_path):
+    """Local heads convolve along the token sequence, so only the positions depend on the size: resampled at
+    creation from a checkpoint of another size, or per input with dynamic_img_size."""
+    model = timm.create_model("glit_tiny_patch16_224", dynamic_img_size=True, num_classes=42).train()
+    outputs = model(torch.randn(2, 3, 128, 160))
+    outputs.mean().backward()
+    assert outputs.shape == (2, 42) and not torch.isnan(outputs).any()
+    assert all(p.grad is not None for p in model.parameters())  # every parameter learns at 128 x 160
+    trained = timm.create_model("glit_tiny_patch16_224").eval()
+    torch.save(trained.state_dict(), tmp_path / "tiny224.pth")
+    smaller = timm.create_model("glit_tiny_patch16_224", img_size=160, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "tiny224.pth"))).eval()
+    assert smaller.pos_embed.shape == (1, 101, 192)  # 10 x 10 patches + the class token
+    torch.testing.assert_close(smaller.blocks[3].mlp.fc1.weight, trained.blocks[3].mlp.fc1.weight)
+    with torch.no_grad():
+        assert smaller(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
+    with pytest.raises(AssertionError, match="Input height \\(128\\) doesn't match model \\(224\\)"):
+        trained(torch.randn(1, 3, 128, 128))  # without either, as timm's ViT
+
+
+def test_intermediates_and_features_only():
+    model = timm.create_model("glit_tiny_patch16_224").eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(images, indices=[0, 5, 11])
+        torch.testing.assert_close(final, model.forward_features(images))
+        assert [tuple(y.shape) for y in intermediates] == [(2, 192, 14, 14)] * 3
+        tokens = model.forward_intermediates(images, indices=2, output_fmt="NLC", intermediates_only=True,
+                                             return_prefix_tokens=True)
+        assert [(tuple(y.shape), tuple(c.shape)) for y, c in tokens] == [((2, 196, 192), (2, 1, 192))] * 2
+        torch.testing.assert_close(tokens[-1][0], intermediates[-1].flatten(2).transpose(1, 2))
+    features = timm.create_model("glit_tiny_patch16_224", features_only=True).eval()
+    features.model.load_state_dict(model.state_dict(), strict=False)  # the same weights (its norm and head pruned)
+    assert features.feature_info.channels() == [192] * 3 and features.feature_info.reduction() == [16] * 3
+    with torch.no_grad():
+        maps = features(images)
+    assert len(maps) == 3 and all(m.shape == (2, 192, 14, 14) for m in maps)
+    torch.testing.assert_close(maps[-1], intermediates[-1])  # the last block's grid, as forward_intermediates gives
+    picked = timm.create_model("glit_tiny_patch16_224", features_only=True, out_indices=(1, 4))
+    assert len(picked.model.blocks) == 5  # the blocks after the last index asked for are pruned
+    with pytest.raises(AssertionError, match="feature index 12 is out of range \\(0 to 11\\)"):
+        timm.create_model("glit_tiny_patch16_224", features_only=True, out_indices=(12,))
+
+
+def test_grad_checkpointing_recomputes_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("glit_tiny_patch16_224", num_classes=10).train()
+    images = torch.randn(2, 3, 224, 224)
+
+    def grads(checkpointing: bool) -> dict:
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(images).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    assert model.grad_checkpointing
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, msg=name)
+
+
+def test_an_exported_model_loads_as_any_timm_model_from_its_folder(micro, tmp_path):
+    from glit_ray.export import export_model
+
+    model = GLiT("2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4", micro, num_classes=10).eval()
+    export_model(model, tmp_path / "run")
+    via_timm = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval()
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm(images), glit_ray.load_model(tmp_path / "run")(images), rtol=0, atol=0)
+        torch.testing.assert_close(via_timm(images), model(images), rtol=0, atol=0)
+    assert via_timm.pretrained_cfg["source"] == "local-dir" and via_timm.num_classes == 10
+    # another architecture's weights in the folder: one line naming the first tensor that does not fit
+    other = GLiT("3:v1m4-" * 5 + "3:v1m4", micro, num_classes=10)
+    (tmp_path / "run" / "model.safetensors").unlink()
+    export_model(other, tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").rename(tmp_path / "run" / "model.safetensors")
+    refused = r"run is not a checkpoint of glit_micro 2:k5c2v1m4.*: tensor blocks\.0\.attn\.\S+ is \(96\)"
+    with pytest.raises(glit_ray.UserError, match=refused):
+        timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)

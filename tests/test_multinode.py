@@ -6,15 +6,19 @@ import time
 
 import pytest
 import ray
+import torch
 
 from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
 from glit_ray.evaluator import evaluator_pool
+from glit_ray.ingest import RayDataFeed
+from glit_ray.ray_workarounds import HEAD_NODE_RESOURCE
 from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.settings import Placement
 from glit_ray.space import SearchSpace
+from glit_ray.training import EpochSampler, SeededSamples, shard_of, training_loader
 
 DIGITS = build_splits("digits", 8, 1)
 
@@ -105,3 +109,34 @@ class Counter:
 
     def update(self, k: int) -> None:
         self.n += k
+
+
+@ray.remote(num_cpus=2, resources={HEAD_NODE_RESOURCE: 0.001})
+class TrainingWorkerOnTheHead:
+    """Holds every CPU of the 2-CPU head, as a Ray Train worker of 2 CPUs does, and streams its shard's batches
+    through Ray Data (`--ingest ray-data`)."""
+
+    def epoch(self, splits, seed: int, world: int, rank: int, epoch: int) -> tuple:
+        feed = RayDataFeed(SeededSamples(splits.train, seed), EpochSampler(shard_of(splits, seed, world, rank)), 16)
+        feed.sampler.set_epoch(epoch)
+        batches = list(feed)
+        return batches, sorted(feed.decoded_on), ray.get_runtime_context().get_node_id()
+
+
+def test_ray_data_decodes_on_other_nodes_the_very_batches_the_dataloader_loads(folder224, ray_cluster, worker_nodes,
+                                                                              shipped_by_value):
+    """The worker's node has no CPU to spare: the 224-px images are decoded and augmented on the two worker nodes,
+    and the batches are the DataLoader path's, sample for sample and in order (so the weights are too)."""
+    splits = build_splits(f"imagefolder:{folder224}", 224, 3)
+    worker = TrainingWorkerOnTheHead.remote()
+    for epoch in (0, 1):
+        batches, decoded_on, worker_node = ray.get(worker.epoch.remote(splits, 3, 4, 1, epoch))
+        loader = training_loader(splits, 16, seed=3, loader_workers=0, device=torch.device("cpu"), world=4, rank=1)
+        loader.sampler.set_epoch(epoch)
+        expected = list(loader)
+        assert len(batches) == len(expected) == 80 // 16
+        for (images, labels), (loaded, loaded_labels) in zip(batches, expected):
+            assert images.dtype == torch.uint8 and torch.equal(images, loaded) and torch.equal(labels, loaded_labels)
+        assert worker_node == ray_cluster.head_node.node_id
+        assert decoded_on and set(decoded_on) <= {node.node_id for node in worker_nodes}
+    ray.kill(worker)

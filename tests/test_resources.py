@@ -43,7 +43,7 @@ def test_work_goes_to_the_node_type_that_holds_it_on_the_fewest_nodes_the_smalle
 
 def test_on_the_kuberay_shape_four_workers_ask_for_what_one_pod_has_not_the_clusters_cpus_divided():
     shape = kuberay()
-    assert {t.name: (t.cpus, t.gpus) for t in shape.node_types} == {"headgroup": (0, 0), "gpu": (8, 1)}
+    assert {t.name: (t.cpus, t.gpus) for t in shape.node_types} == {"headgroup": (0, 0), "gpu": (8, 1), "cpu": (16, 0)}
     request = plan("supernet", 4, shape=shape)
     assert str(request) == "supernet: 4 workers x (1 GPU, 8 CPU) on gpu"
     assert capacity(request, shape) == 16  # the group's maxReplicas
@@ -99,3 +99,15 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
     with pytest.raises(UserError, match=re.escape(named)) as error:
         training.ensure_ray("10.0.0.1:6379")
     assert "\n" not in str(error.value)
+
+
+def test_ray_data_ingest_needs_cpus_the_training_workers_do_not_hold():
+    from glit_ray.training import check_ingest
+
+    machine = one_machine(2)
+    check_ingest("ray-data", plan("retrain", 1, cpus=1, shape=machine), machine)  # one CPU left to decode on
+    check_ingest("loader", plan("retrain", 1, shape=machine), machine)  # the DataLoader needs none of its own
+    with pytest.raises(UserError, match=r"--ingest ray-data decodes on CPUs the training workers do not hold, and "
+                                        r"retrain: 1 worker x \(0 GPU, 2 CPU\) on head holds every CPU of"):
+        check_ingest("ray-data", plan("retrain", 1, shape=machine), machine)
+    check_ingest("ray-data", plan("supernet", 8, shape=aws()), aws())  # the cluster file's other node types decode

@@ -39,6 +39,25 @@ def test_supernet_path_equals_extracted_subnet(micro, level):
         torch.testing.assert_close(subnet(x), net(x, arch), atol=1e-5, rtol=0)
 
 
+def test_grad_checkpointing_touches_the_same_path_with_the_same_gradients(micro):
+    """`--grad-checkpointing` on a supernet: each block of the sampled path is recomputed in the backward pass; the
+    path's gradients are those of the plain step, and no other operation gets one."""
+    net, rng = trained_supernet(micro, "high")
+    net.train()
+    arch, x = micro.sample("high", rng), torch.randn(8, 1, 8, 8)
+
+    def grads(checkpointing: bool) -> dict:
+        net.set_grad_checkpointing(checkpointing)
+        net.zero_grad(set_to_none=True)
+        net(x, arch).logsumexp(-1).mean().backward()
+        return {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert recomputed.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, msg=name)
+
+
 def test_extracted_subnet_owns_its_weights(micro):
     net, rng = trained_supernet(micro, "high")
     arch = micro.sample("high", rng)
