@@ -26,7 +26,7 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess"
 
-# Benchmarks P1-P8 and P6b (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b and P12 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/search_quality.py --setting pico --record
 	$(BIN)/python bench/input_pipeline.py --record
 	$(BIN)/python bench/loader_cpu.py --record
+	$(BIN)/python bench/grad_checkpointing.py --record
 	$(BIN)/python bench/evaluator_warmup.py --record
 	$(BIN)/python bench/ranking_stability.py --record
 

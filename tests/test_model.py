@@ -207,3 +207,35 @@ def test_an_exported_model_loads_as_any_timm_model_from_its_folder(micro, tmp_pa
     refused = r"run is not a checkpoint of glit_micro 2:k5c2v1m4.*: tensor blocks\.0\.attn\.\S+ is \(96\)"
     with pytest.raises(glit_ray.UserError, match=refused):
         timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+
+
+def test_an_extracted_model_exports_and_compiles_to_what_eager_gives(micro):
+    """torch.export's program and torch.compile's whole graph (one graph, no break: `fullgraph`) of a subnet the
+    supernet hands out. Compiled with the aot_eager backend: the capture is what the model's code decides;
+    inductor's C++ code generation (about a minute on 2 cores) is torch's own."""
+    import random
+
+    from glit_ray.supernet import GLiTSupernet
+
+    torch.manual_seed(0)
+    model = GLiTSupernet(micro, "high", num_classes=10).extract(micro.sample("high", random.Random(3))).eval()
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        eager = model(images)
+        exported = torch.export.export(model, (images,)).module()(images)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fx_traces_the_model_as_timm_feature_extraction_does():
+    from timm.models._features_fx import create_feature_extractor
+
+    model = timm.create_model("glit_tiny_patch16_224").eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        eager = model(images)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(images), eager, rtol=0, atol=0)
+        nodes = create_feature_extractor(model, return_nodes={"blocks.5": "middle", "head": "logits"})(images)
+    assert nodes["middle"].shape == (1, 197, 192)
+    torch.testing.assert_close(nodes["logits"], eager, rtol=0, atol=0)
