@@ -265,7 +265,9 @@ def published_arch(space: SearchSpace) -> Architecture:
 
 def default_cfg(**kwargs) -> dict:
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+        # fixed_input_size: as timm's ViT and DeiT declare it; other sizes by img_size or dynamic_img_size
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True, "pool_size": None,
+        "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
     }
