@@ -3,9 +3,9 @@
 Both sides are the training DataLoader exactly as a Ray Train worker builds it
 (`glit_ray.training.training_loader`: `SeededSamples` + `EpochSampler`, pinned batches on a GPU) over
 224-px crops of 256-px JPEGs with timm's DeiT training transform (RandAugment rand-m9-mstd0.5-inc1,
-random erasing). The default is what the training entry points give a worker holding all the
-machine's CPUs: `default_loader_workers(data, cores)` loader processes, persistent, DataLoader's
-default prefetch. The sweep tries 0 to 4 loader processes (at most 2 per core), prefetch 2 and 4,
+uint8 out; random erasing runs on the device since issue 26). The default is what the training
+entry points give a worker holding all the machine's CPUs: `default_loader_workers(data, cores)`
+loader processes, persistent, DataLoader's default prefetch. The sweep tries 0 to 4 loader processes (at most 2 per core), prefetch 2 and 4,
 persistent or restarted every epoch; then the default and the best other setting run side by side,
 alternating whole epochs. Only loading is timed (each batch is moved to the device, nothing trains).
 

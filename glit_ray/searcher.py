@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 
 from . import pareto
 from .arch import Architecture
+from .errors import UserError
 from .settings import SearchRun
 
 TRIES_PER_CHILD = 50
@@ -48,6 +49,14 @@ class EvolutionSearcher(Searcher):
             "attempts": {},    # generation -> trial attempts so far
             "retry": None,     # a generation's config to suggest again after its trial errored
         }
+
+    def __setstate__(self, state: dict):
+        """Tune pickles the searcher into its snapshot (`Tuner.restore` unpickles it). One pickled by glit_ray before
+        typed settings (2fa5798) held its settings field by field, and cannot drive this code."""
+        if "settings" not in state:
+            raise UserError("this search's Tune snapshot was written by an earlier glit_ray (before typed settings, "
+                            "2fa5798): finish it with that version, or start the search again in a new --out")
+        self.__dict__.update(state)
 
     # ---- Tune interface ------------------------------------------------------------------------
     def suggest(self, trial_id: str):

@@ -2,6 +2,7 @@ import random
 import zlib
 from dataclasses import replace
 
+import pytest
 from ray.tune.search import Searcher
 
 from glit_ray.arch import Architecture
@@ -208,3 +209,19 @@ def test_a_mutation_that_must_change_changes_one_gene_at_least(micro, rng):
     arch = micro.sample("high", rng)
     assert all(micro.mutate(arch, "high", 0.0, rng, changed=True) != arch for _ in range(50))
     assert micro.mutate(arch, "high", 0.0, rng) == arch
+
+
+def test_a_searcher_pickled_before_typed_settings_is_refused_in_one_line(micro):
+    """Tune's snapshot pickles the searcher whole; one of the previous release held its settings field by field."""
+    import pickle
+
+    from glit_ray.errors import UserError
+
+    old = EvolutionSearcher.__new__(EvolutionSearcher)
+    old.__dict__.update({"space": micro, "level": "high", "distribution": None, "limits": Limits(), "num_classes": 10,
+                         "population": 12, "generations": 4, "state": {"generation": 2, "scored": []}})
+    with pytest.raises(UserError, match=r"written by an earlier glit_ray \(before typed settings, 2fa5798\): finish "
+                                        r"it with that version, or start the search again in a new --out"):
+        pickle.loads(pickle.dumps(old))
+    again = pickle.loads(pickle.dumps(make(micro)))  # today's round-trips
+    assert again.settings == make(micro).settings
