@@ -39,7 +39,7 @@ def free_port() -> int:
 def kuberay_gpu_shape() -> dict:
     """The RayJob's GPU worker group, as Ray resources."""
     job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
-    [group] = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    [group] = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
     [container] = group["template"]["spec"]["containers"]
     limits = container["resources"]["limits"]
     return {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}
