@@ -15,12 +15,13 @@ Then the two ingests at the same CPU count (all the machine's cores): a DataLoad
 CPUs (`--ingest ray-data`, `glit_ray.ingest.RayDataFeed`), each streaming the same epoch's batches to this process;
 images/s and the machine's CPU-seconds per image (every process: Ray's own included), alternating epochs.
 
-    python bench/loader_cpu.py [--images 192] [--batch 32] [--repeats 5] [--record]
+    python bench/loader_cpu.py [--images 384] [--batch 32] [--repeats 5] [--record]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import tempfile
@@ -70,6 +71,7 @@ def ingest_epochs(splits, batch: int, cores: int, repeats: int) -> dict[str, lis
     import ray
 
     ray_workarounds.apply()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset lines, in this driver's console
     ray.init(address="local", num_cpus=cores, log_to_driver=False, configure_logging=False)
     feeds = {"DataLoader": training_loader(splits, batch, 0, cores, torch.device("cpu")),
              "Ray Data": RayDataFeed(SeededSamples(splits.train, 0), EpochSampler(shard_of(splits, 0, 1, 0)), batch)}
@@ -87,7 +89,7 @@ def ingest_epochs(splits, batch: int, cores: int, repeats: int) -> dict[str, lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=192, help="training images per epoch")
+    parser.add_argument("--images", type=int, default=384, help="training images per epoch")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="side-by-side epochs per side")
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-DECODE_BATCH = 16  # images per Ray Data task batch
+DECODE_BATCH = 64  # images per Ray Data task batch
 PREFETCH_BATCHES = 4  # training batches a worker keeps in flight
 _fetched: dict[str, object] = {}  # the samples, once per task process
 
@@ -59,4 +59,6 @@ class RayDataFeed:
         for batch in dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
                                           prefetch_batches=PREFETCH_BATCHES):
             self.decoded_on.update(batch["node"].tolist())
-            yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+            # the object store's buffers are read-only; torch takes only writable arrays (a copy where they are not)
+            yield (torch.from_numpy(np.require(batch["image"], requirements="W")),
+                   torch.from_numpy(np.require(batch["label"], requirements="W")))
