@@ -41,11 +41,10 @@ def export_model(model: GLiT, run_dir: Path, **info) -> None:
     write_atomic(Path(run_dir) / WEIGHTS, save_safetensors(state, metadata={"format": FORMAT, "arch": str(model.arch)}))
     args = model_args(model)
     pretrained_cfg = {"num_classes": args["num_classes"], "input_size": [args["in_chans"], args["img_size"], args["img_size"]]}
-    timm_cfg = {**default_cfg(), **pretrained_cfg, "architecture": "glit"}
     write_json(Path(run_dir) / TIMM_CONFIG, {
         "architecture": "glit", "num_classes": args["num_classes"], "num_features": model.num_features,
         "global_pool": model.global_pool, "model_args": {k: v for k, v in args.items() if k != "num_classes"},
-        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in timm_cfg.items() if k != "file"}})
+        "pretrained_cfg": {**default_cfg(), **pretrained_cfg, "architecture": "glit"}})
     write_json(Path(run_dir) / ARCH, {"format": FORMAT, "model_args": args, "pretrained_cfg": pretrained_cfg, **info})
 
 

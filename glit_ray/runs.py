@@ -61,9 +61,10 @@ def check_run(out: Path, settings, resume: bool) -> bool:
             raise UserError(f"{out} is not empty and is not a glit_ray run; choose a new --out")
         return False
     existing = read_json(run_file)
-    if existing.get("kind") != kind:
-        raise UserError(f"{out} holds a {existing.get('kind')} run, not a {kind} run; choose another --out")
-    old, new = to_json(read_settings(run_file, kind)), to_json(settings)
+    if not isinstance(existing, dict) or existing.get("kind") != kind:
+        found = existing.get("kind") if isinstance(existing, dict) else None
+        raise UserError(f"{out} holds a {found} run, not a {kind} run; choose another --out")
+    old, new = to_json(settings_in(existing, kind, run_file)), to_json(settings)
     changed = [name for name in new if old[name] != new[name]]
     if changed:
         diff = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:3])
@@ -82,7 +83,11 @@ def open_run(out: Path, settings, resume: bool) -> bool:
 
 def read_settings(run_file: Path, kind: str):
     """The settings of the `kind` run whose run.json is `run_file` (`settings.from_json`)."""
-    existing = read_json(run_file)
+    return settings_in(read_json(run_file), kind, run_file)
+
+
+def settings_in(existing: Any, kind: str, run_file: Path):
+    """The settings of the `kind` run in `existing`, what `run_file` (a run.json) holds."""
     if not isinstance(existing, dict) or existing.get("kind") != kind or not isinstance(existing.get("settings"), dict):
         raise UserError(f"{run_file} is not the run file of a {kind} run")
     return from_json(kind, existing["settings"], source=str(run_file))

@@ -32,7 +32,7 @@ from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop as retrain_loop
-from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
+from .runs import RUN_FILE, check_run, open_run, read_json, settings_in, write_json
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
 from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, check_ingest,
                        default_lr, ensure_ray, fit)
@@ -43,11 +43,14 @@ METRIC = "heldout_top1"
 
 def search_settings(run_dir: Path) -> SearchRun:
     """The settings of the high-level search run in `run_dir` (its run.json), or a UserError saying it is none."""
-    if not (run_dir / RUN_FILE).is_file():
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
         raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
-    if read_json(run_dir / RUN_FILE).get("kind") != "search" or read_settings(run_dir / RUN_FILE, "search").level != "high":
+    existing = read_json(run_file)
+    search = settings_in(existing, "search", run_file) if existing.get("kind") == "search" else None
+    if search is None or search.level != "high":
         raise UserError(f"{run_dir} is not a high-level search run; give the RUN_DIR of python -m glit_ray.search --level high")
-    return read_settings(run_dir / RUN_FILE, "search")
+    return search
 
 
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
