@@ -56,9 +56,9 @@ def wait_for(condition, seconds: float, what: str):
         time.sleep(0.05)
 
 
-def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_supernet, ray_cluster, worker_nodes):
+def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(untrained_supernet, ray_cluster, worker_nodes):
     archs = micro_archs(48)
-    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 4, None, evaluators(4, 0)) as actors:
+    with evaluator_pool(untrained_supernet.read_bytes(), DIGITS, 4, None, evaluators(4, 0)) as actors:
         nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
         doomed = worker_nodes[0]
         assert doomed.node_id in nodes  # SPREAD put an actor on each worker node
@@ -76,9 +76,9 @@ def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(micro_
     assert on_doomed and max(on_doomed) < removed_at + 1  # it scored until it went, and never after
 
 
-def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_none(micro_supernet, ray_cluster,
+def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_none(untrained_supernet, ray_cluster,
                                                                                    worker_nodes, tmp_path):
-    argv = search_argv(micro_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
+    argv = search_argv(untrained_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
     settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))

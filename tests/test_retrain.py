@@ -22,7 +22,9 @@ from glit_ray.settings import Placement
 from glit_ray.supernet import load_supernet
 from test_train_supernet import kill_when
 
-# in the micro space's high level (sizes at their defaults), so the session's high-level supernet holds it
+pytestmark = pytest.mark.xdist_group("retrain")  # the module's retrain runs once
+
+# in the micro space's high level (sizes at their defaults), so a high-level supernet holds it
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
 TWO_EPOCHS = ["--arch", ARCH, "--epochs", "2", "--batch-size", "64"]
 
@@ -32,9 +34,9 @@ def settings_for(*argv):
 
 
 @pytest.fixture(scope="module")
-def from_supernet(micro_supernet) -> list[str]:
-    """The command line of the module's retrain: ARCH for two epochs, starting from the session supernet's weights."""
-    return [*TWO_EPOCHS, "--from-supernet", str(micro_supernet)]
+def from_supernet(untrained_supernet) -> list[str]:
+    """The command line of the module's retrain: ARCH for two epochs, starting from a supernet's weights."""
+    return [*TWO_EPOCHS, "--from-supernet", str(untrained_supernet)]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def retrained(ray_session, from_supernet, tmp_path_factory) -> tuple:
     return out, retrain(settings_for(*from_supernet), Placement(out))
 
 
-def test_retrain_exports_a_model_both_loaders_rebuild(retrained, from_supernet, micro_supernet):
+def test_retrain_exports_a_model_both_loaders_rebuild(retrained, from_supernet, untrained_supernet):
     out, metrics = retrained
     assert metrics["arch"] == ARCH and metrics["epochs"] == 2
     assert 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100 and metrics["test_top5"] > 0
@@ -92,19 +94,19 @@ def supernet_path_score(supernet_file) -> dict:
     return score_on(supernet, Architecture.parse(ARCH), sets, torch.device("cpu"))
 
 
-def test_inherited_weights_are_the_supernet_path(micro_supernet):
-    supernet, _ = load_supernet(micro_supernet)
-    model = inherited_model(settings_for("--arch", ARCH, "--from-supernet", str(micro_supernet)), 10)
+def test_inherited_weights_are_the_supernet_path(untrained_supernet):
+    supernet, _ = load_supernet(untrained_supernet)
+    model = inherited_model(settings_for("--arch", ARCH, "--from-supernet", str(untrained_supernet)), 10)
     expected = supernet.extract(Architecture.parse(ARCH)).state_dict()
     assert model.state_dict().keys() == expected.keys()
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
 
 
-def test_retrain_from_supernet_checks_inheritance_first(retrained, micro_supernet):
+def test_retrain_from_supernet_checks_inheritance_first(retrained, untrained_supernet):
     _, metrics = retrained
-    assert metrics["from_supernet"] == str(micro_supernet)
+    assert metrics["from_supernet"] == str(untrained_supernet)
     # before training, the inherited model scores exactly what the supernet's path scored in the search
-    path = supernet_path_score(micro_supernet)
+    path = supernet_path_score(untrained_supernet)
     assert metrics["inherited_heldout_top1"] == path["top1"]
     assert metrics["inherited_heldout_loss"] == pytest.approx(path["loss"], abs=1e-5)
 
@@ -148,9 +150,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_erro
     assert not (tmp_path / "run").exists()
 
 
-def test_a_low_level_architecture_is_not_in_a_high_level_supernet(micro_supernet, tmp_path, cli_error):
+def test_a_low_level_architecture_is_not_in_a_high_level_supernet(untrained_supernet, tmp_path, cli_error):
     low = ARCH.replace("k5c2v1m4", "k5c1v1m2", 1)
-    err = cli_error(main, ["--arch", low, "--from-supernet", str(micro_supernet), "--out", str(tmp_path / "run")])
+    err = cli_error(main, ["--arch", low, "--from-supernet", str(untrained_supernet), "--out", str(tmp_path / "run")])
     assert "is not the high-level default" in err
 
 

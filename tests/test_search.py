@@ -129,8 +129,8 @@ class FaultyEvaluator(Evaluator):
 
 
 def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_candidate_is_retried(
-        ray_session, micro_supernet, shipped_by_value):
-    with evaluator_pool(micro_supernet.read_bytes(), DIGITS, 2, 64, evaluators(2, 0),
+        ray_session, untrained_supernet, shipped_by_value):
+    with evaluator_pool(untrained_supernet.read_bytes(), DIGITS, 2, 64, evaluators(2, 0),
                         actor_class=FaultyEvaluator) as actors:
         assert ray.get(actors[0].stats.remote())["loads"] == 1
         micro = SearchSpace.load("glit_micro")
@@ -215,53 +215,53 @@ def test_bad_input_before_ray(tmp_path, argv, message, cli_error):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_supernet_of_another_space_or_level_is_refused(micro_supernet, tmp_path, micro_dict, write_space, cli_error):
+def test_a_supernet_of_another_space_or_level_is_refused(untrained_supernet, tmp_path, micro_dict, write_space, cli_error):
     micro_dict["name"], micro_dict["embed_dim"] = "glit_other", 48
     other = write_space(micro_dict)
-    err = cli_error(main, ["--level", "high", "--space", str(other), "--supernet", str(micro_supernet),
+    err = cli_error(main, ["--level", "high", "--space", str(other), "--supernet", str(untrained_supernet),
                                   "--out", str(tmp_path / "a")])
     assert "was trained on space glit_micro, not this search's glit_other" in err
     err = cli_error(main, ["--level", "low", "--distribution", "0:-1:-2:-3:-0:-1:", "--supernet",
-                                  str(micro_supernet), "--out", str(tmp_path / "b")])
+                                  str(untrained_supernet), "--out", str(tmp_path / "b")])
     assert "is a high-level supernet; the low-level search needs its own" in err
     err = cli_error(main, ["--level", "high", "--supernet", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "c")])
     assert "does not exist" in err
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def test_an_out_dir_holding_a_different_run_is_refused(micro_supernet, tmp_path, cli_error):
+def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
-    settings = settings_for("--level", "high", "--supernet", str(micro_supernet))
+    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet))
     from glit_ray.runs import write_json
     write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
-    err = cli_error(main, ["--level", "high", "--supernet", str(micro_supernet), "--seed", "3", "--out", str(out)])
+    err = cli_error(main, ["--level", "high", "--supernet", str(untrained_supernet), "--seed", "3", "--out", str(out)])
     assert "holds a different search run (seed: 0 -> 3)" in err
     assert (out / "best.json").read_text() == "{}"
 
 
-def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, micro_supernet):
+def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, untrained_supernet):
     from glit_ray.evaluator import Evaluator, scoring_sets
 
     arch = "3:v1m4-" * 5 + "3:v1m4"
     sets = scoring_sets(DIGITS, 1, 64)
-    free = Evaluator(micro_supernet.read_bytes(), sets, 0, latency=Latency(batch=2))
+    free = Evaluator(untrained_supernet.read_bytes(), sets, 0, latency=Latency(batch=2))
     row = free.score(arch)
     assert row["latency_ms"] > 0 and row["device"].startswith("cpu") and 0 <= row["top1"] <= 100
     assert free.score(arch)["latency_ms"] == row["latency_ms"]  # measured once per architecture
-    strict = Evaluator(micro_supernet.read_bytes(), sets, 1, latency=Latency(batch=2, max_ms=1e-6))
+    strict = Evaluator(untrained_supernet.read_bytes(), sets, 1, latency=Latency(batch=2, max_ms=1e-6))
     rejected = strict.score(arch)
     assert rejected["status"] == "rejected" and "over --latency-max-ms 1e-06" in rejected["error"]
     assert "top1" not in rejected and rejected["latency_ms"] > 0
-    assert "latency_ms" not in Evaluator(micro_supernet.read_bytes(), sets, 2).score(arch)
+    assert "latency_ms" not in Evaluator(untrained_supernet.read_bytes(), sets, 2).score(arch)
 
 
-def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, micro_supernet, tmp_path):
+def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, untrained_supernet, tmp_path):
     from glit_ray import pareto
 
     out = tmp_path / "pareto"
-    best = search(settings_for("--level", "high", "--supernet", str(micro_supernet), *SMALL, "--objective", "pareto",
+    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL, "--objective", "pareto",
                                "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out))
     rows = check_run(out, "high", improves=False)
     assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
