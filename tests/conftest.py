@@ -150,6 +150,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "subprocess: starts a Python process (a command as a user runs it)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(items):
     """Marks the tests that use Ray `ray`, so that `make test-quick` (`-m "not ray and not subprocess"`) leaves them
     out, and puts the tests that read the session's search in one xdist group. Ray tests come first: under xdist the

@@ -1,5 +1,6 @@
 """The real image path: 224-px JPEGs in a class-sorted ImageFolder through augmentation, sampling, decoding,
 training, search and retraining (what the 8x8 digits cannot show)."""
+import json
 import random
 import statistics
 import subprocess
@@ -206,12 +207,10 @@ def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, cluster
 
 
 @pytest.mark.timeout(600)
-def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tmp_path):
+def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path):
     """The front door on 224-px JPEGs with the defaults a user gets: the supernet trains 6 epochs of 10 batches
     each and learns (its probe paths end above chance under the DeiT augmentation), the search scores on the fixed
-    sets, the winner retrains for an epoch (through Ray Data ingest) and reloads."""
-    import glit_ray
-    from glit_ray import retrain as retraining
+    sets."""
     from glit_ray import search as searching
     from glit_ray.results import read_candidates
     from glit_ray.settings import Placement
@@ -234,13 +233,24 @@ def test_224px_supernet_search_and_retrain_end_to_end(ray_session, folder224, tm
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
     assert all(r["top1"] * 40 / 100 == pytest.approx(round(r["top1"] * 40 / 100)) for r in rows)  # on 40 images
     assert best["arch"] in {r["arch"] for r in rows}
+    assert json.loads((run / "best.json").read_text())["arch"] == best["arch"]  # what `retrain --arch RUN_DIR` takes
 
-    # the winner retrains with its images decoded by Ray Data, on the CPU its Ray Train worker leaves free
+
+def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, tmp_path):
+    """A pico architecture retrains for an epoch with its images decoded by Ray Data, on the CPU its Ray Train worker
+    leaves free, and reloads as a 224-px model."""
+    import glit_ray
+    from glit_ray import retrain as retraining
+    from glit_ray.settings import Placement
+    from glit_ray.space import SearchSpace
+
+    arch = str(SearchSpace.load("glit_pico").sample("high", random.Random(0)))
     out = tmp_path / "retrain"
-    args = retraining.build_parser().parse_args(["--arch", str(run), "--epochs", "1", "--batch-size", "32", "--out",
-                                                 str(out), "--ingest", "ray-data", "--cpus-per-worker", "1"])
+    argv = ["--arch", arch, "--space", "glit_pico", "--data", f"imagefolder:{folder224}", "--epochs", "1",
+            "--batch-size", "32", "--out", str(out), "--ingest", "ray-data", "--cpus-per-worker", "1"]
+    args = retraining.build_parser().parse_args(argv)
     metrics = retraining.retrain(retraining.settings_from_args(args), Placement.from_args(args))
-    assert metrics["arch"] == best["arch"] and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100
+    assert metrics["arch"] == arch and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100
     [checkpoint] = (out / "train").glob("checkpoint_*/state.pt")
     node = ray_session.get_runtime_context().get_node_id()  # the session's one node
     assert torch.load(checkpoint, weights_only=True)["metrics"]["decoded_on"] == [node]
