@@ -164,6 +164,17 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: not uses_ray[item])  # stable
 
 
+def pytest_collection_finish(session):
+    """In an xdist worker under `--dist loadgroup`: fail when xdist lost the groups (it does so silently on pytest
+    9.2, pytest-dev/pytest-xdist#1386), since each worker would then run the session's search and the modules'
+    fixtures."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"xdist's --dist loadgroup ignored the groups of {len(lost)} tests, e.g. {lost[0]}; "
+                                    "install the pytest pyproject.toml allows")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
