@@ -19,9 +19,8 @@ demo: install
 	$(BIN)/python -m glit_ray.search --level high --out runs/demo/search-high
 	$(BIN)/python -m glit_ray.report runs/demo/search-high
 
-# two pytest-xdist workers, a Ray cluster each (tests/conftest.py says how the tests are grouped)
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest
 
 # The edit loop's tier: every test that starts neither Ray nor a Python process (about a minute); CI runs `make test`.
 test-quick: install

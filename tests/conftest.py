@@ -1,7 +1,6 @@
 import copy
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -65,12 +64,10 @@ def ray_cluster():
 
     # with Ray's dashboard: Ray Train's placement group cleaner asks the state API it serves whether a run's controller
     # is gone, and without it never gives back the CPUs of a run killed mid-way
-    # its workers compute on one thread each (Ray would give a 2-CPU Ray Train worker 2): the other xdist worker's tests
-    # run beside them, and an OpenMP team of 2 on 2 busy cores stalls at every barrier (the session's search's first
-    # supernet epoch ran at 27 images/s beside the quick tests, 17 times slower than alone; 396 with one thread)
-    # the dashboard's ports are free ones: the suite runs in two pytest-xdist workers, a cluster each
-    ports = {"dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": {"OMP_NUM_THREADS": "1"}, **ports})
+    # its workers compute on one thread each (Ray would give a 2-CPU Ray Train worker 2): the session's search trains
+    # beside the tests that need no Ray, and an OpenMP team of 2 on 2 busy cores stalls at every barrier (the search's
+    # first supernet epoch ran at 27 images/s beside them, 17 times slower than alone; 396 with one thread)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     yield cluster
     ray.shutdown()
@@ -78,10 +75,11 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def cluster_env(ray_cluster) -> dict:
+def cluster_env(ray_cluster, session_search) -> dict:
     """Environment for a child `python -m glit_ray...`: it joins the session's cluster as a second driver, as a
     command joins a running cluster (`--address auto`), instead of starting a Ray of its own. Killing the child
     ends its job, and Ray then kills the job's actors (its Ray Train and Tune workers)."""
+    search_finished(session_search)
     return joining(ray_cluster)
 
 
@@ -91,9 +89,10 @@ def joining(cluster) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_session(ray_cluster):
+def ray_session(ray_cluster, session_search):
     import ray
 
+    search_finished(session_search)
     return ray
 
 
@@ -140,9 +139,6 @@ HIGH_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--population", "8",
 
 # Fixtures that start Ray (the session's cluster, or the session's search as a process): a test using any is not quick.
 RAY_FIXTURES = {"ray_cluster", "high_search_process", "autoscaling_cluster"}
-# `make test` runs the suite in two pytest-xdist workers (`--dist loadgroup`): the tests that read the session's search
-# go to one worker as one group, so that it runs once; a module whose Ray fixtures are module-scoped groups itself.
-SESSION_SEARCH_GROUP = "session-search"
 
 
 def pytest_configure(config):
@@ -150,47 +146,50 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "subprocess: starts a Python process (a command as a user runs it)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(items):
     """Marks the tests that use Ray `ray`, so that `make test-quick` (`-m "not ray and not subprocess"`) leaves them
-    out, and puts the tests that read the session's search in one xdist group. Ray tests come first: under xdist the
-    long ones start while the quick ones are left to fill the two workers' ends."""
+    out; the tests that need no Ray run first, beside the session's search (`session_search`), which starts with them."""
     uses_ray = {item: bool(RAY_FIXTURES & set(item.fixturenames)) for item in items}
     for item in items:
         if uses_ray[item]:
             item.add_marker(pytest.mark.ray)
-        if "high_search_process" in item.fixturenames and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(SESSION_SEARCH_GROUP))
-    items.sort(key=lambda item: not uses_ray[item])  # stable
+    items.sort(key=uses_ray.get)  # stable
 
 
-def pytest_collection_finish(session):
-    """In an xdist worker under `--dist loadgroup`: fail when xdist lost the groups (it does so silently on pytest
-    9.2, pytest-dev/pytest-xdist#1386), since each worker would then run the session's search and the modules'
-    fixtures."""
-    if getattr(session.config.option, "loadgroup", False):
-        lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
-        if lost:
-            raise pytest.UsageError(f"xdist's --dist loadgroup ignored the groups of {len(lost)} tests, e.g. {lost[0]}; "
-                                    "install the pytest pyproject.toml allows")
+@pytest.fixture(scope="session", autouse=True)
+def session_search(request, tmp_path_factory):
+    """The session's one high-level search of glit_micro on digits, run as a user runs it (`python -m glit_ray.search`,
+    joining the session's cluster), started with the first test when any collected test reads it: {"out": its run
+    dir, "process": its Popen, "console": the files its stdout and stderr go to}. The supernet it trains is the
+    session's. Tests that use Ray wait for it (`search_finished`), so that it never competes with them for the
+    cluster's CPUs."""
+    if not any("high_search_process" in item.fixturenames for item in request.session.items):
+        yield {}
+        return
+    cluster = request.getfixturevalue("ray_cluster")
+    folder = tmp_path_factory.mktemp("high-search")
+    console = [folder / "stdout.txt", folder / "stderr.txt"]
+    with console[0].open("w") as stdout, console[1].open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(folder / "run")],
+                                   stdout=stdout, stderr=stderr, env=joining(cluster))
+    yield {"out": folder / "run", "process": process, "console": console}
+    process.kill()
+    process.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def search_finished(session_search: dict) -> None:
+    """Wait for the session's search, if this session started one."""
+    if session_search:
+        session_search["process"].wait(timeout=600)
 
 
 @pytest.fixture(scope="session")
-def high_search_process(ray_cluster, tmp_path_factory) -> tuple:
-    """The session's one high-level search of glit_micro on digits, run as a user runs it (`python -m glit_ray.search`,
-    joining the session's cluster), finished: (its run dir, its console output). The supernet it trains is the
-    session's."""
-    folder = tmp_path_factory.mktemp("high-search")
-    run = subprocess.run([sys.executable, "-m", "glit_ray.search", *HIGH_SEARCH, "--out", str(folder / "run")],
-                         capture_output=True, text=True, env=joining(ray_cluster), timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return folder / "run", run.stdout + run.stderr
+def high_search_process(session_search) -> tuple:
+    """The session's search, finished: (its run dir, its console output)."""
+    search_finished(session_search)
+    stdout, stderr = (path.read_text() for path in session_search["console"])
+    assert session_search["process"].returncode == 0, stderr[-3000:]
+    return session_search["out"], stdout + stderr
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,16 +20,20 @@ import pytest
 import yaml
 from ray._private.services import get_node_ip_address
 
-from conftest import free_port
 from glit_ray.results import read_candidates
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY = str(Path(sys.executable).parent / "ray")
-pytestmark = pytest.mark.xdist_group("autoscaling")  # one fake cluster and one search for the module
 IDLE_TIMEOUT_MIN = 0.1  # an idle fake node goes after 6 s
 GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "2", "--population", "4",
               "--generations", "1", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
               "--actors", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def kuberay_gpu_shape() -> dict:
@@ -62,8 +67,9 @@ def fake_cluster_config(gcs_address: str) -> dict:
 
 @pytest.fixture(scope="module")
 def autoscaling_cluster(ray_session, tmp_path_factory):
-    """The fake autoscaling cluster: {"env": a child's environment that joins it, "dashboard": its dashboard's
-    address}. Stopped by killing only its own processes (Ray's `ray stop` would stop every Ray on the machine)."""
+    """The fake autoscaling cluster, started after the session's search (it needs the CPUs): {"env": a child's
+    environment that joins it, "dashboard": its dashboard's address}. Stopped by killing only its own processes
+    (Ray's `ray stop` would stop every Ray on the machine)."""
     folder = tmp_path_factory.mktemp("autoscaling")
     ip, port = get_node_ip_address(), free_port()
     ports = {option: free_port() for option in ("dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")}

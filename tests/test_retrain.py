@@ -22,8 +22,6 @@ from glit_ray.settings import Placement
 from glit_ray.supernet import load_supernet
 from test_train_supernet import kill_when
 
-pytestmark = pytest.mark.xdist_group("retrain")  # the module's retrain runs once
-
 # in the micro space's high level (sizes at their defaults), so a high-level supernet holds it
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
 TWO_EPOCHS = ["--arch", ARCH, "--epochs", "2", "--batch-size", "64"]
