@@ -202,7 +202,7 @@ def micro_supernet(high_search_process):
 def untrained_supernet(micro, tmp_path_factory):
     """A high-level micro supernet for digits, saved as training saves one but untrained: for the tests that score
     candidates on a supernet or inherit from one whatever its weights, so that they need not wait for the session's
-    search (and run in either xdist worker)."""
+    search (`pytest tests/test_multinode.py` runs without it)."""
     import torch
 
     from glit_ray.supernet import GLiTSupernet, save_supernet

@@ -56,7 +56,8 @@ def wait_for(condition, seconds: float, what: str):
         time.sleep(0.05)
 
 
-def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(untrained_supernet, ray_cluster, worker_nodes):
+def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(untrained_supernet, ray_cluster,
+                                                                         worker_nodes):
     archs = micro_archs(48)
     with evaluator_pool(untrained_supernet.read_bytes(), DIGITS, 4, None, evaluators(4, 0)) as actors:
         nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}

@@ -215,7 +215,8 @@ def test_bad_input_before_ray(tmp_path, argv, message, cli_error):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_supernet_of_another_space_or_level_is_refused(untrained_supernet, tmp_path, micro_dict, write_space, cli_error):
+def test_a_supernet_of_another_space_or_level_is_refused(untrained_supernet, tmp_path, micro_dict, write_space,
+                                                         cli_error):
     micro_dict["name"], micro_dict["embed_dim"] = "glit_other", 48
     other = write_space(micro_dict)
     err = cli_error(main, ["--level", "high", "--space", str(other), "--supernet", str(untrained_supernet),
