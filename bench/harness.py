@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 import torch
 
-from glit_ray.runs import write_atomic
+from glit_ray.files import write_atomic
 from glit_ray.results import ResultsCallback, read_candidates
 from glit_ray.search import build_parser, generation_tuner, settings_from_args
 from glit_ray.searcher import EvolutionSearcher

@@ -29,10 +29,10 @@ from .cli import ArgumentParser, run
 from .data import build_test, view_batches
 from .errors import UserError
 from .export import ARCH, load_model
+from .files import read_json, write_json
 from .model import GLiT
 from .progress import console as make_console
 from .resources import Request, plan, waiting_note
-from .runs import read_json, write_json
 from .scoring import evaluate
 from .training import add_worker_resources, default_loader_workers, ensure_ray
 

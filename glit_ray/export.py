@@ -21,8 +21,8 @@ from safetensors.torch import save as save_safetensors
 
 from .checkpoint import fit_state_dict, read_checkpoint
 from .errors import UserError
+from .files import read_json, write_atomic, write_json
 from .model import GLiT, default_cfg, published_arch
-from .runs import read_json, write_atomic, write_json
 from .space import SearchSpace
 
 FORMAT = "glit_ray.model/1"

@@ -19,8 +19,8 @@ from . import pareto
 from .arch import Architecture
 from .cli import ArgumentParser, run
 from .errors import UserError
+from .files import write_atomic
 from .results import best_record, read_candidates
-from .runs import write_atomic
 
 TOPK = 10
 

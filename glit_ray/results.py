@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import pareto
 from .errors import UserError
-from .runs import write_atomic, write_json
+from .files import write_atomic, write_json
 
 SCHEMA = pa.schema([
     ("arch", pa.string()), ("level", pa.string()), ("generation", pa.int32()), ("candidate", pa.int32()),

@@ -27,11 +27,12 @@ from .data import build_splits, eval_batches, parse_spec
 from .errors import UserError
 from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
+from .files import read_json, write_json
 from .model import GLiT
 from .progress import console as make_console
 from .progress import driver_has_terminal
 from .resources import cluster_shape, plan
-from .runs import RUN_FILE, check_run, open_run, read_json, read_settings, write_json
+from .runs import RUN_FILE, check_run, open_run, read_settings
 from .scoring import evaluate
 from .settings import Placement, RetrainRun, SearchRun
 from .space import SearchSpace

@@ -1,4 +1,4 @@
-"""Run directories: atomic writes, and telling a resumable run from a different one.
+"""Run directories: telling a resumable run from a different one.
 
 Every run directory holds `run.json`, the settings that define the run. Running again into the same
 directory with the same settings resumes it; different settings are refused, so nothing a run
@@ -6,45 +6,17 @@ wrote is ever overwritten by another.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .arch import Architecture
 from .errors import UserError
+from .files import read_json, write_json
 from .progress import console
 from .settings import from_json, kind_of, to_json
 from .space import SearchSpace
 
 RUN_FILE = "run.json"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({type(exc).__name__}); it is not a glit_ray run file") from None
 
 
 def check_run(out: Path, settings, resume: bool) -> bool:

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import pickle
 import random
+from typing import TYPE_CHECKING
 
 from ray.tune.search import Searcher
 
 from . import pareto
 from .arch import Architecture
 from .errors import UserError
-from .settings import SearchRun
+
+if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
+    from .settings import SearchRun
 
 TRIES_PER_CHILD = 50
 MIN_FALLBACK_RATE = 0.05  # a fallback mutation's rate when --mutation-prob is 0 (it doubles from there to 1)

@@ -27,12 +27,13 @@ from . import pareto
 from .cli import ArgumentParser, callers_signal_handlers, run
 from .data import build_splits
 from .errors import UserError
+from .files import read_json, write_json
 from .progress import console as make_console
 from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop as retrain_loop
-from .runs import RUN_FILE, check_run, open_run, read_json, settings_in, write_json
+from .runs import RUN_FILE, check_run, open_run, settings_in
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
 from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, check_ingest,
                        default_lr, ensure_ray, fit)

@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from .arch import Architecture, Block
 from .checkpoint import fit_state_dict
 from .errors import UserError
+from .files import write_atomic
 from .model import GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates, gl_block
-from .runs import write_atomic
 from .space import SearchSpace, check_level
 
 CHECKPOINT_FORMAT = "glit_ray.supernet/1"

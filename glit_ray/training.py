@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -41,7 +42,9 @@ from .progress import bar as progress_bar
 from .progress import say
 from .ray_workarounds import DeviceTorchConfig, train_result
 from .resources import ClusterShape, Request, waiting_note
-from .settings import Training
+
+if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
+    from .settings import Training
 
 CLIP_GRAD_NORM = 5.0
 INGESTS = ("loader", "ray-data")

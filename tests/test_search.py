@@ -234,7 +234,7 @@ def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     settings = settings_for("--level", "high", "--supernet", str(untrained_supernet))
-    from glit_ray.runs import write_json
+    from glit_ray.files import write_json
     write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
     err = cli_error(main, ["--level", "high", "--supernet", str(untrained_supernet), "--seed", "3", "--out", str(out)])
