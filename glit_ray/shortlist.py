@@ -48,7 +48,8 @@ def search_settings(run_dir: Path) -> SearchRun:
     if not run_file.is_file():
         raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
     existing = read_json(run_file)
-    search = settings_in(existing, "search", run_file) if existing.get("kind") == "search" else None
+    is_search = isinstance(existing, dict) and existing.get("kind") == "search"
+    search = settings_in(existing, "search", run_file) if is_search else None
     if search is None or search.level != "high":
         raise UserError(f"{run_dir} is not a high-level search run; give the RUN_DIR of python -m glit_ray.search --level high")
     return search
