@@ -132,9 +132,11 @@ def cli_error(capsys):
     return call
 
 
-# the high-level search several tests read: it trains its own supernet (2 epochs), then runs 4 generations of 8
+# the high-level search several tests read: it trains its own supernet (2 epochs), then runs 4 generations of 8 on one
+# evaluator (an evaluator's process costs more CPU than its share of 32 digits candidates; the tests of scoring on
+# several actors and nodes have their own)
 HIGH_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--population", "8", "--generations", "4", "--mutations", "4",
-               "--crossovers", "4", "--topk", "4", "--heldout-images", "128"]
+               "--crossovers", "4", "--topk", "4", "--heldout-images", "128", "--actors", "1"]
 
 
 # Fixtures that start Ray (the session's cluster, or the session's search as a process): a test using any is not quick.

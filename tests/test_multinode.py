@@ -1,31 +1,26 @@
 """Multi-node behaviour on one machine: the session's Ray cluster grows two worker nodes."""
 import json
-import random
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 
-from glit_ray.dispatch import Dispatcher
 from glit_ray.data import build_splits
-from glit_ray.evaluator import evaluator_pool
 from glit_ray.ingest import RayDataFeed
 from glit_ray.ray_workarounds import HEAD_NODE_RESOURCE
-from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.settings import Placement
-from glit_ray.space import SearchSpace
 from glit_ray.training import EpochSampler, SeededSamples, shard_of, training_loader
 
-DIGITS = build_splits("digits", 8, 1)
 
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def worker_nodes(ray_cluster):
-    """Two worker nodes of 1 CPU each beside the 2-CPU head; removed again after the test."""
+    """Two worker nodes of 1 CPU each beside the 2-CPU head, for the module (its last test removes one); removed
+    again after it."""
     nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
     ray_cluster.wait_for_nodes()
     yield nodes
@@ -40,76 +35,11 @@ def search_argv(supernet, *extra):
             "--crossovers", "6", "--topk", "4", *extra]
 
 
-def micro_archs(count: int) -> list[str]:
-    space, rng = SearchSpace.load("glit_micro"), random.Random(5)
-    archs = []
-    while len(archs) < count:
-        arch = str(space.sample("high", rng))
-        archs += [arch] if arch not in archs else []
-    return archs
-
-
 def wait_for(condition, seconds: float, what: str):
     deadline = time.time() + seconds
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def test_a_node_removed_mid_scoring_has_its_candidates_rescored_elsewhere(untrained_supernet, ray_cluster,
-                                                                         worker_nodes):
-    archs = micro_archs(48)
-    with evaluator_pool(untrained_supernet.read_bytes(), DIGITS, 4, None, evaluators(4, 0)) as actors:
-        nodes = {s["node"]: s["actor"] for s in ray.get([a.stats.remote() for a in actors])}
-        doomed = worker_nodes[0]
-        assert doomed.node_id in nodes  # SPREAD put an actor on each worker node
-        dispatcher, rows, progress = Dispatcher(actors), [], Counter()
-        thread = threading.Thread(target=lambda: rows.extend(dispatcher.score(archs, progress)))
-        thread.start()
-        wait_for(lambda: progress.n >= 8, 120, "scoring to start")
-        removed_at = time.time()
-        ray_cluster.remove_node(doomed)
-        thread.join(timeout=240)
-        assert not thread.is_alive()
-    assert len(rows) == len(archs) and all(r["status"] == "ok" for r in rows)
-    assert dispatcher.lost_calls >= 1
-    on_doomed = [r["timestamp"] for r in rows if r["node"] == doomed.node_id]
-    assert on_doomed and max(on_doomed) < removed_at + 1  # it scored until it went, and never after
-
-
-def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_none(untrained_supernet, ray_cluster,
-                                                                                   worker_nodes, tmp_path):
-    argv = search_argv(untrained_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
-    settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))
-    thread.start()
-    wait_for(lambda: (tmp_path / "candidates" / "gen-0000.parquet").exists(), 180, "generation 0")
-    ray_cluster.remove_node(worker_nodes[0])
-    thread.join(timeout=280)
-    assert not thread.is_alive() and "best" in outcome
-    rows = read_candidates(tmp_path).to_pylist()
-    assert len(rows) == 12 * 3 == len({r["arch"] for r in rows})
-    assert all(r["status"] == "ok" for r in rows)
-    assert [r["generation"] for r in rows] == sorted(r["generation"] for r in rows)
-    # before the removal, the first generation's candidates were scored on several of the cluster's nodes
-    first = {r["node"] for r in rows if r["generation"] == 0}
-    assert len(first) >= 2 and first <= {n["NodeID"] for n in ray.nodes()}
-    assert worker_nodes[0].node_id not in {r["node"] for r in rows if r["generation"] == 2}
-    # Tune's generation trial, which feeds the actors, stayed on the head node: one process, never restarted
-    results = [json.loads(line) for path in (tmp_path / "tune").glob("gen-*/result.json") for line in path.open()]
-    assert sorted(r["generation"] for r in results) == [0, 1, 2]
-    assert {(r["node"], r["pid"]) for r in results} == {(ray_cluster.head_node.node_id, results[0]["pid"])}
-
-
-class Counter:
-    """A progress sink that counts, like a tqdm bar's `update`."""
-
-    def __init__(self):
-        self.n = 0
-
-    def update(self, k: int) -> None:
-        self.n += k
 
 
 @ray.remote(num_cpus=2, resources={HEAD_NODE_RESOURCE: 0.001})
@@ -141,3 +71,36 @@ def test_ray_data_decodes_on_other_nodes_the_very_batches_the_dataloader_loads(f
         assert worker_node == ray_cluster.head_node.node_id
         assert decoded_on and set(decoded_on) <= {node.node_id for node in worker_nodes}
     ray.kill(worker)
+
+
+def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_none(untrained_supernet, ray_cluster,
+                                                                                   worker_nodes, tmp_path):
+    """Evaluators on every node (SPREAD); a worker node whose evaluator scored generation 0 is removed once that
+    generation is written, while the next one scores: the search goes on without it and loses no candidate."""
+    argv = search_argv(untrained_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
+    settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))
+    thread.start()
+    generation0 = tmp_path / "candidates" / "gen-0000.parquet"
+    wait_for(generation0.exists, 180, "generation 0")
+    scored = set(pq.read_table(generation0, columns=["node"]).column("node").to_pylist())
+    doomed = next((node for node in worker_nodes if node.node_id in scored), None)
+    assert doomed, f"no worker node scored generation 0: {scored}"
+    removed_at = time.time()
+    ray_cluster.remove_node(doomed)
+    thread.join(timeout=280)
+    assert not thread.is_alive() and "best" in outcome
+    rows = read_candidates(tmp_path).to_pylist()
+    assert len(rows) == 12 * 3 == len({r["arch"] for r in rows})
+    assert all(r["status"] == "ok" for r in rows)
+    assert [r["generation"] for r in rows] == sorted(r["generation"] for r in rows)
+    first = {r["node"] for r in rows if r["generation"] == 0}
+    assert len(first) >= 2 and first <= {n["NodeID"] for n in ray.nodes()}
+    # the removed node scored until it went, and never after
+    on_doomed = [r["timestamp"].timestamp() for r in rows if r["node"] == doomed.node_id]
+    assert max(on_doomed) < removed_at + 1 and doomed.node_id not in {r["node"] for r in rows if r["generation"] == 2}
+    # Tune's generation trial, which feeds the actors, stayed on the head node: one process, never restarted
+    results = [json.loads(line) for path in (tmp_path / "tune").glob("gen-*/result.json") for line in path.open()]
+    assert sorted(r["generation"] for r in results) == [0, 1, 2]
+    assert {(r["node"], r["pid"]) for r in results} == {(ray_cluster.head_node.node_id, results[0]["pid"])}

@@ -76,7 +76,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
                             "--flops-max", str(flops_max))
     handlers = signal_handlers()
-    best_low = search(settings, Placement(low, mirror=bucket.as_uri()))
+    best_low = search(settings, Placement(low, mirror=bucket.as_uri(), actors=1))
     # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
     assert signal_handlers() == handlers
     assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
@@ -182,7 +182,7 @@ def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, h
         pq.read_table(f)  # whatever the mirror got is a whole file
     shutil.rmtree(tmp_path / "head")
 
-    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri()))  # on a new head: this session's cluster
+    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))  # on a new head: this session's cluster
     keys = ("arch", "generation", "operator", "parents", "top1")
     expected = [{k: r[k] for k in keys} for r in read_candidates(reference).to_pylist()]
     for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
@@ -313,7 +313,7 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     assert any(line.startswith("best: ") for line in lines)
     # what it asked of the session's one 2-CPU node, and no wait: the node was up
     assert "supernet: 1 worker x (0 GPU, 2 CPU) on head" in lines
-    assert "evaluators: 2 actors x (0 GPU, 0.9 CPU) on head" in lines
+    assert "evaluators: 1 actor x (0 GPU, 1.8 CPU) on head" in lines
     assert not any("waiting for the autoscaler" in line for line in lines)
     noise = ("Reporting training result", "TrainingReport", "Deprecat", "Configuration for experiment", "Number of trials",
              "core_worker", "Token authentication", "Ray instance", "pid=", "Traceback", "WARNING", "INFO", "(raylet)")
