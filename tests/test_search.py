@@ -24,8 +24,9 @@ from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
 from glit_ray.settings import Latency, Placement, from_json, to_json
 from glit_ray.supernet import load_supernet
+from glit_ray.train_supernet import build_parser as supernet_parser, settings_from_args as supernet_settings_from_args
 from glit_ray.train_supernet import train_supernet
-from test_train_supernet import kill_when, ray_workers, signal_handlers, wait_for
+from test_train_supernet import kill_when, ray_workers, signal_handlers, state_of, wait_for
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -35,6 +36,10 @@ DIGITS = build_splits("digits", 8, 1)
 
 def settings_for(*argv):
     return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
+
+
+def supernet_settings(*argv):
+    return supernet_settings_from_args(supernet_parser().parse_args([*argv, "--out", "unused"]))
 
 
 def check_run(out, level, generations=3, improves=True):
@@ -169,20 +174,48 @@ def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_c
         time.sleep(0.2)
 
 
-def test_a_search_whose_head_node_is_lost_resumes_from_its_mirror(ray_session, high_search, micro_supernet, tmp_path,
-                                                                   cluster_env):
-    """SIGKILL the search, delete its run directory (the head node and its disk are gone), resume from the mirror."""
-    reference, argv = high_search  # the same search on the same supernet, uninterrupted
-    argv = [*argv, "--supernet", str(micro_supernet)]
+def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_uninterrupted_run(
+        ray_session, high_search, micro_supernet, tmp_path, cluster_env):
+    """The session's search, mirrored, SIGKILLed twice: while it trains its supernet (resumed from the supernet's last
+    checkpoint, in the mirror), then mid-search with its run directory deleted (the head node and its disk are gone:
+    resumed from the mirror). Its supernet and its candidates are the uninterrupted run's."""
+    reference, argv = high_search  # the same search, uninterrupted
+    # the supernet it trains: `train_supernet --epochs 2 --batch-size 32`, without limits, so every probe path
+    reference_supernet = micro_supernet.parent / "run.json"
+    assert json.loads(reference_supernet.read_text())["settings"] == \
+        json.loads(json.dumps(to_json(supernet_settings("--level", "high", "--epochs", "2", "--batch-size", "32"))))
+    assert set(load_supernet(micro_supernet)[1]["probe_top1"]) == {"smallest", "largest", "random0", "random1", "random2"}
+
     out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
     command = [sys.executable, "-m", "glit_ray.search", *argv, "--out", str(out), "--mirror", bucket.as_uri()]
-    kill_when(command, cluster_env, (bucket / "candidates" / "gen-0001.parquet").exists, "generation 1 in the mirror")
+    # Ray Train writes its snapshot once a checkpoint's files are all in place: one it resumes from
+    kill_when(command, cluster_env, (bucket / "supernet" / "train" / "checkpoint_manager_snapshot.json").exists,
+              "supernet checkpoint in the mirror")
+    assert not (out / "supernet" / "supernet.pt").exists()
+
+    # a corrupt checkpoint is refused in one line, and the run's files are left as they were
+    states = {path: path.read_bytes() for path in bucket.glob("supernet/train/checkpoint_*/state.pt")}
+    for path in states:
+        path.write_bytes(b"not a checkpoint")
+    run_files = {path: path.read_bytes() for path in (out / "run.json", out / "supernet" / "run.json")}
+    with pytest.raises(UserError, match=r"checkpoint .* is corrupt \(.*\); start the run again with a new --out"):
+        search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))
+    assert {path: path.read_bytes() for path in run_files} == run_files and not (out / "supernet" / "supernet.pt").exists()
+    for path, data in states.items():
+        path.write_bytes(data)
+
+    kill_when([*command, "--resume"], cluster_env, (bucket / "candidates" / "gen-0001.parquet").exists,
+              "generation 1 in the mirror")
     assert not (bucket / "candidates" / "gen-0003.parquet").exists()
     for f in (bucket / "candidates").glob("*.parquet"):
         pq.read_table(f)  # whatever the mirror got is a whole file
     shutil.rmtree(tmp_path / "head")
 
-    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))  # on a new head: this session's cluster
+    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))  # on a new head
+    resumed, expected = state_of(out / "supernet" / "supernet.pt"), state_of(micro_supernet)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
     keys = ("arch", "generation", "operator", "parents", "top1")
     expected = [{k: r[k] for k in keys} for r in read_candidates(reference).to_pylist()]
     for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
