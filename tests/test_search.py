@@ -181,8 +181,7 @@ def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_u
     resumed from the mirror). Its supernet and its candidates are the uninterrupted run's."""
     reference, argv = high_search  # the same search, uninterrupted
     # the supernet it trains: `train_supernet --epochs 2 --batch-size 32`, without limits, so every probe path
-    reference_supernet = micro_supernet.parent / "run.json"
-    assert json.loads(reference_supernet.read_text())["settings"] == \
+    assert json.loads((micro_supernet.parent / "run.json").read_text())["settings"] == \
         json.loads(json.dumps(to_json(supernet_settings("--level", "high", "--epochs", "2", "--batch-size", "32"))))
     assert set(load_supernet(micro_supernet)[1]["probe_top1"]) == {"smallest", "largest", "random0", "random1", "random2"}
 
@@ -212,10 +211,10 @@ def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_u
     shutil.rmtree(tmp_path / "head")
 
     search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))  # on a new head
-    resumed, expected = state_of(out / "supernet" / "supernet.pt"), state_of(micro_supernet)
-    assert resumed.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    weights, uninterrupted = state_of(out / "supernet" / "supernet.pt"), state_of(micro_supernet)
+    assert weights.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(weights[key], uninterrupted[key], rtol=0, atol=1e-6, msg=key)
     keys = ("arch", "generation", "operator", "parents", "top1")
     expected = [{k: r[k] for k in keys} for r in read_candidates(reference).to_pylist()]
     for run_dir in (out, bucket):  # the resumed run, and its mirror, hold the uninterrupted run's rows
