@@ -33,8 +33,7 @@ def check_run(out: Path, settings, resume: bool) -> bool:
             raise UserError(f"{out} is not empty and is not a glit_ray run; choose a new --out")
         return False
     existing = read_json(run_file)
-    if not isinstance(existing, dict) or existing.get("kind") != kind:
-        found = existing.get("kind") if isinstance(existing, dict) else None
+    if (found := kind_in(existing)) != kind:
         raise UserError(f"{out} holds a {found} run, not a {kind} run; choose another --out")
     old, new = to_json(settings_in(existing, kind, run_file)), to_json(settings)
     changed = [name for name in new if old[name] != new[name]]
@@ -58,9 +57,14 @@ def read_settings(run_file: Path, kind: str):
     return settings_in(read_json(run_file), kind, run_file)
 
 
+def kind_in(existing: Any) -> str | None:
+    """The kind of run a run.json's content `existing` records (None: not a run file's mapping)."""
+    return existing.get("kind") if isinstance(existing, dict) else None
+
+
 def settings_in(existing: Any, kind: str, run_file: Path):
     """The settings of the `kind` run in `existing`, what `run_file` (a run.json) holds."""
-    if not isinstance(existing, dict) or existing.get("kind") != kind or not isinstance(existing.get("settings"), dict):
+    if kind_in(existing) != kind or not isinstance(existing.get("settings"), dict):
         raise UserError(f"{run_file} is not the run file of a {kind} run")
     return from_json(kind, existing["settings"], source=str(run_file))
 

@@ -33,7 +33,7 @@ from . import ray_workarounds
 from .resources import Request, capacity, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop as retrain_loop
-from .runs import RUN_FILE, check_run, open_run, settings_in
+from .runs import RUN_FILE, check_run, kind_in, open_run, settings_in
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
 from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, check_ingest,
                        default_lr, ensure_ray, fit)
@@ -48,8 +48,7 @@ def search_settings(run_dir: Path) -> SearchRun:
     if not run_file.is_file():
         raise UserError(f"{run_dir} is not a glit_ray search run (no run.json); give the RUN_DIR of a high-level search")
     existing = read_json(run_file)
-    is_search = isinstance(existing, dict) and existing.get("kind") == "search"
-    search = settings_in(existing, "search", run_file) if is_search else None
+    search = settings_in(existing, "search", run_file) if kind_in(existing) == "search" else None
     if search is None or search.level != "high":
         raise UserError(f"{run_dir} is not a high-level search run; give the RUN_DIR of python -m glit_ray.search --level high")
     return search

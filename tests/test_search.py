@@ -24,9 +24,9 @@ from glit_ray.search import build_parser, main, search, settings_from_args
 from glit_ray.space import SearchSpace
 from glit_ray.settings import Latency, Placement, from_json, to_json
 from glit_ray.supernet import load_supernet
-from glit_ray.train_supernet import build_parser as supernet_parser, settings_from_args as supernet_settings_from_args
 from glit_ray.train_supernet import train_supernet
 from test_train_supernet import kill_when, ray_workers, signal_handlers, state_of, wait_for
+from test_train_supernet import settings_for as supernet_settings
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
          "--supernet-epochs", "2", "--heldout-images", "128"]
@@ -36,10 +36,6 @@ DIGITS = build_splits("digits", 8, 1)
 
 def settings_for(*argv):
     return settings_from_args(build_parser().parse_args([*argv, "--out", "unused"]))
-
-
-def supernet_settings(*argv):
-    return supernet_settings_from_args(supernet_parser().parse_args([*argv, "--out", "unused"]))
 
 
 def check_run(out, level, generations=3, improves=True):
