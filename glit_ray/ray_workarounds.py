@@ -175,3 +175,10 @@ class DeviceTorchConfig(ray.train.torch.TorchConfig):
     @property
     def backend_cls(self):
         return _DeviceTorchBackend
+
+
+def torch_config(gpus: float) -> ray.train.torch.TorchConfig:
+    """The torch config for Ray Train workers of `gpus` GPUs each: `DeviceTorchConfig` for GPU workers only. Ray Train's
+    controller unpickles it, so the class costs each run an import of glit_ray (timm, torchvision) in the controller,
+    3 s on the critical path before any worker starts; CPU workers use gloo under Ray's own config anyway."""
+    return DeviceTorchConfig() if gpus > 0 else ray.train.torch.TorchConfig()

@@ -8,6 +8,7 @@ sampled path (`net(images, arch)`), a retrained architecture is a plain `net(ima
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,7 +41,7 @@ from .errors import UserError, one_line
 from .ingest import RayDataFeed
 from .progress import bar as progress_bar
 from .progress import say
-from .ray_workarounds import DeviceTorchConfig, train_result
+from .ray_workarounds import torch_config, train_result
 from .resources import ClusterShape, Request, waiting_note
 
 if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
@@ -502,10 +503,11 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     ensure_ray()
     if job.loader_workers is None:
         job = replace(job, loader_workers=default_loader_workers(job.settings.data, request.cpus))
+    # the job goes with the train function, an object Ray Train's controller passes on unopened, not as its
+    # train_loop_config, which the controller unpickles: it would import glit_ray there, 3 s before any worker starts
     trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={"job": job},
-        torch_config=DeviceTorchConfig(),
+        functools.partial(train_loop, {"job": job}),
+        torch_config=torch_config(request.gpus),
         scaling_config=ray.train.ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,
                                                resources_per_worker=request.resources),
         run_config=ray.train.RunConfig(name="train", storage_path=storage,
