@@ -15,6 +15,7 @@ from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.settings import Placement
 from glit_ray.training import EpochSampler, SeededSamples, shard_of, training_loader
+from test_train_supernet import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,6 @@ def worker_nodes(ray_cluster):
 def search_argv(supernet, *extra):
     return ["--level", "high", "--supernet", str(supernet), "--population", "12", "--mutations", "6",
             "--crossovers", "6", "--topk", "4", *extra]
-
-
-def wait_for(condition, seconds: float, what: str):
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @ray.remote(num_cpus=2, resources={HEAD_NODE_RESOURCE: 0.001})
@@ -83,7 +77,7 @@ def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_n
     thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))
     thread.start()
     generation0 = tmp_path / "candidates" / "gen-0000.parquet"
-    wait_for(generation0.exists, 180, "generation 0")
+    assert wait_for(generation0.exists, 180), "no generation 0 within 180 s"
     scored = set(pq.read_table(generation0, columns=["node"]).column("node").to_pylist())
     doomed = next((node for node in worker_nodes if node.node_id in scored), None)
     assert doomed, f"no worker node scored generation 0: {scored}"

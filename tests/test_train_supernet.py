@@ -82,12 +82,13 @@ def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatc
         train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), Placement(tmp_path / "run"))
 
 
-def wait_for(predicate, timeout):
+def wait_for(predicate, timeout: float) -> bool:
+    """Whether `predicate()` holds within `timeout` seconds (polled every 50 ms)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return True
-        time.sleep(0.2)
+        time.sleep(0.05)
     return False
 
 
