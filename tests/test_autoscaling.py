@@ -25,7 +25,8 @@ from glit_ray.results import read_candidates
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY = str(Path(sys.executable).parent / "ray")
 IDLE_TIMEOUT_MIN = 0.1  # an idle fake node goes after 6 s
-GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "2", "--population", "4",
+# the RayJob's own command trains on 4 workers: they must fit its pods (8 CPUs + 1 GPU each) and finish
+GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "4", "--population", "4",
               "--generations", "1", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
               "--actors", "2"]
 
@@ -121,7 +122,7 @@ def test_a_request_no_node_type_holds_is_one_line_before_anything_is_written(aut
 
 @pytest.fixture(scope="module")
 def gpu_search(autoscaling_cluster, tmp_path_factory) -> tuple[Path, str]:
-    """A search that trains its supernet on 2 GPU workers and scores on 2 GPU evaluators, on a cluster with no GPU
+    """A search that trains its supernet on 4 GPU workers and scores on 2 GPU evaluators, on a cluster with no GPU
     node up: its run dir and console."""
     assert gpu_nodes(autoscaling_cluster) == {}
     out = tmp_path_factory.mktemp("gpu-search") / "run"
@@ -134,13 +135,13 @@ def gpu_search(autoscaling_cluster, tmp_path_factory) -> tuple[Path, str]:
 def test_a_search_brings_gpu_nodes_up_from_zero_and_runs_every_worker_and_evaluator_on_them(autoscaling_cluster,
                                                                                           gpu_search):
     out, console = gpu_search
-    # the KubeRay shape holds the 2 workers, a pod each: 8 CPUs, not the cluster's CPUs divided out
-    assert "supernet: 2 workers x (1 GPU, 8 CPU) on gpu" in console
-    assert "supernet: waiting for the autoscaler to add room for 2 more worker(s) of (1 GPU, 8 CPU), 0 s so far" in console
+    # the KubeRay shape holds the 4 workers, a pod each: 8 CPUs, not the cluster's CPUs divided out
+    assert "supernet: 4 workers x (1 GPU, 8 CPU) on gpu" in console
+    assert "supernet: waiting for the autoscaler to add room for 4 more worker(s) of (1 GPU, 8 CPU), 0 s so far" in console
     assert "evaluators: 2 actors x (1 GPU, 1 CPU) on gpu" in console
     nodes = gpu_nodes(autoscaling_cluster)
     workers = state(autoscaling_cluster, "actors", "class_name=RayTrainWorker")
-    assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2  # one per 1-GPU node
+    assert len(workers) == 4 and len({w["node_id"] for w in workers}) == 4  # one per 1-GPU node
     assert {w["node_id"] for w in workers} <= set(nodes)
     evaluators = state(autoscaling_cluster, "actors", "class_name=Evaluator")
     assert len(evaluators) == 2 and {e["node_id"] for e in evaluators} <= set(nodes)
@@ -154,4 +155,4 @@ def test_the_cluster_scales_back_down_after(autoscaling_cluster, gpu_search):
     while "ALIVE" in (nodes := gpu_nodes(autoscaling_cluster)).values():
         assert time.monotonic() < deadline, "GPU nodes still up a minute after the search"
         time.sleep(2)
-    assert len(nodes) >= 2  # the search's nodes, all gone
+    assert len(nodes) >= 4  # the search's nodes, all gone
