@@ -122,13 +122,13 @@ def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
     else:
         console.print(f"shortlist of {run_dir}: the top {len(candidates)} distributions, {settings.epochs} epochs "
                       f"each, {at_once} at a time{' (ASHA stops weak ones early)' if asha else ''}")
-        console.print(str(request))
         param_space = {"rank": tune.grid_search(list(range(len(candidates)))), "candidates": candidates,
                        "settings": settings, "where": where, "request": request}
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
                                                        max_concurrent_trials=at_once),
                            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0))
+    console.print(str(request))
     with callers_signal_handlers(), waiting_note(request, console.print):
         results = tuner.fit()
     for result in results:

@@ -40,11 +40,13 @@ def timm_reference(path, root) -> tuple[float, float]:
     return 100 * hits[:, 0].float().mean().item(), 100 * hits.any(1).float().mean().item()
 
 
-def test_their_checkpoint_scores_as_timm_does_in_process_and_on_ray_workers(ray_session, their_file, folder224, tmp_path):
+def test_their_checkpoint_scores_as_timm_does_in_process_and_on_ray_workers(ray_session, their_file, folder224, tmp_path,
+                                                                             capsys):
     common = ["--model", "glit_tiny_patch16_224", "--checkpoint", str(their_file), "--data", f"imagefolder:{folder224}",
               "--batch-size", "50", "--loader-workers", "0"]
     run(main, [*common, "--out", str(tmp_path / "here.json")])
     run(main, [*common, "--workers", "2", "--out", str(tmp_path / "ray.json")])
+    assert "evaluate: 2 tasks x (0 GPU, 1 CPU) on head" in capsys.readouterr().err  # what it asked of Ray
     here, on_ray = (json.loads((tmp_path / name).read_text()) for name in ("here.json", "ray.json"))
 
     assert here["images"] == on_ray["images"] == 10 * CLASSES

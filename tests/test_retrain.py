@@ -121,13 +121,14 @@ def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
         assert settings.epochs == 300 and settings.drop_path == 0.1  # DeiT's recipe
 
 
-def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet, tmp_path, cluster_env):
+def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet, tmp_path, cluster_env, capsys):
     reference, _ = retrained  # the same run, uninterrupted
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "glit_ray.retrain", *from_supernet, "--out", str(out)]
     kill_when(command, cluster_env, (out / "train" / "checkpoint_manager_snapshot.json").exists, "checkpoint")
     assert not (out / "model.safetensors").exists()
     retrain(settings_for(*from_supernet), Placement(out, resume=True))  # on another Ray: this session's
+    assert "retrain: 1 worker x (0 GPU, 2 CPU) on head" in capsys.readouterr().err  # what it asked of Ray
     resumed, expected = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert resumed.keys() == expected.keys()
     for key in expected:

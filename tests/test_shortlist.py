@@ -64,7 +64,8 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
     assert not (run_dir / "shortlist.json").exists()
     handlers = signal_handlers()
     run(main, argv)
-    assert "resuming the shortlist" in said(capsys)
+    resumed = said(capsys)
+    assert "resuming the shortlist" in resumed and "shortlist: 2 workers x (0 GPU, 1 CPU) on head" in resumed
     assert signal_handlers() == handlers  # Tune's are gone with it
     record = json.loads((run_dir / "shortlist.json").read_text())
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"),
