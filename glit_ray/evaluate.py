@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     request = None
     if args.workers:
         ensure_ray()
-        request = plan("evaluate", args.workers, args.gpus_per_worker, args.cpus_per_worker, unit="task")
+        request = plan("evaluate", args.workers, args.gpus_per_worker, args.cpus_per_worker, unit="task",
+                       together=False)
     console.print(f"evaluating {args.model} ({model.arch}) on {len(dataset)} test images of {data} in "
                   f"{'Ray tasks' if request else 'this process'}")
     if request:

@@ -7,8 +7,9 @@ total divided out: a worker that fits no node waits for ever. The node types are
 declared ones where Ray shows them (the GCS's cluster config; on KubeRay, the configuration its
 autoscaler derives from the RayCluster; on the head node, the configuration the autoscaler's
 monitor reads: the launcher's ~/ray_bootstrap_config.yaml), else the nodes up (one machine, a
-fixed cluster). A request no node type can hold is one line before anything is
-written; one that waits for the autoscaler says so on the console.
+fixed cluster). A request no node type can hold, or one for more Ray Train workers than they
+hold at once, is one line before anything is written; one that waits for the autoscaler says so on
+the console.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_gr
 
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
+WORKER_FIX = "lower --gpus-per-worker or --cpus-per-worker"  # what a refused request of Ray Train workers can change
 KUBERNETES_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"  # in every pod
 
 
@@ -87,12 +89,14 @@ class Request:
 
 
 def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = None, unit: str = "worker",
-         whole_cpus: bool = True, fix: str = "lower --gpus-per-worker or --cpus-per-worker",
-         shape: ClusterShape | None = None) -> Request:
+         whole_cpus: bool = True, fix: str = WORKER_FIX,
+         shape: ClusterShape | None = None, together: bool = True) -> Request:
     """The request for `count` workers of `what`: `gpus` each (default: 1 where the cluster has or can have GPU
     nodes, else 0) and `cpus` each (default: a GPU worker's share of its node's CPUs; a CPU worker's share of the
     CPUs of the nodes that can hold it, at most one node's), sized for the node type that holds them on the fewest
-    nodes. Ray must be initialised. A request no node type holds is a UserError naming the node types and `fix`."""
+    nodes. Ray must be initialised. A request no node type holds is a UserError naming the node types and `fix`;
+    so is one for more workers than the node types hold at once, where they must run `together` (Ray Train's
+    workers start together or not at all; tasks and trials take turns)."""
     if count < 1:
         raise UserError(f"{what}: give at least 1 {unit}")
     shape = shape or cluster_shape()
@@ -118,7 +122,19 @@ def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = 
         else:
             cpus = min(sum(t.cpus * t.max_count for t in hosts) / count, host.cpus)
         cpus = max(1, math.floor(cpus)) if whole_cpus else cpus
-    return Request(what, count, cpus, gpus, host.name, unit)
+    request = Request(what, count, cpus, gpus, host.name, unit)
+    if together:
+        check_together(request, shape, fix)
+    return request
+
+
+def check_together(request: Request, shape: ClusterShape, fix: str = WORKER_FIX) -> None:
+    """Refuse `request` where the node types cannot hold all its workers at once: they would wait for ever."""
+    most = capacity(request, shape)
+    if request.count > most:
+        raise UserError(f"{request.what} asks for {request.count} {request.unit}s of ({request.gpus:g} GPU, "
+                        f"{request.cpus:g} CPU) at once, and the node types hold {most} at most: {shape}; give at most "
+                        f"{most} or {fix}")
 
 
 def evaluators(actors: int | None, gpus: float | None, gpus_after_training: float = 0.0,
@@ -190,15 +206,18 @@ def autoscaler_config() -> dict | None:
 
 def config_node_types(config: dict, head: dict[str, float]) -> tuple[NodeType, ...]:
     """The node types of a cluster launcher configuration (`available_node_types`): the head one of its type, the
-    others up to their `max_workers`. The head's CPUs and GPUs are `head`'s (the running head's resources) where
-    its type leaves them out (Ray detects them)."""
-    head_name = config["head_node_type"]
+    others up to their `max_workers` and the cluster's (its cap on all worker nodes together). The head's CPUs and
+    GPUs are `head`'s (the running head's resources) where its type leaves them out (Ray detects them)."""
+    head_name, total = config["head_node_type"], config.get("max_workers")
     types = []
     for name, node_type in config["available_node_types"].items():
         resources = node_type.get("resources") or {}
         if name == head_name:
             resources = {"CPU": head.get("CPU", 0), "GPU": head.get("GPU", 0), **resources}
-        count = 1 if name == head_name else node_type.get("max_workers", config.get("max_workers", 0))
+            count = 1
+        else:
+            count = node_type.get("max_workers", total or 0)
+            count = count if total is None else min(count, total)
         types.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
     return tuple(types)
 

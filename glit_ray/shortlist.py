@@ -30,7 +30,7 @@ from .errors import UserError
 from .files import read_json, write_json
 from .progress import console as make_console
 from . import ray_workarounds
-from .resources import Request, capacity, cluster_shape, plan, waiting_note
+from .resources import Request, capacity, check_together, cluster_shape, plan, waiting_note
 from .results import read_candidates
 from .retrain import train_loop as retrain_loop
 from .runs import RUN_FILE, check_run, kind_in, open_run, settings_in
@@ -87,7 +87,9 @@ def side_by_side(settings: ShortlistRun, trials: int, where: Placement) -> tuple
     """How many trials run at once (as many as the cluster can hold; with Ray Data ingest, one trial fewer, whose
     CPUs decode), and the request of their workers together."""
     shape = cluster_shape()
-    every = plan("shortlist", trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)
+    every = plan("shortlist", trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape,
+                 together=False)
+    check_together(replace(every, count=settings.workers), shape)  # a trial's workers start together
     held = capacity(every, shape) // settings.workers - (where.ingest == "ray-data")
     at_once = min(trials, max(1, held))
     request = replace(every, count=at_once * settings.workers)

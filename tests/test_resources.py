@@ -58,7 +58,25 @@ def test_gpus_are_asked_for_where_the_cluster_can_add_gpu_nodes_even_with_none_u
 def test_on_one_machine_cpu_workers_share_its_cpus():
     assert str(plan("supernet", 2, shape=one_machine(2))) == "supernet: 2 workers x (0 GPU, 1 CPU) on head"
     assert plan("supernet", 1, shape=one_machine(2)).cpus == 2
-    assert plan("supernet", 4, shape=one_machine(2)).cpus == 1  # at least one each; Ray queues the rest
+    # tasks take turns: at least one CPU each, and Ray queues the rest
+    assert str(plan("evaluate", 4, shape=one_machine(2), unit="task", together=False)) == \
+        "evaluate: 4 tasks x (0 GPU, 1 CPU) on head"
+
+
+@pytest.mark.parametrize("cpus, shape, most, named", [
+    (None, one_machine(2), 2, "supernet asks for 3 workers of (0 GPU, 1 CPU) at once, and the node types hold 2 at "
+                              "most: head (2 CPU, 0 GPU) (the nodes up); give at most 2 or lower --gpus-per-worker"),
+    (None, kuberay(), 16, "supernet asks for 17 workers of (1 GPU, 8 CPU) at once, and the node types hold 16 at most"),
+    # a p4d's share of its CPUs (12) fits no g5.2xlarge (8): only the 2 p4d hold such workers; with 8 CPUs both do
+    (None, aws(), 16, "supernet asks for 17 workers of (1 GPU, 12 CPU) at once, and the node types hold 16 at most"),
+    (8, aws(), 32, "supernet asks for 33 workers of (1 GPU, 8 CPU) at once, and the node types hold 32 at most"),
+])
+def test_more_workers_than_the_node_types_hold_at_once_are_one_line(cpus, shape, most, named):
+    """Ray Train's workers start together or not at all: more than the cluster can ever hold would wait for ever."""
+    assert plan("supernet", most, None, cpus, shape=shape).count == most
+    with pytest.raises(UserError) as error:
+        plan("supernet", most + 1, None, cpus, shape=shape)
+    assert named in str(error.value) and "\n" not in str(error.value)
 
 
 def test_cpu_work_leaves_gpu_nodes_to_gpu_work_where_a_cpu_node_type_can_hold_it():

@@ -76,6 +76,14 @@ def test_probes_take_at_most_a_tenth_of_training():
     assert probe_every(5 * (4 * 64 + 40), 10 * 32) == 16  # 10 batches of 32 a worker: every 16th epoch, and the last
 
 
+def test_more_workers_than_the_cluster_holds_at_once_is_one_line_before_anything_is_written(ray_session, tmp_path,
+                                                                                            cli_error):
+    out = tmp_path / "run"  # the session's cluster: a head of 2 CPUs, no autoscaler
+    line = cli_error(main, ["--level", "high", *FAST, "--workers", "3", "--out", str(out)])
+    assert "supernet asks for 3 workers of (0 GPU, 1 CPU) at once, and the node types hold 2 at most" in line
+    assert not out.exists()
+
+
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
     monkeypatch.setattr(training_module, "train_loop", train_loop_on_desynced_paths)
     with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
