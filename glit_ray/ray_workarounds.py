@@ -1,7 +1,8 @@
 """Every place glit_ray leans on Ray past its public API, in one module, each with why and Ray's issue.
 
-The commands apply the driver's part (`apply`: environment defaults and the console) before Ray
-starts, through `cli.run`; importing glit_ray changes nothing in Ray. Code that calls `search`,
+Each command's `main` applies the driver's part (`apply`: environment defaults and the console) before Ray
+starts, and each Ray Train worker its own (`quiet_train_worker_log`); importing glit_ray changes nothing in Ray.
+Each names the Ray issue or pull request behind it, or says that none of Ray's covers it. Code that calls `search`,
 `train_supernet` or `retrain` from Python gets Ray's own console and Tune's own snapshot period
 unless it calls `apply()` first. `tests/test_ray_workarounds.py` fails when Ray moves or changes
 what one of these relies on; pyproject.toml pins Ray to the range those tests pass on.
@@ -64,8 +65,8 @@ def _our_lines_only(ray_printer):
     """Ray's printer on the driver, for what it forwards from workers (`ray.init` hands it to its log thread) and the
     raylet's messages (its error listener looks it up at each one). Ray offers all or nothing (`log_to_driver`) and a
     skip pattern read when Ray is imported (`RAY_DEDUP_LOGS_SKIP_REGEX`, ray-project/ray#47913), which keeps Ray's
-    prefix on the lines it lets through; no issue of Ray's asks for more. Of the workers' output, only our lines (`progress.say`, unprefixed) and tqdm_ray's bars print; Ray's own warnings and tracebacks
-    stay in its log files. Of the raylet's messages, all but its note on worker start-ups (a worker killed for
+    prefix on the lines it lets through; no issue of Ray's asks for more. Of the workers' output, only our lines
+    (`progress.say`, unprefixed) and tqdm_ray's bars print; Ray's own warnings and tracebacks stay in its log files. Of the raylet's messages, all but its note on worker start-ups (a worker killed for
     memory, a request no node can hold still print)."""
     from ray._private.worker import print_worker_logs
 
@@ -116,7 +117,8 @@ def stderr_without(marker: str):
 
 def quiet_train_worker_log() -> None:
     """In a Ray Train worker: drop its INFO line per report (about 700 characters an epoch on the driver's console).
-    Ray Train logs it on a logger named after its source file, which `LoggingConfig(log_level=...)` does not reach."""
+    Ray Train logs it on a logger named after its source file, which `LoggingConfig(log_level=...)`
+    (ray-project/ray#61550) does not reach: its filter takes only the `ray.train` loggers."""
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
@@ -124,14 +126,15 @@ def quiet_train_worker_log() -> None:
 
 def actor_restarted() -> bool:
     """Whether Ray restarted the calling actor. (Ray's property reads its own deprecated `actor_id` inside, which
-    warns: the warning is Ray's, not a deprecated call of ours.)"""
+    warns: the warning is Ray's, not a deprecated call of ours; no issue of Ray's covers it.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RayDeprecationWarning)
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def train_result(path: str) -> ray.train.Result:
-    """`ray.train.Result.from_path`, which reads its snapshot with a deprecated pydantic call: Ray's, not ours."""
+    """`ray.train.Result.from_path`, which reads its snapshot with a deprecated call and warns: Ray's, not ours (no
+    issue of Ray's covers it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return ray.train.Result.from_path(path)
@@ -139,27 +142,31 @@ def train_result(path: str) -> ray.train.Result:
 
 def gcs_node_groups() -> list:
     """The node groups an autoscaler reported to the GCS (KubeRay's v2 autoscaler does), [] where none did: Ray has
-    no public call for the cluster's declared node types."""
+    no public call for the cluster's declared node types (ray-project/ray#37838 asks for one; Ray Data's own
+    autoscaler reads the same private call, ray-project/ray#59682)."""
     config = ray._private.state.state.get_cluster_config()
     return list(config.node_group_configs) if config is not None else []
 
 
 def kuberay_autoscaling_config(cluster_name: str, namespace: str) -> dict:
-    """The autoscaling configuration KubeRay's autoscaler derives from the RayCluster resource, read as it reads it."""
+    """The autoscaling configuration KubeRay's autoscaler derives from the RayCluster resource, read as it reads it
+    (Ray's private code: no public call shows a cluster's configuration, ray-project/ray#37838)."""
     from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
 
     return AutoscalingConfigProducer(cluster_name, namespace)()
 
 
 # the autoscaler's monitor process: a command line ending in this script, with --gcs-address= and
-# --autoscaling-config= (the cluster launcher's `ray start --autoscaling-config`)
+# --autoscaling-config= (the cluster launcher's `ray start --autoscaling-config`): where a head-node driver finds the
+# launcher's configuration, which no public call shows (ray-project/ray#37838)
 AUTOSCALER_MONITOR = "autoscaler/_private/monitor.py"
 
 
 class _DeviceTorchBackend(_TorchBackend):
     """Ray Train's torch backend, with NCCL (TorchTrainer's choice for GPU workers) only where the workers see CUDA
     devices: GPU workers whose nodes show none (a fake GPU of Ray's autoscaler test provider; a node without its
-    driver) connect over gloo and say so. TorchConfig's backend is chosen from `use_gpu` alone."""
+    driver) connect over gloo and say so. TorchConfig's backend is chosen from `use_gpu` alone (no issue of Ray's
+    covers it: a real GPU node has its devices)."""
 
     def on_start(self, worker_group, backend_config) -> None:
         if backend_config.backend == "nccl" and not all(worker_group.execute(torch.cuda.is_available)):

@@ -4,8 +4,10 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
+import pytest
 import ray
 import ray._private.worker
 import tomllib
@@ -116,3 +118,12 @@ def test_the_head_node_has_its_resource_and_the_gcs_no_node_groups_on_a_local_cl
     head = [n for n in ray.nodes() if n["Alive"] and ray_workarounds.HEAD_NODE_RESOURCE in n["Resources"]]
     assert len(head) == 1
     assert ray_workarounds.gcs_node_groups() == []
+
+
+def test_reading_a_ray_train_run_warns_from_ray_and_train_result_keeps_it_quiet(high_search):
+    run = str(high_search[0] / "supernet" / "train")  # the session's supernet: a Ray Train run
+    with pytest.warns(DeprecationWarning):
+        ray.train.Result.from_path(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ray_workarounds.train_result(run).checkpoint is not None
