@@ -241,7 +241,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
         replace(where, out=out / "supernet", resume=(out / "supernet" / RUN_FILE).exists(),
                 gpus_per_worker=trainers.gpus, cpus_per_worker=trainers.cpus,
                 storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None),
-        console=console)
+        console=console, splits=splits)
     if mirror:
         mirror.push()
 

@@ -26,7 +26,7 @@ from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
-from .data import build_splits, parse_spec
+from .data import Splits, build_splits, parse_spec
 from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
@@ -140,13 +140,17 @@ def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs
                        distribution=tuple(distribution) if distribution else None, limits=limits)
 
 
-def train_supernet(settings: SupernetRun, where: Placement, console: Console | None = None) -> Path:
+def train_supernet(settings: SupernetRun, where: Placement, console: Console | None = None,
+                   splits: Splits | None = None) -> Path:
     """Train (or resume, or find finished) the supernet of `settings` in run dir `where.out`; return its file.
 
-    `where.storage`: where Ray Train keeps its checkpoints (default: the run dir), a URI when workers do not share it."""
+    `where.storage`: where Ray Train keeps its checkpoints (default: the run dir), a URI when workers do not share it.
+    `splits`: `settings.data`'s splits, where the caller built them already (a search: listing ImageNet takes a while)."""
     console = console or make_console()
     out = where.out
-    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)  # a bad dataset fails here, before Ray
+    # a bad dataset fails here, before Ray
+    if splits is None:
+        splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)
     check_epoch_has_a_step(len(splits.train), settings.batch_size, settings.workers)
     settings.limits.check_feasible(settings.space, settings.level, splits.num_classes, settings.distribution)
     target = out / SUPERNET_FILE
