@@ -64,6 +64,11 @@ def test_a_hand_edited_run_file_with_a_mistyped_key_is_refused_in_one_line(tmp_p
     del settings["epoch"]
     (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings}))
     assert "the supernet settings lack 'epochs'" in cli_error(train_supernet.main, [*argv, "--resume"])
+    settings["epochs"] = 2
+    settings["limits"]["flop_max"] = settings["limits"].pop("flops_max")  # a typo one level down
+    (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": settings}))
+    err = cli_error(train_supernet.main, [*argv, "--resume"])
+    assert "the supernet settings do not read" in err and "'flop_max'" in err
 
 
 def test_placement_is_what_the_command_line_says_of_where_and_how(tmp_path):
