@@ -1,5 +1,6 @@
 """What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,30 @@ def test_a_request_no_node_type_holds_is_one_line_naming_it_and_the_node_types(g
     with pytest.raises(UserError, match="lower --gpus-per-worker") as error:
         plan("supernet", 4, gpus, cpus, shape=shape)
     assert named in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("command, argv, named", [
+    ("search", ["--level", "high", "--gpus-per-actor", "1"], "evaluators asks for (1 GPU, 1 CPU) per actor, which "
+                                                            "no node type holds: head (2 CPU, 0 GPU) (the nodes up"),
+    ("retrain", ["--arch", "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4", "--cpus-per-worker", "3"],
+     "retrain asks for (0 GPU, 3 CPU) per worker, which no node type holds"),
+    ("shortlist", ["--gpus-per-worker", "1"], "shortlist asks for (1 GPU, 1 CPU) per worker, which no node type holds"),
+])
+def test_each_command_refuses_what_the_session_cluster_cannot_hold_before_writing(command, argv, named, high_search,
+                                                                                  tmp_path, cli_error):
+    """On the session's cluster (one 2-CPU head, no GPU, no autoscaler), through each command's `main`."""
+    import importlib
+
+    main = importlib.import_module(f"glit_ray.{command}").main
+    if command == "shortlist":
+        run_dir = tmp_path / "search"
+        shutil.copytree(high_search[0], run_dir)
+        before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+        assert named in cli_error(main, [str(run_dir), *argv])
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no shortlist/ made
+    else:
+        assert named in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_count_below_one_is_refused():
