@@ -66,8 +66,9 @@ def _our_lines_only(ray_printer):
     raylet's messages (its error listener looks it up at each one). Ray offers all or nothing (`log_to_driver`) and a
     skip pattern read when Ray is imported (`RAY_DEDUP_LOGS_SKIP_REGEX`, ray-project/ray#47913), which keeps Ray's
     prefix on the lines it lets through; no issue of Ray's asks for more. Of the workers' output, only our lines
-    (`progress.say`, unprefixed) and tqdm_ray's bars print; Ray's own warnings and tracebacks stay in its log files. Of the raylet's messages, all but its note on worker start-ups (a worker killed for
-    memory, a request no node can hold still print)."""
+    (`progress.say`, unprefixed) and tqdm_ray's bars print; Ray's own warnings and tracebacks stay in its log files.
+    Of the raylet's messages, all but its note on worker start-ups (a worker killed for memory, a request no node
+    can hold still print)."""
     from ray._private.worker import print_worker_logs
 
     def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
