@@ -4,6 +4,7 @@ import copy
 import gzip
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,17 @@ def test_the_image_is_the_pinned_ray_with_torch_for_its_cuda_and_leaves_the_venv
         assert f'"{package}=={pinned}"' in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv/", "runs/", ".git/"} <= set(ignored)
+
+
+def test_the_readmes_kuberay_resume_reapplies_the_same_job_with_resume_added(rayjob):
+    """The README's two commands as written: delete the finished RayJob, then apply the file through its `sed`."""
+    section = (ROOT / "README.md").read_text().split("## Run on a cluster")[1].split("\n## ")[0]
+    assert re.findall(r"^kubectl delete rayjob (\S+)$", section, flags=re.M) == [rayjob["metadata"]["name"]]
+    [expression] = re.findall(r"^sed (.+) clusters/kuberay-rayjob\.yaml \| kubectl apply -f -$", section, flags=re.M)
+    edited = subprocess.run(["sed", *shlex.split(expression), str(CLUSTERS / "kuberay-rayjob.yaml")],
+                            capture_output=True, text=True, check=True).stdout
+    resumed = yaml.safe_load(edited)
+    first, again = (build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[3:]) for job in (rayjob, resumed))
+    assert again.resume and not first.resume and vars(again) == {**vars(first), "resume": True}
+    resumed["spec"]["entrypoint"] = rayjob["spec"]["entrypoint"]
+    assert resumed == rayjob  # nothing else changed
