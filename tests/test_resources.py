@@ -1,4 +1,5 @@
 """What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
+import importlib
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 
 from glit_ray.errors import UserError
 from glit_ray.resources import ClusterShape, NodeType, capacity, config_node_types, plan
+from test_retrain import ARCH as RETRAIN_ARCH
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 
@@ -100,15 +102,13 @@ def test_a_request_no_node_type_holds_is_one_line_naming_it_and_the_node_types(g
 @pytest.mark.parametrize("command, argv, named", [
     ("search", ["--level", "high", "--gpus-per-actor", "1"], "evaluators asks for (1 GPU, 1 CPU) per actor, which "
                                                             "no node type holds: head (2 CPU, 0 GPU) (the nodes up"),
-    ("retrain", ["--arch", "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4", "--cpus-per-worker", "3"],
+    ("retrain", ["--arch", RETRAIN_ARCH, "--cpus-per-worker", "3"],
      "retrain asks for (0 GPU, 3 CPU) per worker, which no node type holds"),
     ("shortlist", ["--gpus-per-worker", "1"], "shortlist asks for (1 GPU, 1 CPU) per worker, which no node type holds"),
 ])
 def test_each_command_refuses_what_the_session_cluster_cannot_hold_before_writing(command, argv, named, high_search,
                                                                                   tmp_path, cli_error):
     """On the session's cluster (one 2-CPU head, no GPU, no autoscaler), through each command's `main`."""
-    import importlib
-
     main = importlib.import_module(f"glit_ray.{command}").main
     if command == "shortlist":
         run_dir = tmp_path / "search"
