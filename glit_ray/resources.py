@@ -32,6 +32,7 @@ from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_gr
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
 WORKER_FIX = "lower --gpus-per-worker or --cpus-per-worker"  # what a refused request of Ray Train workers can change
+NODES_UP = "the nodes up; no autoscaler configuration is visible from here"  # the source of a cluster without one
 KUBERNETES_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"  # in every pod
 
 
@@ -70,13 +71,15 @@ class ClusterShape:
 @dataclass(frozen=True)
 class Request:
     """`count` workers (Ray Train workers, evaluator actors, evaluation tasks), each asking for `cpus` CPUs and
-    `gpus` GPUs, sized for node type `node_type`."""
+    `gpus` GPUs, sized for node type `node_type`; `autoscaled`: an autoscaler can add nodes for it (else the
+    nodes up are all there is: one machine, a fixed cluster)."""
     what: str
     count: int
     cpus: float
     gpus: float
     node_type: str
     unit: str = "worker"
+    autoscaled: bool = False
 
     @property
     def resources(self) -> dict[str, float]:
@@ -122,7 +125,7 @@ def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = 
         else:
             cpus = min(sum(t.cpus * t.max_count for t in hosts) / count, host.cpus)
         cpus = max(1, math.floor(cpus)) if whole_cpus else cpus
-    request = Request(what, count, cpus, gpus, host.name, unit)
+    request = Request(what, count, cpus, gpus, host.name, unit, autoscaled=shape.source != NODES_UP)
     if together:
         check_together(request, shape, fix)
     return request
@@ -162,7 +165,7 @@ def cluster_shape() -> ClusterShape:
     if config is not None:
         head = next(n["Resources"] for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE in n["Resources"])
         return ClusterShape(config_node_types(config, head), "the autoscaler's node types")
-    return ClusterShape(nodes_up(), "the nodes up; no autoscaler configuration is visible from here")
+    return ClusterShape(nodes_up(), NODES_UP)
 
 
 def _gcs_node_types() -> tuple[NodeType, ...]:
@@ -248,7 +251,7 @@ def room(request: Request) -> int:
 def waiting_note(request: Request, say) -> Iterator[None]:
     """While the block runs and the nodes up have no room for all of `request`, `say` what it waits for and how
     long so far (every WAIT_NOTE_S), and when the room is there: the console is never silent while an autoscaler
-    brings nodes up."""
+    brings nodes up, or while other work holds the nodes of a cluster without one."""
     stop = threading.Event()
 
     def watch() -> None:
@@ -261,7 +264,8 @@ def waiting_note(request: Request, say) -> Iterator[None]:
                     say(f"{request.what}: room for all {request.count} {request.unit}(s) after {waited:.0f} s")
                 return
             if said is None or time.monotonic() - said >= WAIT_NOTE_S:
-                say(f"{request.what}: waiting for the autoscaler to add room for {missing} more {request.unit}(s) of "
+                waiting = "the autoscaler to add room" if request.autoscaled else "other work to leave room"
+                say(f"{request.what}: waiting for {waiting} for {missing} more {request.unit}(s) of "
                     f"({request.gpus:g} GPU, {request.cpus:g} CPU), {waited:.0f} s so far")
                 said = time.monotonic()
             if stop.wait(1.0):

@@ -2,6 +2,8 @@
 import importlib
 import re
 import shutil
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from ray.exceptions import AuthenticationError
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
 from glit_ray.errors import UserError
-from glit_ray.resources import ClusterShape, NodeType, capacity, config_node_types, plan
+from glit_ray.resources import ClusterShape, NodeType, capacity, cluster_shape, config_node_types, plan, waiting_note
 from test_retrain import ARCH as RETRAIN_ARCH
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -106,8 +108,8 @@ def test_a_request_no_node_type_holds_is_one_line_naming_it_and_the_node_types(g
      "retrain asks for (0 GPU, 3 CPU) per worker, which no node type holds"),
     ("shortlist", ["--gpus-per-worker", "1"], "shortlist asks for (1 GPU, 1 CPU) per worker, which no node type holds"),
 ])
-def test_each_command_refuses_what_the_session_cluster_cannot_hold_before_writing(command, argv, named, high_search,
-                                                                                  tmp_path, cli_error):
+def test_each_command_refuses_what_the_session_cluster_cannot_hold_before_writing(command, argv, named, tmp_path,
+                                                                                  high_search, cli_error):
     """On the session's cluster (one 2-CPU head, no GPU, no autoscaler), through each command's `main`."""
     main = importlib.import_module(f"glit_ray.{command}").main
     if command == "shortlist":
@@ -119,6 +121,17 @@ def test_each_command_refuses_what_the_session_cluster_cannot_hold_before_writin
     else:
         assert named in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
         assert not (tmp_path / "run").exists()
+
+
+def test_a_wait_on_a_cluster_without_autoscaler_says_what_it_waits_for(ray_session):
+    """The session's cluster shows no autoscaler: a request its head cannot hold yet waits for other work to go."""
+    request = plan("supernet", 2, shape=cluster_shape())
+    assert not request.autoscaled
+    lines = []
+    with waiting_note(replace(request, count=3), lines.append):  # one more than the head's 2 CPUs hold
+        time.sleep(0.5)
+    assert lines == ["supernet: waiting for other work to leave room for 1 more worker(s) of (0 GPU, 1 CPU), "
+                     "0 s so far"]
 
 
 def test_a_count_below_one_is_refused():
