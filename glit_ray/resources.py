@@ -32,7 +32,6 @@ from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_gr
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
 WORKER_FIX = "lower --gpus-per-worker or --cpus-per-worker"  # what a refused request of Ray Train workers can change
-NODES_UP = "the nodes up; no autoscaler configuration is visible from here"  # the source of a cluster without one
 KUBERNETES_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"  # in every pod
 
 
@@ -55,9 +54,11 @@ class NodeType:
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """The node types work can be placed on, and where that list came from (for messages)."""
+    """The node types work can be placed on, where that list came from (for messages), and whether an autoscaler
+    declared them (else they are the nodes up: one machine, a fixed cluster)."""
     node_types: tuple[NodeType, ...]
     source: str
+    autoscaled: bool = False
 
     @property
     def default_gpus(self) -> float:
@@ -125,7 +126,7 @@ def plan(what: str, count: int, gpus: float | None = None, cpus: float | None = 
         else:
             cpus = min(sum(t.cpus * t.max_count for t in hosts) / count, host.cpus)
         cpus = max(1, math.floor(cpus)) if whole_cpus else cpus
-    request = Request(what, count, cpus, gpus, host.name, unit, autoscaled=shape.source != NODES_UP)
+    request = Request(what, count, cpus, gpus, host.name, unit, shape.autoscaled)
     if together:
         check_together(request, shape, fix)
     return request
@@ -160,12 +161,12 @@ def cluster_shape() -> ClusterShape:
     of the nodes up. Ray must be initialised."""
     declared = _gcs_node_types()
     if declared:
-        return ClusterShape(declared, "the cluster's node types")
+        return ClusterShape(declared, "the cluster's node types", autoscaled=True)
     config = kuberay_config() or autoscaler_config()
     if config is not None:
         head = next(n["Resources"] for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE in n["Resources"])
-        return ClusterShape(config_node_types(config, head), "the autoscaler's node types")
-    return ClusterShape(nodes_up(), NODES_UP)
+        return ClusterShape(config_node_types(config, head), "the autoscaler's node types", autoscaled=True)
+    return ClusterShape(nodes_up(), "the nodes up; no autoscaler configuration is visible from here")
 
 
 def _gcs_node_types() -> tuple[NodeType, ...]:
@@ -220,7 +221,8 @@ def config_node_types(config: dict, head: dict[str, float]) -> tuple[NodeType, .
             count = 1
         else:
             count = node_type.get("max_workers", total or 0)
-            count = count if total is None else min(count, total)
+            if total is not None:
+                count = min(count, total)
         types.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
     return tuple(types)
 
