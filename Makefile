@@ -26,7 +26,7 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess"
 
-# Benchmarks P1-P8, P6b and P12 (see BENCHMARKS.md), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b and P10-P12 (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -36,13 +36,16 @@ bench: install
 	$(BIN)/python bench/search_quality.py --setting pico --record
 	$(BIN)/python bench/input_pipeline.py --record
 	$(BIN)/python bench/loader_cpu.py --record
+	$(BIN)/python bench/training_feed.py --allow-cpu --batch 16 --cpus 2,1 --steps 10 --warmup 3 --record
 	$(BIN)/python bench/grad_checkpointing.py --record
 	$(BIN)/python bench/evaluator_warmup.py --record
 	$(BIN)/python bench/ranking_stability.py --record
 
-# The real 224-px path (supernet training, scoring, search, retrain) on one GPU with bfloat16, with its figures.
+# The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
+# figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.
 gpu-check: install
 	$(BIN)/python bench/gpu_check.py
+	$(BIN)/python bench/grad_checkpointing.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -43,7 +43,8 @@ def main() -> None:
 
     def training_step(net, forward):
         recipe = Recipe.deit(net, lr=1e-4, epochs=1, steps_per_epoch=10**6, device=dev)
-        return lambda: recipe.step(forward, net.parameters(), images, labels, 0)
+        params = list(net.parameters())
+        return lambda: recipe.step(forward, params, images, labels, 0)
 
     rows, ratios = [], []
     for p in range(args.paths):

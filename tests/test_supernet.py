@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.supernet import GLiTSupernet
+from glit_ray.training import Recipe
 
 DIST = (0, 1, 2, 3, 1, 0)
 
@@ -81,6 +82,20 @@ def test_forward_touches_only_the_chosen_path(micro, level):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         net.eval()(torch.zeros(1, 1, 8, 8), arch)
     assert counter.get_total_flops() // 2 == arch_cost(micro, arch, 10).flops
+
+
+def test_a_training_step_moves_only_the_sampled_path(micro):
+    """The DeiT step (fused AdamW with weight decay, clipping, the schedule) on a supernet updates the sampled path's
+    weights and leaves every other operation's exactly as it was, those an earlier step trained included: no decay,
+    no momentum without a gradient."""
+    net, rng = trained_supernet(micro, "high", steps=0)
+    recipe = Recipe.deit(net, lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
+    params = list(net.parameters())
+    for update in range(3):
+        arch, before = micro.sample("high", rng), {n: p.detach().clone() for n, p in net.named_parameters()}
+        recipe.step(lambda x: net(x, arch), params, torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), update)
+        moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+        assert sum(net.get_parameter(n).numel() for n in moved) == arch_cost(micro, arch, 10).params, arch
 
 
 def test_each_operation_is_held_once(micro):
