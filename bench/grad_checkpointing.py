@@ -29,7 +29,7 @@ import torch
 import glit_ray
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe
+from glit_ray.training import Recipe, use_fast_gpu_kernels
 torch.manual_seed(0)
 which, checkpointing, batch = sys.argv[1], sys.argv[2] == "on", int(sys.argv[3])
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +44,7 @@ else:
 net.to(dev).train().set_grad_checkpointing(checkpointing)
 images = torch.randn(batch, 3, 224, 224, device=dev)
 if dev.type == "cuda":
+    use_fast_gpu_kernels()
     recipe, params = Recipe.deit(net, 1e-3, 1, 10, dev), list(net.parameters())
     labels = torch.randint(0, 1000, (batch,), device=dev)
     recipe.step(forward, params, images, labels, 0)

@@ -20,7 +20,7 @@ import torch
 
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe
+from glit_ray.training import Recipe, use_fast_gpu_kernels
 
 from harness import device, paired, publish, spread
 
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
     dev = device()
+    if dev.type == "cuda":
+        use_fast_gpu_kernels()  # as a Ray Train worker on a GPU does
     torch.manual_seed(0)
     space = SearchSpace.load(args.space)
     supernet = GLiTSupernet(space, "high", num_classes=1000).to(dev)

@@ -42,7 +42,7 @@ from glit_ray.data import Splits, build_splits
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import Recipe, training_loader
+from glit_ray.training import Recipe, training_loader, use_fast_gpu_kernels
 
 from harness import device, publish, sync
 
@@ -134,6 +134,8 @@ def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], ste
             warmup: int) -> tuple[str, str, dict[int, float]]:
     """P10's and P11's tables, and the end-to-end images/s at each CPU count."""
     dev = device()
+    if dev.type == "cuda":
+        use_fast_gpu_kernels()  # as a Ray Train worker on a GPU does
     # enough training images that the timed steps of a CPU count fall in one epoch, as on ImageNet's 10,000 a worker
     repeats = math.ceil((warmup + steps) * batch / len(splits.train))
     splits = replace(splits, train=Subset(splits.train, list(range(len(splits.train))) * repeats))

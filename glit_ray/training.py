@@ -224,18 +224,19 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
 
 
 def worker_device() -> torch.device:
-    """This Ray Train worker's device: its GPU, or the CPU where its node shows no CUDA device for the GPU Ray
-    accounted to it (`DeviceTorchConfig` then connects the workers over gloo).
-
-    On a GPU, as timm's train.py does: cuDNN times its convolution kernels once per shape and keeps the fastest (a
-    path's shapes are fixed, and a supernet has a bounded number of them), and float32 matmuls outside autocast
-    run in TF32.
-    """
+    """This Ray Train worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where its node shows no CUDA
+    device for the GPU Ray accounted to it (`DeviceTorchConfig` then connects the workers over gloo)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
+    use_fast_gpu_kernels()
+    return ray.train.torch.get_device()
+
+
+def use_fast_gpu_kernels() -> None:
+    """As timm's train.py does: cuDNN times its convolution kernels once per shape and keeps the fastest (a path's
+    shapes are fixed, and a supernet has a bounded number of them), and float32 matmuls outside autocast run in TF32."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")  # the call torch.compile reads (mixing in fp32_precision raises)
-    return ray.train.torch.get_device()
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
