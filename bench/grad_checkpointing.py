@@ -97,5 +97,6 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: |", *rows,
     ]), args.record)
 
+
 if __name__ == "__main__":
     main()

@@ -114,13 +114,14 @@ def busy_share(step: SupernetStep, resident: list, steps: int, warmup: int) -> t
     wall time is that of as many steps unprofiled: the profiler's own CPU time per operator would stretch a step the
     CPU holds up, not its kernels. On a CPU the profiler stretches both alike, so the profiled steps' own."""
     cuda = step.dev.type == "cuda"
-    seconds = steps * len(resident[0][0]) / images_per_s(step, itertools.cycle(resident), steps, warmup)
+    unprofiled = steps * len(resident[0][0]) / images_per_s(step, itertools.cycle(resident), steps, warmup)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as trace:
         batches, started = itertools.cycle(resident), time.perf_counter()
         for _ in range(steps):
             step(*next(batches))
         sync()
-        seconds = seconds if cuda else time.perf_counter() - started
+        profiled = time.perf_counter() - started
+    seconds = unprofiled if cuda else profiled
     spans = sorted((e.time_range.start, e.time_range.end) for e in trace.events()
                    if (e.device_type == DeviceType.CUDA if cuda else e.name.startswith("aten::")))
     busy, reach = 0.0, -math.inf  # the union of the intervals, in microseconds
@@ -150,16 +151,19 @@ def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], ste
             loader = training_loader(splits, batch, SEED, count, dev)
             end_to_end[count] = images_per_s(step, endless(loader), steps, warmup)
             del loader
-        feed_rows.append(f"| {count} | {count} | {end_to_end[count]:.0f} | {fed:.0f} | **{end_to_end[count] / fed:.2f}** |")
+        ratio = end_to_end[count] / fed
+        feed_rows.append(f"| {count} | {count} | {end_to_end[count]:.0f} | {fed:.0f} | **{ratio:.2f}** |")
         print(feed_rows[-1], flush=True)
     busy_rows = []
     for name, before in (("today's: fused AdamW, parameters listed once, the loss read at the epoch's end", False),
-                         ("before issue 26: torch's default AdamW, parameters walked per step, the loss read per step", True)):
+                         ("before issue 26: torch's default AdamW, parameters walked per step, the loss read per step",
+                          True)):
         share, ms = busy_share(SupernetStep(space, splits, dev, before), resident, steps, warmup)
         busy_rows.append(f"| {name} | {ms:.1f} | **{share:.2f}** |")
         print(busy_rows[-1], flush=True)
     where = (f"{dev.type}" + (f" ({torch.cuda.get_device_name()}, bfloat16 autocast)" if dev.type == "cuda" else ""))
-    setup = f"{space.name} high-level supernet, batch {batch}, {space.img_size}-px images, {where}; {steps} timed steps after {warmup}"
+    setup = (f"{space.name} high-level supernet, batch {batch}, {space.img_size}-px images, {where}; {steps} timed steps "
+             f"after {warmup}")
     p10 = "\n".join([
         f"{setup}. End to end: the training loader, one process per CPU; device-fed: {RESIDENT_BATCHES} batches "
         "on the device, cycled.", "",
