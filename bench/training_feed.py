@@ -12,8 +12,9 @@ on the device, held to the same CPUs. Target >= 0.9 at 12. On a CPU the step and
 P11, the device: the share of the step's wall time the device spends running kernels (their union in a
 torch.profiler trace of the steps over the steps' wall time: see `busy_share`), fed from the device; beside it the
 step as training ran it before issue 26 (torch's default AdamW, the clip walking the supernet's modules for its
-parameters, the loss read back every step). Target >= 0.8 on a GPU. On a CPU (--allow-cpu) the kernels are the
-top-level aten operators: the share of the step spent computing, not in Python.
+parameters, the loss read back every step), and the step with its operations compiled (`--torchcompile`). Target
+>= 0.8 on a GPU. On a CPU (--allow-cpu) the kernels are the top-level aten operators and compiled regions: the share
+of the step spent computing, not in Python.
 
     python bench/training_feed.py [--data imagefolder:PATH] [--cpus 12,4] [--record]
     python bench/training_feed.py --allow-cpu --batch 16 --cpus 2,1 --steps 6 --warmup 2   # on this 2-core CPU
@@ -39,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import Subset
 
 from glit_ray.data import Splits, build_splits
+from glit_ray.model import compile_operations
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
@@ -48,16 +50,23 @@ from harness import device, publish, sync
 
 SEED = 0
 RESIDENT_BATCHES = 4  # device-resident batches the reference steps cycle through
+# what computes on a CPU: aten's operators, and inductor's code in a compiled region's forward and backward
+CPU_KERNELS = ("aten::", "Torch-Compiled Region", "autograd::engine::evaluate_function: CompiledFunctionBackward")
+COMPILE_WARMUP = 20  # steps before a compiled step is timed: enough paths to have met every operation's shapes
 
 
 class SupernetStep:
     """The supernet's training step as a Ray Train worker runs it, on a new sampled path each call. `before`: as
-    training ran it before issue 26 (torch's default AdamW, the parameters walked for the clip, the loss read)."""
+    training ran it before issue 26 (torch's default AdamW, the parameters walked for the clip, the loss read);
+    `torchcompile`: with its operations compiled by that backend (`--torchcompile`)."""
 
-    def __init__(self, space: SearchSpace, splits: Splits, dev: torch.device, before: bool = False):
+    def __init__(self, space: SearchSpace, splits: Splits, dev: torch.device, before: bool = False,
+                 torchcompile: str | None = None):
         torch.manual_seed(SEED)
         self.space, self.dev, self.before, self.rng, self.updates = space, dev, before, random.Random(SEED), 0
         self.net = GLiTSupernet(space, "high", num_classes=splits.num_classes).to(dev).train()
+        if torchcompile:
+            compile_operations(self.net, backend=torchcompile)
         self.recipe = Recipe.deit(self.net, lr=1e-3, epochs=1, steps_per_epoch=10**6, device=dev, splits=splits)
         self.params = list(self.net.parameters())
         if before:  # torch's default: a loop over the tensors on a CPU, foreach kernels on a GPU
@@ -123,7 +132,7 @@ def busy_share(step: SupernetStep, resident: list, steps: int, warmup: int) -> t
         profiled = time.perf_counter() - started
     seconds = unprofiled if cuda else profiled
     spans = sorted((e.time_range.start, e.time_range.end) for e in trace.events()
-                   if (e.device_type == DeviceType.CUDA if cuda else e.name.startswith("aten::")))
+                   if (e.device_type == DeviceType.CUDA if cuda else e.name.startswith(CPU_KERNELS)))
     busy, reach = 0.0, -math.inf  # the union of the intervals, in microseconds
     for start, end in spans:
         busy += max(0.0, end - max(start, reach))
@@ -155,10 +164,14 @@ def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], ste
         feed_rows.append(f"| {count} | {count} | {end_to_end[count]:.0f} | {fed:.0f} | **{ratio:.2f}** |")
         print(feed_rows[-1], flush=True)
     busy_rows = []
-    for name, before in (("today's: fused AdamW, parameters listed once, the loss read at the epoch's end", False),
-                         ("before issue 26: torch's default AdamW, parameters walked per step, the loss read per step",
-                          True)):
-        share, ms = busy_share(SupernetStep(space, splits, dev, before), resident, steps, warmup)
+    for name, options, warm in (
+            ("today's: fused AdamW, parameters listed once, the loss read at the epoch's end", {}, warmup),
+            ("before issue 26: torch's default AdamW, parameters walked per step, the loss read per step",
+             {"before": True}, warmup),
+            # its warm-up compiles a graph per operation shape: 7 at the high level, each path's few at a time
+            ("today's with `--torchcompile` (inductor), after its graphs are compiled", {"torchcompile": "inductor"},
+             COMPILE_WARMUP)):
+        share, ms = busy_share(SupernetStep(space, splits, dev, **options), resident, steps, warm)
         busy_rows.append(f"| {name} | {ms:.1f} | **{share:.2f}** |")
         print(busy_rows[-1], flush=True)
     where = (f"{dev.type}" + (f" ({torch.cuda.get_device_name()}, bfloat16 autocast)" if dev.type == "cuda" else ""))
@@ -171,7 +184,7 @@ def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], ste
         "| ---: | ---: | ---: | ---: | ---: |", *feed_rows, "", "Target: >= 0.9 at 12 CPUs, on a GPU."])
     p11 = "\n".join([
         f"{setup}, fed from the device. Busy: the union of the "
-        + ("CUDA kernels'" if dev.type == "cuda" else "top-level aten operators'")
+        + ("CUDA kernels'" if dev.type == "cuda" else "aten operators' and compiled regions'")
         + " intervals in a torch.profiler trace over the steps' wall time"
         + (" unprofiled." if dev.type == "cuda" else "."), "",
         "| step | ms per step | busy share |", "| --- | ---: | ---: |", *busy_rows, "",

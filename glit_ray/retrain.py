@@ -38,7 +38,8 @@ from .settings import Placement, RetrainRun, SearchRun
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, check_ingest, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, check_ingest, ensure_ray, final_state, fit, set_computation, train_epochs, worker_device,
+                       worker_loader)
 
 METRICS = "metrics.json"
 
@@ -106,7 +107,7 @@ def train_loop(config: dict) -> None:
     net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.drop_path)
     if job.initial_weights is not None:
         net.load_state_dict(ray.get(job.initial_weights))
-    net.set_grad_checkpointing(job.grad_checkpointing)
+    set_computation(net, job)
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
     recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
@@ -157,7 +158,7 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
                   f"for {settings.epochs} epochs -> {out}")
     console.print(str(request))
     job = TrainJob(settings, str(out), "retrain", driver_has_terminal(), where.loader_workers, where.ingest,
-                   where.grad_checkpointing,
+                   where.grad_checkpointing, where.torchcompile,
                    initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
     result = fit(train_loop, job, request, where.storage, say=console.print)
 

@@ -100,6 +100,7 @@ class Placement:
     loader_workers: int | None = None
     ingest: str = "loader"  # "ray-data": training images decoded by Ray Data on the cluster's CPUs (`ingest`)
     grad_checkpointing: bool = False  # recompute block activations in the backward pass: memory for compute
+    torchcompile: str | None = None  # the torch.compile backend of the workers' operations (`model.compile_operations`)
     actors: int | None = None
     gpus_per_actor: float | None = None
 

@@ -77,7 +77,7 @@ def shortlist_trial(config: dict) -> None:
                          arch=candidates[rank]["arch"], from_supernet=None)
     job = TrainJob(trained, str(out), f"shortlist {rank + 1}/{len(candidates)}", progress=False,  # its lines say which
                    loader_workers=where.loader_workers, ingest=where.ingest,
-                   grad_checkpointing=where.grad_checkpointing, score_test=False)
+                   grad_checkpointing=where.grad_checkpointing, torchcompile=where.torchcompile, score_test=False)
     storage = f"{where.storage.rstrip('/')}/{FOLDER}/rank{rank + 1}" if where.storage else None
     fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
         callbacks=[TuneReportCallback()])

@@ -38,7 +38,8 @@ from .imagesets import place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, check_ingest, ensure_ray, final_state, fit, train_epochs, worker_device, worker_loader)
+                       TrainJob, check_ingest, ensure_ray, final_state, fit, set_computation, train_epochs, worker_device,
+                       worker_loader)
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
@@ -84,7 +85,7 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(settings.seed)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes, drop_path_rate=settings.drop_path)
-    net.set_grad_checkpointing(job.grad_checkpointing)
+    set_computation(net, job)
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
     recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
@@ -168,7 +169,7 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
                   f"{settings.space.name} on {settings.data} -> {out}")
     console.print(str(request))
     job = TrainJob(settings, str(out), "supernet", driver_has_terminal(), where.loader_workers, where.ingest,
-                   where.grad_checkpointing)
+                   where.grad_checkpointing, where.torchcompile)
     result = fit(train_loop, job, request, where.storage, say=console.print)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes)
     state = final_state(result)

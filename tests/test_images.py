@@ -241,7 +241,8 @@ def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path):
 
 def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, tmp_path):
     """A pico architecture retrains for an epoch with its images decoded by Ray Data, on the CPU its Ray Train worker
-    leaves free, and reloads as a 224-px model."""
+    leaves free, its operations compiled (`--torchcompile`, aot_eager: inductor's code generation takes minutes
+    here), and reloads as a 224-px model: compiling leaves the checkpoint's keys as they were."""
     import glit_ray
     from glit_ray import retrain as retraining
     from glit_ray.settings import Placement
@@ -250,7 +251,8 @@ def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, 
     arch = str(SearchSpace.load("glit_pico").sample("high", random.Random(0)))
     out = tmp_path / "retrain"
     argv = ["--arch", arch, "--space", "glit_pico", "--data", f"imagefolder:{folder224}", "--epochs", "1",
-            "--batch-size", "32", "--out", str(out), "--ingest", "ray-data", "--cpus-per-worker", "1"]
+            "--batch-size", "32", "--out", str(out), "--ingest", "ray-data", "--cpus-per-worker", "1",
+            "--torchcompile", "aot_eager"]
     args = retraining.build_parser().parse_args(argv)
     metrics = retraining.retrain(retraining.settings_from_args(args), Placement.from_args(args))
     assert metrics["arch"] == arch and 0 <= metrics["test_top1"] <= metrics["test_top5"] <= 100

@@ -150,6 +150,7 @@ def kill_when(command: list[str], env: dict, done, what: str, timeout: float = 1
     (["--level", "high", "--data", "cifar10:/x", "--batch-size", "33"], "--batch-size 33 is odd"),
     (["--level", "high", "--batch-size", "2048"], "a batch of 2048 on each of 1 worker(s) is more than the"),
     (["--level", "high", "--space", "glit_nano"], "search space 'glit_nano' not found"),
+    (["--level", "high", "--torchcompile", "indcutor"], "'indcutor' is not a torch.compile backend; give one of"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, argv, message, cli_error):
     assert message in cli_error(main, [*argv, "--out", str(tmp_path / "run")])
