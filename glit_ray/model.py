@@ -75,14 +75,14 @@ def gl_block(x, split: int, norm1, attn, conv, norm2, mlp, drop_path) -> torch.T
     return x + drop_path(mlp(norm2(x)))
 
 
-
 def compile_operations(net: nn.Module, **options) -> nn.Module:
     """Compile each attention, convolution and MLP module of `net` in place (`torch.compile(**options)`): regional
     compilation. A supernet runs another path every step: a graph of the whole network would be compiled for every
     path, a graph per operation once per shape of that operation, in training and in evaluation (BatchNorm's mode),
     so their number is bounded by the modules `net` holds. Dynamo guards on parameter shapes and stops compiling a
-    function after `recompile_limit` graphs (8), which a low-level supernet's 27 convolution shapes pass: the limit is
-    raised to what `net` needs. Fused kernels, fewer launches; state-dict keys are unchanged. Returns `net`."""
+    function after `recompile_limit` graphs (8), which a low-level supernet's convolutions (up to 27 shapes) pass:
+    the limit is raised to what `net` needs. Fused kernels, fewer launches; state-dict keys are unchanged. Returns
+    `net`."""
     import torch._dynamo  # (torch.compile's, loaded when it is asked for)
 
     operations = [m for m in net.modules() if isinstance(m, (Attention, ConvModule, Mlp))]

@@ -135,13 +135,13 @@ def add_training_placement(parser: ArgumentParser) -> None:
                              "nodes included, with the same batches (see glit_ray.ingest)")
 
 
-
 def compile_backend(name: str) -> str:
     """`--torchcompile BACKEND`, checked where the command starts rather than on its workers."""
     if name not in torch.compiler.list_backends(exclude_tags=()):
         raise argparse.ArgumentTypeError(f"{name!r} is not a torch.compile backend; give one of "
                                          f"{', '.join(torch.compiler.list_backends())} or leave BACKEND out (inductor)")
     return name
+
 
 def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
     """Refuse (UserError) `--ingest ray-data` on a cluster whose CPUs the training workers of `request` would all
@@ -298,7 +298,6 @@ class TrainJob:
     torchcompile: str | None = None  # the torch.compile backend the network's operations are compiled with
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
-
 
 
 def set_computation(net: nn.Module, job: TrainJob) -> None:
