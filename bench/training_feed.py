@@ -109,7 +109,11 @@ def held_to(cpus: int):
     """This process, its torch threads and the loader processes it starts on its first `cpus` CPUs, as a Ray Train
     worker that asked for that many."""
     every, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, sorted(every)[:cpus])
+    try:
+        os.sched_setaffinity(0, sorted(every)[:cpus])
+    except OSError as exc:  # a sandbox that refuses it: the loader processes and threads are still N
+        print(f"note: this process cannot be held to {cpus} CPUs ({exc}); its loader has {cpus} processes on all "
+              f"{len(every)}", flush=True)
     torch.set_num_threads(cpus)
     try:
         yield
