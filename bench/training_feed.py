@@ -111,14 +111,17 @@ def held_to(cpus: int):
     every, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         os.sched_setaffinity(0, sorted(every)[:cpus])
+        held = True
     except OSError as exc:  # a sandbox that refuses it: the loader processes and threads are still N
+        held = False
         print(f"note: this process cannot be held to {cpus} CPUs ({exc}); its loader has {cpus} processes on all "
               f"{len(every)}", flush=True)
     torch.set_num_threads(cpus)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, every)
+        if held:
+            os.sched_setaffinity(0, every)
         torch.set_num_threads(threads)
 
 
