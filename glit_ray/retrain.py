@@ -157,9 +157,8 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
     console.print(f"{'resuming' if resumed else 'retraining'} {settings.arch} ({space.name}) on {settings.data} "
                   f"for {settings.epochs} epochs -> {out}")
     console.print(str(request))
-    job = TrainJob(settings, str(out), "retrain", driver_has_terminal(), where.loader_workers, where.ingest,
-                   where.grad_checkpointing, where.torchcompile,
-                   initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
+    job = TrainJob.placed(settings, out, "retrain", driver_has_terminal(), where,
+                          initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
     result = fit(train_loop, job, request, where.storage, say=console.print)
 
     model = GLiT(settings.arch, space, splits.num_classes)

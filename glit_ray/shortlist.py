@@ -75,9 +75,8 @@ def shortlist_trial(config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)},
                          arch=candidates[rank]["arch"], from_supernet=None)
-    job = TrainJob(trained, str(out), f"shortlist {rank + 1}/{len(candidates)}", progress=False,  # its lines say which
-                   loader_workers=where.loader_workers, ingest=where.ingest,
-                   grad_checkpointing=where.grad_checkpointing, torchcompile=where.torchcompile, score_test=False)
+    job = TrainJob.placed(trained, out, f"shortlist {rank + 1}/{len(candidates)}", progress=False,  # its lines say which
+                          where=where, score_test=False)
     storage = f"{where.storage.rstrip('/')}/{FOLDER}/rank{rank + 1}" if where.storage else None
     fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
         callbacks=[TuneReportCallback()])

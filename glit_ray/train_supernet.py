@@ -168,8 +168,7 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
     console.print(f"{'resuming' if resumed else 'training'} {settings.level}-level supernet of "
                   f"{settings.space.name} on {settings.data} -> {out}")
     console.print(str(request))
-    job = TrainJob(settings, str(out), "supernet", driver_has_terminal(), where.loader_workers, where.ingest,
-                   where.grad_checkpointing, where.torchcompile)
+    job = TrainJob.placed(settings, out, "supernet", driver_has_terminal(), where)
     result = fit(train_loop, job, request, where.storage, say=console.print)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes)
     state = final_state(result)

@@ -47,7 +47,7 @@ from .ray_workarounds import torch_config, train_result
 from .resources import ClusterShape, Request, waiting_note
 
 if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
-    from .settings import Training
+    from .settings import Placement, Training
 
 CLIP_GRAD_NORM = 5.0
 INGESTS = ("loader", "ray-data")
@@ -298,6 +298,13 @@ class TrainJob:
     torchcompile: str | None = None  # the torch.compile backend the network's operations are compiled with
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
+
+    @classmethod
+    def placed(cls, settings: Training, out, label: str, progress: bool, where: Placement, **job) -> TrainJob:
+        """A job that feeds and computes as the placement `where` says (loader processes, ingest,
+        --grad-checkpointing, --torchcompile); `job`: the other fields."""
+        return cls(settings, str(out), label, progress, where.loader_workers, where.ingest, where.grad_checkpointing,
+                   where.torchcompile, **job)
 
 
 def set_computation(net: nn.Module, job: TrainJob) -> None:
