@@ -171,14 +171,14 @@ def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], ste
         feed_rows.append(f"| {count} | {count} | {end_to_end[count]:.0f} | {fed:.0f} | **{ratio:.2f}** |")
         print(feed_rows[-1], flush=True)
     busy_rows = []
-    for name, options, warm in (
-            ("today's: fused AdamW, parameters listed once, the loss read at the epoch's end", {}, warmup),
+    for name, stepper, warm in (  # today's step is P10's, already warm; the others are built when their turn comes
+            ("today's: fused AdamW, parameters listed once, the loss read at the epoch's end", lambda: step, warmup),
             ("before issue 26: torch's default AdamW, parameters walked per step, the loss read per step",
-             {"before": True}, warmup),
+             lambda: SupernetStep(space, splits, dev, before=True), warmup),
             # its warm-up compiles a graph per operation shape: 7 at the high level, each path's few at a time
-            ("today's with `--torchcompile` (inductor), after its graphs are compiled", {"torchcompile": "inductor"},
-             COMPILE_WARMUP)):
-        share, ms = busy_share(SupernetStep(space, splits, dev, **options), resident, steps, warm)
+            ("today's with `--torchcompile` (inductor), after its graphs are compiled",
+             lambda: SupernetStep(space, splits, dev, torchcompile="inductor"), COMPILE_WARMUP)):
+        share, ms = busy_share(stepper(), resident, steps, warm)
         busy_rows.append(f"| {name} | {ms:.1f} | **{share:.2f}** |")
         print(busy_rows[-1], flush=True)
     where = (f"{dev.type}" + (f" ({torch.cuda.get_device_name()}, bfloat16 autocast)" if dev.type == "cuda" else ""))
