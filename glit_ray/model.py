@@ -11,8 +11,8 @@ GLiT-Tiny; Small and Base are the same architecture with the head split scaled t
 `glit_ray.retrain` exports reload through). Every registration loads the authors' released
 checkpoint too (`pretrained=True, pretrained_cfg_overlay=dict(file=...)`, see `glit_ray.checkpoint`).
 """
-from __future__ import annotations
-
+# Annotations stay evaluated (no `from __future__ import annotations`): FX copies forward's annotations into the
+# code it generates, which TorchScript must read as types, not strings.
 from collections import Counter
 from dataclasses import replace
 from functools import partial
@@ -62,19 +62,6 @@ def block_parts(space: SearchSpace, block: Block) -> dict[str, nn.Module | None]
     }
 
 
-def gl_block(x, split: int, norm1, attn, conv, norm2, mlp, drop_path) -> torch.Tensor:
-    """One GL-block step; shared by the standalone block and the supernet's chosen path."""
-    y = norm1(x)
-    if attn is None:
-        y = conv(y)
-    elif conv is None:
-        y = attn(y)
-    else:
-        y = torch.cat([attn(y[..., :split]), conv(y[..., split:])], dim=-1)
-    x = x + drop_path(y)
-    return x + drop_path(mlp(norm2(x)))
-
-
 def compile_operations(net: nn.Module, **options) -> nn.Module:
     """Compile each attention, convolution and MLP module of `net` in place (`torch.compile(**options)`): regional
     compilation. A supernet runs another path every step: a graph of the whole network would be compiled for every
@@ -95,20 +82,34 @@ def compile_operations(net: nn.Module, **options) -> nn.Module:
 
 
 class GLBlock(nn.Module):
-    """A standalone Global-Local block with fixed G and sizes."""
+    """A Global-Local block: pre-norm, the global heads on the first `split` channels beside the local heads on the
+    rest (either may be absent), then the pre-norm MLP. The standalone network builds its own (`GLBlock.build`); the
+    supernet's sampled path is a GLBlock of the supernet's shared modules (`SuperBlock.path`), so both run this one
+    `forward`, which TorchScript scripts (an absent head is a None attribute, resolved when scripted)."""
 
-    def __init__(self, space: SearchSpace, block: Block, drop_path: float = 0.0):
+    def __init__(self, split: int, norm1: nn.Module, attn: nn.Module | None, conv: nn.Module | None, norm2: nn.Module,
+                 mlp: nn.Module, drop_path: nn.Module):
         super().__init__()
-        self.split = space.widths(block)["global"]
-        self.norm1 = LayerNorm(space.embed_dim)
+        self.split = split
+        self.norm1, self.attn, self.conv, self.norm2, self.mlp, self.drop_path = norm1, attn, conv, norm2, mlp, drop_path
+
+    @classmethod
+    def build(cls, space: SearchSpace, block: Block, drop_path: float = 0.0) -> "GLBlock":
+        """A block with fresh modules for `block`'s G and sizes."""
         parts = block_parts(space, block)
-        self.attn, self.conv = parts["attn"], parts["conv"]
-        self.norm2 = LayerNorm(space.embed_dim)
-        self.mlp = parts["mlp"]
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        return cls(space.widths(block)["global"], LayerNorm(space.embed_dim), parts["attn"], parts["conv"],
+                   LayerNorm(space.embed_dim), parts["mlp"], DropPath(drop_path) if drop_path > 0 else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gl_block(x, self.split, self.norm1, self.attn, self.conv, self.norm2, self.mlp, self.drop_path)
+        y = self.norm1(x)
+        if self.attn is None:
+            y = self.conv(y)
+        elif self.conv is None:
+            y = self.attn(y)
+        else:
+            y = torch.cat([self.attn(y[..., :self.split]), self.conv(y[..., self.split:])], dim=-1)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionTransformerShell(nn.Module):
@@ -208,7 +209,7 @@ class GLiT(VisionTransformerShell):
         super().__init__(space, num_classes, img_size, in_chans, drop_rate, global_pool, dynamic_img_size)
         self.arch = arch
         rates = drop_path_rates(space.depth, drop_path_rate)
-        self.blocks = nn.Sequential(*(GLBlock(space, b, r) for b, r in zip(arch.blocks, rates)))
+        self.blocks = nn.Sequential(*(GLBlock.build(space, b, r) for b, r in zip(arch.blocks, rates)))
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ Every candidate operation of every block is held once: an attention module per (
 expansion), a convolution module per (L, kernel, conv expansion), an MLP per ratio. Options that
 use the same operation share its weights (at the low level, a mixed block's 9 options share 3
 convolution modules and 3 MLPs). `forward(x, arch)` looks the chosen operations up and runs only
-those, through the same `gl_block` step as the standalone model, so a sampled step costs what the
-standalone subnet costs. `extract(arch)` copies the chosen weights into a standalone `GLiT`.
+those, as a standalone `GLBlock` made of the shared modules, so a sampled step runs the standalone
+model's code and costs what the standalone subnet costs. `extract(arch)` copies the chosen weights into a standalone `GLiT`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .arch import Architecture, Block
 from .checkpoint import fit_state_dict
 from .errors import UserError
 from .files import write_atomic
-from .model import GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates, gl_block
+from .model import GLBlock, GLiT, LayerNorm, VisionTransformerShell, block_parts, drop_path_rates
 from .space import SearchSpace, check_level
 
 CHECKPOINT_FORMAT = "glit_ray.supernet/1"
@@ -57,19 +57,17 @@ class SuperBlock(nn.Module):
             "mlp": _key(block.mlp_ratio),
         }
 
-    def path(self, block: Block) -> dict[str, nn.Module | None]:
-        """The modules `block` runs through, named as in a standalone `GLBlock`."""
+    def path(self, block: Block) -> GLBlock:
+        """The standalone block `block` is, made of this supernet's modules (shared, not copied): its parameters are
+        the path's, under a standalone block's names."""
         keys = self.keys(block)
-        return {
-            "norm1": self.norm1,
-            "attn": self.attn[keys["attn"]] if block.g else None,
-            "conv": self.conv[keys["conv"]] if block.g < self.space.num_heads else None,
-            "norm2": self.norm2,
-            "mlp": self.mlp[keys["mlp"]],
-        }
+        attn = self.attn[keys["attn"]] if block.g else None
+        conv = self.conv[keys["conv"]] if block.g < self.space.num_heads else None
+        return GLBlock(self.space.widths(block)["global"], self.norm1, attn, conv, self.norm2, self.mlp[keys["mlp"]],
+                       self.drop_path)
 
     def forward(self, x: torch.Tensor, block: Block) -> torch.Tensor:
-        return gl_block(x, self.space.widths(block)["global"], **self.path(block), drop_path=self.drop_path)
+        return self.path(block)(x)
 
 
 class GLiTSupernet(VisionTransformerShell):
@@ -105,9 +103,7 @@ class GLiTSupernet(VisionTransformerShell):
                      self.patch_embed.proj.in_channels, self.drop_rate, self.drop_path_rate)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("blocks.")}
         for i, (block, gene) in enumerate(zip(self.blocks, arch.blocks)):
-            for name, module in block.path(gene).items():
-                if module is not None:
-                    state.update({f"blocks.{i}.{name}.{k}": v for k, v in module.state_dict().items()})
+            state.update({f"blocks.{i}.{k}": v for k, v in block.path(gene).state_dict().items()})
         model.load_state_dict(state)
         return model.to(self.pos_embed.device).train(self.training)
 

@@ -245,3 +245,21 @@ def test_fx_traces_the_model_as_timm_feature_extraction_does():
         nodes = create_feature_extractor(model, return_nodes={"blocks.5": "middle", "head": "logits"})(images)
     assert nodes["middle"].shape == (1, 197, 192)
     torch.testing.assert_close(nodes["logits"], eager, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # timm's test scripts it still
+def test_torchscript_scripts_the_model_and_its_fx_graph_as_timm_tests_them():
+    """timm's torchscript and FX + torchscript tests, with outputs checked against eager. The published Tiny holds
+    all three kinds of block (global heads only, local only, both), so each branch of a GL-block is scripted."""
+    from timm.models._features_fx import create_feature_extractor
+
+    model = timm.create_model("glit_tiny_patch16_224").eval()
+    assert {(b.attn is None, b.conv is None) for b in model.blocks} == {(True, False), (False, True), (False, False)}
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        eager = model(images)
+        torch.testing.assert_close(torch.jit.script(model)(images), eager, rtol=1e-5, atol=1e-5)
+        graph = create_feature_extractor(model, return_nodes={"blocks.5": "middle", "head": "logits"})
+        scripted = torch.jit.script(graph)(images)
+    torch.testing.assert_close(scripted["logits"], eager, rtol=1e-5, atol=1e-5)
+    assert scripted["middle"].shape == (2, 197, 192)
