@@ -9,6 +9,8 @@ what one of these relies on; pyproject.toml pins Ray to the range those tests pa
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import os
 import sys
@@ -16,15 +18,20 @@ import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train._internal import storage as train_storage
+from ray.tune.execution.tune_controller import TuneController
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 from ray.train.torch.config import _TorchBackend
 from ray.util.annotations import RayDeprecationWarning
 
+from .files import write_atomic
 from .progress import WORKER_LINE, say
 
 # Ray gives the head node this resource (Serve pins its controller with it); Ray has no public name for the head
@@ -45,12 +52,15 @@ ENVIRONMENT_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+# the file Tune's driver rewrites in place at each snapshot and restores a run from
+EXPERIMENT_STATE = TuneController.CKPT_FILE_TMPL.format("*")
+
 _applied = False
 
 
 def apply() -> None:
-    """The driver's part, for a command, before Ray starts: the environment defaults (a value already set wins) and a
-    console that shows only our lines (`_our_lines_only`)."""
+    """The driver's part, for a command, before Ray starts: the environment defaults (a value already set wins), a
+    console that shows only our lines (`_our_lines_only`) and Tune's snapshots copied whole (`_copied_whole`)."""
     global _applied
     for name, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -58,7 +68,48 @@ def apply() -> None:
 
     if not getattr(ray_worker.print_to_stdstream, "ours", False):
         ray_worker.print_to_stdstream = _our_lines_only(ray_worker.print_to_stdstream)
+    if not getattr(train_storage._upload_to_fs_path, "ours", False):
+        train_storage._upload_to_fs_path = _copied_whole(train_storage._upload_to_fs_path)
     _applied = True
+
+
+def _copied_whole(ray_upload):
+    """Ray's upload of a folder or file to storage, which Tune's driver runs in a background thread after each
+    snapshot, copying its staging folder (the experiment state, the searcher's state, the trials' results) into the
+    run's `tune/` folder. Ray copies with pyarrow, writing each file in place: a command killed mid-copy leaves the
+    experiment state cut short, and `Tuner.restore` then logs "Failed to restore the run state" and starts the
+    experiment over without its trials' configurations (seen: a shortlist killed as its trials checkpointed). To a
+    local folder, each file is read, then written beside its destination and renamed into place; and as Tune rewrites
+    its experiment state in place while the previous copy may still run, one that does not parse is left for the
+    next copy, keeping the last whole one. To other storage (S3 writes whole objects) and with `exclude` patterns,
+    Ray copies as it does. No issue of Ray's covers it."""
+
+    def upload(local_path: str, fs: pyarrow.fs.FileSystem, fs_path: str, exclude: list[str] | None = None) -> None:
+        if exclude or not isinstance(fs, pyarrow.fs.LocalFileSystem):
+            return ray_upload(local_path, fs, fs_path, exclude)
+        source, target = Path(local_path), Path(fs_path)
+        pairs = ([(path, target / path.relative_to(source)) for path in source.rglob("*")] if source.is_dir()
+                 else [(source, target)])
+        for path, copy in pairs:
+            if path.is_dir():
+                copy.mkdir(parents=True, exist_ok=True)
+                continue
+            data = path.read_bytes()
+            if fnmatch.fnmatch(path.name, EXPERIMENT_STATE) and not _parses(data):
+                continue
+            write_atomic(copy, data, durable=False)
+            os.chmod(copy, path.stat().st_mode & 0o7777)
+
+    upload.ours = True
+    return upload
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
 
 
 def _our_lines_only(ray_printer):

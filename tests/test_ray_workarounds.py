@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 import ray
 import ray._private.worker
@@ -127,3 +128,60 @@ def test_reading_a_ray_train_run_warns_from_ray_and_train_result_keeps_it_quiet(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ray_workarounds.train_result(run).checkpoint is not None
+
+
+
+
+def test_tunes_snapshot_copy_skips_an_experiment_state_tune_is_rewriting(tmp_path):
+    """Tune rewrites its experiment state in place while its previous copy into the run may still be reading it: a
+    state that does not parse stays out of the run, which keeps the last whole one; the next copy takes the new one.
+    Whole files keep their mode, as Ray's copy leaves them."""
+    upload = ray_workarounds._copied_whole(None)  # Ray's own upload only serves other storage
+    staging, storage = tmp_path / "staging", tmp_path / "tune"
+    (staging / "trial_0").mkdir(parents=True)
+    (staging / "trial_0" / "result.json").write_text('{"top1": 50.0}\n')
+    (staging / "experiment_state-1.json").write_text('{"trial_data": "whole"}')
+    upload(str(staging), pyarrow.fs.LocalFileSystem(), str(storage))
+    (staging / "experiment_state-1.json").write_text('{"trial_data": "be')  # mid-rewrite
+    (staging / "trial_0" / "result.json").write_text('{"top1": 50.0}\n{"top1": 61.0}\n')
+    upload(str(staging), pyarrow.fs.LocalFileSystem(), str(storage))
+    assert (storage / "experiment_state-1.json").read_text() == '{"trial_data": "whole"}'
+    assert (storage / "trial_0" / "result.json").read_text().splitlines()[-1] == '{"top1": 61.0}'
+    assert (storage / "trial_0" / "result.json").stat().st_mode == (staging / "trial_0" / "result.json").stat().st_mode
+
+
+@pytest.mark.subprocess
+def test_tunes_snapshot_copied_into_the_run_survives_a_kill_midway(tmp_path):
+    """Tune's driver copies its staging folder into the run's `tune/` folder after each snapshot, through the upload
+    a command replaces (Ray's writes each file in place: killed midway, it leaves the experiment state cut short and
+    `Tuner.restore` starts the experiment over). Killed here while it copies the experiment state (a pipe: the copy
+    waits inside it), the copy leaves the last whole snapshot where Tune looks for it."""
+    import subprocess
+    import time
+
+    from ray.train._internal import storage as train_storage
+
+    assert "_upload_to_fs_path," in inspect.getsource(train_storage._FilesystemSyncer._sync_up_command)
+    assert "syncer.sync_up(" in (RAY / "tune" / "execution" / "experiment_state.py").read_text()
+    staging, storage = tmp_path / "staging", tmp_path / "tune"
+    staging.mkdir()
+    storage.mkdir()
+    (storage / "experiment_state-1.json").write_text('{"trial_data": "old"}')
+    os.mkfifo(staging / "experiment_state-1.json")
+    copy = ("import sys, pyarrow.fs; from glit_ray import ray_workarounds; from ray.train._internal import storage; "
+            "ray_workarounds.apply(); storage._upload_to_fs_path(sys.argv[1], pyarrow.fs.LocalFileSystem(), sys.argv[2])")
+    copier = subprocess.Popen([sys.executable, "-c", copy, str(staging), str(storage)])
+    deadline = time.monotonic() + 60
+    while True:  # the pipe opens for writing once the copier has opened it for reading
+        try:
+            pipe = os.open(staging / "experiment_state-1.json", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert copier.poll() is None and time.monotonic() < deadline, "the copy never opened the experiment state"
+            time.sleep(0.05)
+    os.write(pipe, b'{"trial_data": "new", ')
+    time.sleep(0.5)
+    copier.kill()
+    copier.wait()
+    os.close(pipe)
+    assert [p.read_text() for p in storage.glob("experiment_state-*.json")] == ['{"trial_data": "old"}']
