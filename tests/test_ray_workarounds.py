@@ -136,6 +136,10 @@ def test_tunes_snapshot_copy_skips_an_experiment_state_tune_is_rewriting(tmp_pat
     """Tune rewrites its experiment state in place while its previous copy into the run may still be reading it: a
     state that does not parse stays out of the run, which keeps the last whole one; the next copy takes the new one.
     Whole files keep their mode, as Ray's copy leaves them."""
+    from ray.train._internal import storage as train_storage
+
+    assert list(inspect.signature(train_storage._upload_to_fs_path).parameters) == ["local_path", "fs", "fs_path",
+                                                                                    "exclude"]
     upload = ray_workarounds._copied_whole(None)  # Ray's own upload only serves other storage
     staging, storage = tmp_path / "staging", tmp_path / "tune"
     (staging / "trial_0").mkdir(parents=True)
