@@ -25,10 +25,10 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train._internal import storage as train_storage
-from ray.tune.execution.tune_controller import TuneController
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+from ray.train._internal import storage as train_storage
 from ray.train.torch.config import _TorchBackend
+from ray.tune.execution.tune_controller import TuneController
 from ray.util.annotations import RayDeprecationWarning
 
 from .files import write_atomic

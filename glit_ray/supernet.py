@@ -5,7 +5,8 @@ expansion), a convolution module per (L, kernel, conv expansion), an MLP per rat
 use the same operation share its weights (at the low level, a mixed block's 9 options share 3
 convolution modules and 3 MLPs). `forward(x, arch)` looks the chosen operations up and runs only
 those, as a standalone `GLBlock` made of the shared modules, so a sampled step runs the standalone
-model's code and costs what the standalone subnet costs. `extract(arch)` copies the chosen weights into a standalone `GLiT`.
+model's code and costs what the standalone subnet costs. `extract(arch)` copies the chosen weights
+into a standalone `GLiT`.
 """
 from __future__ import annotations
 
