@@ -20,6 +20,7 @@ from glit_ray.files import write_atomic
 from glit_ray.results import ResultsCallback, read_candidates
 from glit_ray.search import build_parser, generation_tuner, settings_from_args
 from glit_ray.searcher import EvolutionSearcher
+from glit_ray.training import use_fast_gpu_kernels
 
 SPACE = "glit_tiny"  # 4^12 high-level architectures: breeding never runs out of new children
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -27,6 +28,14 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_device() -> torch.device:
+    """`device()`, on a GPU with the kernel settings a Ray Train worker trains under (`use_fast_gpu_kernels`)."""
+    dev = device()
+    if dev.type == "cuda":
+        use_fast_gpu_kernels()
+    return dev
 
 
 def machine() -> str:

@@ -20,9 +20,9 @@ import torch
 
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe, use_fast_gpu_kernels
+from glit_ray.training import Recipe
 
-from harness import device, paired, publish, spread
+from harness import paired, publish, spread, training_device
 
 
 def main() -> None:
@@ -34,9 +34,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--record", action="store_true", help="write the figures into BENCHMARKS.md")
     args = parser.parse_args()
-    dev = device()
-    if dev.type == "cuda":
-        use_fast_gpu_kernels()  # as a Ray Train worker on a GPU does
+    dev = training_device()
     torch.manual_seed(0)
     space = SearchSpace.load(args.space)
     supernet = GLiTSupernet(space, "high", num_classes=1000).to(dev)

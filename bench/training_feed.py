@@ -44,9 +44,9 @@ from glit_ray.model import compile_operations
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import Recipe, training_loader, use_fast_gpu_kernels
+from glit_ray.training import Recipe, training_loader
 
-from harness import device, publish, sync
+from harness import publish, sync, training_device
 
 SEED = 0
 RESIDENT_BATCHES = 4  # device-resident batches the reference steps cycle through
@@ -150,9 +150,7 @@ def busy_share(step: SupernetStep, resident: list, steps: int, warmup: int) -> t
 def measure(splits: Splits, space: SearchSpace, batch: int, cpus: list[int], steps: int,
             warmup: int) -> tuple[str, str, dict[int, float]]:
     """P10's and P11's tables, and the end-to-end images/s at each CPU count."""
-    dev = device()
-    if dev.type == "cuda":
-        use_fast_gpu_kernels()  # as a Ray Train worker on a GPU does
+    dev = training_device()
     # enough training images that the timed steps of a CPU count fall in one epoch, as on ImageNet's 10,000 a worker
     repeats = math.ceil((warmup + steps) * batch / len(splits.train))
     splits = replace(splits, train=Subset(splits.train, list(range(len(splits.train))) * repeats))

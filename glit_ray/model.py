@@ -84,7 +84,7 @@ def compile_operations(net: nn.Module, **options) -> nn.Module:
 class GLBlock(nn.Module):
     """A Global-Local block: pre-norm, the global heads on the first `split` channels beside the local heads on the
     rest (either may be absent), then the pre-norm MLP. The standalone network builds its own (`GLBlock.build`); the
-    supernet's sampled path is a GLBlock of the supernet's shared modules (`SuperBlock.path`), so both run this one
+    supernet's sampled path is a GLBlock of the supernet's shared modules (`SuperBlock.paths`), so both run this one
     `forward`, which TorchScript scripts (an absent head is a None attribute, resolved when scripted)."""
 
     def __init__(self, split: int, norm1: nn.Module, attn: nn.Module | None, conv: nn.Module | None, norm2: nn.Module,

@@ -49,6 +49,9 @@ class SuperBlock(nn.Module):
                 if module is not None and keys[name] not in store:
                     store[keys[name]] = module
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # each option as the standalone block it is, built once: a view of the modules above (not registered, no
+        # parameters of its own), so that a step looks its path up instead of assembling it
+        self.paths = {block: self._assemble(block) for block in allowed}
 
     def keys(self, block: Block) -> dict[str, str]:
         local = self.space.num_heads - block.g
@@ -58,7 +61,7 @@ class SuperBlock(nn.Module):
             "mlp": _key(block.mlp_ratio),
         }
 
-    def path(self, block: Block) -> GLBlock:
+    def _assemble(self, block: Block) -> GLBlock:
         """The standalone block `block` is, made of this supernet's modules (shared, not copied): its parameters are
         the path's, under a standalone block's names."""
         keys = self.keys(block)
@@ -68,7 +71,7 @@ class SuperBlock(nn.Module):
                        self.drop_path)
 
     def forward(self, x: torch.Tensor, block: Block) -> torch.Tensor:
-        return self.path(block)(x)
+        return self.paths[block](x)
 
 
 class GLiTSupernet(VisionTransformerShell):
@@ -104,7 +107,7 @@ class GLiTSupernet(VisionTransformerShell):
                      self.patch_embed.proj.in_channels, self.drop_rate, self.drop_path_rate)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("blocks.")}
         for i, (block, gene) in enumerate(zip(self.blocks, arch.blocks)):
-            state.update({f"blocks.{i}.{k}": v for k, v in block.path(gene).state_dict().items()})
+            state.update({f"blocks.{i}.{k}": v for k, v in block.paths[gene].state_dict().items()})
         model.load_state_dict(state)
         return model.to(self.pos_embed.device).train(self.training)
 
