@@ -3,7 +3,7 @@
 Each side is a fresh process that builds GLiT-Base, as retraining trains it, or the Base supernet's high level with
 a sampled path, as supernet training does, and runs batches of 224-px images through it.
 
-- Measured on a GPU: two whole training steps (`Recipe.step`: bfloat16 autocast, fused AdamW, clipping), the second
+- Measured on a GPU: two whole training steps (`RecipeState.step`: bfloat16 autocast, fused AdamW, clipping), the second
   one measured: `torch.cuda.max_memory_allocated` over it, weights, gradients and AdamW's state included, the figure
   that says whether Base trains on a 24 GB card at that batch.
 - Measured on a CPU: one forward and backward pass; the process's peak resident memory after it minus before it.
@@ -34,7 +34,8 @@ import torch
 import glit_ray
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe, use_fast_gpu_kernels
+from glit_ray.recipe import PRESETS
+from glit_ray.training import RecipeState, use_fast_gpu_kernels
 which, checkpointing, batch, how = sys.argv[1], sys.argv[2] == "on", int(sys.argv[3]), sys.argv[4]
 
 
@@ -51,7 +52,7 @@ def build(dev):
             forward = lambda x: net(x, path)
         images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
     net.train().set_grad_checkpointing(checkpointing)
-    return net, forward, images, labels, Recipe.deit(net, 1e-3, 1, 10, dev), list(net.parameters())
+    return net, forward, images, labels, RecipeState.build(net, PRESETS["deit"], 1e-3, 1, 10, dev), list(net.parameters())
 
 
 started = time.perf_counter()

@@ -41,6 +41,7 @@ import hashlib
 import os
 import random
 import shutil
+from dataclasses import replace
 import statistics
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ from glit_ray.space import SearchSpace
 from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.settings import Placement
+from glit_ray.recipe import PRESETS
 from glit_ray.train_supernet import SUPERNET_FILE, supernet_run, train_supernet
 
 from harness import publish
@@ -133,7 +135,8 @@ def run_setting(name: str, args) -> tuple[str, str]:
         if supernet.exists():  # saved by an earlier glit_ray, whose tensors differ: train it again
             print(f"{exc}: training it again", flush=True)
             shutil.rmtree(supernet_dir)
-        supernet = train_supernet(supernet_run(space, "high", None, data, epochs, batch_size=batch, lr=lr),
+        supernet = train_supernet(supernet_run(space, "high", None, data, epochs, batch_size=batch,
+                                               recipe=lr and replace(PRESETS["deit"], drop_path=0.0, lr=lr)),
                                   Placement(supernet_dir, resume=(supernet_dir / "run.json").exists()))
     trained = time.perf_counter() - t0
     net, _ = load_supernet(supernet)

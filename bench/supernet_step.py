@@ -1,6 +1,6 @@
 """P1: a supernet training step on a sampled path against the extracted standalone subnet's step.
 
-Both sides run the real training step (`glit_ray.training.Recipe.step`: forward, label-smoothed
+Both sides run the real training step (`glit_ray.training.RecipeState.step`: forward, label-smoothed
 loss, backward, gradient clipping, AdamW, schedule; AMP on a GPU) on the same batch: the supernet
 through the sampled path (`net(images, arch)`), and `supernet.extract(arch)`, the standalone GLiT
 holding the same weights. What differs is what weight sharing costs: looking the path's modules up,
@@ -20,7 +20,8 @@ import torch
 
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe
+from glit_ray.recipe import PRESETS
+from glit_ray.training import RecipeState
 
 from harness import paired, publish, spread, training_device
 
@@ -42,7 +43,7 @@ def main() -> None:
     labels = torch.randint(0, 1000, (args.batch,), device=dev)
 
     def training_step(net, forward):
-        recipe = Recipe.deit(net, lr=1e-4, epochs=1, steps_per_epoch=10**6, device=dev)
+        recipe = RecipeState.build(net, PRESETS["deit"], lr=1e-4, epochs=1, steps_per_epoch=10**6, device=dev)
         params = list(net.parameters())
         return lambda: recipe.step(forward, params, images, labels, 0)
 

@@ -1,6 +1,6 @@
 """P10 and P11: whether the supernet's training step waits for its input, and whether the device waits for the step.
 
-Both run the step a Ray Train worker runs (`Recipe.step` on the high-level supernet, a new sampled path each step:
+Both run the step a Ray Train worker runs (`RecipeState.step` on the high-level supernet, a new sampled path each step:
 on-device normalising, erasing and mixup/cutmix, autocast on a GPU, fused AdamW, clipping, the schedule) on one
 device, on a 224-px ImageFolder (written under --out unless --data names one).
 
@@ -44,7 +44,8 @@ from glit_ray.model import compile_operations
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import Recipe, training_loader
+from glit_ray.recipe import PRESETS
+from glit_ray.training import RecipeState, training_loader
 
 from harness import publish, sync, training_device
 
@@ -67,7 +68,7 @@ class SupernetStep:
         self.net = GLiTSupernet(space, "high", num_classes=splits.num_classes).to(dev).train()
         if torchcompile:
             compile_operations(self.net, backend=torchcompile)
-        self.recipe = Recipe.deit(self.net, lr=1e-3, epochs=1, steps_per_epoch=10**6, device=dev, splits=splits)
+        self.recipe = RecipeState.build(self.net, PRESETS["deit"], lr=1e-3, epochs=1, steps_per_epoch=10**6, device=dev, splits=splits)
         self.params = list(self.net.parameters())
         if before:  # torch's default: a loop over the tensors on a CPU, foreach kernels on a GPU
             for group in self.recipe.optimizer.param_groups:

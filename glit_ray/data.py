@@ -14,8 +14,10 @@ search. Sources, named by a spec string:
 
 Every view is read as uint8 tensors, timm's prefetcher convention: a quarter of float32's size, and
 the per-pixel work moves to the device, batched. Training images go through timm's transforms with
-the DeiT recipe (RandAugment, bicubic) in the loader processes; `DeviceAugment` normalises their
-batches and erases random boxes on the device, and `mixup_for` gives DeiT's mixup/cutmix for them.
+the run's recipe (`glit_ray.recipe`: crop scale, flips, colour jitter, RandAugment; bicubic) in the loader
+processes; `DeviceAugment` normalises their batches and erases random boxes on the device, and `mixup_for`
+gives the recipe's mixup/cutmix. Of the recipe, the digits (tensors in memory) take only what acts on a batch:
+erasing and mixup/cutmix.
 The held-out and test splits, and the training images BatchNorm is recalibrated on
 (`Splits.calibration`), are read with the deterministic eval transform, normalised on the device
 per batch (`normalize`). An image that cannot be decoded stops the run with one line naming its file.
@@ -40,15 +42,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from .errors import UserError
+from .recipe import PRESETS, Recipe
 
 SPEC_FORMS = "digits, cifar10:PATH, cifar100:PATH or imagefolder:PATH"
 SPLIT_SEED = 0  # fixed: the held-out and test splits never change with the run's seed
 SAMPLE_SEED = 1  # fixed: the calibration sample and held-out subsets are the same in every run
 HELDOUT_FRACTION, HELDOUT_MAX = 0.2, 50_000
-# DeiT's training recipe, as timm's create_transform, RandomErasing and Mixup spell it.
-DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic"}
-DEIT_ERASING = {"probability": 0.25, "mode": "pixel"}
-DEIT_MIXUP = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Splits:
     test: Dataset         # likewise
     calibration: Dataset  # the training images through the deterministic view: what BatchNorm is recalibrated on
     num_classes: int
-    natural_images: bool  # True when the DeiT image recipe (mixup/cutmix) applies
+    natural_images: bool  # image files, decoded and augmented by the recipe's transform in the loader processes
     mean: tuple[float, ...] | None = None  # how `normalize` maps the uint8 views; None: they are floats already
     std: tuple[float, ...] | None = None
 
@@ -72,13 +71,14 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     raise UserError(f"unknown dataset {spec!r}: use {SPEC_FORMS}")
 
 
-def build_splits(spec: str, img_size: int, in_chans: int) -> Splits:
-    """The splits of dataset `spec`, at the image size and channels a space expects."""
+def build_splits(spec: str, img_size: int, in_chans: int, recipe: Recipe = PRESETS["deit"]) -> Splits:
+    """The splits of dataset `spec`, at the image size and channels a space expects, training images augmented as
+    `recipe` says."""
     kind, path = parse_spec(spec)
     if kind == "digits":
         return _digits(img_size, in_chans)
     make, eval_tf = _natural_images(kind, path, in_chans), eval_transform(img_size)
-    train_view, test = make(True, train_transform(img_size)), make(False, eval_tf)
+    train_view, test = make(True, train_transform(img_size, recipe)), make(False, eval_tf)
     eval_view = copy.copy(train_view)  # the same files (no second scan), read deterministically
     eval_view.transform = eval_tf
     if test.classes != train_view.classes:
@@ -114,14 +114,16 @@ def eval_transform(img_size: int):
                             crop_pct=1.0 if img_size < 64 else 0.875, use_prefetcher=True)
 
 
-def train_transform(img_size: int):
-    """DeiT's training transform up to uint8 tensors (random erasing follows on the device: `DeviceAugment`), with
-    RandAugment's posterize safe at every magnitude.
+def train_transform(img_size: int, recipe: Recipe = PRESETS["deit"]):
+    """The recipe's training transform up to uint8 tensors (random erasing follows on the device: `DeviceAugment`),
+    with RandAugment's posterize safe at every magnitude.
 
     `rand-m9-mstd0.5-inc1` draws magnitudes up to 10, where the increasing posterize keeps 0 bits:
     a black image in the TF and UDA references and in Pillow before 13, which now refuses it.
     """
-    transform = create_transform(img_size, is_training=True, use_prefetcher=True, **DEIT_AUGMENT)
+    transform = create_transform(img_size, is_training=True, use_prefetcher=True, scale=recipe.scale,
+                                 hflip=recipe.hflip, color_jitter=recipe.color_jitter, auto_augment=recipe.aa,
+                                 interpolation="bicubic")
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):
             if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
@@ -225,13 +227,14 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[f
 
 
 class DeviceAugment:
-    """The end of the training transform, on a batch where it is (the GPU): uint8 -> normalised float, then DeiT's
-    random erasing, as timm's prefetcher does. Its draws come from the training process's random state, which every
-    epoch reseeds, so a resumed epoch replays the uninterrupted one whatever the loader processes."""
+    """The end of the training transform, on a batch where it is (the GPU): uint8 -> normalised float, then the
+    recipe's random erasing, as timm's prefetcher does. Its draws come from the training process's random state, which
+    every epoch reseeds, so a resumed epoch replays the uninterrupted one whatever the loader processes."""
 
-    def __init__(self, splits: Splits, device: torch.device):
+    def __init__(self, splits: Splits, device: torch.device, recipe: Recipe = PRESETS["deit"]):
         self.mean, self.std = splits.mean, splits.std
-        self.erase = RandomErasing(**DEIT_ERASING, device=device) if splits.natural_images else None
+        self.erase = (RandomErasing(recipe.reprob, mode=recipe.remode, device=device) if recipe.reprob > 0
+                      else None)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = normalize(images, self.mean, self.std)
@@ -299,9 +302,9 @@ def view_batches(dataset: Dataset, mean: tuple | None, std: tuple | None, device
         yield normalize(x.to(device, non_blocking=True), mean, std), y.to(device, non_blocking=True)
 
 
-def mixup_for(splits: Splits, label_smoothing: float = DEIT_MIXUP["label_smoothing"]) -> Mixup | None:
-    """DeiT's mixup/cutmix for natural-image datasets; None for digits (8x8 glyphs)."""
-    if not splits.natural_images:
+def mixup_for(splits: Splits, recipe: Recipe = PRESETS["deit"]) -> Mixup | None:
+    """The recipe's mixup/cutmix (with its label smoothing on the mixed targets); None when it mixes nothing."""
+    if not recipe.mixes:
         return None
-    return Mixup(mixup_alpha=DEIT_MIXUP["mixup_alpha"], cutmix_alpha=DEIT_MIXUP["cutmix_alpha"],
-                 label_smoothing=label_smoothing, num_classes=splits.num_classes)
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mixup_prob,
+                 label_smoothing=recipe.smoothing, num_classes=splits.num_classes)

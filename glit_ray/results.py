@@ -115,8 +115,11 @@ def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops") ->
 class ResultsCallback(tune.Callback):
     """Persists each finished generation: Parquet rows, TensorBoard scalars and HParams, best.json."""
 
-    def __init__(self, run_dir: Path, level: str, topk: int, generations: int, cost: str = "flops"):
+    def __init__(self, run_dir: Path, level: str, topk: int, generations: int, cost: str = "flops",
+                 about: dict | None = None):
+        """`about`: what best.json says beside the candidates (the supernet's verdict)."""
         self.run_dir, self.level, self.topk, self.generations, self.cost = Path(run_dir), level, topk, generations, cost
+        self.about = about or {}
         self.writer = None
         self.rows: dict[int, list[dict]] | None = None  # generation -> its rows; read from disk once (a resume)
 
@@ -134,6 +137,7 @@ class ResultsCallback(tune.Callback):
         self.rows[generation] = rows  # a generation re-run after a resume replaces its rows, as its file
         best = best_record([r for g in sorted(self.rows) for r in self.rows[g]], self.level, self.topk, self.cost)
         if best:
+            best.update(self.about)
             write_json(self.run_dir / "best.json", best)
         scores = [r["top1"] for r in rows if r["status"] == "ok"]
         failed, rejected = (sum(r["status"] == status for r in rows) for status in ("failed", "rejected"))

@@ -1,8 +1,8 @@
 """`python -m glit_ray.retrain --arch RUN_DIR|best.json|ARCH --out RUN_DIR`: train a found architecture.
 
 The search ranks architectures by inherited supernet weights; the paper then trains the winner from
-scratch with the DeiT recipe, and so does this (`glit_ray.training`, on Ray Train workers,
-checkpointed every epoch and resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged
+scratch with the DeiT recipe, and so does this, with the recipe that fits the data set (`glit_ray.recipe`;
+`glit_ray.training`, on Ray Train workers, checkpointed every epoch and resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged
 every epoch; the test split, never seen by the search, is scored once, after the last epoch.
 
 `--from-supernet CKPT` starts from the weights the architecture inherits from a supernet instead
@@ -37,9 +37,9 @@ from .scoring import evaluate
 from .settings import Placement, RetrainRun, SearchRun
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, check_ingest, ensure_ray, final_state, fit, set_computation, train_epochs, worker_device,
-                       worker_loader)
+from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
+                       ensure_ray, final_state, fit, say_recipe, set_computation, train_epochs, training_recipe,
+                       worker_device, worker_loader)
 
 METRICS = "metrics.json"
 
@@ -71,10 +71,8 @@ def settings_from_args(args) -> RetrainRun:
     data = args.data or (search.data if search else "digits")
     parse_spec(data)
     check_counts(args)
-    check_batch_size(data, args.batch_size)
     return RetrainRun(space=space, data=data, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
-                      lr=args.lr or default_lr(data, args.batch_size, args.workers), drop_path=args.drop_path,
-                      seed=args.seed, arch=arch,
+                      recipe=training_recipe(args, data, space), seed=args.seed, arch=arch,
                       from_supernet=str(args.from_supernet.resolve()) if args.from_supernet else None)
 
 
@@ -101,16 +99,16 @@ def train_loop(config: dict) -> None:
     device = worker_device()
     job: TrainJob = config["job"]
     settings: RetrainRun = job.settings
-    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)
+    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
 
     torch.manual_seed(settings.seed)
-    net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.drop_path)
+    net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.recipe.drop_path)
     if job.initial_weights is not None:
         net.load_state_dict(ray.get(job.initial_weights))
     set_computation(net, job)
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
-    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
+    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device)
 
@@ -156,6 +154,7 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
                       f"{initial['inherited_heldout_top1']:.2f}% before any training")
     console.print(f"{'resuming' if resumed else 'retraining'} {settings.arch} ({space.name}) on {settings.data} "
                   f"for {settings.epochs} epochs -> {out}")
+    say_recipe(settings, len(splits.train), console.print)
     console.print(str(request))
     job = TrainJob.placed(settings, out, "retrain", driver_has_terminal(), where,
                           initial_weights=ray.put(inherited.state_dict()) if inherited is not None else None)
@@ -177,7 +176,7 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, help="a search RUN_DIR, its best.json, or an architecture string")
-    add_arguments(parser, epochs=300, batch_size=128, drop_path=0.1, from_run=True)
+    add_arguments(parser, epochs=300, batch_size=128, from_run=True)
     parser.add_argument("--from-supernet", type=Path, help="start from the weights inherited from this supernet.pt")
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     return parser

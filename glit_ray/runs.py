@@ -13,6 +13,7 @@ from .arch import Architecture
 from .errors import UserError
 from .files import read_json, write_json
 from .progress import console
+from .recipe import Recipe
 from .settings import from_json, kind_of, to_json
 from .space import SearchSpace
 
@@ -35,12 +36,23 @@ def check_run(out: Path, settings, resume: bool) -> bool:
     existing = read_json(run_file)
     if (found := kind_in(existing)) != kind:
         raise UserError(f"{out} holds a {found} run, not a {kind} run; choose another --out")
-    old, new = to_json(settings_in(existing, kind, run_file)), to_json(settings)
+    previous = settings_in(existing, kind, run_file)
+    old, new = to_json(previous), to_json(settings)
     changed = [name for name in new if old[name] != new[name]]
     if changed:
-        diff = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:3])
+        diff = "; ".join(differences(previous, settings, name) for name in changed[:3])
         raise UserError(f"{out} holds a different {kind} run ({diff}); choose another --out or repeat its settings")
     return True
+
+
+def differences(old, new, name: str) -> str:
+    """How field `name` of two runs' settings differs: a recipe by the flags that differ, anything else by value."""
+    before, after = getattr(old, name), getattr(new, name)
+    if isinstance(before, Recipe) and isinstance(after, Recipe):
+        return ", ".join(before.differences(after, prefix="supernet-" if name == "supernet_recipe" else ""))
+    if isinstance(before, Recipe) or isinstance(after, Recipe):
+        return f"{name}: {getattr(before, 'preset', before)} -> {getattr(after, 'preset', after)}"
+    return f"{name}: {to_json(old)[name]!r} -> {to_json(new)[name]!r}"
 
 
 def open_run(out: Path, settings, resume: bool) -> bool:

@@ -4,7 +4,8 @@ The front door. With no `--supernet` it first trains the level's supernet (RUN_D
 then evolves architectures with `EvolutionSearcher`: one Tune trial per generation, whose
 candidates are scored by `--actors` long-lived evaluator actors holding the supernet. Results go
 to RUN_DIR/candidates/*.parquet (one row per candidate, with lineage), RUN_DIR/best.json and
-RUN_DIR/tb. `--level low` takes the best G distribution of a high-level run (`--distribution
+RUN_DIR/tb. A supernet whose probes are no better than chance is not searched (`glit_ray.verdict`;
+`--search-unlearnt` searches it anyway, and best.json says so). `--level low` takes the best G distribution of a high-level run (`--distribution
 RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--resume`.
 """
 from __future__ import annotations
@@ -34,11 +35,16 @@ from .runs import RUN_FILE, check_run, open_run, resolve_distribution
 from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
+from .recipe import add_recipe_arguments
 from .settings import Latency, Placement, SearchRun
-from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, supernet_run, train_supernet
-from .training import add_training_placement, add_worker_resources, check_ingest, check_epoch_has_a_step, ensure_ray
+from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
+from .train_supernet import supernet_run, train_supernet
+from .training import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, ensure_ray,
+                       training_recipe)
+from .verdict import of_meta
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
+SUPERNET_PREFIX = "supernet-"  # the recipe of the supernet a search trains: --supernet-recipe, --supernet-lr, ...
 
 class GenerationTrial(tune.Trainable):
     """A Tune trial: score one generation's candidates on the evaluator actors.
@@ -131,6 +137,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
     p.add_argument("--supernet-workers", type=int, default=1,
                    help="data-parallel Ray Train workers when training the supernet here (default: 1)")
+    p.add_argument("--search-unlearnt", action="store_true",
+                   help="search the supernet even when its probes are no better than chance (glit_ray.verdict); "
+                        "the console and best.json say so")
     add_worker_resources(p, who="supernet worker")
     add_training_placement(p)
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
@@ -139,6 +148,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--mirror", help="push the run directory here after every generation (s3://bucket/prefix); "
                                     "with --resume and no local copy, pull it from here first")
+    add_recipe_arguments(p, prefix=SUPERNET_PREFIX, **SUPERNET_RECIPE_DEFAULTS)
     return p
 
 
@@ -172,6 +182,8 @@ def settings_from_args(args) -> SearchRun:
     latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
     limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention)
     calib_batches, heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
+    recipe = None if args.supernet else training_recipe(args, args.data, space, SUPERNET_BATCH_SIZE, SUPERNET_PREFIX,
+                                                         **SUPERNET_RECIPE_DEFAULTS)
     return SearchRun(
         space=space, level=args.level, distribution=distribution, data=args.data,
         supernet=str(args.supernet.resolve()) if args.supernet else None, population=args.population,
@@ -180,7 +192,8 @@ def settings_from_args(args) -> SearchRun:
         pareto_cost=COST_COLUMNS[args.pareto_cost],
         latency=Latency(args.latency_batch, args.latency_max_ms) if latency else None, limits=limits,
         calib_batches=calib_batches, heldout_images=heldout_images, supernet_epochs=args.supernet_epochs,
-        supernet_workers=args.supernet_workers, seed=args.seed)
+        supernet_workers=args.supernet_workers, supernet_recipe=recipe, search_unlearnt=args.search_unlearnt,
+        seed=args.seed)
 
 
 def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> None:
@@ -192,6 +205,24 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
         raise UserError(f"supernet {path} is a {net.level}-level supernet; the {level}-level search needs its own")
     if level == "low" and tuple(net.distribution) != tuple(distribution):
         raise UserError(f"supernet {path} was trained for distribution {net.distribution}, not {tuple(distribution)}")
+
+
+def learnt_or_refused(supernet: Path, splits, anyway: bool, console: Console) -> dict:
+    """The supernet's verdict (`glit_ray.verdict`) as best.json records it; a supernet that has not learnt, or whose
+    file keeps no probes, stops the search (UserError) unless `anyway` (--search-unlearnt), which the console says."""
+    _, meta = load_supernet(supernet)
+    verdict = of_meta(meta)
+    if verdict is not None and verdict.learnt:
+        console.print(f"supernet: learnt: {verdict.evidence()}")
+        return {**verdict.as_dict(), "searched_unlearnt": False}
+    problem = (f"the supernet {supernet} has not learnt: {verdict.evidence()}" if verdict else
+               f"the supernet {supernet} keeps no probe scores (saved by hand or by an older glit_ray), so whether it "
+               "has learnt is unknown")
+    if not anyway:
+        raise UserError(f"{problem}; train it longer (more --supernet-epochs) or with another recipe (--supernet-recipe, "
+                        "--supernet-lr) in a new --out, or pass --search-unlearnt to search it anyway")
+    console.print(f"searching anyway (--search-unlearnt): {problem}; its ranking is noise")
+    return {**(verdict.as_dict() if verdict else {"learnt": None}), "searched_unlearnt": True}
 
 
 def search(settings: SearchRun, where: Placement, console: Console | None = None) -> dict:
@@ -236,14 +267,15 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
 
     supernet = Path(settings.supernet) if settings.supernet else train_supernet(
         supernet_run(space, level, settings.distribution, settings.data, settings.supernet_epochs,
-                     workers=settings.supernet_workers, limits=replace(limits, flops_min=None, params_min=None),
-                     seed=settings.seed),
+                     workers=settings.supernet_workers, recipe=settings.supernet_recipe,
+                     limits=replace(limits, flops_min=None, params_min=None), seed=settings.seed),
         replace(where, out=out / "supernet", resume=(out / "supernet" / RUN_FILE).exists(),
                 gpus_per_worker=trainers.gpus, cpus_per_worker=trainers.cpus,
                 storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None),
         console=console, splits=splits)
     if mirror:
         mirror.push()
+    about = {"supernet": learnt_or_refused(supernet, splits, settings.search_unlearnt, console)}
 
     searcher = EvolutionSearcher(settings, splits.num_classes)
     with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,
@@ -258,7 +290,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
             console.print(f"{level}-level search of {space.name} on {settings.data}: {settings.generations} "
                           f"generations -> {out}")
         console.print(str(scorers))
-        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost)]
+        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost, about)]
         if mirror:
             callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
         with callers_signal_handlers():
@@ -270,6 +302,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     best = best_record(rows, level, settings.topk, settings.pareto_cost)
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
+    best.update(about)
     print_table(console, f"top-{len(best['topk'])} of {len(rows)} candidates ({level} level)", best["topk"])
     if settings.objective == "pareto":
         print_table(console, f"Pareto front over top-1 and {best['front_cost']}", best["front"])

@@ -8,12 +8,13 @@ to Ray Train workers, evaluator actors and Tune trials, as Ray's own `ScalingCon
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .constraints import Limits
 from .errors import UserError
+from .recipe import Recipe
 from .space import SearchSpace
 
 
@@ -27,15 +28,19 @@ class Latency:
 
 @dataclass(frozen=True)
 class Training:
-    """The DeiT recipe of a training run, and what it trains on."""
+    """What a training run trains on, for how long, and its recipe (`glit_ray.recipe`)."""
     space: SearchSpace
     data: str
     epochs: int
     batch_size: int  # per worker
     workers: int
-    lr: float
-    drop_path: float
+    recipe: Recipe
     seed: int
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate: the recipe's rule applied to this run's global batch."""
+        return self.recipe.learning_rate(self.batch_size * self.workers)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class SearchRun:
     heldout_images: int | None
     supernet_epochs: int
     supernet_workers: int
+    supernet_recipe: Recipe | None  # the recipe of the supernet the search trains (None: it is given one)
+    search_unlearnt: bool  # search a supernet whose probes are no better than chance (`verdict`), said in best.json
     seed: int
 
 
@@ -120,6 +127,8 @@ _STORED = {
     "space": (SearchSpace.to_dict, lambda value: SearchSpace.from_dict(value, source="run.json")),
     "limits": (Limits.as_dict, lambda value: Limits(**value)),
     "distribution": (list, tuple),
+    "recipe": (asdict, lambda value: Recipe(**value)),
+    "supernet_recipe": (asdict, lambda value: Recipe(**value)),
     "latency": (lambda latency: {"batch": latency.batch, "max_ms": latency.max_ms}, lambda value: Latency(**value)),
 }
 
@@ -137,9 +146,21 @@ def to_json(settings) -> dict[str, Any]:
     return stored
 
 
+# fields added since the release before training recipes (2291a49), with what a run file without them meant
+ADDED = {"supernet_recipe": None, "search_unlearnt": False}
+
+
 def from_json(kind: str, stored: dict, source: str = "run.json"):
-    """The settings of a `kind` run from what run.json holds; a key it does not know or lacks is refused in one line."""
+    """The settings of a `kind` run from what run.json holds; a key it does not know or lacks is refused in one line.
+
+    A search's run file from before training recipes reads with ADDED's values (its space and data still serve
+    retraining and the shortlist; resuming it is refused as a different run). A training run's from then (an `lr`
+    and no `recipe`) trained with a recipe this version cannot repeat, and is refused."""
     cls = KINDS[kind]
+    if "recipe" in {f.name for f in fields(cls)} and "lr" in stored and "recipe" not in stored:
+        raise UserError(f"{source}: this {kind} run was written before training recipes (it has 'lr' and no "
+                        "'recipe'), and this glit_ray cannot resume its training as it was; start the run in a new --out")
+    stored = {**{k: v for k, v in ADDED.items() if k in {f.name for f in fields(cls)}}, **stored}
     names = [f.name for f in fields(cls)]
     unknown = [key for key in stored if key not in names]
     if unknown:

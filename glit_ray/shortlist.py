@@ -4,7 +4,7 @@ Supernet accuracy ranks distributions only roughly, so GLiT retrains the top few
 search briefly and keeps the one with the best held-out accuracy; the low-level search then works
 inside it (`python -m glit_ray.search --level low --distribution RUN_DIR` takes the shortlist's
 winner when there is one). Each candidate is one Ray Tune trial that trains it with retraining's
-code and DeiT recipe (`glit_ray.retrain.train_loop` on its own Ray Train workers, a GPU each on a
+code and recipe (`glit_ray.retrain.train_loop` on its own Ray Train workers, a GPU each on a
 GPU cluster) and hands Tune the held-out top-1 of every epoch; the trials run side by side as far
 as the cluster holds them. `--scheduler asha` lets Tune's ASHA stop the weak ones early. The test
 split is never scored. Killed, the command resumes where it stopped when run again: Tune restores
@@ -35,8 +35,8 @@ from .results import read_candidates
 from .retrain import train_loop as retrain_loop
 from .runs import RUN_FILE, check_run, kind_in, open_run, settings_in
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
-from .training import (TrainJob, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, check_ingest,
-                       default_lr, ensure_ray, fit)
+from .training import (TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest, ensure_ray, fit,
+                       say_recipe)
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"
@@ -129,6 +129,7 @@ def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=asha,
                                                        max_concurrent_trials=at_once),
                            run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0))
+    say_recipe(settings, train_images, console.print)
     console.print(str(request))
     with callers_signal_handlers(), waiting_note(request, console.print):
         results = tuner.fit()
@@ -159,10 +160,9 @@ def settings_from_args(args, run_dir: Path) -> ShortlistRun:
     if args.top < 1:
         raise UserError("--top must be at least 1")
     check_counts(args)
-    check_batch_size(search.data, args.batch_size)
     return ShortlistRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
-                        workers=args.workers, lr=args.lr or default_lr(search.data, args.batch_size, args.workers),
-                        drop_path=args.drop_path, seed=args.seed, top=args.top, scheduler=args.scheduler)
+                        workers=args.workers, recipe=training_recipe(args, search.data, search.space), seed=args.seed,
+                        top=args.top, scheduler=args.scheduler)
 
 
 def build_parser() -> ArgumentParser:
@@ -170,7 +170,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("run_dir", type=Path, help="a high-level search run directory")
     parser.add_argument("--top", type=int, default=5, help="distributions to retrain (GLiT: 5)")
     parser.add_argument("--scheduler", choices=["asha"], help="let Tune's ASHA stop weak trials early")
-    add_arguments(parser, epochs=10, batch_size=128, drop_path=0.1, from_run=True)
+    add_arguments(parser, epochs=10, batch_size=128, from_run=True)
     return parser
 
 

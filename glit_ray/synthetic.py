@@ -1,11 +1,12 @@
-"""`python -m glit_ray.synthetic PATH`: write a learnable ImageNet-layout folder of JPEGs, no download needed.
+"""`python -m glit_ray.synthetic PATH [--digits]`: write a learnable ImageNet-layout folder, no download needed.
 
 The real path (224-px JPEGs decoded, augmented with the DeiT recipe, class-sorted ImageFolder files)
 is what the 8x8 digits cannot show; this writes data that walks it. Each class is a hue and a
 texture (stripes of one angle and frequency; five textures share each hue) under colour blobs and
 noise, at random phase, contrast and shade, so a network has something to learn that the DeiT
 augmentation keeps, and no two images are alike. PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg,
-as `--data imagefolder:PATH` reads them.
+as `--data imagefolder:PATH` reads them. `--digits` writes the shipped digits as PNGs instead: real
+handwriting, the small user folder the training recipes are measured on (BENCHMARKS.md, P13r).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .cli import ArgumentParser, run
+from .data import load_digits
 from .errors import UserError
 from .progress import bar, driver_has_terminal
 
@@ -65,6 +67,21 @@ def write_imagefolder(root: Path, classes: int = 10, train_per_class: int = 30, 
     return root
 
 
+def write_digits_folder(root: Path, size: int = 28) -> Path:
+    """The shipped digits (`data.load_digits`) as a small real ImageNet-layout folder: ROOT/{train,val}/digit_N/*.png,
+    each 8x8 glyph scaled to `size` px (bicubic), the data set's own test fifth under val/. Returns ROOT."""
+    root = Path(root)
+    pixels, labels = load_digits()
+    order = np.random.default_rng(0).permutation(len(labels))
+    test = set(order[:round(0.2 * len(labels))].tolist())
+    for i, (glyph, label) in enumerate(zip(pixels, labels)):
+        folder = root / ("val" if i in test else "train") / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray((glyph.astype(np.float32) * (255 / 16)).round().astype(np.uint8), mode="L")
+        image.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:04d}.png")
+    return root
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m glit_ray.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=10)
     parser.add_argument("--size", type=int, default=256, help="pixels per side (default: 256, as ImageNet's short side)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--digits", action="store_true",
+                        help="write the shipped 8x8 digits as --size-px PNGs instead (1,438 train + 359 val; a small "
+                             "real data set)")
     args = parser.parse_args(argv)
     if args.path.exists() and (not args.path.is_dir() or any(args.path.iterdir())):
         raise UserError(f"{args.path} is not an empty folder; give a new folder")
@@ -80,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     try:
+        if args.digits:
+            write_digits_folder(args.path, args.size)
+            print(f"wrote the digits as {args.size}-px PNGs to {args.path}; use --data imagefolder:{args.path}")
+            return
         write_imagefolder(args.path, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed,
                           driver_has_terminal())
     except OSError as exc:  # a path it may not create, a full disk

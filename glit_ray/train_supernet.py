@@ -5,7 +5,8 @@ it. The path is a pure function of the seed and the global step, so every data-p
 the same path without talking to the others (DDP would otherwise average gradients of different
 subnets), and a resumed run replays the same paths. Each epoch checkpoints through Ray Train
 (model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
-TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split.
+TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split. The run's last line is the verdict on those probes
+(`glit_ray.verdict`): whether the supernet has learnt, which a search on it requires.
 
 The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` reads.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -26,7 +28,7 @@ from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
-from .data import Splits, build_splits, parse_spec
+from .data import Splits, build_splits, labels_of, parse_spec
 from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
@@ -34,18 +36,21 @@ from .resources import cluster_shape, plan
 from .runs import check_run, open_run, resolve_distribution
 from .settings import Placement, SupernetRun
 from .evaluator import score_on, scoring_sets
-from .imagesets import place
+from .imagesets import heldout_indices, place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .training import (Recipe, add_arguments, check_batch_size, check_counts, check_epoch_has_a_step, default_lr,
-                       TrainJob, check_ingest, ensure_ray, final_state, fit, set_computation, train_epochs, worker_device,
-                       worker_loader)
+from .recipe import PRESETS, Recipe, choose_preset
+from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
+                       ensure_ray, final_state, fit, say_recipe, set_computation, train_epochs, training_images,
+                       training_recipe, worker_device, worker_loader)
+from .verdict import Verdict, chance_of, of_meta
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
 CALIB_BATCHES = 4
 PROBE_IMAGES = 2048
 PROBE_SHARE = 0.1  # of the training compute, at most, that the probes take (`probe_every`)
+RECIPE_DEFAULTS = {"drop_path": 0.0}  # SPOS trains its supernet's paths without stochastic depth
 
 
 class PathSampler:
@@ -80,15 +85,16 @@ def train_loop(config: dict) -> None:
     device = worker_device()
     job: TrainJob = config["job"]
     settings: SupernetRun = job.settings
-    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans)
+    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
     sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes, settings.seed)
 
     torch.manual_seed(settings.seed)
-    net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes, drop_path_rate=settings.drop_path)
+    net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes,
+                       drop_path_rate=settings.recipe.drop_path)
     set_computation(net, job)
     net.to(device)
     loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
-    recipe = Recipe.deit(net, settings.lr, settings.epochs, len(loader), device, splits)
+    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits)
     start_epoch = recipe.resume(net, device)
     model = ray.train.torch.prepare_model(net, move_to_device=device,
                                             parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -126,19 +132,22 @@ def settings_from_args(args) -> SupernetRun:
     parse_spec(args.data)
     check_counts(args)
     return supernet_run(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
-                        args.lr, args.drop_path,
+                        training_recipe(args, args.data, space, **RECIPE_DEFAULTS),
                         Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
                         args.seed)
 
 
 def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
-                 batch_size: int = BATCH_SIZE, workers: int = 1, lr: float | None = None, drop_path: float = 0.0,
+                 batch_size: int = BATCH_SIZE, workers: int = 1, recipe: Recipe | None = None,
                  limits: Limits = Limits(), seed: int = 0) -> SupernetRun:
-    """The settings of a supernet run, with the recipe's defaults filled in."""
-    check_batch_size(data, batch_size)
-    return SupernetRun(space=space, data=data, epochs=epochs, batch_size=batch_size, workers=workers,
-                       lr=lr or default_lr(data, batch_size, workers), drop_path=drop_path, seed=seed, level=level,
-                       distribution=tuple(distribution) if distribution else None, limits=limits)
+    """The settings of a supernet run; `recipe` None: the preset the training split of `data` calls for
+    (`recipe.choose_preset`), with the supernet's own defaults (RECIPE_DEFAULTS)."""
+    if recipe is None:
+        recipe = replace(PRESETS[choose_preset(training_images(data, space), space.img_size)], **RECIPE_DEFAULTS)
+    recipe.check_batch(batch_size)
+    return SupernetRun(space=space, data=data, epochs=epochs, batch_size=batch_size, workers=workers, recipe=recipe,
+                       seed=seed, level=level, distribution=tuple(distribution) if distribution else None,
+                       limits=limits)
 
 
 def train_supernet(settings: SupernetRun, where: Placement, console: Console | None = None,
@@ -156,8 +165,10 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
     settings.limits.check_feasible(settings.space, settings.level, splits.num_classes, settings.distribution)
     target = out / SUPERNET_FILE
     if check_run(out, settings, where.resume) and target.exists():  # before Ray: a finished run needs none
-        load_supernet(target)  # refuse a damaged file rather than report success
+        _, meta = load_supernet(target)  # refuse a damaged file rather than report success
         console.print(f"supernet already trained: {target}")
+        if verdict := of_meta(meta):
+            console.print(verdict.line())
         return target
     ensure_ray(where.address)
     shape = cluster_shape()
@@ -167,6 +178,7 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
 
     console.print(f"{'resuming' if resumed else 'training'} {settings.level}-level supernet of "
                   f"{settings.space.name} on {settings.data} -> {out}")
+    say_recipe(settings, len(splits.train), console.print)
     console.print(str(request))
     job = TrainJob.placed(settings, out, "supernet", driver_has_terminal(), where)
     result = fit(train_loop, job, request, where.storage, say=console.print)
@@ -175,8 +187,9 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
     net.load_state_dict(state["model"])
     probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in state["metrics"].items() if k.startswith("probe_")}
     last_epoch = {k: v for k, v in state["metrics"].items() if not k.startswith("probe_")}
+    held_out = probe_heldout(splits)
     save_supernet(net, target, data=settings.data, epochs=settings.epochs, seed=settings.seed, limits=settings.limits.as_dict(),
-                  probe_top1=probes, last_epoch=last_epoch)
+                  probe_top1=probes, probe_chance=chance_of(held_out), probe_images=len(held_out), last_epoch=last_epoch)
     table = Table(title=f"probe paths, held-out top-1 after epoch {settings.epochs}")
     table.add_column("path")
     table.add_column("top-1 %", justify="right")
@@ -184,14 +197,21 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
         table.add_row(name, f"{top1:.1f}")
     console.print(table)
     console.print(f"supernet: {target}")
+    console.print(Verdict(probes, chance_of(held_out), len(held_out)).line())
     return target
+
+
+def probe_heldout(splits: Splits) -> list[int]:
+    """The labels of the held-out images the probes are scored on."""
+    labels = labels_of(splits.heldout)
+    return [labels[i] for i in heldout_indices(splits, PROBE_IMAGES)]
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.train_supernet", description=__doc__.splitlines()[0])
     parser.add_argument("--level", required=True, choices=LEVELS)
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
-    add_arguments(parser, epochs=30, batch_size=BATCH_SIZE, drop_path=0.0)
+    add_arguments(parser, epochs=30, batch_size=BATCH_SIZE, **RECIPE_DEFAULTS)
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
     add_flops_convention(parser)

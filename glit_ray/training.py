@@ -1,8 +1,8 @@
-"""The DeiT training recipe on Ray Train, shared by supernet training and retraining.
+"""A training recipe on Ray Train, shared by supernet training and retraining.
 
-Both train a vision transformer the way DeiT does (AdamW with weight decay 0.05, cosine schedule
-with warm-up stepped per update, mixup/cutmix with label smoothing on natural images, gradient
-clipping, AMP on a GPU), checkpoint every epoch through Ray Train and resume from the latest
+Both train a vision transformer the way timm's train.py does with the run's recipe (`glit_ray.recipe`: optimizer,
+schedule with warm-up stepped per update, augmentation, mixup/cutmix or label smoothing; gradient clipping, AMP on a
+GPU), checkpoint every epoch through Ray Train and resume from the latest
 checkpoint. What differs is the network and what a step runs through it: the supernet runs a
 sampled path (`net(images, arch)`), a retrained architecture is a plain `net(images)`.
 """
@@ -37,12 +37,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torch.utils.tensorboard import SummaryWriter
 
 from .cli import ArgumentParser, callers_signal_handlers
-from .data import DeviceAugment, Splits, mixup_for
+from .data import DeviceAugment, Splits, build_splits, mixup_for
 from .errors import UserError, one_line
 from .ingest import RayDataFeed
 from .model import compile_operations
 from .progress import bar as progress_bar
 from .progress import say
+from .recipe import FUSED, Recipe, add_recipe_arguments, header, recipe_from_args
 from .ray_workarounds import torch_config, train_result
 from .resources import ClusterShape, Request, waiting_note
 
@@ -56,23 +57,6 @@ INPUT_BOUND = 0.1  # share of an epoch spent waiting for the loader past which i
 STATE_FILE = "state.pt"
 
 
-MIN_IMAGE_LR = 1e-3  # DeiT's own lr (5e-4 x 1024 / 512): the linear rule's floor
-
-
-def default_lr(data: str, batch_size: int, workers: int) -> float:
-    """3e-3 on the 8x8 digits; DeiT's 5e-4 x global batch / 512 on images, at least DeiT's own 1e-3.
-
-    The linear rule is for large batches: at a batch of 32 it gives 3e-5, at which a supernet on a
-    small folder stays at chance for its whole run; from a global batch of 1,024 up it applies as is.
-    """
-    return 3e-3 if data == "digits" else max(MIN_IMAGE_LR, 5e-4 * batch_size * workers / 512)
-
-
-def check_batch_size(data: str, batch_size: int) -> None:
-    if data != "digits" and batch_size % 2:
-        raise UserError(f"--batch-size {batch_size} is odd; mixup/cutmix pairs images, so give an even batch size")
-
-
 def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
                            fix: str = "lower --batch-size or --workers") -> None:
     """Each worker drops its last partial batch, so a batch per worker must fit in the training split."""
@@ -81,8 +65,10 @@ def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
                         f"training images, so an epoch would have no step; {fix}")
 
 
-def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_path: float, from_run: bool = False) -> None:
-    """The command-line options every training run has, with this run's defaults.
+def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, from_run: bool = False,
+                  **recipe_defaults) -> None:
+    """The command-line options every training run has, with this run's defaults (`recipe_defaults`: parts of the
+    recipe this command sets apart from the presets, as the supernet's drop-path of 0).
 
     `from_run`: --space and --data default to None, for the caller to take from a search run.
     """
@@ -95,10 +81,6 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
     add_worker_resources(parser)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW peak learning rate (default: 3e-3 on digits, else DeiT's 5e-4 x global batch / 512, "
-                             "at least 1e-3)")
-    parser.add_argument("--drop-path", type=float, default=drop_path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
@@ -107,6 +89,7 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, drop_pat
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
     parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
                                           "s3://bucket/prefix on a cluster whose nodes do not share --out")
+    add_recipe_arguments(parser, **recipe_defaults)
 
 
 def add_worker_resources(parser: ArgumentParser, who: str = "worker") -> None:
@@ -158,6 +141,26 @@ def check_counts(args) -> None:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def training_recipe(args, data: str, space, batch_size: int | None = None, prefix: str = "",
+                    **command_defaults) -> Recipe:
+    """The recipe of a training command's run (`prefix`: of the search's supernet): `recipe_from_args` for the
+    training split of `data` at the space's image size, checked against the run's batch (`batch_size`, else
+    --batch-size: mixup pairs images). Lists the data set's files, before Ray."""
+    recipe = recipe_from_args(args, training_images(data, space), space.img_size, prefix, **command_defaults)
+    recipe.check_batch(batch_size or args.batch_size)
+    return recipe
+
+
+def training_images(data: str, space) -> int:
+    """How many images `data`'s training split holds at `space`'s size (what a recipe preset is chosen by)."""
+    return len(build_splits(data, space.img_size, space.in_chans).train)
+
+
+def say_recipe(settings: Training, train_images: int, say) -> None:
+    """The header's recipe line (`recipe.header`)."""
+    say(header(settings.recipe, train_images, settings.space.img_size, settings.batch_size, settings.workers))
 
 
 def default_loader_workers(data: str, cpus: float) -> int:
@@ -316,8 +319,9 @@ def set_computation(net: nn.Module, job: TrainJob) -> None:
 
 
 @dataclass
-class Recipe:
-    """Optimizer, schedule, loss, on-device augmentation, mixup and mixed precision of one training run."""
+class RecipeState:
+    """A run's recipe made live on one worker: optimizer, schedule, loss, on-device augmentation, mixup and mixed
+    precision."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -328,19 +332,27 @@ class Recipe:
     amp_dtype: torch.dtype | None
 
     @classmethod
-    def deit(cls, net: nn.Module, lr: float, epochs: int, steps_per_epoch: int, device: torch.device,
-             splits: Splits | None = None) -> Recipe:
-        """DeiT's recipe for `net` on the training batches of `splits` (None: batches the step takes as they are):
-        their `DeviceAugment`, and on natural images mixup/cutmix with a loss on soft targets."""
-        augment = DeviceAugment(splits, device) if splits else None
-        mixup = mixup_for(splits) if splits else None
+    def build(cls, net: nn.Module, recipe: Recipe, lr: float, epochs: int, steps_per_epoch: int, device: torch.device,
+              splits: Splits | None = None) -> RecipeState:
+        """`recipe` at peak learning rate `lr` for `net` on the training batches of `splits` (None: batches the step
+        takes as they are, unmixed): its `DeviceAugment`, its mixup/cutmix with a loss on soft targets, else its
+        label smoothing, as timm's train.py chooses the loss."""
+        augment = DeviceAugment(splits, device, recipe) if splits else None
+        mixup = mixup_for(splits, recipe) if splits else None
         # fused: one kernel for every parameter's update, on CPU and GPU alike (the per-tensor loop of torch's
         # default on CPU took 16 ms of a GLiT-Tiny supernet step's CPU time, the fused kernel 4.5)
-        optimizer = create_optimizer_v2(net, "adamw", lr=lr, weight_decay=0.05, fused=True)
-        scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=min(5, epochs // 10),
-                                           warmup_prefix=True, warmup_lr=lr * 0.01, min_lr=lr * 0.01,
+        fused = {"fused": True} if recipe.opt in FUSED else {}
+        optimizer = create_optimizer_v2(net, recipe.opt, lr=lr, weight_decay=recipe.weight_decay, **fused)
+        scheduler, _ = create_scheduler_v2(optimizer, recipe.sched, num_epochs=epochs,
+                                           warmup_epochs=recipe.warmup_epochs,
+                                           warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr,
                                            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-        criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(0.1)
+        if mixup:
+            criterion = SoftTargetCrossEntropy()
+        elif recipe.smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(recipe.smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
         amp_dtype = None
         if device.type == "cuda":
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -400,7 +412,7 @@ class Recipe:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe, loader: DataLoader,
+def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: RecipeState, loader: DataLoader,
                  start_epoch: int, device: torch.device, score: Callable[[int], tuple[dict, str]],
                  path_at: Callable[[int], object] | None = None) -> None:
     """The epoch loop of every training run (supernet, retrain, shortlist trial), on one Ray Train worker.
@@ -410,7 +422,7 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
     `model(images)`. After each epoch, rank 0 calls `score(epoch)` for the metrics it adds (its probes, its held-out
     and test top-1) and the end of the epoch's console line; every epoch metric goes to TensorBoard as epoch/NAME,
     the step's loss and learning rate every LOG_EVERY steps as train/NAME. Rank 0 reports and checkpoints the
-    epoch (`Recipe.report`), the others report its metrics.
+    epoch (`RecipeState.report`), the others report its metrics.
     """
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -82,13 +82,16 @@ def commented_command(text: str, program: str) -> list[str]:
     return command[command.index(program.split()[-1]) + 1:]
 
 
-def test_the_aws_search_command_asks_for_gpus_carries_the_token_and_mirrors_its_run_to_s3():
+def test_the_aws_search_command_asks_for_gpus_carries_the_token_and_mirrors_its_run_to_s3(monkeypatch):
+    # ImageNet is on the cluster, not here: its training split's size is what choosing the recipe reads of it
+    monkeypatch.setattr("glit_ray.training.training_images", lambda data, space: 1_281_167 - 50_000)
     header = (CLUSTERS / "aws.yaml").read_text().split("cluster_name:")[0]
     assert "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in header
     args = build_parser().parse_args(commented_command(header, "python -m glit_ray.search"))
     assert args.mirror.startswith("s3://") and args.address == "auto"
     assert args.gpus_per_worker == 1 and args.gpus_per_actor == 1 and args.supernet_workers == 8
-    assert settings_from_args(args).space.name == "glit_tiny"
+    settings = settings_from_args(args)
+    assert settings.space.name == "glit_tiny" and settings.supernet_recipe.preset == "deit"
 
 
 def test_the_readmes_cluster_commands_parse_and_carry_the_token():
@@ -103,13 +106,15 @@ def test_the_readmes_cluster_commands_parse_and_carry_the_token():
     assert search.gpus_per_actor == 1 and search.address == "auto" and search.mirror.startswith("s3://")
 
 
-def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments(rayjob):
+def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments(rayjob, monkeypatch):
+    monkeypatch.setattr("glit_ray.training.training_images", lambda data, space: 1_281_167 - 50_000)  # on the cluster
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
     command = shlex.split(rayjob["spec"]["entrypoint"])
     assert command[:3] == ["python", "-m", "glit_ray.search"]
     args = build_parser().parse_args(command[3:])
     assert args.address == "auto" and str(args.out).startswith("/mnt/runs/")
-    assert settings_from_args(args).space.name == "glit_tiny"
+    settings = settings_from_args(args)
+    assert settings.space.name == "glit_tiny" and settings.supernet_recipe.preset == "deit"
     spec = rayjob["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__
     worker, decoder = spec["workerGroupSpecs"]

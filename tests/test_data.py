@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from glit_ray.data import build_splits, load_digits, make_loader, mixup_for
+from glit_ray.recipe import PRESETS
 from glit_ray.errors import UserError
 from glit_ray.training import training_loader
 
@@ -151,12 +152,13 @@ def test_unknown_spec(spec):
         build_splits(spec, 8, 1)
 
 
-def test_mixup_only_for_natural_images(tmp_path):
-    assert mixup_for(build_splits("digits", 8, 1)) is None
+def test_mixup_only_where_the_recipe_mixes(tmp_path):
+    assert mixup_for(build_splits("digits", 8, 1), PRESETS["small-data"]) is None
     write_imagefolder(tmp_path)
-    mixup = mixup_for(build_splits(f"imagefolder:{tmp_path}", 32, 3))
+    mixup = mixup_for(build_splits(f"imagefolder:{tmp_path}", 32, 3), PRESETS["deit"])
     x, y = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
     assert y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))
+    assert y.max() < 1  # DeiT's label smoothing on the mixed targets
 
 
 def test_training_loader_is_seeded_and_drops_the_last_batch():

@@ -118,7 +118,8 @@ def test_retrain_of_a_search_run_takes_its_space_and_data(tmp_path):
     for value in (str(run_dir), str(run_dir / "best.json")):
         settings = settings_for("--arch", value)
         assert settings.arch == ARCH and settings.data == "digits" and settings.space.name == "glit_micro"
-        assert settings.epochs == 300 and settings.drop_path == 0.1  # DeiT's recipe
+        assert settings.epochs == 300 and settings.recipe.drop_path == 0.1
+        assert settings.recipe.preset == "small-data"  # 1,150 digits
 
 
 def test_sigkilled_retrain_resumes_to_the_same_weights(retrained, from_supernet, tmp_path, cluster_env, capsys):

@@ -18,28 +18,33 @@ def stored(kind: str) -> dict:
     return json.loads((PREVIOUS / f"{kind}.json").read_text())["settings"]
 
 
-def test_the_previous_releases_run_files_read_as_the_same_command_line_gives_today():
-    """So its runs resume: run.json's JSON is unchanged for searches, supernets and retraining runs."""
+def test_the_previous_releases_search_reads_and_its_training_runs_are_refused_in_one_line(micro):
+    """Before training recipes: a search's run file still names its space and data (retrain and the shortlist read
+    them), with no supernet recipe recorded; a training run's `lr` cannot be resumed as the same recipe."""
     search_args = search.build_parser().parse_args(
         ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20"])
-    supernet_args = train_supernet.build_parser().parse_args(["--level", "high", "--epochs", "2", "--out", "x"])
-    today = {"search": search.settings_from_args(search_args),
-             "supernet": train_supernet.settings_from_args(supernet_args)}
-    for kind, settings in today.items():
-        assert from_json(kind, stored(kind)) == settings, kind
-        assert to_json(settings) == stored(kind), kind  # what a resume compares
-    old = from_json("retrain", stored("retrain"))
-    assert (old.arch, old.epochs, old.space.name, old.from_supernet) == (ARCH, 3, "glit_micro", None)
-    assert to_json(old) == stored("retrain")
+    today, old = search.settings_from_args(search_args), from_json("search", stored("search"))
+    assert old.supernet_recipe is None and not old.search_unlearnt
+    assert dataclasses.replace(old, supernet_recipe=today.supernet_recipe) == today  # all else reads as it did
     assert from_json("search", stored("search")).latency == Latency(batch=1, max_ms=None)
+    for kind in ("supernet", "retrain"):
+        with pytest.raises(UserError, match="written before training recipes") as caught:
+            from_json(kind, stored(kind))
+        assert "\n" not in str(caught.value) and "start the run in a new --out" in str(caught.value)
 
 
-def test_a_shortlist_of_the_previous_release_is_refused_in_one_line_naming_its_key():
-    with pytest.raises(UserError, match=r"unknown key 'from_supernet' in the shortlist settings") as caught:
+def test_settings_round_trip_through_run_json():
+    supernet_args = train_supernet.build_parser().parse_args(["--level", "high", "--epochs", "2", "--mixup", "0.2",
+                                                              "--out", "x"])
+    settings = train_supernet.settings_from_args(supernet_args)
+    assert settings.recipe.mixup == 0.2 and settings.recipe.preset == "small-data"
+    assert from_json("supernet", json.loads(json.dumps(to_json(settings)))) == settings
+
+
+def test_a_shortlist_of_the_previous_release_is_refused_in_one_line():
+    with pytest.raises(UserError, match=r"written before training recipes") as caught:
         from_json("shortlist", stored("shortlist"))
     assert "\n" not in str(caught.value)
-    fixed = {k: v for k, v in stored("shortlist").items() if k != "from_supernet"}  # the fix the line suggests
-    assert from_json("shortlist", fixed).top == 2
 
 
 def test_settings_are_frozen_and_travel_whole(micro):

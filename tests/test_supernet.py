@@ -13,7 +13,8 @@ from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.model import ConvModule, compile_operations
 from glit_ray.supernet import GLiTSupernet
-from glit_ray.training import Recipe
+from glit_ray.recipe import PRESETS
+from glit_ray.training import RecipeState
 
 DIST = (0, 1, 2, 3, 1, 0)
 
@@ -94,7 +95,7 @@ def test_a_training_step_moves_only_the_sampled_path(micro):
     weights and leaves every other operation's exactly as it was, those an earlier step trained included: no decay,
     no momentum without a gradient."""
     net, rng = trained_supernet(micro, "high", steps=0)
-    recipe = Recipe.deit(net, lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
+    recipe = RecipeState.build(net, PRESETS["deit"], lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
     params = list(net.parameters())
     for update in range(3):
         arch, before = micro.sample("high", rng), {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -116,7 +117,7 @@ def test_compiled_operations_train_as_eager_with_one_graph_per_operation_shape(m
         torch._dynamo.reset()
         counters.clear()
         for net in (eager, compiled):
-            recipes[net] = Recipe.deit(net, lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
+            recipes[net] = RecipeState.build(net, PRESETS["deit"], lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
         for update in range(24):
             arch, images, labels = micro.sample("low", rng, DIST), torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
             for net, recipe in recipes.items():
