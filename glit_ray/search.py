@@ -207,7 +207,7 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
         raise UserError(f"supernet {path} was trained for distribution {net.distribution}, not {tuple(distribution)}")
 
 
-def learnt_or_refused(supernet: Path, splits, anyway: bool, console: Console) -> dict:
+def learnt_or_refused(supernet: Path, anyway: bool, console: Console) -> dict:
     """The supernet's verdict (`glit_ray.verdict`) as best.json records it; a supernet that has not learnt, or whose
     file keeps no probes, stops the search (UserError) unless `anyway` (--search-unlearnt), which the console says."""
     _, meta = load_supernet(supernet)
@@ -246,8 +246,9 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
         raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
                         f"--population {settings.population}: generation 0 cannot fill; widen the limits or lower "
                         "--population")
-    if settings.supernet:
+    if settings.supernet:  # checked before anything is written: its verdict too
         check_supernet(Path(settings.supernet), space, level, settings.distribution)
+        about = {"supernet": learnt_or_refused(Path(settings.supernet), settings.search_unlearnt, console)}
     else:
         check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings.supernet_workers,
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
@@ -275,7 +276,8 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
         console=console, splits=splits)
     if mirror:
         mirror.push()
-    about = {"supernet": learnt_or_refused(supernet, splits, settings.search_unlearnt, console)}
+    if not settings.supernet:
+        about = {"supernet": learnt_or_refused(supernet, settings.search_unlearnt, console)}
 
     searcher = EvolutionSearcher(settings, splits.num_classes)
     with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,

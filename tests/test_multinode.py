@@ -32,8 +32,8 @@ def worker_nodes(ray_cluster):
 
 
 def search_argv(supernet, *extra):
-    return ["--level", "high", "--supernet", str(supernet), "--population", "12", "--mutations", "6",
-            "--crossovers", "6", "--topk", "4", *extra]
+    return ["--level", "high", "--supernet", str(supernet), "--search-unlearnt", "--population", "12", "--mutations",
+            "6", "--crossovers", "6", "--topk", "4", *extra]
 
 
 @ray.remote(num_cpus=2, resources={HEAD_NODE_RESOURCE: 0.001})

@@ -261,11 +261,12 @@ def test_a_supernet_of_another_space_or_level_is_refused(untrained_supernet, tmp
 def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
-    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet))
+    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt")
     from glit_ray.files import write_json
     write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
-    err = cli_error(main, ["--level", "high", "--supernet", str(untrained_supernet), "--seed", "3", "--out", str(out)])
+    err = cli_error(main, ["--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt", "--seed", "3",
+                           "--out", str(out)])
     assert "holds a different search run (seed: 0 -> 3)" in err
     assert (out / "best.json").read_text() == "{}"
 
@@ -290,7 +291,8 @@ def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, 
     from glit_ray import pareto
 
     out = tmp_path / "pareto"
-    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL, "--objective", "pareto",
+    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt", *SMALL,
+                               "--objective", "pareto",
                                "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out))
     rows = check_run(out, "high", improves=False)
     assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
