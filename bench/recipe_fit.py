@@ -3,10 +3,10 @@
 On two small real folders a user could bring (the shipped digits written as 28-px PNGs in ImageNet layout, about
 1,150 training images after the held-out fifth, with glit_micro at 28 px in 4-px patches; and the generated 224-px
 folder of the tests, 320 training images, with glit_pico), each recipe trains a high-level supernet and retrains one
-architecture from scratch for the same epochs, through the commands' own code (`train_supernet.main`, `retrain.main`):
+architecture from scratch (30 and 10 epochs, the README's), through the commands' own code (`train_supernet.main`, `retrain.main`):
 the supernet's probes and verdict (`glit_ray.verdict`), the retrained network's held-out and test top-1.
 
-    .venv/bin/python bench/recipe_fit.py [--epochs 10] [--record]
+    .venv/bin/python bench/recipe_fit.py [--supernet-epochs 30] [--epochs 10] [--record]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from harness import publish  # noqa: E402
 
 from glit_ray import retrain, train_supernet  # noqa: E402
 from glit_ray.files import read_json  # noqa: E402
+from glit_ray.recipe import PRESETS  # noqa: E402
 from glit_ray.space import SearchSpace  # noqa: E402
 from glit_ray.supernet import load_supernet  # noqa: E402
 from glit_ray.synthetic import write_digits_folder, write_imagefolder  # noqa: E402
@@ -40,15 +41,18 @@ def micro28(folder: Path) -> Path:
     return path
 
 
-def one_recipe(data: str, space: str, recipe: list[str], epochs: int, batch: int, out: Path) -> dict:
+def one_recipe(data: str, space: str, recipe: list[str], supernet_epochs: int, epochs: int, batch: int,
+               out: Path) -> dict:
     """Train a supernet and retrain one architecture with `recipe`'s flags; their figures."""
     arch = str(SearchSpace.load(space).sample("high", random.Random(0)))  # a G per block, its sizes the defaults
-    common = ["--space", space, "--data", data, "--epochs", str(epochs), *recipe]
+    common = ["--space", space, "--data", data, *recipe]
     started = time.perf_counter()
-    train_supernet.main(["--level", "high", *common, "--out", str(out / "supernet")])
+    train_supernet.main(["--level", "high", *common, "--epochs", str(supernet_epochs), "--out", str(out / "supernet")])
     supernet_seconds = time.perf_counter() - started
-    retrain.main(["--arch", arch, *common, "--batch-size", str(batch), "--out", str(out / "retrain")])
+    retrain.main(["--arch", arch, *common, "--epochs", str(epochs), "--batch-size", str(batch),
+                  "--out", str(out / "retrain")])
     preset = read_json(out / "retrain" / "run.json")["settings"]["recipe"]["preset"]
+    preset += " (lr: small-data's rule)" if "--lr-base" in recipe else ""
     verdict = of_meta(load_supernet(out / "supernet" / "supernet.pt")[1])
     metrics = read_json(out / "retrain" / "metrics.json")
     return {"recipe": preset, "verdict": verdict,
@@ -66,9 +70,12 @@ def row(folder: str, result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--supernet-epochs", type=int, default=30, help="train_supernet's default")
+    parser.add_argument("--epochs", type=int, default=10, help="retraining's")
     parser.add_argument("--batch", type=int, default=32, help="the retraining's batch (the supernet's: its default)")
     parser.add_argument("--folders", default="digits28,folder224")
+    parser.add_argument("--deit-at-small-lr", default="digits28",
+                        help="folders that also run DeiT's recipe at small-data's learning-rate rule")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
@@ -82,14 +89,25 @@ def main() -> None:
                                          "glit_pico")}
         for name in args.folders.split(","):
             data, space = folders[name]()
-            chosen = one_recipe(data, space, [], args.epochs, args.batch, tmp / name / "chosen")
-            deit = one_recipe(data, space, ["--recipe", "deit"], args.epochs, args.batch, tmp / name / "deit")
-            lines += [row(name, chosen), row(name, deit)]
-            ratios.append(f"{name}: retrained test top-1 chosen / deit = {chosen['test'] / max(deit['test'], 1e-9):.2f}; "
-                          f"probe median {chosen['verdict'].median:.1f} vs {deit['verdict'].median:.1f}")
-            print(lines[-2], lines[-1], sep="\n", flush=True)
-    body = "\n".join([*lines, "", *(f"- {r}" for r in ratios),
-                      "", f"{args.epochs} epochs each (supernet: batch 32; retraining: batch {args.batch})."])
+            recipes = {"chosen": [], "deit": ["--recipe", "deit"]}
+            if name in args.deit_at_small_lr.split(","):  # DeiT's augmentation at small-data's learning rate
+                rule = PRESETS["small-data"]
+                recipes["deit-lr"] = ["--recipe", "deit", "--lr-base", str(rule.lr_base), "--lr-base-size",
+                                      str(rule.lr_base_size), "--lr-base-scale", rule.lr_base_scale]
+            results = {tag: one_recipe(data, space, flags, args.supernet_epochs, args.epochs, args.batch,
+                                       tmp / name / tag) for tag, flags in recipes.items()}
+            for result in results.values():
+                lines.append(row(name, result))
+                print(lines[-1], flush=True)
+            chosen = results["chosen"]
+            for tag in (t for t in results if t != "chosen"):
+                other = results[tag]
+                ratios.append(f"{name}: retrained test top-1, chosen / {other['recipe']} = "
+                              f"{chosen['test'] / max(other['test'], 1e-9):.2f}; probe median {chosen['verdict'].median:.1f}"
+                              f" against {other['verdict'].median:.1f}")
+    body = "\n".join([*lines, "", *(f"- {r}" for r in ratios), "",
+                      f"Supernet: {args.supernet_epochs} epochs of batch 32 (train_supernet's defaults); retraining: "
+                      f"{args.epochs} epochs of batch {args.batch}."])
     publish("P13r", body, args.record)
 
 

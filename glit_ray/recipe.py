@@ -124,7 +124,7 @@ PRESETS = {
     # what learns in a few epochs on a few thousand small images (BENCHMARKS.md, P13r): AdamW with a cosine schedule
     # and one warm-up epoch, label smoothing, random crops of 80-100 % of the area with flips, nothing that mixes or
     # erases; the learning rate scaled by the square root of the batch, timm's rule for adaptive optimisers
-    "small-data": Recipe("small-data", lr_base=2e-3, lr_base_size=128, lr_base_scale="sqrt", warmup_epochs=1,
+    "small-data": Recipe("small-data", lr_base=3e-3, lr_base_size=32, lr_base_scale="sqrt", warmup_epochs=1,
                          warmup_lr=1e-5, aa=None, color_jitter=0.0, scale=(0.8, 1.0), reprob=0.0, mixup=0.0,
                          cutmix=0.0),
 }
@@ -185,6 +185,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, prefix: str = "", **co
         deit, small = getattr(PRESETS["deit"], f.name), getattr(PRESETS["small-data"], f.name)
         default = command_defaults.get(f.name)
         presets = f"{show(default)} here" if default is not None else f"deit {show(deit)}, small-data {show(small)}"
+        if f.name == "lr":
+            presets = "the rule"
         kind = {"aa": str, "scale": float, "opt": str, "sched": str, "remode": str, "lr_base_scale": str,
                 "lr_base_size": int, "warmup_epochs": int}.get(f.name, float)
         group.add_argument(f"--{prefix}{flag(f.name)}", dest=f"{prefix.replace('-', '_')}{f.name}", type=kind,

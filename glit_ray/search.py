@@ -246,15 +246,16 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
         raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
                         f"--population {settings.population}: generation 0 cannot fill; widen the limits or lower "
                         "--population")
-    if settings.supernet:  # checked before anything is written: its verdict too
+    if settings.supernet:
         check_supernet(Path(settings.supernet), space, level, settings.distribution)
-        about = {"supernet": learnt_or_refused(Path(settings.supernet), settings.search_unlearnt, console)}
     else:
         check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings.supernet_workers,
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
     if not pulling:
         check_run(out, settings, where.resume)  # a run dir that is not this run's is refused before Ray starts
+    if settings.supernet:  # a given supernet's verdict, before anything is written
+        about = {"supernet": learnt_or_refused(Path(settings.supernet), settings.search_unlearnt, console)}
     ensure_ray(where.address)  # what the cluster can hold is known before anything is written
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
     trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.gpus_per_worker,

@@ -34,8 +34,8 @@ def test_the_learning_rate_rule_is_timms_and_said_with_its_batch():
     deit, small = PRESETS["deit"], PRESETS["small-data"]
     assert deit.learning_rate(1024) == pytest.approx(1e-3)  # DeiT: 5e-4 x 1024 / 512
     assert deit.describe(256, 4) == "lr 0.001 = 0.0005 x 1024/512 (global batch 1024 = 256 x 4 workers)"
-    assert small.learning_rate(32) == pytest.approx(2e-3 * math.sqrt(32 / 128))  # timm's sqrt rule for AdamW
-    assert small.describe(32, 1) == "lr 0.001 = 0.002 x sqrt(32/128) (global batch 32 = 32 x 1 worker)"
+    assert small.learning_rate(128) == pytest.approx(3e-3 * math.sqrt(128 / 32))  # timm's sqrt rule for AdamW
+    assert small.describe(32, 1) == "lr 0.003 = 0.003 x sqrt(32/32) (global batch 32 = 32 x 1 worker)"
     given = Recipe("small-data", lr=3e-3)
     assert given.learning_rate(4096) == 3e-3 and given.describe(64, 2).startswith("lr 0.003 (--lr; global batch 128")
 
@@ -43,7 +43,7 @@ def test_the_learning_rate_rule_is_timms_and_said_with_its_batch():
 def test_the_header_says_the_preset_why_the_flags_set_over_it_and_the_learning_rate():
     recipe = dataclasses.replace(PRESETS["small-data"], mixup=0.2)
     assert header(recipe, 3_200, 28, 128, 1) == ("recipe: small-data (chosen for 3,200 training images of 28 px) with "
-                                                 "--mixup 0.2; lr 0.002 = 0.002 x sqrt(128/128) (global batch 128 = "
+                                                 "--mixup 0.2; lr 0.006 = 0.003 x sqrt(128/32) (global batch 128 = "
                                                  "128 x 1 worker)")
     assert header(PRESETS["deit"], 3_200, 28, 64, 1).startswith("recipe: deit (--recipe, on 3,200 training images")
 

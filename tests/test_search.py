@@ -29,7 +29,7 @@ from test_train_supernet import kill_when, ray_workers, signal_handlers, state_o
 from test_train_supernet import settings_for as supernet_settings
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
-         "--supernet-epochs", "2", "--heldout-images", "128"]
+         "--supernet-epochs", "2", "--heldout-images", "128", "--search-unlearnt"]  # 2 epochs: near chance
 
 DIGITS = build_splits("digits", 8, 1)
 
@@ -176,9 +176,9 @@ def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_u
     checkpoint, in the mirror), then mid-search with its run directory deleted (the head node and its disk are gone:
     resumed from the mirror). Its supernet and its candidates are the uninterrupted run's."""
     reference, argv = high_search  # the same search, uninterrupted
-    # the supernet it trains: `train_supernet --epochs 2 --batch-size 32`, without limits, so every probe path
+    # the supernet it trains: `train_supernet --epochs 5 --batch-size 32`, without limits, so every probe path
     assert json.loads((micro_supernet.parent / "run.json").read_text())["settings"] == \
-        json.loads(json.dumps(to_json(supernet_settings("--level", "high", "--epochs", "2", "--batch-size", "32"))))
+        json.loads(json.dumps(to_json(supernet_settings("--level", "high", "--epochs", "5", "--batch-size", "32"))))
     assert set(load_supernet(micro_supernet)[1]["probe_top1"]) == {"smallest", "largest", "random0", "random1", "random2"}
 
     out, bucket = tmp_path / "head" / "run", tmp_path / "bucket"
@@ -337,10 +337,16 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     _, console = high_search_process
     lines = console.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("supernet epoch ")] == \
-        ["supernet epoch 1/2", "supernet epoch 2/2"]
+        [f"supernet epoch {e}/5" for e in range(1, 6)]
     assert [line.split(":")[0] for line in lines if line.startswith("generation ")] == \
         [f"generation {g}/4" for g in range(1, 5)]
     assert any(line.startswith("best: ") for line in lines)
+    # the recipe chosen for the digits' 1,150 training images, and the supernet's verdict before the search scores
+    assert "recipe: small-data (chosen for 1,150 training images of 8 px) with --drop-path 0; lr 0.003 = 0.003 x " \
+           "sqrt(32/32) (global batch 32 = 32 x 1 worker)" in lines
+    verdict = [line for line in lines if line.startswith("verdict: ")]
+    assert len(verdict) == 1 and verdict[0].startswith("verdict: learnt: ")
+    assert lines.index(verdict[0]) < min(i for i, line in enumerate(lines) if line.startswith("generation "))
     # what it asked of the session's one 2-CPU node, and no wait: the node was up
     assert "supernet: 1 worker x (0 GPU, 2 CPU) on head" in lines
     assert "evaluators: 1 actor x (0 GPU, 1.8 CPU) on head" in lines
