@@ -11,11 +11,12 @@ split is never scored. Killed, the command resumes where it stopped when run aga
 its trials (`Tuner.restore`) and each trial resumes from its last epoch's checkpoint.
 
 Written into the search's run: RUN_DIR/shortlist.json (every candidate's search and shortlist
-top-1, epochs trained, the winner) and RUN_DIR/shortlist/ (Tune's experiment, one retraining
+top-1, epochs trained, the winner, and the Kendall tau between the two orders: how far the supernet's ranking held) and RUN_DIR/shortlist/ (Tune's experiment, one retraining
 directory per candidate with its checkpoints and TensorBoard).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from . import pareto
+from . import pareto, ranking
 from .cli import ArgumentParser, callers_signal_handlers, run
 from .data import build_splits
 from .errors import UserError
@@ -142,14 +143,26 @@ def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
         candidates[rank].update(shortlist_top1=metrics[METRIC], epochs=metrics["epoch"] + 1,
                                 stopped_early=metrics["epoch"] + 1 < settings.epochs)
     winner = max(candidates, key=lambda c: c["shortlist_top1"])
+    tau = order_agreement(candidates)
     record = {"run": str(run_dir), "epochs": settings.epochs, "scheduler": settings.scheduler, "candidates": candidates,
-              "winner": winner}
+              "winner": winner, "kendall_tau": tau}
     write_json(run_dir / RECORD, record)
     for i, c in enumerate(candidates):
         console.print(f"{i + 1}. {c['arch']}: search top-1 {c['search_top1']:.2f}%, after {c['epochs']} epoch(s) "
                       f"held-out top-1 {c['shortlist_top1']:.2f}%{' (stopped early)' if c['stopped_early'] else ''}")
+    if tau is not None:
+        console.print(f"the search's order against the shortlist's: Kendall tau {tau:.2f} over {len(candidates)} "
+                      "distributions (1: the same order, -1: reversed)")
     console.print(f"winner: {winner['arch']} ({run_dir / RECORD}); --level low --distribution {run_dir} takes it")
     return record
+
+
+def order_agreement(candidates: list[dict]) -> float | None:
+    """Kendall tau-b between the candidates' search (supernet) top-1 and their shortlist top-1 (None: fewer than two
+    candidates, or one side all ties)."""
+    tau = ranking.kendall([c["search_top1"] for c in candidates], [c["shortlist_top1"] for c in candidates]) \
+        if len(candidates) > 1 else math.nan
+    return None if math.isnan(tau) else tau
 
 
 def settings_from_args(args, run_dir: Path) -> ShortlistRun:

@@ -10,7 +10,7 @@ import torch
 from glit_ray import retrain, search, shortlist, train_supernet
 from glit_ray.errors import UserError
 from glit_ray.recipe import PRESETS, Recipe, choose_preset, header
-from glit_ray.settings import to_json
+from glit_ray.settings import Placement, to_json
 from glit_ray.supernet import GLiTSupernet, save_supernet
 from glit_ray.verdict import Verdict, chance_of, of_meta
 
@@ -107,3 +107,34 @@ def test_a_search_on_a_supernet_at_chance_stops_in_one_line_before_anything_is_w
     assert f"the supernet {supernet} has not learnt: its 5 probe paths score 11.1-16.3% (median 12.5%) on 288" in err
     assert "chance is 12.5%" in err and "more --supernet-epochs" in err and "--search-unlearnt" in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="session")
+def digits28(tmp_path_factory, micro):
+    """The shipped digits as a user's small folder: 28-px PNGs in ImageNet layout (1,438 train, 359 val), and
+    glit_micro sized for it (4-px patches: 49 tokens)."""
+    import yaml
+
+    from glit_ray.synthetic import write_digits_folder
+
+    root = tmp_path_factory.mktemp("digits28")
+    space = {**micro.to_dict(), "name": "glit_micro28", "img_size": 28, "patch_size": 4, "in_chans": 3}
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    return write_digits_folder(root / "data"), root / "space.yaml"
+
+
+def test_a_small_folder_of_28px_pngs_gets_the_small_data_recipe_and_learns(ray_session, digits28, tmp_path, capsys):
+    """What the issue's user met (DeiT's recipe kept a network on such a folder near chance): the recipe chosen for
+    1,150 training images, said in the header, and a network retrained with it for 2 epochs well above chance (with
+    horizontal flips, timm's default, which a user of digits would turn off)."""
+    folder, space = digits28
+    arch = "3:v1m4-3:v1m4-0:k5c2m4-2:k5c2v1m4-3:v1m4-3:v1m4"
+    metrics = retrain.retrain(retrain.settings_from_args(retrain.build_parser().parse_args(
+        ["--arch", arch, "--space", str(space), "--data", f"imagefolder:{folder}", "--epochs", "2", "--batch-size", "32",
+         "--out", str(tmp_path / "run")])), Placement(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert ("recipe: small-data (chosen for 1,150 training images of 28 px); lr 0.003 = 0.003 x sqrt(32/32) (global "
+            "batch 32 = 32 x 1 worker)") in err
+    assert metrics["test_top1"] >= 25, metrics  # chance is 10 %; 35.1 % measured (97 % after 10 epochs, P13r)
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["recipe"]
+    assert stored["preset"] == "small-data" and stored["mixup"] == 0 and stored["aa"] is None

@@ -1,10 +1,12 @@
 """The shortlist step: a high-level search's top distributions retrained briefly as Tune trials (resumed after a
 kill), the winner handed to the low level."""
 import json
+import math
 import shutil
 import sys
 
 import pytest
+import scipy.stats
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -83,6 +85,9 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
         assert len(set(logged)) == candidate["epochs"] and logged.count(min(logged)) == 1, logged
     assert not all(c["stopped_early"] for c in record["candidates"])
     assert record["winner"] == max(record["candidates"], key=lambda c: c["shortlist_top1"])
+    search_top1, trained = ([c[k] for c in record["candidates"]] for k in ("search_top1", "shortlist_top1"))
+    tau = scipy.stats.kendalltau(search_top1, trained).statistic  # what the search's order is worth: 2 candidates
+    assert record["kendall_tau"] == (None if math.isnan(tau) else pytest.approx(tau))
 
     low = search_settings_for("--level", "low", "--distribution", str(run_dir))
     assert "distribution from the shortlist of" in said(capsys)
