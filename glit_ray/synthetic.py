@@ -88,12 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--train-per-class", type=int, default=40)
     parser.add_argument("--val-per-class", type=int, default=10)
-    parser.add_argument("--size", type=int, default=256, help="pixels per side (default: 256, as ImageNet's short side)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="pixels per side (default: 256, as ImageNet's short side; 28 with --digits)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--digits", action="store_true",
                         help="write the shipped 8x8 digits as --size-px PNGs instead (1,438 train + 359 val; a small "
                              "real data set)")
     args = parser.parse_args(argv)
+    args.size = args.size or (28 if args.digits else 256)
     if args.path.exists() and (not args.path.is_dir() or any(args.path.iterdir())):
         raise UserError(f"{args.path} is not an empty folder; give a new folder")
     for name in ("classes", "train_per_class", "val_per_class", "size"):
