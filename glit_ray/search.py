@@ -192,8 +192,7 @@ def settings_from_args(args) -> SearchRun:
         pareto_cost=COST_COLUMNS[args.pareto_cost],
         latency=Latency(args.latency_batch, args.latency_max_ms) if latency else None, limits=limits,
         calib_batches=calib_batches, heldout_images=heldout_images, supernet_epochs=args.supernet_epochs,
-        supernet_workers=args.supernet_workers, supernet_recipe=recipe, search_unlearnt=args.search_unlearnt,
-        seed=args.seed)
+        supernet_workers=args.supernet_workers, supernet_recipe=recipe, seed=args.seed)
 
 
 def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> None:
@@ -220,13 +219,18 @@ def learnt_or_refused(supernet: Path, anyway: bool, console: Console) -> dict:
                "has learnt is unknown")
     if not anyway:
         raise UserError(f"{problem}; train it longer (more --supernet-epochs) or with another recipe (--supernet-recipe, "
-                        "--supernet-lr) in a new --out, or pass --search-unlearnt to search it anyway")
+                        "--supernet-lr) in a new --out, or run the same command with --search-unlearnt to search it "
+                        "anyway")
     console.print(f"searching anyway (--search-unlearnt): {problem}; its ranking is noise")
     return {**(verdict.as_dict() if verdict else {"learnt": None}), "searched_unlearnt": True}
 
 
-def search(settings: SearchRun, where: Placement, console: Console | None = None) -> dict:
+def search(settings: SearchRun, where: Placement, console: Console | None = None, search_unlearnt: bool = False) -> dict:
     """Run (or resume) a search; returns best.json's content.
+
+    `search_unlearnt` (--search-unlearnt) searches a supernet whose verdict is that it has not learnt, and best.json
+    says so. It is not one of the run's settings: a search refused for its supernet resumes with it, the trained
+    supernet kept.
 
     `where.actors` and `where.gpus_per_actor` are the evaluators', `where.gpus_per_worker` and `cpus_per_worker`
     those of the supernet's Ray Train workers when the search trains it (`resources.plan`).
@@ -255,7 +259,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     if not pulling:
         check_run(out, settings, where.resume)  # a run dir that is not this run's is refused before Ray starts
     if settings.supernet:  # a given supernet's verdict, before anything is written
-        about = {"supernet": learnt_or_refused(Path(settings.supernet), settings.search_unlearnt, console)}
+        about = {"supernet": learnt_or_refused(Path(settings.supernet), search_unlearnt, console)}
     ensure_ray(where.address)  # what the cluster can hold is known before anything is written
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
     trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.gpus_per_worker,
@@ -278,7 +282,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     if mirror:
         mirror.push()
     if not settings.supernet:
-        about = {"supernet": learnt_or_refused(supernet, settings.search_unlearnt, console)}
+        about = {"supernet": learnt_or_refused(supernet, search_unlearnt, console)}
 
     searcher = EvolutionSearcher(settings, splits.num_classes)
     with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,
@@ -345,7 +349,8 @@ def print_table(console: Console, title: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     ray_workarounds.apply()
-    search(settings_from_args(args), Placement.from_args(args, out=args.out or Path("runs") / f"search-{args.level}"))
+    search(settings_from_args(args), Placement.from_args(args, out=args.out or Path("runs") / f"search-{args.level}"),
+           search_unlearnt=args.search_unlearnt)
 
 
 if __name__ == "__main__":

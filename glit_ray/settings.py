@@ -89,7 +89,6 @@ class SearchRun:
     supernet_epochs: int
     supernet_workers: int
     supernet_recipe: Recipe | None  # the recipe of the supernet the search trains (None: it is given one)
-    search_unlearnt: bool  # search a supernet whose probes are no better than chance (`verdict`), said in best.json
     seed: int
 
 
@@ -147,7 +146,7 @@ def to_json(settings) -> dict[str, Any]:
 
 
 # fields added since the release before training recipes (2291a49), with what a run file without them meant
-ADDED = {"supernet_recipe": None, "search_unlearnt": False}
+ADDED = {"supernet_recipe": None}
 
 
 def from_json(kind: str, stored: dict, source: str = "run.json"):

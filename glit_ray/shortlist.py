@@ -37,7 +37,7 @@ from .retrain import train_loop as retrain_loop
 from .runs import RUN_FILE, check_run, kind_in, open_run, settings_in
 from .settings import Placement, RetrainRun, SearchRun, ShortlistRun, Training
 from .training import (TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest, ensure_ray, fit,
-                       say_recipe)
+                       say_recipe, training_recipe)
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 METRIC = "heldout_top1"

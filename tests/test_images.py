@@ -1,8 +1,8 @@
 """The real image path: 224-px JPEGs in a class-sorted ImageFolder through augmentation, sampling, decoding,
 training, search and retraining (what the 8x8 digits cannot show)."""
 import json
+import math
 import random
-import statistics
 from collections import Counter
 
 import numpy as np
@@ -211,13 +211,14 @@ def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, capsys)
 
 @pytest.mark.timeout(600)
 def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path, capsys):
-    """The front door on 224-px JPEGs with the defaults a user gets: the small-data recipe, chosen for the folder's
-    320 training images and said in the header; the supernet trains 6 epochs of 10 batches each and learns (its
-    probe paths end clear of chance: the verdict the search checks before scoring), the search scores on the fixed
-    sets."""
+    """The front door on 224-px JPEGs with the defaults a user gets, as a user meets the verdict: the small-data
+    recipe, chosen for the folder's 320 training images and said in the header; a supernet of 6 epochs of 10 batches
+    that trains (its loss falls) but whose probes stay within the noise of 80 held-out images (P13r: 30 epochs learn),
+    so the search stops in one line and keeps it; the same command with --search-unlearnt then searches it, scoring
+    on the fixed sets, and best.json says so."""
     from glit_ray import search as searching
+    from glit_ray.cli import run as run_command
     from glit_ray.results import read_candidates
-    from glit_ray.settings import Placement
     from glit_ray.supernet import load_supernet
 
     data = f"imagefolder:{folder224}"
@@ -225,23 +226,28 @@ def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path, 
     argv = ["--level", "high", "--space", "glit_pico", "--data", data, "--supernet-epochs", "6", "--population", "6",
             "--generations", "2", "--mutations", "3", "--crossovers", "3", "--topk", "3", "--calib-batches", "2",
             "--heldout-images", "40", "--out", str(run)]
-    best = searching.search(searching.settings_from_args(searching.build_parser().parse_args(argv)), Placement(run))
-    net, meta = load_supernet(run / "supernet" / "supernet.pt")
+    with pytest.raises(SystemExit):
+        run_command(searching.main, argv)
     err = capsys.readouterr().err
     assert "recipe: small-data (chosen for 320 training images of 224 px) with --drop-path 0; lr 0.003 = " in err
-    assert "\nsupernet: learnt: its 5 probe paths score " in err
-    assert best["supernet"]["learnt"] and not best["supernet"]["searched_unlearnt"]
+    refusal = err.strip().splitlines()[-1]
+    assert refusal.startswith(f"error: the supernet {run / 'supernet' / 'supernet.pt'} has not learnt: its 5 probe ")
+    assert "--search-unlearnt" in refusal and not (run / "candidates").exists()
+    net, meta = load_supernet(run / "supernet" / "supernet.pt")
     assert net.patch_embed.img_size == (224, 224) and meta["epochs"] == 6 and meta["last_epoch"]["loss"] > 0
+    assert meta["last_epoch"]["loss"] < 0.9 * math.log(10)  # it trains: below the loss of a guess
     last = meta["last_epoch"]  # how long its step waited for the loader processes, and the step's own rate
     assert 0 <= last["input_wait"] < 1 and last["step_images_per_s"] >= last["images_per_s"] > 0
-    chance = 100 / 10
-    assert statistics.fmean(meta["probe_top1"].values()) >= 1.5 * chance, meta["probe_top1"]  # 2.3x measured
+
+    run_command(searching.main, [*argv, "--search-unlearnt"])  # resumes: the trained supernet is kept
+    err = capsys.readouterr().err
+    assert "supernet already trained" in err and "searching anyway (--search-unlearnt): the supernet " in err
+    best = json.loads((run / "best.json").read_text())
+    assert best["supernet"]["searched_unlearnt"] and not best["supernet"]["learnt"]
     rows = read_candidates(run).to_pylist()
-    assert statistics.median(r["top1"] for r in rows) >= 1.5 * chance, [r["top1"] for r in rows]  # 2.1x measured
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
     assert all(r["top1"] * 40 / 100 == pytest.approx(round(r["top1"] * 40 / 100)) for r in rows)  # on 40 images
-    assert best["arch"] in {r["arch"] for r in rows}
-    assert json.loads((run / "best.json").read_text())["arch"] == best["arch"]  # what `retrain --arch RUN_DIR` takes
+    assert best["arch"] in {r["arch"] for r in rows}  # what `retrain --arch RUN_DIR` takes
 
 
 def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, tmp_path):

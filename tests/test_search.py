@@ -29,7 +29,7 @@ from test_train_supernet import kill_when, ray_workers, signal_handlers, state_o
 from test_train_supernet import settings_for as supernet_settings
 
 SMALL = ["--population", "8", "--generations", "3", "--mutations", "4", "--crossovers", "4", "--topk", "4",
-         "--supernet-epochs", "2", "--heldout-images", "128", "--search-unlearnt"]  # 2 epochs: near chance
+         "--supernet-epochs", "2", "--heldout-images", "128"]
 
 DIGITS = build_splits("digits", 8, 1)
 
@@ -77,7 +77,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
                             "--flops-max", str(flops_max))
     handlers = signal_handlers()
-    best_low = search(settings, Placement(low, mirror=bucket.as_uri(), actors=1))
+    best_low = search(settings, Placement(low, mirror=bucket.as_uri(), actors=1), search_unlearnt=True)  # 2 epochs
     # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
     assert signal_handlers() == handlers
     assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
@@ -261,7 +261,7 @@ def test_a_supernet_of_another_space_or_level_is_refused(untrained_supernet, tmp
 def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_path, cli_error):
     out = tmp_path / "run"
     out.mkdir()
-    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt")
+    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet))
     from glit_ray.files import write_json
     write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
@@ -291,9 +291,12 @@ def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, 
     from glit_ray import pareto
 
     out = tmp_path / "pareto"
-    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt", *SMALL,
+    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL,
                                "--objective", "pareto",
-                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out))
+                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out),
+                  search_unlearnt=True)
+    assert best["supernet"] == {"learnt": None, "searched_unlearnt": True}  # no probes kept: said, and searched anyway
+    assert json.loads((out / "best.json").read_text())["supernet"] == best["supernet"]
     rows = check_run(out, "high", improves=False)
     assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
     front = [r["arch"] for r in pareto.front(rows, "latency_ms")]
@@ -341,12 +344,15 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     assert [line.split(":")[0] for line in lines if line.startswith("generation ")] == \
         [f"generation {g}/4" for g in range(1, 5)]
     assert any(line.startswith("best: ") for line in lines)
-    # the recipe chosen for the digits' 1,150 training images, and the supernet's verdict before the search scores
+    # the recipe chosen for the digits' 1,150 training images, and the supernet's verdict (the run's last line of
+    # training, then the search's check: stderr's lines, apart from the generations' lines on stdout)
     assert "recipe: small-data (chosen for 1,150 training images of 8 px) with --drop-path 0; lr 0.003 = 0.003 x " \
            "sqrt(32/32) (global batch 32 = 32 x 1 worker)" in lines
     verdict = [line for line in lines if line.startswith("verdict: ")]
     assert len(verdict) == 1 and verdict[0].startswith("verdict: learnt: ")
-    assert lines.index(verdict[0]) < min(i for i, line in enumerate(lines) if line.startswith("generation "))
+    assert any(line.startswith("supernet: learnt: its 5 probe paths score ") for line in lines)
+    best = json.loads((high_search_process[0] / "best.json").read_text())
+    assert best["supernet"]["learnt"] and not best["supernet"]["searched_unlearnt"]
     # what it asked of the session's one 2-CPU node, and no wait: the node was up
     assert "supernet: 1 worker x (0 GPU, 2 CPU) on head" in lines
     assert "evaluators: 1 actor x (0 GPU, 1.8 CPU) on head" in lines
