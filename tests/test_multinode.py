@@ -32,8 +32,8 @@ def worker_nodes(ray_cluster):
 
 
 def search_argv(supernet, *extra):
-    return ["--level", "high", "--supernet", str(supernet), "--search-unlearnt", "--population", "12", "--mutations",
-            "6", "--crossovers", "6", "--topk", "4", *extra]
+    return ["--level", "high", "--supernet", str(supernet), "--population", "12", "--mutations", "6",
+            "--crossovers", "6", "--topk", "4", *extra]
 
 
 @ray.remote(num_cpus=2, resources={HEAD_NODE_RESOURCE: 0.001})
@@ -74,7 +74,8 @@ def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_n
     argv = search_argv(untrained_supernet, "--generations", "3", "--actors", "4", "--heldout-images", "128")
     settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(best=search(settings, Placement(tmp_path, actors=4))))
+    thread = threading.Thread(target=lambda: outcome.update(  # an untrained supernet: what is scored where is the point
+        best=search(settings, Placement(tmp_path, actors=4), search_unlearnt=True)))
     thread.start()
     generation0 = tmp_path / "candidates" / "gen-0000.parquet"
     assert wait_for(generation0.exists, 180), "no generation 0 within 180 s"
