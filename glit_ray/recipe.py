@@ -16,6 +16,8 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
+from timm.optim import list_optimizers
+
 from .errors import UserError
 
 PRESET_NAMES = ("deit", "small-data")
@@ -54,8 +56,6 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, "scale", tuple(self.scale))  # (frozen) JSON gives a list
-        from timm.optim import list_optimizers  # here: the module imports no torch for the CLI's --help
-
         if self.preset not in PRESET_NAMES:
             raise UserError(f"--recipe {self.preset!r} is not a preset; give one of {', '.join(PRESET_NAMES)}")
         if self.opt not in list_optimizers():
