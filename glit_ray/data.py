@@ -25,6 +25,8 @@ per batch (`normalize`). An image that cannot be decoded stops the run with one 
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import pickle
 import random
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from timm.data.auto_augment import AugmentOp
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.folder import make_dataset
 
 from .errors import UserError
 from .recipe import PRESETS, Recipe
@@ -210,11 +213,30 @@ def _imagefolder(path: Path):
         if not split.is_dir():
             raise UserError(f"{split} is missing: imagefolder:PATH needs PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg")
         try:
-            return ImageFolder(str(split), transform=transform, loader=load_rgb)
+            return ListedImageFolder(str(split), transform=transform, loader=load_rgb)
         except (FileNotFoundError, OSError) as exc:
             raise UserError(f"{split}: {exc}; put images in one sub-folder per class") from None
 
     return make
+
+
+class ListedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose file listing this process keeps while no class folder changes (its mtime): a
+    command builds the splits to choose its recipe (`training.training_images`) and again to run, and listing
+    ImageNet's 1.28 M files is the slow part of both."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        stamps = tuple(os.stat(os.path.join(directory, name)).st_mtime_ns for name in sorted(class_to_idx))
+        return list(_listing(str(directory), tuple(sorted(class_to_idx.items())), extensions, is_valid_file,
+                             allow_empty, stamps))
+
+
+@functools.lru_cache(maxsize=4)
+def _listing(directory: str, classes: tuple, extensions, is_valid_file, allow_empty: bool, stamps: tuple) -> tuple:
+    """torchvision's listing of `directory`, cached by its classes and their folders' modification times."""
+    return tuple(make_dataset(directory, dict(classes), extensions=extensions, is_valid_file=is_valid_file,
+                              allow_empty=allow_empty))
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> torch.Tensor:

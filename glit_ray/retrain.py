@@ -1,9 +1,10 @@
 """`python -m glit_ray.retrain --arch RUN_DIR|best.json|ARCH --out RUN_DIR`: train a found architecture.
 
 The search ranks architectures by inherited supernet weights; the paper then trains the winner from
-scratch with the DeiT recipe, and so does this, with the recipe that fits the data set (`glit_ray.recipe`;
-`glit_ray.training`, on Ray Train workers, checkpointed every epoch and resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged
-every epoch; the test split, never seen by the search, is scored once, after the last epoch.
+scratch with the DeiT recipe, and so does this, with the recipe that fits the data set
+(`glit_ray.recipe`; `glit_ray.training`, on Ray Train workers, checkpointed every epoch and
+resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged every epoch; the test split,
+never seen by the search, is scored once, after the last epoch.
 
 `--from-supernet CKPT` starts from the weights the architecture inherits from a supernet instead
 (their held-out top-1 after BatchNorm recalibration is measured first: a check that inheritance

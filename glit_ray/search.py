@@ -5,8 +5,8 @@ then evolves architectures with `EvolutionSearcher`: one Tune trial per generati
 candidates are scored by `--actors` long-lived evaluator actors holding the supernet. Results go
 to RUN_DIR/candidates/*.parquet (one row per candidate, with lineage), RUN_DIR/best.json and
 RUN_DIR/tb. A supernet whose probes are no better than chance is not searched (`glit_ray.verdict`;
-`--search-unlearnt` searches it anyway, and best.json says so). `--level low` takes the best G distribution of a high-level run (`--distribution
-RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--resume`.
+`--search-unlearnt` searches it anyway, and best.json says so). `--level low` takes the best G
+distribution of a high-level run (`--distribution RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--resume`.
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ split is never scored. Killed, the command resumes where it stopped when run aga
 its trials (`Tuner.restore`) and each trial resumes from its last epoch's checkpoint.
 
 Written into the search's run: RUN_DIR/shortlist.json (every candidate's search and shortlist
-top-1, epochs trained, the winner, and the Kendall tau between the two orders: how far the supernet's ranking held) and RUN_DIR/shortlist/ (Tune's experiment, one retraining
-directory per candidate with its checkpoints and TensorBoard).
+top-1, epochs trained, the winner, and the Kendall tau between the two orders: how far the
+supernet's ranking held) and RUN_DIR/shortlist/ (Tune's experiment, one retraining directory per
+candidate with its checkpoints and TensorBoard).
 """
 from __future__ import annotations
 

@@ -188,8 +188,9 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
     probes = {k.removeprefix("probe_").removesuffix("_top1"): v for k, v in state["metrics"].items() if k.startswith("probe_")}
     last_epoch = {k: v for k, v in state["metrics"].items() if not k.startswith("probe_")}
     held_out = probe_heldout(splits)
+    verdict = Verdict(probes, chance_of(held_out), len(held_out))
     save_supernet(net, target, data=settings.data, epochs=settings.epochs, seed=settings.seed, limits=settings.limits.as_dict(),
-                  probe_top1=probes, probe_chance=chance_of(held_out), probe_images=len(held_out), last_epoch=last_epoch)
+                  probe_top1=probes, probe_chance=verdict.chance, probe_images=verdict.images, last_epoch=last_epoch)
     table = Table(title=f"probe paths, held-out top-1 after epoch {settings.epochs}")
     table.add_column("path")
     table.add_column("top-1 %", justify="right")
@@ -197,7 +198,7 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
         table.add_row(name, f"{top1:.1f}")
     console.print(table)
     console.print(f"supernet: {target}")
-    console.print(Verdict(probes, chance_of(held_out), len(held_out)).line())
+    console.print(verdict.line())
     return target
 
 
