@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
+import warnings
 
 from scipy import stats
 
@@ -18,11 +20,14 @@ RESAMPLES = 2000
 
 def kendall(a: list[float], b: list[float]) -> float:
     """Kendall tau-b (ties counted as scipy counts them); NaN when either side is constant."""
-    return float(stats.kendalltau(a, b).statistic)
+    with warnings.catch_warnings(action="ignore", category=stats.ConstantInputWarning):
+        return float(stats.kendalltau(a, b).statistic)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    return float(stats.spearmanr(a, b).statistic)
+    """Spearman's rho; NaN when either side is constant."""
+    with warnings.catch_warnings(action="ignore", category=stats.ConstantInputWarning):
+        return float(stats.spearmanr(a, b).statistic)
 
 
 def interval(a: list[float], b: list[float], statistic, resamples: int = RESAMPLES,
@@ -66,3 +71,77 @@ def agreement(supernet: list[float], standalone: list[float], k: int, seed: int 
         "precision_at_k": precision_at_k(supernet, standalone, k),
         "k": k,
     }
+
+
+def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
+    """The audit's verdict from its table's rows (one per trained network; `glit_ray.audit`): the agreement over
+    the networks the supernet scored (each network's standalone top-1 the mean over its seeds), the found
+    network's (the search's rank 1) percentile among the `random` group and its margin over each group of
+    `baselines`, and the seed-to-seed spread of one training beside the spread between networks."""
+    trained: dict[str, list[dict]] = {}
+    for row in rows:
+        trained.setdefault(row["arch"], []).append(row)
+    nets = [{"arch": arch, "group": runs[0]["group"], "winner": runs[0]["winner"], "supernet": runs[0]["supernet_top1"],
+             "standalone": statistics.fmean(r["standalone_top1"] for r in runs),
+             "sd": statistics.stdev(r["standalone_top1"] for r in runs) if len(runs) > 1 else None}
+            for arch, runs in trained.items()]
+    scored = [n for n in nets if n["supernet"] is not None]
+    verdict: dict = {"networks": len(nets), "trainings": len(rows)}
+    if len(scored) >= 3:
+        verdict.update(agreement([n["supernet"] for n in scored], [n["standalone"] for n in scored],
+                                 min(k, len(scored))))
+    winner = next(n for n in nets if n["winner"])
+    verdict["winner"] = {"arch": winner["arch"], "standalone_top1": winner["standalone"],
+                         "supernet_top1": winner["supernet"]}
+    randoms = [n["standalone"] for n in nets if n["group"] == "random"]
+    if randoms:
+        below = sum(v < winner["standalone"] for v in randoms) + 0.5 * sum(v == winner["standalone"] for v in randoms)
+        verdict["random"] = {"networks": len(randoms), "mean_top1": statistics.fmean(randoms), "best_top1": max(randoms),
+                             "winner_percentile": 100 * below / len(randoms)}
+    verdict["margin_over"] = {n["group"]: winner["standalone"] - n["standalone"] for n in nets
+                              if n["group"] in baselines}
+    sds = [n["sd"] for n in nets if n["sd"] is not None]
+    if sds and len(nets) > 1:
+        verdict["seed_sd"] = statistics.fmean(sds)
+        verdict["between_networks_sd"] = statistics.stdev(n["standalone"] for n in nets)
+    return verdict
+
+
+def verdict_lines(verdict: dict) -> list[str]:
+    """The audit's verdict as the console and the report say it."""
+    def figure(value: float, digits: int = 2) -> str:
+        return "undefined" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    lines = []
+    if "kendall_tau" in verdict:
+        (tau_lo, tau_hi), (rho_lo, rho_hi) = verdict["kendall_tau_95"], verdict["spearman_rho_95"]
+        lines += [f"supernet against standalone top-1 over {verdict['architectures']} networks: Kendall tau-b "
+                  f"{figure(verdict['kendall_tau'])} (95 % interval {figure(tau_lo)} to {figure(tau_hi)}), Spearman "
+                  f"rho {figure(verdict['spearman_rho'])} ({figure(rho_lo)} to {figure(rho_hi)})",
+                  f"within the supernet's top {verdict['top_architectures']}: tau {figure(verdict['top_kendall_tau'])}; "
+                  f"precision at {verdict['k']}: {round(verdict['precision_at_k'] * verdict['k'])} of the supernet's "
+                  f"top {verdict['k']} are in the standalone top {verdict['k']}"]
+    winner, found = verdict["winner"], f"found architecture: {verdict['winner']['standalone_top1']:.2f} % standalone"
+    if winner["supernet_top1"] is not None:
+        found += f" (supernet {winner['supernet_top1']:.2f} %)"
+    if "random" in verdict:
+        r = verdict["random"]
+        found += (f", above {r['winner_percentile']:.0f} % of {r['networks']} random networks of its FLOPs band "
+                  f"(mean {r['mean_top1']:.2f} %, best {r['best_top1']:.2f} %)")
+    margins = [f"{m:+.2f} pts over the {group}" for group, m in verdict["margin_over"].items()]
+    lines.append(found + ("; " + ", ".join(margins) if margins else ""))
+    if "seed_sd" in verdict:
+        lines.append(f"seed noise: one training's sd {verdict['seed_sd']:.2f} pts, against an sd of "
+                     f"{verdict['between_networks_sd']:.2f} pts between the networks' means")
+    reading = []
+    if "kendall_tau" in verdict:
+        low = verdict["kendall_tau_95"][0]
+        reading.append("the supernet orders networks better than chance" if low > 0 else
+                       "the supernet's order cannot be told from chance over this sample")
+    if "random" in verdict:
+        reading.append("its find beats 80 % of random networks of its cost"
+                       if verdict["random"]["winner_percentile"] >= 80 else
+                       "its find does not beat 80 % of random networks of its cost")
+    if reading:
+        lines.append("reading: " + "; ".join(reading))
+    return lines

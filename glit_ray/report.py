@@ -3,7 +3,9 @@
 Reads only the runs' Parquet rows, and writes under OUT (default: the first RUN_DIR/report):
 evolution.png (best and spread of held-out top-1 per generation, each run overlaid),
 pareto.png (top-1 against FLOPs, the Pareto front of each run marked), split.png (the
-global/local head split of every block of the first run's top-k) and summary.md.
+global/local head split of every block of the first run's top-k) and summary.md. When the first
+run has been audited (`glit_ray.audit`), audit.png (supernet against standalone top-1, groups
+coloured, the found architecture marked) and the audit's verdict in summary.md.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from matplotlib.ticker import MaxNLocator
 
 from . import pareto
 from .arch import Architecture
+from .audit import FOLDER as AUDIT, RECORD as AUDIT_RECORD, TABLE as AUDIT_TABLE, read_table
 from .cli import ArgumentParser, run
 from .errors import UserError
-from .files import write_atomic
+from .files import read_json, write_atomic
+from .ranking import verdict_lines
 from .results import best_record, read_candidates
 
 TOPK = 10
@@ -94,6 +98,34 @@ def plot_split(topk: list[dict], path: Path) -> None:
     save(fig, path)
 
 
+def plot_audit(rows: list[dict], verdict: dict, path: Path) -> None:
+    """Each audited network's supernet top-1 against its standalone top-1 (the mean over its seeds, their range as
+    a bar), coloured by group; the found architecture ringed."""
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    trained: dict[str, list[dict]] = {}
+    for row in rows:
+        trained.setdefault(row["arch"], []).append(row)
+    for group in dict.fromkeys(row["group"] for row in rows):
+        nets = [runs for runs in trained.values() if runs[0]["group"] == group and runs[0]["supernet_top1"] is not None]
+        if not nets:
+            continue
+        x = [runs[0]["supernet_top1"] for runs in nets]
+        scores = [[r["standalone_top1"] for r in runs] for runs in nets]
+        y = [statistics.fmean(s) for s in scores]
+        ax.errorbar(x, y, yerr=[[m - min(s) for m, s in zip(y, scores)], [max(s) - m for m, s in zip(y, scores)]],
+                    fmt="o", ms=5, alpha=0.8, capsize=2, label=f"{group} ({len(nets)})")
+    winner = verdict["winner"]
+    if winner["supernet_top1"] is not None:
+        ax.scatter([winner["supernet_top1"]], [winner["standalone_top1"]], s=220, facecolors="none",
+                   edgecolors="black", lw=2, label="found architecture", zorder=5)
+    tau = verdict.get("kendall_tau")
+    ax.set(xlabel="supernet held-out top-1 (%)", ylabel="standalone held-out top-1 (%)",
+           title="supernet against training on their own" + (f": Kendall tau {tau:.2f}" if tau is not None else ""))
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
 def save(fig: Figure, path: Path) -> None:
     """Render to PNG and write it atomically."""
     fig.tight_layout()
@@ -102,7 +134,8 @@ def save(fig: Figure, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def summary_markdown(summaries: dict[str, dict]) -> str:
+def summary_markdown(summaries: dict[str, dict], audit: dict | None = None) -> str:
+    """summary.md: each run's counts, best and top-k, the first run's `audit` (audit.json) when it has one."""
     lines = ["# Search report", ""]
     for name, s in summaries.items():
         best = s["best"]
@@ -119,6 +152,11 @@ def summary_markdown(summaries: dict[str, dict]) -> str:
                       f"| {r['generation']} |" for i, r in enumerate(s["topk"], 1)]
             lines.append("")
     lines += ["![evolution](evolution.png)", "", "![pareto](pareto.png)", "", "![split](split.png)", ""]
+    if audit:
+        lines += ["## Audit", "", f"{audit['verdict']['networks']} networks trained on their own, {audit['seeds']} "
+                  f"seed(s) x {audit['epochs']} epochs each (python -m glit_ray.audit):", ""]
+        lines += [f"- {line}" for line in verdict_lines(audit["verdict"])]
+        lines += ["", "![audit](audit.png)", ""]
     return "\n".join(lines)
 
 
@@ -130,7 +168,11 @@ def report(run_dirs: list[Path], out: Path | None = None) -> Path:
     plot_evolution(summaries, out / "evolution.png")
     plot_pareto(summaries, out / "pareto.png")
     plot_split(next(iter(summaries.values()))["topk"], out / "split.png")
-    write_atomic(out / "summary.md", summary_markdown(summaries).encode())
+    audited = Path(run_dirs[0]) / AUDIT
+    audit = read_json(audited / AUDIT_RECORD) if (audited / AUDIT_RECORD).is_file() else None
+    if audit:
+        plot_audit(read_table(audited / AUDIT_TABLE), audit["verdict"], out / "audit.png")
+    write_atomic(out / "summary.md", summary_markdown(summaries, audit).encode())
     return out
 
 

@@ -75,6 +75,18 @@ def read_candidates(run_dir: Path) -> pa.Table:
     return pa.concat_tables([read_generation(f) for f in files]) if files else SCHEMA.empty_table()
 
 
+def ranked_architectures(run_dir: Path) -> list[dict]:
+    """Each distinct architecture the search in `run_dir` scored, as its best row, best first (`pareto.by_top1`:
+    best.json's order); a UserError when it has scored none."""
+    best: dict[str, dict] = {}
+    for row in pareto.by_top1([r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"]):
+        best.setdefault(row["arch"], row)
+    if not best:
+        raise UserError(f"{run_dir} has no scored candidate yet (no finished generation); let its search finish a "
+                        "generation first")
+    return list(best.values())
+
+
 def repair_generations(run_dir: Path, scored: list[dict], level: str) -> list[str]:
     """Rebuild each unreadable generation file from `scored`, the rows of Tune's snapshot of the searcher;
     one the snapshot does not hold yet is set aside as NAME.corrupt (Tune runs that generation again).

@@ -81,6 +81,19 @@ def settings_in(existing: Any, kind: str, run_file: Path):
     return from_json(kind, existing["settings"], source=str(run_file))
 
 
+def search_settings(run_dir: Path, level: str | None = None):
+    """The settings of the search run in `run_dir` (of `level`, when given), or a UserError saying it is none."""
+    run_file, which = run_dir / RUN_FILE, f"{level}-level search" if level else "search"
+    command = f"python -m glit_ray.search{f' --level {level}' if level else ''}"
+    if not run_file.is_file():
+        raise UserError(f"{run_dir} is not a glit_ray search run (no {RUN_FILE}); give the RUN_DIR of a {which}")
+    existing = read_json(run_file)
+    search = settings_in(existing, "search", run_file) if kind_in(existing) == "search" else None
+    if search is None or level not in (None, search.level):
+        raise UserError(f"{run_dir} is not a {which} run; give the RUN_DIR of {command}")
+    return search
+
+
 def resolve_distribution(value: str, space: SearchSpace) -> tuple[int, ...]:
     """The G distribution named by `--distribution`; for a run directory, a console line says where it came from.
 

@@ -1,7 +1,7 @@
 """Run settings: what defines a run apart from where and how it runs, as frozen dataclasses.
 
 A command parses its command line once into a run's settings (`SearchRun`, `SupernetRun`, `RetrainRun`,
-`ShortlistRun`: what run.json holds and a resume must repeat) and a `Placement` (where the run directory is,
+`ShortlistRun`, `AuditRun`: what run.json holds and a resume must repeat) and a `Placement` (where the run directory is,
 which cluster, what each worker asks of it: free to change between a run and its resume). Both travel whole,
 to Ray Train workers, evaluator actors and Tune trials, as Ray's own `ScalingConfig` does. run.json holds
 `to_json(settings)`; `from_json` is the one way back, and refuses a key it does not know.
@@ -66,6 +66,17 @@ class ShortlistRun(Training):
 
 
 @dataclass(frozen=True)
+class AuditRun(Training):
+    """A search's audit: `sample` architectures of its ranking (its `top` among them), `random` ones within `band`
+    of the winner's FLOPs and the baselines, each trained `seeds` times (`glit_ray.audit`)."""
+    sample: int
+    top: int
+    random: int
+    band: float
+    seeds: int
+
+
+@dataclass(frozen=True)
 class SearchRun:
     """One level's evolutionary search (and the supernet it trains when it is given none)."""
     space: SearchSpace
@@ -120,7 +131,8 @@ class Placement:
         return cls(**{**given, "out": out or args.out})
 
 
-KINDS = {"search": SearchRun, "supernet": SupernetRun, "retrain": RetrainRun, "shortlist": ShortlistRun}
+KINDS = {"search": SearchRun, "supernet": SupernetRun, "retrain": RetrainRun, "shortlist": ShortlistRun,
+         "audit": AuditRun}
 # fields stored in JSON as something else: (to JSON, from JSON)
 _STORED = {
     "space": (SearchSpace.to_dict, lambda value: SearchSpace.from_dict(value, source="run.json")),

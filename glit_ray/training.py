@@ -300,6 +300,7 @@ class TrainJob:
     grad_checkpointing: bool = False  # the network recomputes its blocks' activations in the backward pass
     torchcompile: str | None = None  # the torch.compile backend the network's operations are compiled with
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
+    epoch_lines: bool = True  # a console line per epoch (an audit's many trials say one line each when finished)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
 
     @classmethod
@@ -472,8 +473,12 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         for name in ("loss", "images_per_s", "input_wait", *scores):
             writer.add_scalar(f"epoch/{name}", metrics[name], (epoch + 1) * steps)
         writer.flush()
-        say(f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, {metrics['images_per_s']:.0f} images/s, "
-            + line + input_bound(metrics))
+        line = (f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, "
+                f"{metrics['images_per_s']:.0f} images/s, " + line + input_bound(metrics))
+        if job.epoch_lines:
+            say(line)
+        else:
+            print(line)  # the worker's log only (`ray_workarounds` keeps it off the console)
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()
@@ -528,6 +533,13 @@ def previous_run(storage: str) -> ray.train.Result | None:
     return result
 
 
+def finished_run(storage: str, epochs: int) -> ray.train.Result | None:
+    """The Ray Train run under STORAGE/train when its last epoch (of `epochs`) is checkpointed: one stopped before
+    its caller took the result, whose workers would train and report nothing."""
+    previous = previous_run(storage)
+    return previous if previous and previous.checkpoint and previous.metrics.get("epoch") == epochs - 1 else None
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with Ray's own
     log lines from ERROR up on the console (a command shows only ours of the workers' output: `ray_workarounds`)."""
@@ -557,12 +569,12 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     `job.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
     A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
     checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
-    for its reports.
+    for its reports (a Tune trial takes it from `finished_run` itself).
     """
     storage = storage or job.out
-    previous = previous_run(storage)
-    if previous and previous.checkpoint and previous.metrics.get("epoch") == job.settings.epochs - 1 and not callbacks:
-        return previous  # its last epoch is checkpointed: workers would train nothing
+    finished = finished_run(storage, job.settings.epochs)
+    if finished and not callbacks:
+        return finished  # its last epoch is checkpointed: workers would train nothing
     ensure_ray()
     if job.loader_workers is None:
         job = replace(job, loader_workers=default_loader_workers(job.settings.data, request.cpus))

@@ -1,0 +1,122 @@
+"""Architectures trained on their own as Ray Tune trials: what the shortlist and the audit both run.
+
+Each trial trains one architecture with one seed, with retraining's code and recipe
+(`glit_ray.retrain.train_loop` on its own Ray Train workers, a GPU each on a GPU cluster), resuming
+its own checkpoints, and hands Tune the held-out top-1 of every epoch; the test split is never
+scored. The trials run side by side as far as the cluster holds them, and the console gets one
+line per finished trial. Killed, the same command resumes: Tune restores its trials
+(`Tuner.restore`) and each resumes from its last epoch's checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from .cli import callers_signal_handlers
+from .errors import UserError
+from .progress import console
+from .resources import Request, capacity, check_together, cluster_shape, plan, waiting_note
+from .retrain import train_loop as retrain_loop
+from .settings import Placement, RetrainRun, Training
+from .training import TrainJob, check_ingest, finished_run, fit
+
+METRIC = "heldout_top1"
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """One trial: `arch` trained from scratch with `seed`, in the directory `name` of the command's folder;
+    `about`: what its console line says it is."""
+    name: str
+    arch: str
+    seed: int
+    about: str = ""
+
+
+def standalone_trial(config: dict) -> None:
+    """One Tune trial: train `config["trials"][config["index"]]` for the settings' epochs, resuming its own
+    checkpoints; each epoch's metrics reach Tune through `TuneReportCallback`."""
+    trial: Standalone = config["trials"][config["index"]]
+    settings, where, folder = config["settings"], config["where"], config["folder"]
+    trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)} | {"seed": trial.seed},
+                         arch=trial.arch, from_supernet=None)
+    job = TrainJob.placed(trained, where.out / folder / trial.name, f"{folder} {trial.name}", progress=False,
+                          where=where, score_test=False, epoch_lines=config["epoch_lines"])
+    storage = f"{where.storage.rstrip('/')}/{folder}/{trial.name}" if where.storage else None
+    finished = finished_run(storage or job.out, settings.epochs)
+    if finished:  # killed after its last checkpoint: Tune gets its last report from there
+        tune.report(finished.metrics)
+        return
+    fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
+        callbacks=[TuneReportCallback()])
+
+
+def side_by_side(what: str, settings: Training, trials: int, where: Placement) -> tuple[int, Request]:
+    """How many trials run at once (as many as the cluster can hold; with Ray Data ingest, one trial fewer, whose
+    CPUs decode), and the request of their workers together."""
+    shape = cluster_shape()
+    every = plan(what, trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape,
+                 together=False)
+    check_together(replace(every, count=settings.workers), shape)  # a trial's workers start together
+    held = capacity(every, shape) // settings.workers - (where.ingest == "ray-data")
+    at_once = min(trials, max(1, held))
+    request = replace(every, count=at_once * settings.workers)
+    check_ingest(where.ingest, request, shape)
+    return at_once, request
+
+
+class FinishedLine(tune.Callback):
+    """One console line per finished trial: what it trained and its held-out top-1. (Tune keeps it in its
+    experiment state, and a restored run gets it back: it holds nothing but the trials.)"""
+
+    def __init__(self, trials: list[Standalone]):
+        self.trials = trials
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        ours, last = self.trials[trial.config["index"]], trial.last_result or {}
+        score = f"held-out top-1 {last[METRIC]:.2f}% after {last['epoch'] + 1} epoch(s)" if METRIC in last else "no score"
+        finished = sum(t is trial or t.status == "TERMINATED" for t in trials)
+        console().print(f"[{finished}/{len(self.trials)}] {ours.name} {ours.about} {ours.arch}: {score}")
+
+
+def train_standalone(what: str, settings: Training, trials: list[Standalone], where: Placement,
+                     placed: tuple[int, Request], resumed: bool, say, starting: str, scheduler=None,
+                     epoch_lines: bool = True) -> list[dict]:
+    """Train (or resume) every trial under RUN_DIR/`what`/ (`where.out` is RUN_DIR), `placed` as `side_by_side`
+    said; return each one's last metrics, in the trials' order. `starting`: the console's line for a run that is
+    not resumed; `epoch_lines`: a console line per trial's epoch too, not only per finished trial."""
+    folder, (at_once, request) = Path(where.out) / what, placed
+    # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
+    # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
+    trainable = tune.with_resources(standalone_trial, {"cpu": 0, "memory": 2**20})
+    param_space = {"index": tune.grid_search(list(range(len(trials)))), "trials": trials, "settings": settings,
+                   "where": where, "request": request, "folder": what, "epoch_lines": epoch_lines}
+    if resumed and tune.Tuner.can_restore(str(folder / "tune")):
+        say(f"resuming the {what} of {where.out}")
+        # the same param space again: a trial that had not started is rebuilt from it (Tune's own record of it
+        # keeps dataclasses as tuples)
+        tuner = tune.Tuner.restore(str(folder / "tune"), trainable, param_space=param_space, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        say(f"{starting}, {at_once} at a time")
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           # a finished trial's process runs the next: its imports are done (the start of a Ray
+                           # process that imports torch is most of a short trial's time)
+                           tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                                       max_concurrent_trials=at_once, reuse_actors=True),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
+                                                     callbacks=[FinishedLine(trials)]))
+    say(str(request))
+    with callers_signal_handlers(), waiting_note(request, say):
+        results = tuner.fit()
+    metrics: list[dict | None] = [None] * len(trials)
+    for result in results:
+        index = result.config["index"]
+        if result.error is not None or METRIC not in (result.metrics or {}):
+            raise UserError(f"{what} trial {trials[index].name} ({trials[index].arch}) failed ({result.error}); "
+                            f"see {folder / 'tune'}, then run the command again to resume")
+        metrics[index] = result.metrics
+    return metrics

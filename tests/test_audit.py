@@ -1,0 +1,202 @@
+"""The audit: a search's supernet ranking against networks trained on their own (a stratified sample, random
+networks of the winner's cost, the all-global and all-local baselines), resumable after a kill, plotted by the report."""
+import contextlib
+import io
+import json
+import random
+import shutil
+import statistics
+import sys
+
+import matplotlib.image
+import pytest
+import scipy.stats
+
+from glit_ray.arch import Architecture
+from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table, settings_from_args,
+                            spread, supernet_scores)
+from glit_ray.cli import run
+from glit_ray.cost import arch_cost
+from glit_ray.data import build_splits
+from glit_ray.files import write_json
+from glit_ray.ranking import audit_verdict
+from glit_ray.report import report
+from glit_ray.results import ranked_architectures, write_generation
+from glit_ray.runs import RUN_FILE
+from glit_ray.search import build_parser as search_parser
+from glit_ray.search import settings_from_args as search_settings
+from glit_ray.settings import Placement, to_json
+from test_train_supernet import kill_when
+
+# 3 of the search's ranking (its best among them), 1 random network, the two baselines: 6 trials of 1 epoch
+AUDIT = ["--sample", "3", "--top", "1", "--random", "1", "--band", "0.3", "--epochs", "1", "--batch-size", "64"]
+
+
+def fake_search(run_dir, micro, archs: int = 40, argv=()):
+    """A finished high-level search's run directory (its run.json and two generations of scored candidates; no
+    supernet): enough for everything the audit decides before it trains."""
+    settings = search_settings(search_parser().parse_args(["--level", "high", *argv, "--out", str(run_dir)]))
+    write_json(run_dir / RUN_FILE, {"kind": "search", "settings": to_json(settings)})
+    rng = random.Random(0)
+    drawn = list(dict.fromkeys(str(micro.sample("high", rng)) for _ in range(4 * archs)))[:archs]
+    for generation in range(2):
+        rows = []
+        for i, arch in enumerate(drawn[generation::2]):
+            cost = arch_cost(micro, Architecture.parse(arch), 10)
+            rows.append({"arch": arch, "level": "high", "generation": generation, "candidate": i, "parents": [],
+                         "operator": "random", "top1": rng.uniform(20, 90), "top5": 95.0, "loss": 1.0,
+                         "flops": cost.flops, "params": cost.params, "status": "ok"})
+        write_generation(run_dir, generation, rows)
+    return settings
+
+
+def audit_settings(run_dir, *argv):
+    return settings_from_args(build_parser().parse_args([str(run_dir), *argv]), run_dir)
+
+
+def test_spread_keeps_the_top_and_spaces_the_rest_evenly_down_to_the_last():
+    assert spread(100, 8, 3) == [0, 1, 2, 3, 27, 51, 75, 99]
+    assert spread(10, 10, 3) == list(range(10))  # the whole ranking
+    assert spread(50, 4, 3) == [0, 1, 2, 49] and spread(50, 2, 3) == [0, 1]
+    for ranked, sample, top in ((37, 12, 5), (200, 24, 5), (13, 13, 1)):
+        picks = spread(ranked, sample, top)
+        assert len(set(picks)) == sample and picks == sorted(picks) and picks[-1] == ranked - 1
+        gaps = [b - a for a, b in zip(picks[top:], picks[top + 1:])]
+        assert max(gaps) - min(gaps) <= 1  # evenly spaced
+
+
+def test_the_sample_is_stratified_random_networks_sit_in_the_band_and_the_baselines_are_all_global_and_all_local(
+        micro, tmp_path):
+    search = fake_search(tmp_path, micro, argv=["--flops-max", "12"])
+    settings = audit_settings(tmp_path, "--sample", "10", "--top", "4", "--random", "6", "--band", "0.1")
+    ranked = ranked_architectures(tmp_path)
+    sample = choose_sample(settings, search, ranked, 10)
+    groups = [row["group"] for row in sample]
+    assert groups == ["top"] * 4 + ["quantile"] * 6 + ["random"] * 6 + ["plain-transformer", "convolution"]
+    assert [row["supernet_rank"] for row in sample[:10]] == [r + 1 for r in spread(len(ranked), 10, 4)]
+    assert sample[9]["supernet_rank"] == len(ranked)  # the quantiles reach the supernet's last
+    assert [row["supernet_top1"] for row in sample[:10]] == [ranked[r]["top1"] for r in spread(len(ranked), 10, 4)]
+    assert [row["winner"] for row in sample] == [True] + [False] * 17
+    winner = ranked[0]["flops"]
+    for row in sample[10:16]:  # inside the run's limits and within 10 % of the winner's FLOPs
+        assert 0.9 * winner <= row["flops"] <= min(1.1 * winner, 12e6)
+    assert len({row["arch"] for row in sample}) == len(sample)
+    plain, conv = (Architecture.parse(row["arch"]) for row in sample[16:])
+    assert plain.distribution == (3,) * 6 and conv.distribution == (0,) * 6
+    assert plain.blocks[0] == micro.default_block(3)  # the high level's sizes
+    assert choose_sample(settings, search, ranked, 10) == sample  # drawn from the seed: the same again
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sample", "41"], "--sample 41 is more than the 40 distinct architectures the search scored; give --sample 40"),
+    (["--random", "3000", "--band", "0.01"], "not the 3000 --random asks for; widen --band or lower --random"),
+    (["--band", "1.5"], "--band 1.5 is not a share between 0 and 1"),
+    (["--sample", "2"], "--sample 2 is too few for a rank correlation"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--data", "digits"], "drop --space and --data"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(micro, tmp_path, cli_error, argv, message):
+    fake_search(tmp_path, micro)
+    (tmp_path / "supernet").mkdir()
+    (tmp_path / "supernet" / "supernet.pt").write_bytes(b"")  # checked for, not read, before the sample is drawn
+    assert message in cli_error(main, [str(tmp_path), *argv])
+    assert not (tmp_path / FOLDER).exists()
+
+
+def test_a_run_without_a_finished_generation_or_not_a_search_is_one_line(micro, tmp_path, cli_error):
+    assert "is not a glit_ray search run (no run.json)" in cli_error(main, [str(tmp_path)])
+    fake_search(tmp_path, micro)
+    for generation in (tmp_path / "candidates").iterdir():
+        generation.unlink()
+    assert "has no scored candidate yet (no finished generation)" in cli_error(main, [str(tmp_path)])
+    assert not (tmp_path / FOLDER).exists()
+
+
+def test_the_verdict_from_the_table_is_the_direct_computation():
+    rng = random.Random(1)
+    rows = []
+    for j in range(12):
+        group = "top" if j < 3 else "quantile" if j < 8 else "random" if j < 11 else "plain-transformer"
+        supernet = None if group in ("random", "plain-transformer") and j % 2 else rng.uniform(50, 90)
+        for seed in range(2):
+            rows.append({"arch": f"a{j}", "group": group, "winner": j == 0, "supernet_top1": supernet,
+                         "standalone_top1": rng.uniform(60, 95)})
+    verdict = audit_verdict(rows, 3, ("plain-transformer",))
+    means = {f"a{j}": statistics.fmean(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)}
+    scored = [r for r in rows[::2] if r["supernet_top1"] is not None]
+    assert verdict["architectures"] == len(scored) == 10
+    assert verdict["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
+        [r["supernet_top1"] for r in scored], [means[r["arch"]] for r in scored]).statistic)
+    randoms = [means[a] for a in ("a8", "a9", "a10")]
+    assert verdict["random"]["winner_percentile"] == pytest.approx(100 * sum(v < means["a0"] for v in randoms) / 3)
+    assert verdict["margin_over"] == {"plain-transformer": pytest.approx(means["a0"] - means["a11"])}
+    assert verdict["seed_sd"] == pytest.approx(statistics.fmean(
+        statistics.stdev(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)))
+
+
+@pytest.fixture(scope="module")
+def audit_run(high_search, tmp_path_factory, ray_session):
+    """The session search's audit, uninterrupted: its run directory and what the console said."""
+    run_dir = tmp_path_factory.mktemp("audit") / "high"
+    shutil.copytree(high_search[0], run_dir)
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        run(main, [str(run_dir), *AUDIT])
+    return run_dir, said.getvalue()
+
+
+@pytest.fixture
+def audited(audit_run):
+    return audit_run[0]
+
+
+def test_the_audit_trains_its_sample_as_tune_trials_and_its_verdict_is_its_table(audit_run, capsys):
+    audited, said = audit_run
+    folder = audited / FOLDER
+    rows = read_table(folder / TABLE)
+    sample = json.loads((folder / SAMPLE).read_text())
+    assert [r["group"] for r in rows] == ["top", "quantile", "quantile", "random", "plain-transformer", "convolution"]
+    assert [r["arch"] for r in rows] == [s["arch"] for s in sample]
+    assert all(r["epochs"] == 1 and r["seed"] == 0 and r["supernet_top1"] is not None for r in rows)
+    assert rows[0]["winner"] and rows[0]["arch"] == json.loads((audited / "best.json").read_text())["arch"]
+    record = json.loads((folder / RECORD).read_text())
+    assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"))))
+    assert record["verdict"]["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
+        [r["supernet_top1"] for r in rows], [r["standalone_top1"] for r in rows]).statistic)
+    unscored = sum(s["supernet_rank"] is None for s in sample)
+    assert f"scoring {unscored} architecture(s) the search did not score" in said and "[6/6] a05s0 (convolution)" in said
+    assert "Kendall tau-b" in said and "found architecture:" in said and "epoch 1/1" not in said
+    for trial in ("a00s0", "a05s0"):
+        assert list((folder / trial / "tb").glob("events.out.tfevents.*"))  # the trials' curves
+
+    before = {p: p.read_bytes() for p in (folder / TABLE, folder / RECORD)}
+    run(main, [str(audited), *AUDIT])  # finished: nothing trained, nothing rewritten
+    assert "already audited" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+
+    out = report([audited])
+    image = matplotlib.image.imread(out / "audit.png")
+    assert image.shape[0] >= 300 and image.std() > 0.01
+    summary = (out / "summary.md").read_text()
+    assert "## Audit" in summary and "Kendall tau-b" in summary and "![audit](audit.png)" in summary
+
+
+def test_the_audit_scores_as_the_search_scored(audited, high_search, ray_session):
+    from glit_ray.runs import search_settings as read_search
+
+    search = read_search(audited)
+    ranked = ranked_architectures(audited)
+    splits = build_splits(search.data, search.space.img_size, search.space.in_chans)
+    scores = supernet_scores(search, audited / "supernet" / "supernet.pt", splits, [r["arch"] for r in ranked[:2]],
+                             Placement(audited))
+    assert scores == {r["arch"]: r["top1"] for r in ranked[:2]}
+
+
+def test_a_killed_audit_resumes_to_the_uninterrupted_table(audited, tmp_path, cluster_env, capsys):
+    run_dir = tmp_path / "high"
+    shutil.copytree(audited, run_dir, ignore=shutil.ignore_patterns(FOLDER))
+    kill_when([sys.executable, "-m", "glit_ray.audit", str(run_dir), *AUDIT], cluster_env,
+              lambda: any((run_dir / FOLDER).glob("a0[2-5]s0/tb/events*")), "a finished trial and a third started")
+    assert not (run_dir / FOLDER / TABLE).exists()
+    run(main, [str(run_dir), *AUDIT])
+    assert "resuming the audit" in capsys.readouterr().err
+    assert read_table(run_dir / FOLDER / TABLE) == read_table(audited / FOLDER / TABLE)
