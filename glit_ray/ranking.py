@@ -55,18 +55,24 @@ def precision_at_k(supernet: list[float], standalone: list[float], k: int) -> fl
     return len(top(supernet) & top(standalone)) / k
 
 
+def defined(value: float) -> float | None:
+    """`value`, or None where it is undefined (NaN): JSON has no NaN."""
+    return None if math.isnan(value) else value
+
+
 def agreement(supernet: list[float], standalone: list[float], k: int, seed: int = 0) -> dict:
-    """Every figure of the agreement between two scorings of the same architectures (same order)."""
+    """Every figure of the agreement between two scorings of the same architectures (same order); None for one
+    that is undefined (a side all ties)."""
     if len(supernet) != len(standalone) or len(supernet) < 3:
         raise ValueError("the agreement needs the same architectures scored both ways, at least 3 of them")
     top = sorted(range(len(supernet)), key=lambda i: -supernet[i])[:max(3, math.ceil(TOP_SHARE * len(supernet)))]
     return {
         "architectures": len(supernet),
-        "kendall_tau": kendall(supernet, standalone),
-        "kendall_tau_95": interval(supernet, standalone, kendall, seed=seed),
-        "spearman_rho": spearman(supernet, standalone),
-        "spearman_rho_95": interval(supernet, standalone, spearman, seed=seed),
-        "top_kendall_tau": kendall([supernet[i] for i in top], [standalone[i] for i in top]),
+        "kendall_tau": defined(kendall(supernet, standalone)),
+        "kendall_tau_95": tuple(map(defined, interval(supernet, standalone, kendall, seed=seed))),
+        "spearman_rho": defined(spearman(supernet, standalone)),
+        "spearman_rho_95": tuple(map(defined, interval(supernet, standalone, spearman, seed=seed))),
+        "top_kendall_tau": defined(kendall([supernet[i] for i in top], [standalone[i] for i in top])),
         "top_architectures": len(top),
         "precision_at_k": precision_at_k(supernet, standalone, k),
         "k": k,
@@ -109,8 +115,8 @@ def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
 
 def verdict_lines(verdict: dict) -> list[str]:
     """The audit's verdict as the console and the report say it."""
-    def figure(value: float, digits: int = 2) -> str:
-        return "undefined" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+    def figure(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.2f}"
 
     lines = []
     if "kendall_tau" in verdict:
@@ -136,7 +142,7 @@ def verdict_lines(verdict: dict) -> list[str]:
     reading = []
     if "kendall_tau" in verdict:
         low = verdict["kendall_tau_95"][0]
-        reading.append("the supernet orders networks better than chance" if low > 0 else
+        reading.append("the supernet orders networks better than chance" if low is not None and low > 0 else
                        "the supernet's order cannot be told from chance over this sample")
     if "random" in verdict:
         reading.append("its find beats 80 % of random networks of its cost"

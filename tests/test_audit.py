@@ -3,6 +3,7 @@ networks of the winner's cost, the all-global and all-local baselines), resumabl
 import contextlib
 import io
 import json
+import math
 import random
 import shutil
 import statistics
@@ -28,8 +29,9 @@ from glit_ray.search import settings_from_args as search_settings
 from glit_ray.settings import Placement, to_json
 from test_train_supernet import kill_when
 
-# 3 of the search's ranking (its best among them), 1 random network, the two baselines: 6 trials of 1 epoch
-AUDIT = ["--sample", "3", "--top", "1", "--random", "1", "--band", "0.3", "--epochs", "1", "--batch-size", "64"]
+# the search's best and its last, the two baselines: 4 trials of 1 epoch, 2 at a time (the random group is drawn in
+# test_the_sample_is_stratified..., its percentile computed in test_the_verdict_from_the_table...)
+AUDIT = ["--sample", "2", "--top", "1", "--random", "0", "--epochs", "1", "--batch-size", "64"]
 
 
 def fake_search(run_dir, micro, archs: int = 40, argv=()):
@@ -91,7 +93,7 @@ def test_the_sample_is_stratified_random_networks_sit_in_the_band_and_the_baseli
     (["--sample", "41"], "--sample 41 is more than the 40 distinct architectures the search scored; give --sample 40"),
     (["--random", "3000", "--band", "0.01"], "not the 3000 --random asks for; widen --band or lower --random"),
     (["--band", "1.5"], "--band 1.5 is not a share between 0 and 1"),
-    (["--sample", "2"], "--sample 2 is too few for a rank correlation"),
+    (["--sample", "1"], "--sample 1 is too few: give at least 2"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--data", "digits"], "drop --space and --data"),
 ])
@@ -154,18 +156,18 @@ def test_the_audit_trains_its_sample_as_tune_trials_and_its_verdict_is_its_table
     folder = audited / FOLDER
     rows = read_table(folder / TABLE)
     sample = json.loads((folder / SAMPLE).read_text())
-    assert [r["group"] for r in rows] == ["top", "quantile", "quantile", "random", "plain-transformer", "convolution"]
+    assert [r["group"] for r in rows] == ["top", "quantile", "plain-transformer", "convolution"]
     assert [r["arch"] for r in rows] == [s["arch"] for s in sample]
     assert all(r["epochs"] == 1 and r["seed"] == 0 and r["supernet_top1"] is not None for r in rows)
     assert rows[0]["winner"] and rows[0]["arch"] == json.loads((audited / "best.json").read_text())["arch"]
     record = json.loads((folder / RECORD).read_text())
     assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"))))
-    assert record["verdict"]["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
-        [r["supernet_top1"] for r in rows], [r["standalone_top1"] for r in rows]).statistic)
+    tau = scipy.stats.kendalltau([r["supernet_top1"] for r in rows], [r["standalone_top1"] for r in rows]).statistic
+    assert record["verdict"]["kendall_tau"] == (None if math.isnan(tau) else pytest.approx(tau))
     unscored = sum(s["supernet_rank"] is None for s in sample)
-    assert f"scoring {unscored} architecture(s) the search did not score" in said and "[6/6] a05s0 (convolution)" in said
+    assert f"scoring {unscored} architecture(s) the search did not score" in said and "[4/4] a03s0 (convolution)" in said
     assert "Kendall tau-b" in said and "found architecture:" in said and "epoch 1/1" not in said
-    for trial in ("a00s0", "a05s0"):
+    for trial in ("a00s0", "a03s0"):
         assert list((folder / trial / "tb").glob("events.out.tfevents.*"))  # the trials' curves
 
     before = {p: p.read_bytes() for p in (folder / TABLE, folder / RECORD)}
@@ -195,7 +197,7 @@ def test_a_killed_audit_resumes_to_the_uninterrupted_table(audited, tmp_path, cl
     run_dir = tmp_path / "high"
     shutil.copytree(audited, run_dir, ignore=shutil.ignore_patterns(FOLDER))
     kill_when([sys.executable, "-m", "glit_ray.audit", str(run_dir), *AUDIT], cluster_env,
-              lambda: any((run_dir / FOLDER).glob("a0[2-5]s0/tb/events*")), "a finished trial and a third started")
+              lambda: any((run_dir / FOLDER).glob("a0[23]s0/tb/events*")), "a finished trial and a third started")
     assert not (run_dir / FOLDER / TABLE).exists()
     run(main, [str(run_dir), *AUDIT])
     assert "resuming the audit" in capsys.readouterr().err

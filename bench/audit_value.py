@@ -1,0 +1,91 @@
+"""P13: the search's value in trained networks: a search's audit (`glit_ray.audit`), its found architecture side by
+side with random architectures of its FLOPs band and the plain transformer, each trained on its own.
+
+On `make demo`'s settings (digits, glit_micro, `python -m glit_ray.search --level high`'s defaults) it runs the
+demo's search in a temporary directory (or audits a copy of --run RUN_DIR, a finished search), then audits it
+through the command's own code: --sample N of the search's ranking (its top 5 and the quantiles below), --random M
+of the winner's FLOPs band, the all-global and all-local networks, each trained --seeds S times for --epochs E.
+Prints the verdict, each group's standalone top-1, and the ratio of the found architecture's standalone top-1 to
+the random group's mean.
+
+    .venv/bin/python bench/audit_value.py [--run runs/demo/search-high] [--sample 20] [--random 10] [--seeds 3] \
+        [--epochs 5] [--record]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import publish  # noqa: E402
+
+from glit_ray import audit, search  # noqa: E402
+from glit_ray.files import read_json  # noqa: E402
+from glit_ray.ranking import verdict_lines  # noqa: E402
+
+
+def group_rows(rows: list[dict]) -> list[str]:
+    """One table row per group: its networks, their standalone top-1 (mean of each network's seeds; the mean and
+    spread over networks) and their supernet top-1."""
+    lines = ["| group | networks | standalone top-1 %, mean ± sd over networks | one training's sd | "
+             "supernet top-1 %, mean |", "| --- | ---: | ---: | ---: | ---: |"]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        nets: dict[str, list[dict]] = {}
+        for r in (r for r in rows if r["group"] == group):
+            nets.setdefault(r["arch"], []).append(r)
+        means = [statistics.fmean(r["standalone_top1"] for r in runs) for runs in nets.values()]
+        seeds_sd = [statistics.stdev(r["standalone_top1"] for r in runs) for runs in nets.values() if len(runs) > 1]
+        supernet = [runs[0]["supernet_top1"] for runs in nets.values() if runs[0]["supernet_top1"] is not None]
+        lines.append(f"| {group} | {len(nets)} | {statistics.fmean(means):.2f} ± "
+                     f"{statistics.stdev(means) if len(means) > 1 else 0:.2f} | "
+                     f"{statistics.fmean(seeds_sd) if seeds_sd else float('nan'):.2f} | "
+                     f"{statistics.fmean(supernet) if supernet else float('nan'):.2f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a finished search to audit (a copy); default: run the demo's search")
+    parser.add_argument("--sample", type=int, default=20)
+    parser.add_argument("--random", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "search-high"
+        started = time.perf_counter()
+        if args.run:
+            shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns(audit.FOLDER, "shortlist*", "report"))
+        else:
+            search.main(["--level", "high", "--out", str(run_dir)])
+        searched = time.perf_counter()
+        audit.main([str(run_dir), "--sample", str(args.sample), "--random", str(args.random), "--seeds",
+                    str(args.seeds), "--epochs", str(args.epochs)])
+        audited = time.perf_counter()
+        rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
+        verdict = read_json(run_dir / audit.FOLDER / audit.RECORD)["verdict"]
+        settings = read_json(run_dir / "run.json")["settings"]
+    winner, randoms = verdict["winner"]["standalone_top1"], verdict["random"]["mean_top1"]
+    body = "\n".join([
+        f"The demo's search (digits, glit_micro, high level: supernet {settings['supernet_epochs']} epochs, "
+        f"{settings['population']} x {settings['generations']} candidates{', audited from a copy of ' + str(args.run) if args.run else ''}), "
+        f"audited: {args.sample} of its ranking, {args.random} random networks within 10 % of the winner's FLOPs, the "
+        f"all-global and all-local networks; each trained {args.seeds} time(s) for {args.epochs} epochs of batch 64 "
+        f"with the small-data recipe and scored on the held-out split ({len(rows)} trainings, "
+        f"{(audited - searched) / 60:.1f} min; the search {(searched - started) / 60:.1f} min).", "",
+        *group_rows(rows), "",
+        *(f"- {line}" for line in verdict_lines(verdict)), "",
+        f"**Found architecture / random group's mean, standalone top-1: {winner / randoms:.3f}** "
+        f"({winner:.2f} % against {randoms:.2f} %).",
+    ])
+    publish("P13", body, args.record)
+
+
+if __name__ == "__main__":
+    main()
