@@ -52,7 +52,7 @@ BASELINES = {"plain-transformer": "global", "convolution": "local"}  # group -> 
 MIN_SAMPLE = 20  # below this a tau's 95 % interval spans most of -1..1
 SCHEMA = pa.schema([
     ("arch", pa.string()), ("group", pa.string()), ("winner", pa.bool_()),
-    ("supernet_top1", pa.float64()), ("supernet_rank", pa.int32()),
+    ("supernet_top1", pa.float64()), ("supernet_loss", pa.float64()), ("supernet_rank", pa.int32()),
     ("standalone_top1", pa.float64()), ("standalone_loss", pa.float64()), ("epochs", pa.int32()), ("seed", pa.int32()),
     ("flops", pa.int64()), ("params", pa.int64()),
 ])
@@ -136,7 +136,8 @@ def choose_sample(settings: AuditRun, search: SearchRun, ranked: list[dict], num
         rank = rank_of.get(row["arch"])
         row.update(winner=rank == 0, flops=cost.flops, params=cost.params,
                    supernet_rank=None if rank is None else rank + 1,
-                   supernet_top1=None if rank is None else ranked[rank]["top1"])
+                   supernet_top1=None if rank is None else ranked[rank]["top1"],
+                   supernet_loss=None if rank is None else ranked[rank]["loss"])
     return chosen
 
 
@@ -148,16 +149,16 @@ def supernet_path(run_dir: Path, search: SearchRun) -> Path:
     return path
 
 
-def supernet_scores(search: SearchRun, supernet: Path, splits, archs: list[str], where: Placement) -> dict[str, float]:
-    """The supernet top-1 of each of `archs` that it holds, scored by an evaluator actor exactly as the search scores
-    (BatchNorm recalibration on its calibration sample, then its held-out images)."""
+def supernet_scores(search: SearchRun, supernet: Path, splits, archs: list[str], where: Placement) -> dict[str, dict]:
+    """The supernet's scores (top1, top5, loss) of each of `archs` that it holds, by an evaluator actor exactly as the
+    search scores (BatchNorm recalibration on its calibration sample, then its held-out images)."""
     held = [a for a in archs if search.level == "high" or Architecture.parse(a).distribution == search.distribution]
     if not held:
         return {}
     scorer = evaluators(1, where.gpus_per_actor, 0, cluster_shape())
     with evaluator_pool(supernet.read_bytes(), splits, search.calib_batches, search.heldout_images, scorer,
                         flops_convention=search.limits.convention) as (actor,):
-        return dict(zip(held, (row["top1"] for row in ray.get([actor.score.remote(a) for a in held]))))
+        return dict(zip(held, ray.get([actor.score.remote(a) for a in held])))
 
 
 def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:
@@ -169,8 +170,8 @@ def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:
 def table_rows(sample: list[dict], trials: list[Standalone], results: list[dict], settings: AuditRun) -> list[dict]:
     """audit.parquet's rows: each trial's network as the sample describes it, with what its training scored."""
     by_arch = {row["arch"]: row for row in sample}
-    return [{**{k: by_arch[t.arch][k] for k in ("arch", "group", "winner", "supernet_top1", "supernet_rank", "flops",
-                                                 "params")},
+    return [{**{k: by_arch[t.arch][k] for k in ("arch", "group", "winner", "supernet_top1", "supernet_loss",
+                                                 "supernet_rank", "flops", "params")},
              "standalone_top1": m[METRIC], "standalone_loss": m["heldout_loss"], "epochs": m["epoch"] + 1,
              "seed": t.seed} for t, m in zip(trials, results)]
 
@@ -213,7 +214,8 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
         console.print(f"scoring {len(unscored)} architecture(s) the search did not score with its supernet")
         scores = supernet_scores(search, supernet, splits, unscored, where)
         for row in sample:
-            row["supernet_top1"] = row["supernet_top1"] if row["supernet_top1"] is not None else scores.get(row["arch"])
+            if row["arch"] in scores:
+                row.update(supernet_top1=scores[row["arch"]]["top1"], supernet_loss=scores[row["arch"]]["loss"])
         write_json(folder / SAMPLE, sample)
     trials = trials_of(sample, settings)
     say_recipe(settings, len(splits.train), console.print)

@@ -88,6 +88,7 @@ def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
     for row in rows:
         trained.setdefault(row["arch"], []).append(row)
     nets = [{"arch": arch, "group": runs[0]["group"], "winner": runs[0]["winner"], "supernet": runs[0]["supernet_top1"],
+             "supernet_loss": runs[0].get("supernet_loss"),
              "standalone": statistics.fmean(r["standalone_top1"] for r in runs),
              "sd": statistics.stdev(r["standalone_top1"] for r in runs) if len(runs) > 1 else None}
             for arch, runs in trained.items()]
@@ -96,6 +97,9 @@ def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
     if len(scored) >= 3:
         verdict.update(agreement([n["supernet"] for n in scored], [n["standalone"] for n in scored],
                                  min(k, len(scored))))
+        # the supernet's held-out loss orders finely where top-1 ties (a few hundred held-out images)
+        verdict["loss_kendall_tau"] = defined(kendall([-n["supernet_loss"] for n in scored],
+                                                      [n["standalone"] for n in scored]))
     winner = next(n for n in nets if n["winner"])
     verdict["winner"] = {"arch": winner["arch"], "standalone_top1": winner["standalone"],
                          "supernet_top1": winner["supernet"]}
@@ -124,6 +128,8 @@ def verdict_lines(verdict: dict) -> list[str]:
         lines += [f"supernet against standalone top-1 over {verdict['architectures']} networks: Kendall tau-b "
                   f"{figure(verdict['kendall_tau'])} (95 % interval {figure(tau_lo)} to {figure(tau_hi)}), Spearman "
                   f"rho {figure(verdict['spearman_rho'])} ({figure(rho_lo)} to {figure(rho_hi)})",
+                  f"the supernet's held-out loss (lower first) against standalone top-1: Kendall tau-b "
+                  f"{figure(verdict['loss_kendall_tau'])}",
                   f"within the supernet's top {verdict['top_architectures']}: tau {figure(verdict['top_kendall_tau'])}; "
                   f"precision at {verdict['k']}: {round(verdict['precision_at_k'] * verdict['k'])} of the supernet's "
                   f"top {verdict['k']} are in the standalone top {verdict['k']}"]

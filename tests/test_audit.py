@@ -120,15 +120,18 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
     for j in range(12):
         group = "top" if j < 3 else "quantile" if j < 8 else "random" if j < 11 else "plain-transformer"
         supernet = None if group in ("random", "plain-transformer") and j % 2 else rng.uniform(50, 90)
+        loss = None if supernet is None else rng.uniform(0.2, 2)
         for seed in range(2):
             rows.append({"arch": f"a{j}", "group": group, "winner": j == 0, "supernet_top1": supernet,
-                         "standalone_top1": rng.uniform(60, 95)})
+                         "supernet_loss": loss, "standalone_top1": rng.uniform(60, 95)})
     verdict = audit_verdict(rows, 3, ("plain-transformer",))
     means = {f"a{j}": statistics.fmean(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)}
     scored = [r for r in rows[::2] if r["supernet_top1"] is not None]
     assert verdict["architectures"] == len(scored) == 10
     assert verdict["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
         [r["supernet_top1"] for r in scored], [means[r["arch"]] for r in scored]).statistic)
+    assert verdict["loss_kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
+        [-r["supernet_loss"] for r in scored], [means[r["arch"]] for r in scored]).statistic)
     randoms = [means[a] for a in ("a8", "a9", "a10")]
     assert verdict["random"]["winner_percentile"] == pytest.approx(100 * sum(v < means["a0"] for v in randoms) / 3)
     assert verdict["margin_over"] == {"plain-transformer": pytest.approx(means["a0"] - means["a11"])}
@@ -158,7 +161,7 @@ def test_the_audit_trains_its_sample_as_tune_trials_and_its_verdict_is_its_table
     sample = json.loads((folder / SAMPLE).read_text())
     assert [r["group"] for r in rows] == ["top", "quantile", "plain-transformer", "convolution"]
     assert [r["arch"] for r in rows] == [s["arch"] for s in sample]
-    assert all(r["epochs"] == 1 and r["seed"] == 0 and r["supernet_top1"] is not None for r in rows)
+    assert all(r["epochs"] == 1 and r["seed"] == 0 and None not in (r["supernet_top1"], r["supernet_loss"]) for r in rows)
     assert rows[0]["winner"] and rows[0]["arch"] == json.loads((audited / "best.json").read_text())["arch"]
     record = json.loads((folder / RECORD).read_text())
     assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"))))
@@ -190,7 +193,8 @@ def test_the_audit_scores_as_the_search_scored(audited, high_search, ray_session
     splits = build_splits(search.data, search.space.img_size, search.space.in_chans)
     scores = supernet_scores(search, audited / "supernet" / "supernet.pt", splits, [r["arch"] for r in ranked[:2]],
                              Placement(audited))
-    assert scores == {r["arch"]: r["top1"] for r in ranked[:2]}
+    assert {arch: (s["top1"], s["loss"]) for arch, s in scores.items()} == {r["arch"]: (r["top1"], r["loss"])
+                                                                            for r in ranked[:2]}
 
 
 def test_a_killed_audit_resumes_to_the_uninterrupted_table(audited, tmp_path, cluster_env, capsys):
