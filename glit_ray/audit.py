@@ -167,7 +167,7 @@ def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:
             for j, row in enumerate(sample) for s in range(settings.seeds)]
 
 
-def table_rows(sample: list[dict], trials: list[Standalone], results: list[dict], settings: AuditRun) -> list[dict]:
+def table_rows(sample: list[dict], trials: list[Standalone], results: list[dict]) -> list[dict]:
     """audit.parquet's rows: each trial's network as the sample describes it, with what its training scored."""
     by_arch = {row["arch"]: row for row in sample}
     return [{**{k: by_arch[t.arch][k] for k in ("arch", "group", "winner", "supernet_top1", "supernet_loss",
@@ -224,7 +224,7 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
         FOLDER, settings, trials, where, placed, resumed, console.print,
         f"audit of {run_dir}: {len(sample)} networks ({', '.join(f'{n} {g}' for g, n in groups.items() if n)}), "
         f"{settings.seeds} seed(s) x {settings.epochs} epochs", epoch_lines=False)
-    rows = table_rows(sample, trials, results, settings)
+    rows = table_rows(sample, trials, results)
     write_table(folder / TABLE, rows)
     verdict = ranking.audit_verdict(rows, settings.top, tuple(BASELINES))
     record = {"run": str(run_dir), "epochs": settings.epochs, "seeds": settings.seeds, "band": settings.band,

@@ -1,7 +1,5 @@
 """The audit: a search's supernet ranking against networks trained on their own (a stratified sample, random
 networks of the winner's cost, the all-global and all-local baselines), resumable after a kill, plotted by the report."""
-import contextlib
-import io
 import json
 import math
 import random
@@ -12,6 +10,8 @@ import sys
 import matplotlib.image
 import pytest
 import scipy.stats
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glit_ray.arch import Architecture
 from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table, settings_from_args,
@@ -27,6 +27,7 @@ from glit_ray.runs import RUN_FILE
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.settings import Placement, to_json
+from glit_ray.training import STATE_FILE
 from test_train_supernet import kill_when
 
 # the search's best and its last, the two baselines: 4 trials of 1 epoch, 2 at a time (the random group is drawn in
@@ -139,70 +140,64 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
         statistics.stdev(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)))
 
 
-@pytest.fixture(scope="module")
-def audit_run(high_search, tmp_path_factory, ray_session):
-    """The session search's audit, uninterrupted: its run directory and what the console said."""
-    run_dir = tmp_path_factory.mktemp("audit") / "high"
+def epochs_logged(trial_dir) -> list[int]:
+    """The steps of every held-out top-1 a trial logged, across its TensorBoard files (a rerun adds a file)."""
+    events = EventAccumulator(str(trial_dir / "tb"), purge_orphaned_data=False).Reload()
+    return [e.step for e in events.Scalars("epoch/heldout_top1")]
+
+
+def test_a_killed_audit_resumes_its_tune_trials_and_its_verdict_is_its_table(high_search, tmp_path, cluster_env,
+                                                                            capsys):
+    run_dir = tmp_path / "high"
     shutil.copytree(high_search[0], run_dir)
-    with contextlib.redirect_stderr(io.StringIO()) as said:
-        run(main, [str(run_dir), *AUDIT])
-    return run_dir, said.getvalue()
-
-
-@pytest.fixture
-def audited(audit_run):
-    return audit_run[0]
-
-
-def test_the_audit_trains_its_sample_as_tune_trials_and_its_verdict_is_its_table(audit_run, capsys):
-    audited, said = audit_run
-    folder = audited / FOLDER
+    folder = run_dir / FOLDER
+    kill_when([sys.executable, "-m", "glit_ray.audit", str(run_dir), *AUDIT], cluster_env,
+              lambda: any(folder.glob("a0[23]s0/tb/events*")), "a finished trial and a third started")
+    assert not (folder / TABLE).exists()
+    sample = (folder / SAMPLE).read_bytes()
+    finished = [t for t in ("a00s0", "a01s0") if any(p.is_dir() for p in (folder / t / "train").glob("checkpoint_*"))]
+    assert finished, "no trial had finished at the kill"
+    run(main, [str(run_dir), *AUDIT])
+    said = capsys.readouterr().err
+    assert "resuming the audit" in said and "[4/4]" in said and "epoch 1/1" not in said
+    assert "Kendall tau-b" in said and "found architecture:" in said
+    assert (folder / SAMPLE).read_bytes() == sample  # drawn once
     rows = read_table(folder / TABLE)
-    sample = json.loads((folder / SAMPLE).read_text())
     assert [r["group"] for r in rows] == ["top", "quantile", "plain-transformer", "convolution"]
-    assert [r["arch"] for r in rows] == [s["arch"] for s in sample]
+    assert [r["arch"] for r in rows] == [s["arch"] for s in json.loads(sample)]
     assert all(r["epochs"] == 1 and r["seed"] == 0 and None not in (r["supernet_top1"], r["supernet_loss"]) for r in rows)
-    assert rows[0]["winner"] and rows[0]["arch"] == json.loads((audited / "best.json").read_text())["arch"]
+    assert rows[0]["winner"] and rows[0]["arch"] == json.loads((run_dir / "best.json").read_text())["arch"]
+    for row, trial in zip(rows, ("a00s0", "a01s0", "a02s0", "a03s0")):
+        newest = max((p for p in (folder / trial / "train").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+        trained = torch.load(newest / STATE_FILE, weights_only=True)["metrics"]
+        assert row["standalone_top1"] == trained["heldout_top1"] and "test_top1" not in trained
+    for trial in finished:  # trained before the kill, and not again: the uninterrupted audit's figures
+        assert len(epochs_logged(folder / trial)) == 1
     record = json.loads((folder / RECORD).read_text())
     assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"))))
     tau = scipy.stats.kendalltau([r["supernet_top1"] for r in rows], [r["standalone_top1"] for r in rows]).statistic
     assert record["verdict"]["kendall_tau"] == (None if math.isnan(tau) else pytest.approx(tau))
-    unscored = sum(s["supernet_rank"] is None for s in sample)
-    assert f"scoring {unscored} architecture(s) the search did not score" in said and "[4/4] a03s0 (convolution)" in said
-    assert "Kendall tau-b" in said and "found architecture:" in said and "epoch 1/1" not in said
-    for trial in ("a00s0", "a03s0"):
-        assert list((folder / trial / "tb").glob("events.out.tfevents.*"))  # the trials' curves
 
     before = {p: p.read_bytes() for p in (folder / TABLE, folder / RECORD)}
-    run(main, [str(audited), *AUDIT])  # finished: nothing trained, nothing rewritten
+    run(main, [str(run_dir), *AUDIT])  # finished: nothing trained, nothing rewritten
     assert "already audited" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before
 
-    out = report([audited])
+    out = report([run_dir])
     image = matplotlib.image.imread(out / "audit.png")
     assert image.shape[0] >= 300 and image.std() > 0.01
     summary = (out / "summary.md").read_text()
     assert "## Audit" in summary and "Kendall tau-b" in summary and "![audit](audit.png)" in summary
 
 
-def test_the_audit_scores_as_the_search_scored(audited, high_search, ray_session):
+def test_the_audit_scores_as_the_search_scored(high_search, ray_session):
     from glit_ray.runs import search_settings as read_search
 
-    search = read_search(audited)
-    ranked = ranked_architectures(audited)
+    run_dir = high_search[0]
+    search = read_search(run_dir)
+    ranked = ranked_architectures(run_dir)
     splits = build_splits(search.data, search.space.img_size, search.space.in_chans)
-    scores = supernet_scores(search, audited / "supernet" / "supernet.pt", splits, [r["arch"] for r in ranked[:2]],
-                             Placement(audited))
+    scores = supernet_scores(search, run_dir / "supernet" / "supernet.pt", splits, [r["arch"] for r in ranked[:2]],
+                             Placement(run_dir))
     assert {arch: (s["top1"], s["loss"]) for arch, s in scores.items()} == {r["arch"]: (r["top1"], r["loss"])
                                                                             for r in ranked[:2]}
-
-
-def test_a_killed_audit_resumes_to_the_uninterrupted_table(audited, tmp_path, cluster_env, capsys):
-    run_dir = tmp_path / "high"
-    shutil.copytree(audited, run_dir, ignore=shutil.ignore_patterns(FOLDER))
-    kill_when([sys.executable, "-m", "glit_ray.audit", str(run_dir), *AUDIT], cluster_env,
-              lambda: any((run_dir / FOLDER).glob("a0[23]s0/tb/events*")), "a finished trial and a third started")
-    assert not (run_dir / FOLDER / TABLE).exists()
-    run(main, [str(run_dir), *AUDIT])
-    assert "resuming the audit" in capsys.readouterr().err
-    assert read_table(run_dir / FOLDER / TABLE) == read_table(audited / FOLDER / TABLE)
