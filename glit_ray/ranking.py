@@ -128,11 +128,12 @@ def verdict_lines(verdict: dict) -> list[str]:
         lines += [f"supernet against standalone top-1 over {verdict['architectures']} networks: Kendall tau-b "
                   f"{figure(verdict['kendall_tau'])} (95 % interval {figure(tau_lo)} to {figure(tau_hi)}), Spearman "
                   f"rho {figure(verdict['spearman_rho'])} ({figure(rho_lo)} to {figure(rho_hi)})",
-                  f"the supernet's held-out loss (lower first) against standalone top-1: Kendall tau-b "
-                  f"{figure(verdict['loss_kendall_tau'])}",
                   f"within the supernet's top {verdict['top_architectures']}: tau {figure(verdict['top_kendall_tau'])}; "
                   f"precision at {verdict['k']}: {round(verdict['precision_at_k'] * verdict['k'])} of the supernet's "
                   f"top {verdict['k']} are in the standalone top {verdict['k']}"]
+        if "loss_kendall_tau" in verdict:  # an audit.json written before it was added has none
+            lines.insert(1, "the supernet's held-out loss (lower first) against standalone top-1: Kendall tau-b "
+                            f"{figure(verdict['loss_kendall_tau'])}")
     winner, found = verdict["winner"], f"found architecture: {verdict['winner']['standalone_top1']:.2f} % standalone"
     if winner["supernet_top1"] is not None:
         found += f" (supernet {winner['supernet_top1']:.2f} %)"
