@@ -26,7 +26,7 @@ from harness import publish  # noqa: E402
 
 from glit_ray import audit, search  # noqa: E402
 from glit_ray.files import read_json  # noqa: E402
-from glit_ray.ranking import verdict_lines  # noqa: E402
+from glit_ray.ranking import networks, verdict_lines  # noqa: E402
 
 
 def group_rows(rows: list[dict]) -> list[str]:
@@ -35,9 +35,7 @@ def group_rows(rows: list[dict]) -> list[str]:
     lines = ["| group | networks | standalone top-1 %, mean ± sd over networks | one training's sd | "
              "supernet top-1 %, mean |", "| --- | ---: | ---: | ---: | ---: |"]
     for group in dict.fromkeys(r["group"] for r in rows):
-        nets: dict[str, list[dict]] = {}
-        for r in (r for r in rows if r["group"] == group):
-            nets.setdefault(r["arch"], []).append(r)
+        nets = networks([r for r in rows if r["group"] == group])
         means = [statistics.fmean(r["standalone_top1"] for r in runs) for runs in nets.values()]
         seeds_sd = [statistics.stdev(r["standalone_top1"] for r in runs) for runs in nets.values() if len(runs) > 1]
         supernet = [runs[0]["supernet_top1"] for runs in nets.values() if runs[0]["supernet_top1"] is not None]

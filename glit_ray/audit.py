@@ -202,9 +202,8 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
             console.print(line)
         return record
     fresh = choose_sample(settings, search, ranked, splits.num_classes)  # bad --sample or --band: before Ray
-    trials = trials_of(fresh, settings)
     ensure_ray(where.address)
-    placed = side_by_side(FOLDER, settings, len(trials), where)  # or fits no node: before anything is written
+    placed = side_by_side(FOLDER, settings, len(fresh) * settings.seeds, where)  # or fits no node: before anything is written
     resumed = open_run(folder, settings, where.resume)
     if resumed and (folder / SAMPLE).is_file():
         sample = read_json(folder / SAMPLE)  # drawn once: the same trials whatever the search's files do since

@@ -79,19 +79,24 @@ def agreement(supernet: list[float], standalone: list[float], k: int, seed: int 
     }
 
 
+def networks(rows: list[dict]) -> dict[str, list[dict]]:
+    """An audit table's rows by network (its architecture), one row per seed, in the table's order."""
+    trained: dict[str, list[dict]] = {}
+    for row in rows:
+        trained.setdefault(row["arch"], []).append(row)
+    return trained
+
+
 def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
     """The audit's verdict from its table's rows (one per trained network; `glit_ray.audit`): the agreement over
     the networks the supernet scored (each network's standalone top-1 the mean over its seeds), the found
     network's (the search's rank 1) percentile among the `random` group and its margin over each group of
     `baselines`, and the seed-to-seed spread of one training beside the spread between networks."""
-    trained: dict[str, list[dict]] = {}
-    for row in rows:
-        trained.setdefault(row["arch"], []).append(row)
     nets = [{"arch": arch, "group": runs[0]["group"], "winner": runs[0]["winner"], "supernet": runs[0]["supernet_top1"],
              "supernet_loss": runs[0].get("supernet_loss"),
              "standalone": statistics.fmean(r["standalone_top1"] for r in runs),
              "sd": statistics.stdev(r["standalone_top1"] for r in runs) if len(runs) > 1 else None}
-            for arch, runs in trained.items()]
+            for arch, runs in networks(rows).items()]
     scored = [n for n in nets if n["supernet"] is not None]
     verdict: dict = {"networks": len(nets), "trainings": len(rows)}
     if len(scored) >= 3:

@@ -23,7 +23,7 @@ from .audit import FOLDER as AUDIT, RECORD as AUDIT_RECORD, TABLE as AUDIT_TABLE
 from .cli import ArgumentParser, run
 from .errors import UserError
 from .files import read_json, write_atomic
-from .ranking import verdict_lines
+from .ranking import networks, verdict_lines
 from .results import best_record, read_candidates
 
 TOPK = 10
@@ -103,9 +103,7 @@ def plot_audit(rows: list[dict], verdict: dict, path: Path) -> None:
     a bar), coloured by group; the found architecture ringed."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    trained: dict[str, list[dict]] = {}
-    for row in rows:
-        trained.setdefault(row["arch"], []).append(row)
+    trained = networks(rows)
     for group in dict.fromkeys(row["group"] for row in rows):
         nets = [runs for runs in trained.values() if runs[0]["group"] == group and runs[0]["supernet_top1"] is not None]
         if not nets:
