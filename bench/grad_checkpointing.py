@@ -63,20 +63,20 @@ if how == "model":
     with FakeTensorMode():  # tensors with shapes and no data: nothing is computed
         net, forward, images, labels, recipe, params = build(torch.device("cpu"))
         recipe.amp_dtype = torch.bfloat16  # the GPU's autocast (fake CUDA tensors cannot run a backward pass here)
-        recipe.step(forward, params, images, labels, 0)  # AdamW's state exists from here on
+        recipe.step([forward], params, images, labels, 0)  # AdamW's state exists from here on
         tracker = MemTracker()
         tracker.track_external(net, recipe.optimizer, images, labels)
         with tracker:
-            recipe.step(forward, params, images, labels, 1)
+            recipe.step([forward], params, images, labels, 1)
     step_mib = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20
 elif torch.cuda.is_available():
     use_fast_gpu_kernels()
     net, forward, images, labels, recipe, params = build(torch.device("cuda"))
-    recipe.step(forward, params, images, labels, 0)
+    recipe.step([forward], params, images, labels, 0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    recipe.step(forward, params, images, labels, 1)
+    recipe.step([forward], params, images, labels, 1)
     torch.cuda.synchronize()
     step_mib = torch.cuda.max_memory_allocated() / 2**20
 else:

@@ -45,7 +45,7 @@ def main() -> None:
     def training_step(net, forward):
         recipe = RecipeState.build(net, PRESETS["deit"], lr=1e-4, epochs=1, steps_per_epoch=10**6, device=dev)
         params = list(net.parameters())
-        return lambda: recipe.step(forward, params, images, labels, 0)
+        return lambda: recipe.step([forward], params, images, labels, 0)
 
     rows, ratios = [], []
     for p in range(args.paths):

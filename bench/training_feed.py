@@ -78,7 +78,7 @@ class SupernetStep:
         arch = self.space.sample("high", self.rng)
         images, labels = images.to(self.dev, non_blocking=True), labels.to(self.dev, non_blocking=True)
         params = self.net.parameters() if self.before else self.params
-        loss = self.recipe.step(lambda x: self.net(x, arch), params, images, labels, self.updates)
+        loss = self.recipe.step([lambda x: self.net(x, arch)], params, images, labels, self.updates)
         self.updates += 1
         if self.before:
             loss.item()

@@ -49,6 +49,7 @@ class SupernetRun(Training):
     level: str
     distribution: tuple[int, ...] | None
     limits: Limits
+    sampling: str = "uniform"  # the paths of a step: "uniform" (SPOS's one) or "fair" (FairNAS's, `PathSampler`)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def to_json(settings) -> dict[str, Any]:
 
 
 # fields added since the release before training recipes (2291a49), with what a run file without them meant
-ADDED = {"supernet_recipe": None}
+# (a supernet trained before fair sampling was sampled uniformly)
+ADDED = {"supernet_recipe": None, "sampling": "uniform"}
 
 
 def from_json(kind: str, stored: dict, source: str = "run.json"):

@@ -1,7 +1,9 @@
 """`python -m glit_ray.train_supernet`: train one level's weight-sharing supernet (SPOS) on Ray Train.
 
 Each step samples one path uniformly (inside `--flops-max/--params-max` when given) and trains only
-it. The path is a pure function of the seed and the global step, so every data-parallel worker runs
+it; or, with `--sampling fair` (FairNAS), as many paths as a block has choices, every choice of every
+block in exactly one of them, their gradients summed into one update (each choice trained equally
+often, at that many times a step's compute). The paths are a pure function of the seed and the global step, so every data-parallel worker runs
 the same path without talking to the others (DDP would otherwise average gradients of different
 subnets), and a resumed run replays the same paths. Each epoch checkpoints through Ray Train
 (model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
@@ -53,16 +55,27 @@ PROBE_SHARE = 0.1  # of the training compute, at most, that the probes take (`pr
 RECIPE_DEFAULTS = {"drop_path": 0.0}  # SPOS trains its supernet's paths without stochastic depth
 
 
+SAMPLING = ("uniform", "fair")
+
+
 class PathSampler:
-    """The path of each training step: uniform over the level (inside the limits), keyed by step."""
+    """The paths of each training step, keyed by step: one uniform over the level (inside the limits), or `fair`:
+    one per choice of the blocks, each block's choices shuffled across them (FairNAS's strict fairness; a block with
+    fewer choices than another fills its extra paths with random ones of its own)."""
 
-    def __init__(self, space: SearchSpace, level: str, distribution, limits: Limits, num_classes: int, seed: int):
+    def __init__(self, space: SearchSpace, level: str, distribution, limits: Limits, num_classes: int, seed: int,
+                 sampling: str = "uniform"):
         self.space, self.level, self.distribution = space, level, distribution
-        self.limits, self.num_classes, self.seed = limits, num_classes, seed
+        self.limits, self.num_classes, self.seed, self.sampling = limits, num_classes, seed, sampling
 
-    def __call__(self, step: int) -> Architecture:
+    def __call__(self, step: int) -> tuple[Architecture, ...]:
         rng = random.Random(f"{self.seed}:{step}")
-        return sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution)
+        if self.sampling == "uniform":
+            return (sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution),)
+        choices = self.space.block_choices(self.level, self.distribution)
+        paths = max(map(len, choices))
+        columns = [rng.sample(c, len(c)) + rng.choices(c, k=paths - len(c)) for c in choices]
+        return tuple(Architecture(blocks) for blocks in zip(*columns))
 
     def probes(self) -> dict[str, Architecture]:
         """Fixed paths scored every epoch: the smallest and largest (when inside the limits), three random."""
@@ -86,7 +99,8 @@ def train_loop(config: dict) -> None:
     job: TrainJob = config["job"]
     settings: SupernetRun = job.settings
     splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
-    sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes, settings.seed)
+    sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes,
+                          settings.seed, settings.sampling)
 
     torch.manual_seed(settings.seed)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes,
@@ -134,20 +148,23 @@ def settings_from_args(args) -> SupernetRun:
     return supernet_run(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
                         training_recipe(args, args.data, space, **RECIPE_DEFAULTS),
                         Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
-                        args.seed)
+                        args.seed, args.sampling)
 
 
 def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
                  batch_size: int = BATCH_SIZE, workers: int = 1, recipe: Recipe | None = None,
-                 limits: Limits = Limits(), seed: int = 0) -> SupernetRun:
+                 limits: Limits = Limits(), seed: int = 0, sampling: str = "uniform") -> SupernetRun:
     """The settings of a supernet run; `recipe` None: the preset the training split of `data` calls for
     (`recipe.choose_preset`), with the supernet's own defaults (RECIPE_DEFAULTS)."""
     if recipe is None:
         recipe = replace(PRESETS[choose_preset(training_images(data, space), space.img_size)], **RECIPE_DEFAULTS)
     recipe.check_batch(batch_size)
+    if sampling == "fair" and (limits.flops_max or limits.params_max):
+        raise UserError("--sampling fair trains every choice of every block each step, paths over --flops-max or "
+                        "--params-max too; drop the limits (the search applies them) or use --sampling uniform")
     return SupernetRun(space=space, data=data, epochs=epochs, batch_size=batch_size, workers=workers, recipe=recipe,
                        seed=seed, level=level, distribution=tuple(distribution) if distribution else None,
-                       limits=limits)
+                       limits=limits, sampling=sampling)
 
 
 def train_supernet(settings: SupernetRun, where: Placement, console: Console | None = None,
@@ -213,6 +230,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--level", required=True, choices=LEVELS)
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
     add_arguments(parser, epochs=30, batch_size=BATCH_SIZE, **RECIPE_DEFAULTS)
+    parser.add_argument("--sampling", choices=SAMPLING, default="uniform",
+                        help="a step's paths: uniform, one drawn at random (SPOS); fair, one per choice of a block, "
+                             "every choice of every block in one of them (FairNAS: that many times a step's compute)")
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
     add_flops_convention(parser)

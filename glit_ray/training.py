@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -360,25 +360,30 @@ class RecipeState:
         scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
         return cls(optimizer, scheduler, criterion, augment, mixup, scaler, amp_dtype)
 
-    def step(self, forward, params: list[nn.Parameter], images: torch.Tensor, labels: torch.Tensor,
-             update: int) -> torch.Tensor:
-        """One optimisation step of `forward(images)` (update number `update`, from 0), clipping the gradients of
-        `params` (a list: walking a supernet's modules for them costs 0.7 ms a step); returns the loss, left on the
-        device: reading it makes the CPU wait for the GPU to finish the step, where it could queue the next one."""
+    def step(self, forwards: Sequence[Callable], params: list[nn.Parameter], images: torch.Tensor,
+             labels: torch.Tensor, update: int) -> torch.Tensor:
+        """One optimisation step (update number `update`, from 0) of the mean loss of each of `forwards` on the same
+        images (one network, or a supernet's paths of a step: their gradients summed, one backward pass each),
+        clipping the gradients of `params` (a list: walking a supernet's modules for them costs 0.7 ms a step);
+        returns the loss, left on the device: reading it makes the CPU wait for the GPU to finish the step, where it
+        could queue the next one."""
         if self.augment:
             images = self.augment(images)
         if self.mixup:
             images, labels = self.mixup(images, labels)
-        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.criterion(forward(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss = torch.zeros((), device=images.device)
+        for forward in forwards:
+            with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                part = self.criterion(forward(images), labels) / len(forwards)
+            self.scaler.scale(part).backward()
+            loss += part.detach()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(params, CLIP_GRAD_NORM)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step_update(num_updates=update + 1)
-        return loss.detach()
+        return loss
 
     @property
     def lr(self) -> float:
@@ -418,8 +423,8 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
                  path_at: Callable[[int], object] | None = None) -> None:
     """The epoch loop of every training run (supernet, retrain, shortlist trial), on one Ray Train worker.
 
-    `model` is `net` as Ray Train prepared it (DDP across workers). `path_at(step)`: the supernet's path for a step,
-    run as `model(images, path)`; the workers check after each epoch that they drew the same paths. Without it,
+    `model` is `net` as Ray Train prepared it (DDP across workers). `path_at(step)`: the supernet's paths for a step
+    (one, or a fair sampler's several), each run as `model(images, path)`; the workers check after each epoch that they drew the same paths. Without it,
     `model(images)`. After each epoch, rank 0 calls `score(epoch)` for the metrics it adds (its probes, its held-out
     and test top-1) and the end of the epoch's console line; every epoch metric goes to TensorBoard as epoch/NAME,
     the step's loss and learning rate every LOG_EVERY steps as train/NAME. Rank 0 reports and checkpoints the
@@ -441,13 +446,13 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         for i, (images, labels) in enumerate(loader):
             waited += (time.perf_counter() - asked) if i else 0.0
             step = epoch * steps + i
-            forward = model
+            forwards = [model]
             if path_at:
-                path = path_at(step)
-                digest.update(str(path).encode())
-                forward = lambda x, path=path: model(x, path)  # noqa: E731
+                paths = path_at(step)
+                digest.update("".join(map(str, paths)).encode())
+                forwards = [lambda x, path=path: model(x, path) for path in paths]
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = recipe.step(forward, params, images, labels, step)
+            loss = recipe.step(forwards, params, images, labels, step)
             total_loss += loss
             bar.update(1)
             if writer and step % LOG_EVERY == 0:

@@ -15,10 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from glit_ray.arch import Architecture
 from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table, settings_from_args,
-                            spread, supernet_scores)
+                            spread)
 from glit_ray.cli import run
 from glit_ray.cost import arch_cost
-from glit_ray.data import build_splits
 from glit_ray.files import write_json
 from glit_ray.ranking import audit_verdict
 from glit_ray.report import report
@@ -26,7 +25,7 @@ from glit_ray.results import ranked_architectures, write_generation
 from glit_ray.runs import RUN_FILE
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
-from glit_ray.settings import Placement, to_json
+from glit_ray.settings import to_json
 from glit_ray.training import STATE_FILE
 from test_train_supernet import kill_when
 
@@ -188,16 +187,3 @@ def test_a_killed_audit_resumes_its_tune_trials_and_its_verdict_is_its_table(hig
     assert image.shape[0] >= 300 and image.std() > 0.01
     summary = (out / "summary.md").read_text()
     assert "## Audit" in summary and "Kendall tau-b" in summary and "![audit](audit.png)" in summary
-
-
-def test_the_audit_scores_as_the_search_scored(high_search, ray_session):
-    from glit_ray.runs import search_settings as read_search
-
-    run_dir = high_search[0]
-    search = read_search(run_dir)
-    ranked = ranked_architectures(run_dir)
-    splits = build_splits(search.data, search.space.img_size, search.space.in_chans)
-    scores = supernet_scores(search, run_dir / "supernet" / "supernet.pt", splits, [r["arch"] for r in ranked[:2]],
-                             Placement(run_dir))
-    assert {arch: (s["top1"], s["loss"]) for arch, s in scores.items()} == {r["arch"]: (r["top1"], r["loss"])
-                                                                            for r in ranked[:2]}

@@ -215,10 +215,14 @@ def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path, 
     recipe, chosen for the folder's 320 training images and said in the header; a supernet of 6 epochs of 10 batches
     that trains (its loss falls) but whose probes stay within the noise of 80 held-out images (P13r: 30 epochs learn),
     so the search stops in one line and keeps it; the same command with --search-unlearnt then searches it, scoring
-    on the fixed sets, and best.json says so."""
+    on the fixed sets, and best.json says so; the audit's own evaluator scores its networks as the search did."""
     from glit_ray import search as searching
     from glit_ray.cli import run as run_command
-    from glit_ray.results import read_candidates
+    from glit_ray.audit import supernet_scores
+    from glit_ray.data import build_splits
+    from glit_ray.results import ranked_architectures, read_candidates
+    from glit_ray.runs import search_settings
+    from glit_ray.settings import Placement
     from glit_ray.supernet import load_supernet
 
     data = f"imagefolder:{folder224}"
@@ -248,6 +252,14 @@ def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path, 
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
     assert all(r["top1"] * 40 / 100 == pytest.approx(round(r["top1"] * 40 / 100)) for r in rows)  # on 40 images
     assert best["arch"] in {r["arch"] for r in rows}  # what `retrain --arch RUN_DIR` takes
+
+    # the audit scores the networks its search did not score with an evaluator of its own: on these JPEGs, exactly
+    # as the search's evaluators did (the same calibration and held-out images, decoded again)
+    ranked = ranked_architectures(run)
+    scores = supernet_scores(search_settings(run), run / "supernet" / "supernet.pt", build_splits(data, 224, 3),
+                             [r["arch"] for r in ranked[:2]], Placement(run))
+    assert {a: (s["top1"], s["loss"]) for a, s in scores.items()} == {r["arch"]: (r["top1"], r["loss"])
+                                                                      for r in ranked[:2]}
 
 
 def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, tmp_path):

@@ -1,9 +1,8 @@
-"""The shortlist step: a high-level search's top distributions retrained briefly as Tune trials (resumed after a
-kill), the winner handed to the low level."""
+"""The shortlist step: a high-level search's top distributions retrained briefly as Tune trials, the winner handed
+to the low level."""
 import json
 import math
 import shutil
-import sys
 
 import pytest
 import scipy.stats
@@ -17,7 +16,7 @@ from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.shortlist import main
 from glit_ray.training import STATE_FILE
-from test_train_supernet import kill_when, signal_handlers
+from test_train_supernet import signal_handlers
 
 TRIALS = ["--top", "2", "--epochs", "2", "--batch-size", "64"]
 
@@ -48,26 +47,21 @@ def epochs_logged(trial_dir) -> list[int]:
     return [e.step for e in events.Scalars("epoch/heldout_top1")]
 
 
-def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_the_winner_feeds_the_low_level(
-        high_run, tmp_path, capsys, cluster_env):
+def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low_level(high_run, tmp_path, capsys):
+    """Both trials train side by side under ASHA (their resume after a SIGKILL is the trials engine's, which
+    test_audit kills; the shortlist adds only its record)."""
     run_dir = tmp_path / "high"
     shutil.copytree(high_run, run_dir)
     low = search_settings_for("--level", "low", "--distribution", str(run_dir))  # before a shortlist: the search's best
     assert "its search's best" in said(capsys)
     assert low.distribution == Architecture.parse(json.loads((run_dir / "best.json").read_text())["arch"]).distribution
 
-    # both trials train side by side; SIGKILL the shortlist once each has a checkpoint (Ray Train writes its
-    # snapshot once a checkpoint is in place), then run it again: Tuner.restore, each trial from its checkpoint
     argv = [str(run_dir), *TRIALS, "--scheduler", "asha"]
     trials = [run_dir / "shortlist" / f"rank{rank}" for rank in (1, 2)]
-    kill_when([sys.executable, "-m", "glit_ray.shortlist", *argv], cluster_env,
-              lambda: all((trial / "train" / "checkpoint_manager_snapshot.json").exists() for trial in trials),
-              "checkpoint of both trials")
-    assert not (run_dir / "shortlist.json").exists()
     handlers = signal_handlers()
     run(main, argv)
-    resumed = said(capsys)
-    assert "resuming the shortlist" in resumed and "shortlist: 2 workers x (0 GPU, 1 CPU) on head" in resumed
+    said_now = said(capsys)
+    assert "shortlist: 2 workers x (0 GPU, 1 CPU) on head" in said_now and "[2/2]" in said_now
     assert signal_handlers() == handlers  # Tune's are gone with it
     record = json.loads((run_dir / "shortlist.json").read_text())
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"),
@@ -80,9 +74,7 @@ def test_the_top_distributions_train_as_tune_trials_resume_after_a_sigkill_and_t
         assert candidate["epochs"] == trained["epoch"] + 1 and candidate["shortlist_top1"] == trained["heldout_top1"]
         assert candidate["stopped_early"] == (candidate["epochs"] < 2)
         assert "test_top1" not in trained  # the shortlist never looks at the test split
-        # the first epoch, checkpointed before the kill, is not trained again (the second, cut short by it, may be)
-        logged = epochs_logged(trial)
-        assert len(set(logged)) == candidate["epochs"] and logged.count(min(logged)) == 1, logged
+        assert len(epochs_logged(trial)) == candidate["epochs"]  # curves in TensorBoard, one point an epoch
     assert not all(c["stopped_early"] for c in record["candidates"])
     assert record["winner"] == max(record["candidates"], key=lambda c: c["shortlist_top1"])
     search_top1, trained = ([c[k] for c in record["candidates"]] for k in ("search_top1", "shortlist_top1"))

@@ -1,5 +1,6 @@
 import copy
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -9,11 +10,13 @@ from timm.layers import Attention, Mlp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.errors import UserError
 from glit_ray.model import ConvModule, compile_operations
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.recipe import PRESETS
+from glit_ray.train_supernet import PathSampler
 from glit_ray.training import RecipeState
 
 DIST = (0, 1, 2, 3, 1, 0)
@@ -99,9 +102,31 @@ def test_a_training_step_moves_only_the_sampled_path(micro):
     params = list(net.parameters())
     for update in range(3):
         arch, before = micro.sample("high", rng), {n: p.detach().clone() for n, p in net.named_parameters()}
-        recipe.step(lambda x: net(x, arch), params, torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), update)
+        recipe.step([lambda x: net(x, arch)], params, torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), update)
         moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
         assert sum(net.get_parameter(n).numel() for n in moved) == arch_cost(micro, arch, 10).params, arch
+
+
+def test_a_fair_step_trains_every_choice_once_with_the_mean_of_its_paths_gradients(micro):
+    """A fair sampler's step (FairNAS): one update of the mean loss over its paths moves every weight of the
+    high-level supernet, and its gradients are the mean of each path's own."""
+    net, _ = trained_supernet(micro, "high", steps=0)
+    paths = PathSampler(micro, "high", None, Limits(), 10, seed=0, sampling="fair")(0)
+    images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    params = list(net.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for path in paths:
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(images, path), labels).backward()
+        for e, p in zip(expected, params):
+            e += (p.grad if p.grad is not None else 0) / len(paths)
+    recipe = RecipeState.build(net, PRESETS["deit"], lr=1e-3, epochs=1, steps_per_epoch=10, device=torch.device("cpu"))
+    recipe.criterion = torch.nn.CrossEntropyLoss()
+    before = [p.detach().clone() for p in params]
+    with mock.patch.object(torch.nn.utils, "clip_grad_norm_"):  # the gradients as the paths left them
+        recipe.step([lambda x, path=path: net(x, path) for path in paths], params, images, labels, 0)
+    assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(params, expected))
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every choice, the stem and the head moved
 
 
 def test_compiled_operations_train_as_eager_with_one_graph_per_operation_shape(micro):
@@ -121,7 +146,7 @@ def test_compiled_operations_train_as_eager_with_one_graph_per_operation_shape(m
         for update in range(24):
             arch, images, labels = micro.sample("low", rng, DIST), torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
             for net, recipe in recipes.items():
-                recipe.step(lambda x, net=net: net(x, arch), list(net.parameters()), images, labels, update)
+                recipe.step([lambda x, net=net: net(x, arch)], list(net.parameters()), images, labels, update)
             graphs.append(counters["stats"]["unique_graphs"])
     for (name, trained), same in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(same, trained, rtol=1e-4, atol=1e-5, msg=name)

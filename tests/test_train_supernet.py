@@ -34,9 +34,29 @@ def test_path_sampler_is_a_function_of_seed_and_step(micro):
     a = PathSampler(micro, "high", None, Limits(), 10, seed=3)
     b = PathSampler(micro, "high", None, Limits(), 10, seed=3)
     assert [str(a(step)) for step in range(50)] == [str(b(step)) for step in range(50)]
-    assert len({a(step) for step in range(50)}) > 40
+    assert {len(a(step)) for step in range(50)} == {1} and len({a(step) for step in range(50)}) > 40
     limited = PathSampler(micro, "high", None, Limits(flops_max=13), 10, seed=3)
-    assert all(arch_cost(micro, limited(s), 10).flops <= 13e6 for s in range(50))
+    assert all(arch_cost(micro, limited(s)[0], 10).flops <= 13e6 for s in range(50))
+
+
+@pytest.mark.parametrize("level, distribution", [("high", None), ("low", (0, 1, 2, 3, 1, 0))])
+def test_fair_sampling_puts_every_choice_of_every_block_in_one_path_of_each_step(micro, level, distribution):
+    fair = PathSampler(micro, level, distribution, Limits(), 10, seed=3, sampling="fair")
+    choices = micro.block_choices(level, distribution)
+    steps = [fair(step) for step in range(20)]
+    for paths in steps:
+        assert len(paths) == max(map(len, choices))
+        for position, allowed in enumerate(choices):
+            assert sorted(map(str, (p.blocks[position] for p in paths))) == sorted(map(str, allowed))
+    assert len({paths[0] for paths in steps}) == 20  # shuffled afresh each step
+    assert [str(fair(s)) for s in range(20)] == [str(p) for p in steps]
+
+
+def test_fair_sampling_with_limits_is_one_line(micro, tmp_path, cli_error):
+    message = cli_error(main, ["--level", "high", "--space", "glit_micro", "--data", "digits", "--sampling", "fair",
+                               "--flops-max", "13", "--out", str(tmp_path / "run")])
+    assert "--sampling fair trains every choice of every block each step" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_probe_paths_are_the_extremes_and_three_random_paths_inside_the_limits(micro):
@@ -55,8 +75,8 @@ def train_loop_on_desynced_paths(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     class Desynced(PathSampler):
-        def __init__(self, *args):
-            super().__init__(*args[:-1], args[-1] + rank)
+        def __call__(self, step):
+            return super().__call__(step + 1000 * rank)
 
     with mock.patch.object(training_module, "PathSampler", Desynced):
         training_module.train_loop(config)

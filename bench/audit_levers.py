@@ -1,0 +1,159 @@
+"""P13 levers: what raises the supernet's agreement with training on their own, measured against one audit.
+
+The ground truth is a finished audit of `make demo`'s search (`python -m glit_ray.audit RUN --seeds 3`): its
+networks' standalone top-1, each the mean of its seeds, do not depend on the supernet. Each lever is a supernet
+(trained here with `python -m glit_ray.train_supernet`'s code, the demo search's settings otherwise) or a way of
+scoring or ranking with one. For each the bench:
+
+- scores the audit's networks of the search's ranking and the random ones (not the two baselines, far from the
+  others) with the lever's supernet exactly as a search scores, and sets that order beside the standalone one:
+  Kendall tau-b with its 95 % interval, tau within the lever's own top fifth, and by held-out loss;
+- runs the demo's search on that supernet (`python -m glit_ray.search --level high --supernet PATH`) and trains its
+  found architecture `--seeds` times with the audit's recipe (unless the audit trained it already), placing it among
+  the audit's random networks of the demo winner's FLOPs band.
+
+Levers: `today` (the demo's supernet: uniform paths, 30 epochs; the audit's own search), `loss` (the same supernet
+and candidates, ranked by held-out loss instead of top-1), `calib16` (16 calibration batches instead of 4),
+`epochs60` / `epochs120` (uniform paths, longer), `fair` (FairNAS: every choice of every block each step, 30 epochs,
+4x the compute of a step), `fair8` (fair for 8 epochs: about today's compute).
+
+    .venv/bin/python bench/audit_levers.py --run runs/demo/search-high [--levers today,loss,...] [--record]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import publish  # noqa: E402
+
+from glit_ray import audit, search, train_supernet  # noqa: E402
+from glit_ray.data import build_splits  # noqa: E402
+from glit_ray.files import read_json  # noqa: E402
+from glit_ray.progress import console as make_console  # noqa: E402
+from glit_ray.ranking import agreement, defined, kendall, networks  # noqa: E402
+from glit_ray.results import ranked_architectures  # noqa: E402
+from glit_ray.runs import search_settings  # noqa: E402
+from glit_ray.settings import Placement, from_json  # noqa: E402
+from glit_ray.training import ensure_ray  # noqa: E402
+from glit_ray.trials import Standalone, side_by_side, train_standalone  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Lever:
+    about: str
+    epochs: int | None = None  # a supernet trained here (None: the demo's)
+    sampling: str = "uniform"
+    calib_batches: int | None = None  # None: the search's
+    by_loss: bool = False
+
+
+LEVERS = {
+    "today": Lever("the demo's supernet (uniform, 30 epochs), ranked by top-1"),
+    "loss": Lever("the same supernet and candidates, ranked by held-out loss", by_loss=True),
+    "calib16": Lever("the same supernet, 16 calibration batches", calib_batches=16),
+    "epochs60": Lever("uniform paths, 60 epochs", epochs=60),
+    "epochs120": Lever("uniform paths, 120 epochs", epochs=120),
+    "fair": Lever("fair paths (FairNAS), 30 epochs", epochs=30, sampling="fair"),
+    "fair8": Lever("fair paths (FairNAS), 8 epochs", epochs=8, sampling="fair"),
+}
+
+
+def found(run_dir: Path, by_loss: bool) -> dict:
+    """The search's found architecture: its best by top-1 (best.json's), or by held-out loss."""
+    ranked = ranked_architectures(run_dir)
+    return min(ranked, key=lambda r: (r["loss"], -r["top1"], r["arch"])) if by_loss else ranked[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo/search-high"),
+                        help="the demo's search, audited (RUN/audit/audit.parquet)")
+    parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair,fair8")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-levers"),
+                        help="the levers' supernets, searches and trainings (kept: a rerun reuses what is there)")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    console = make_console()
+    run_dir, work = args.run.resolve(), args.work.resolve()
+    truth_rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
+    audited = from_json("audit", read_json(run_dir / audit.FOLDER / "run.json")["settings"])
+    truth = {arch: statistics.fmean(r["standalone_top1"] for r in runs) for arch, runs in networks(truth_rows).items()}
+    groups = {r["arch"]: r["group"] for r in truth_rows}
+    compared = [a for a in truth if groups[a] in ("top", "quantile", "random")]
+    randoms = [truth[a] for a in truth if groups[a] == "random"]
+    demo = search_settings(run_dir)
+    splits = build_splits(demo.data, demo.space.img_size, demo.space.in_chans)
+
+    results: dict[str, dict] = {}
+    for name in args.levers.split(","):
+        lever, started = LEVERS[name], time.perf_counter()
+        supernet = run_dir / "supernet" / "supernet.pt"
+        if lever.epochs:
+            supernet = work / name / "supernet" / train_supernet.SUPERNET_FILE
+            train_supernet.main(["--level", "high", "--space", demo.space.name, "--data", demo.data, "--epochs",
+                                 str(lever.epochs), "--sampling", lever.sampling, "--seed", str(demo.seed),
+                                 "--out", str(supernet.parent)])  # rerun: finds it trained
+        trained = time.perf_counter()
+        searched = run_dir
+        if lever.epochs or lever.calib_batches:
+            searched = work / name / "search-high"
+            search.main(["--level", "high", "--supernet", str(supernet), "--calib-batches",
+                         str(lever.calib_batches or demo.calib_batches), "--out", str(searched)])
+        ensure_ray(None)
+        scores = audit.supernet_scores(search_settings(searched), supernet, splits, compared, Placement(work / name))
+        key = (lambda a: -scores[a]["loss"]) if lever.by_loss else (lambda a: scores[a]["top1"])
+        figures = agreement([key(a) for a in compared], [truth[a] for a in compared], k=5)
+        figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
+                                                       [truth[a] for a in compared]))
+        results[name] = {"figures": figures, "winner": found(searched, lever.by_loss),
+                         "supernet_min": (trained - started) / 60, "minutes": (time.perf_counter() - started) / 60}
+        console.print(f"{name}: tau {figures['kendall_tau']:.2f}, winner {results[name]['winner']['arch']}")
+
+    # the found architectures the audit did not train, trained as its networks were (its recipe, seeds, epochs)
+    new = sorted({r["winner"]["arch"] for r in results.values()} - set(truth))
+    if new:
+        trials = [Standalone(f"w{j:02d}s{s}", arch, audited.seed + s, "(a lever's find)")
+                  for j, arch in enumerate(new) for s in range(audited.seeds)]
+        where, folder = Placement(work), f"finds-{len(new)}"
+        placed = side_by_side(folder, audited, len(trials), where)
+        scored = train_standalone(folder, audited, trials, where, placed, (work / folder).exists(), console.print,
+                                  f"{len(new)} found architecture(s) x {audited.seeds} seeds", epoch_lines=False)
+        for arch in new:
+            truth[arch] = statistics.fmean(m["heldout_top1"] for t, m in zip(trials, scored) if t.arch == arch)
+
+    band = [r["flops"] for r in truth_rows if r["group"] == "random"]
+    lines = [f"Ground truth: the audit of {args.run} ({len(truth)} networks incl. the finds, {audited.seeds} seeds x "
+             f"{audited.epochs} epochs each; its random group: {len(randoms)} networks of {min(band) / 1e6:.2f}-"
+             f"{max(band) / 1e6:.2f} M FLOPs, standalone mean {statistics.fmean(randoms):.2f} %). Tau over the "
+             f"{len(compared)} networks of the search's ranking and the random group, scored by each lever.", "",
+             "| lever | what | tau (95 %) | by loss | tau, lever's top fifth | found architecture | its FLOPs M | "
+             "standalone top-1 % | percentile among random | supernet min | min |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        f, w = r["figures"], r["winner"]
+        top1 = truth[w["arch"]]
+        pct = 100 * (sum(v < top1 for v in randoms) + 0.5 * sum(v == top1 for v in randoms)) / len(randoms)
+        lo, hi = f["kendall_tau_95"]
+        lines.append(f"| {name} | {LEVERS[name].about} | {f['kendall_tau']:.2f} ({lo:.2f} to {hi:.2f}) | "
+                     f"{f['loss_kendall_tau']:.2f} | {f['top_kendall_tau']:.2f} | `{w['arch']}` | {w['flops'] / 1e6:.2f} "
+                     f"| {top1:.2f} | {pct:.0f} | {r['supernet_min']:.1f} | {r['minutes']:.1f} |")
+    base = results.get("today")
+    if base:
+        lines.append("")
+        for name, r in results.items():
+            if name != "today" and not math.isnan(r["figures"]["kendall_tau"] or math.nan):
+                lines.append(f"- {name} / today, tau: {r['figures']['kendall_tau']:.2f} against "
+                             f"{base['figures']['kendall_tau']:.2f}; found architecture's standalone top-1 "
+                             f"{truth[r['winner']['arch']]:.2f} against {truth[base['winner']['arch']]:.2f} % "
+                             f"(ratio **{truth[r['winner']['arch']] / truth[base['winner']['arch']]:.3f}**)")
+    publish("P13b", "\n".join(lines), args.record)
+
+
+if __name__ == "__main__":
+    main()
