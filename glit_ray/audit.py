@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from . import ranking
 from .arch import Architecture
@@ -36,6 +35,7 @@ from .constraints import MAX_DRAWS, Limits
 from .cost import arch_cost
 from .data import build_splits
 from .errors import UserError
+from .dispatch import Dispatcher
 from .evaluator import evaluator_pool
 from .files import read_json, write_atomic, write_json
 from .progress import console as make_console
@@ -157,8 +157,13 @@ def supernet_scores(search: SearchRun, supernet: Path, splits, archs: list[str],
         return {}
     scorer = evaluators(1, where.gpus_per_actor, 0, cluster_shape())
     with evaluator_pool(supernet.read_bytes(), splits, search.calib_batches, search.heldout_images, scorer,
-                        flops_convention=search.limits.convention) as (actor,):
-        return dict(zip(held, ray.get([actor.score.remote(a) for a in held])))
+                        flops_convention=search.limits.convention) as pool:
+        scores = Dispatcher(pool).score(held)
+    failed = [(arch, row["error"]) for arch, row in zip(held, scores) if row["status"] != "ok"]
+    if failed:
+        raise UserError(f"the supernet could not score {failed[0][0]} ({failed[0][1]}); the search's evaluators "
+                        "scored its networks: is its supernet.pt the one it searched?")
+    return dict(zip(held, scores))
 
 
 def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:

@@ -18,6 +18,8 @@ from collections import deque
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from .errors import UserError, one_line
+
 IN_FLIGHT_PER_ACTOR = 2  # one call computing, one queued behind it, so an actor never waits on the driver
 CANDIDATE_ATTEMPTS = 2  # a candidate whose scoring errors is tried once more, then recorded as failed
 ACTOR_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -52,7 +54,9 @@ class Dispatcher:
                 actor = self.down.pop(ref)
                 try:
                     ray.get(ref)
-                except ACTOR_LOST:
+                except ACTOR_LOST as exc:
+                    if "UserError: " in str(exc):  # its constructor refused (a GPU it cannot see): every one will
+                        raise UserError(one_line(exc)) from None
                     self.actors.remove(actor)  # out of restarts: gone for good
                     continue
                 slots.extend([actor] * IN_FLIGHT_PER_ACTOR)

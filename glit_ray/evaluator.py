@@ -25,7 +25,7 @@ from .data import Splits, parse_spec
 from .imagesets import ImageSet, calibration_indices, decode, decode_on_cluster, heldout_indices, place
 from .latency import device_name, measure_ms
 from .ray_workarounds import actor_restarted, quiet_actor_creation
-from .resources import CPU_ACTOR_SHARE, Request
+from .resources import CPU_ACTOR_SHARE, Request, placed_device
 from .scoring import score
 from .settings import Latency
 from .supernet import load_supernet
@@ -54,7 +54,7 @@ class Evaluator:
         started = time.perf_counter()
         torch.set_num_threads(threads)
         self.actor_id, self.node = actor_id, ray.get_runtime_context().get_node_id()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = placed_device("evaluator")
         self.net, _ = load_supernet(io.BytesIO(supernet_bytes), map_location=self.device)
         self.loads = 1
         self.device_name = device_name(self.device)

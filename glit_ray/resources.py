@@ -24,11 +24,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
+import torch
 import yaml
 
 from .errors import UserError
 from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_groups, kuberay_autoscaling_config
 
+FAKE_GPUS_ENV = "GLIT_RAY_FAKE_GPUS"  # "1": GPUs Ray accounts without devices (its fake test clusters) compute on CPU
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
 WORKER_FIX = "lower --gpus-per-worker or --cpus-per-worker"  # what a refused request of Ray Train workers can change
@@ -280,3 +282,22 @@ def waiting_note(request: Request, say) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join(timeout=5)
+
+
+def placed_device(role: str) -> torch.device:
+    """The device a process Ray placed computes on: CUDA where it sees a device, else the CPU. A process Ray gave a
+    GPU that sees no CUDA device is an error (it would compute on the CPU while the cluster holds its GPU), unless
+    FAKE_GPUS_ENV is "1" in its environment: Ray's fake multi-node test clusters account GPUs that do not exist."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    gpus = ray.get_gpu_ids()
+    if gpus and os.environ.get(FAKE_GPUS_ENV) != "1":
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"the {role} on node {ray.util.get_node_ip_address()} was given GPU {','.join(map(str, gpus))} "
+                        f"by Ray but torch ({torch.__version__}, {build}) sees no CUDA device "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): the node's NVIDIA "
+                        "driver is missing or older than the image's CUDA, or its container runs without the NVIDIA "
+                        "runtime; fix the node image (on a test cluster of fake GPUs, set "
+                        f"{FAKE_GPUS_ENV}=1)")
+    return torch.device("cpu")
+

@@ -45,7 +45,7 @@ from .progress import bar as progress_bar
 from .progress import say
 from .recipe import FUSED, Recipe, add_recipe_arguments, header, recipe_from_args
 from .ray_workarounds import torch_config, train_result
-from .resources import ClusterShape, Request, waiting_note
+from .resources import ClusterShape, Request, placed_device, waiting_note
 
 if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
     from .settings import Placement, Training
@@ -244,9 +244,9 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
 
 
 def worker_device() -> torch.device:
-    """This Ray Train worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where its node shows no CUDA
-    device for the GPU Ray accounted to it (`DeviceTorchConfig` then connects the workers over gloo)."""
-    if not torch.cuda.is_available():
+    """This Ray Train worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where Ray gave it none (or a fake
+    one, `resources.placed_device`: `DeviceTorchConfig` then connects the workers over gloo)."""
+    if placed_device("Ray Train worker").type == "cpu":
         return torch.device("cpu")
     use_fast_gpu_kernels()
     return ray.train.torch.get_device()

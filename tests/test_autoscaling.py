@@ -3,7 +3,8 @@
 authentication on. A search's requests bring GPU nodes up, every Ray Train worker and evaluator runs on them, the
 cluster scales back down, and a request no node type holds is refused before anything is written.
 
-Torch sees no CUDA on a fake GPU node, so the work computes on the CPU while Ray accounts a GPU to it.
+Torch sees no CUDA on a fake GPU node, so the work computes on the CPU while Ray accounts a GPU to it: the cluster's
+nodes start with GLIT_RAY_FAKE_GPUS=1, without which a process given a GPU it cannot see refuses to run.
 """
 import json
 import os
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from ray._private.services import get_node_ip_address
 
+from glit_ray.resources import FAKE_GPUS_ENV
 from glit_ray.results import read_candidates
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -82,7 +84,8 @@ def autoscaling_cluster(ray_session, tmp_path_factory):
     subprocess.run([RAY, "start", "--head", "--num-cpus=0", f"--port={port}", "--object-store-memory=200000000",
                     *(f"--{option}={p}" for option, p in ports.items()), f"--temp-dir={temp}",
                     f"--autoscaling-config={folder / 'cluster.yaml'}"],
-                   env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                   # its nodes' fake GPUs have no device: their workers and evaluators compute on the CPU, by leave
+                   env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", FAKE_GPUS_ENV: "1"},
                    check=True, capture_output=True, timeout=120)
     yield {"env": {**env, "RAY_ADDRESS": f"{ip}:{port}"}, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

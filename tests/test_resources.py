@@ -4,15 +4,19 @@ import re
 import shutil
 import time
 from dataclasses import replace
+from unittest import mock
 from pathlib import Path
 
 import pytest
+import ray
+import torch
 import yaml
 from ray.exceptions import AuthenticationError
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
 from glit_ray.errors import UserError
-from glit_ray.resources import ClusterShape, NodeType, capacity, cluster_shape, config_node_types, plan, waiting_note
+from glit_ray.resources import (FAKE_GPUS_ENV, ClusterShape, NodeType, capacity, cluster_shape, config_node_types,
+                                placed_device, plan, waiting_note)
 from test_retrain import ARCH as RETRAIN_ARCH
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -167,3 +171,18 @@ def test_ray_data_ingest_needs_cpus_the_training_workers_do_not_hold():
                                         r"retrain: 1 worker x \(0 GPU, 2 CPU\) on head holds every CPU of"):
         check_ingest("ray-data", plan("retrain", 1, shape=machine), machine)
     check_ingest("ray-data", plan("supernet", 8, shape=aws()), aws())  # the cluster file's other node types decode
+
+
+def test_a_process_given_a_gpu_it_cannot_see_refuses_unless_the_cluster_says_its_gpus_are_fake(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.3.7")
+    monkeypatch.delenv(FAKE_GPUS_ENV, raising=False)
+    with mock.patch.object(ray, "get_gpu_ids", return_value=[]):
+        assert placed_device("evaluator") == torch.device("cpu")  # no GPU asked for: the CPU, as it should
+    with mock.patch.object(ray, "get_gpu_ids", return_value=[1]):
+        with pytest.raises(UserError, match=r"^the Ray Train worker on node 10\.0\.3\.7 was given GPU 1 by Ray but "
+                                            r"torch .* sees no CUDA device .*NVIDIA runtime; fix the node image"):
+            placed_device("Ray Train worker")
+        monkeypatch.setenv(FAKE_GPUS_ENV, "1")
+        assert placed_device("Ray Train worker") == torch.device("cpu")
+

@@ -1,10 +1,12 @@
 import json
 import os
+import re
 import random
 import shutil
 import statistics
 import sys
 import time
+from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
@@ -127,6 +129,25 @@ class FaultyEvaluator(Evaluator):
 
     def inject_exit(self) -> None:
         self.exit_next = True
+
+
+class GpuBlindEvaluator(Evaluator):
+    """The search's evaluator on a node whose GPU Ray accounts to it but torch cannot see (no driver, a container
+    without the NVIDIA runtime)."""
+
+    def __init__(self, *args, **kwargs):
+        with mock.patch.object(ray, "get_gpu_ids", return_value=[0]):
+            super().__init__(*args, **kwargs)
+
+
+def test_an_evaluator_given_a_gpu_it_cannot_see_stops_the_scoring_in_one_line(ray_session, untrained_supernet,
+                                                                             shipped_by_value):
+    with evaluator_pool(untrained_supernet.read_bytes(), DIGITS, 2, 64, evaluators(1, 0),
+                        actor_class=GpuBlindEvaluator) as actors:
+        with pytest.raises(UserError) as refused:
+            Dispatcher(actors).score(["3:v1m4-3:v1m4-0:k5c2m4-2:k5c2v1m4-3:v1m4-3:v1m4"])
+    assert re.fullmatch(r"the evaluator on node \S+ was given GPU 0 by Ray but torch \(.*\) sees no CUDA device .*; fix "
+                        r"the node image \(on a test cluster of fake GPUs, set GLIT_RAY_FAKE_GPUS=1\)", str(refused.value))
 
 
 def test_each_actor_loads_the_supernet_once_keeps_order_and_a_failing_or_dying_candidate_is_retried(
