@@ -44,6 +44,7 @@ class NodeType:
     cpus: float
     gpus: float
     max_count: int
+    head: bool = False  # the head node's type (a declared worker type, or a node up elsewhere, is not)
 
     def holds(self, cpus: float, gpus: float) -> int:
         """How many workers asking for (`cpus`, `gpus`) one node of this type holds."""
@@ -225,7 +226,8 @@ def config_node_types(config: dict, head: dict[str, float]) -> tuple[NodeType, .
             count = node_type.get("max_workers", total or 0)
             if total is not None:
                 count = min(count, total)
-        types.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
+        types.append(NodeType(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count,
+                              head=name == head_name))
     return tuple(types)
 
 
@@ -237,7 +239,8 @@ def nodes_up() -> tuple[NodeType, ...]:
             r = node["Resources"]
             name = "head" if HEAD_NODE_RESOURCE in r else f"{r.get('CPU', 0):g} CPU + {r.get('GPU', 0):g} GPU"
             shapes[name, float(r.get("CPU", 0)), float(r.get("GPU", 0))] += 1
-    return tuple(NodeType(name, cpus, gpus, count) for (name, cpus, gpus), count in sorted(shapes.items()))
+    return tuple(NodeType(name, cpus, gpus, count, head=name == "head")
+                 for (name, cpus, gpus), count in sorted(shapes.items()))
 
 
 def capacity(request: Request, shape: ClusterShape) -> int:

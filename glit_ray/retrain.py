@@ -36,6 +36,7 @@ from .resources import cluster_shape, plan
 from .runs import RUN_FILE, check_run, open_run, read_settings
 from .scoring import evaluate
 from .settings import Placement, RetrainRun, SearchRun
+from .storage import check_reachable
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
@@ -144,6 +145,7 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
     shape = cluster_shape()
     request = plan("retrain", settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)  # or fits no node
     check_ingest(where.ingest, request, shape)
+    check_reachable(where.storage or out, "--storage", shape)
     resumed = open_run(out, settings, where.resume)
 
     initial = {}

@@ -37,6 +37,7 @@ from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .recipe import add_recipe_arguments
 from .settings import Latency, Placement, SearchRun
+from .storage import check_reachable
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
 from .train_supernet import supernet_run, train_supernet
 from .training import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, ensure_ray,
@@ -266,6 +267,9 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
                                                    where.cpus_per_worker, shape=shape)
     if trainers:
         check_ingest(where.ingest, trainers, shape)
+        check_reachable(f"{where.mirror.rstrip('/')}/supernet" if where.mirror else out / "supernet", "--mirror", shape)
+    if where.mirror:
+        check_reachable(where.mirror, "--mirror", shape)  # what outlives the head node
     scorers = evaluators(where.actors, where.gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
     if pulling:
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")

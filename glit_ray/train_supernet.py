@@ -37,6 +37,7 @@ from .progress import driver_has_terminal
 from .resources import cluster_shape, plan
 from .runs import check_run, open_run, resolve_distribution
 from .settings import Placement, SupernetRun
+from .storage import check_reachable
 from .evaluator import score_on, scoring_sets
 from .imagesets import heldout_indices, place
 from .space import LEVELS, SearchSpace
@@ -191,6 +192,7 @@ def train_supernet(settings: SupernetRun, where: Placement, console: Console | N
     shape = cluster_shape()
     request = plan("supernet", settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)  # or fits no node
     check_ingest(where.ingest, request, shape)
+    check_reachable(where.storage or out, "--storage", shape)
     resumed = open_run(out, settings, where.resume)
 
     console.print(f"{'resuming' if resumed else 'training'} {settings.level}-level supernet of "

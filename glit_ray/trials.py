@@ -21,6 +21,7 @@ from .progress import console
 from .resources import Request, capacity, check_together, cluster_shape, plan, waiting_note
 from .retrain import train_loop as retrain_loop
 from .settings import Placement, RetrainRun, Training
+from .storage import check_reachable
 from .training import TrainJob, check_ingest, finished_run, fit
 
 METRIC = "heldout_top1"
@@ -58,6 +59,7 @@ def side_by_side(what: str, settings: Training, trials: int, where: Placement) -
     """How many trials run at once (as many as the cluster can hold; with Ray Data ingest, one trial fewer, whose
     CPUs decode), and the request of their workers together."""
     shape = cluster_shape()
+    check_reachable(where.storage or where.out / what, "--storage", shape)
     every = plan(what, trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape,
                  together=False)
     check_together(replace(every, count=settings.workers), shape)  # a trial's workers start together
