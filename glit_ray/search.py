@@ -36,10 +36,10 @@ from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .recipe import add_recipe_arguments
-from .settings import Latency, Placement, SearchRun
+from .settings import Latency, Placement, SearchRun, SupernetRun
 from .storage import check_reachable
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
-from .train_supernet import supernet_run, train_supernet
+from .train_supernet import SAMPLING, supernet_run, train_supernet
 from .training import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, ensure_ray,
                        training_recipe)
 from .verdict import of_meta
@@ -136,6 +136,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--heldout-images", type=int, default=None,
                    help="score on a fixed class-stratified subset of N held-out images (default: per data set)")
     p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
+    p.add_argument("--supernet-sampling", choices=SAMPLING, default="uniform",
+                   help="when training the supernet here: its steps' paths (see train_supernet --sampling)")
     p.add_argument("--supernet-workers", type=int, default=1,
                    help="data-parallel Ray Train workers when training the supernet here (default: 1)")
     p.add_argument("--search-unlearnt", action="store_true",
@@ -193,7 +195,19 @@ def settings_from_args(args) -> SearchRun:
         pareto_cost=COST_COLUMNS[args.pareto_cost],
         latency=Latency(args.latency_batch, args.latency_max_ms) if latency else None, limits=limits,
         calib_batches=calib_batches, heldout_images=heldout_images, supernet_epochs=args.supernet_epochs,
-        supernet_workers=args.supernet_workers, supernet_recipe=recipe, seed=args.seed)
+        supernet_workers=args.supernet_workers, supernet_recipe=recipe, seed=args.seed,
+        supernet_sampling=args.supernet_sampling)
+
+
+def supernet_settings(settings: SearchRun) -> SupernetRun:
+    """The supernet a search without `--supernet` trains: uniform paths inside its limits' maxima (a path over them
+    is never searched), or fair ones, which cover every choice whatever the limits (the search applies them)."""
+    limits = settings.limits
+    return supernet_run(settings.space, settings.level, settings.distribution, settings.data, settings.supernet_epochs,
+                        workers=settings.supernet_workers, recipe=settings.supernet_recipe,
+                        limits=replace(limits, flops_min=None, params_min=None) if settings.supernet_sampling == "uniform"
+                        else Limits(convention=limits.convention), seed=settings.seed,
+                        sampling=settings.supernet_sampling)
 
 
 def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> None:
@@ -276,9 +290,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     resumed = open_run(out, settings, where.resume)
 
     supernet = Path(settings.supernet) if settings.supernet else train_supernet(
-        supernet_run(space, level, settings.distribution, settings.data, settings.supernet_epochs,
-                     workers=settings.supernet_workers, recipe=settings.supernet_recipe,
-                     limits=replace(limits, flops_min=None, params_min=None), seed=settings.seed),
+        supernet_settings(settings),
         replace(where, out=out / "supernet", resume=(out / "supernet" / RUN_FILE).exists(),
                 gpus_per_worker=trainers.gpus, cpus_per_worker=trainers.cpus,
                 storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None),

@@ -102,6 +102,7 @@ class SearchRun:
     supernet_workers: int
     supernet_recipe: Recipe | None  # the recipe of the supernet the search trains (None: it is given one)
     seed: int
+    supernet_sampling: str = "uniform"  # the paths of its supernet's steps (`SupernetRun.sampling`)
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ def to_json(settings) -> dict[str, Any]:
 
 
 # fields added since the release before training recipes (2291a49), with what a run file without them meant
-# (a supernet trained before fair sampling was sampled uniformly)
-ADDED = {"supernet_recipe": None, "sampling": "uniform"}
+# (a supernet trained before fair sampling, a search's included, was sampled uniformly)
+ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform"}
 
 
 def from_json(kind: str, stored: dict, source: str = "run.json"):

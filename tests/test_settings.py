@@ -41,6 +41,18 @@ def test_settings_round_trip_through_run_json():
     assert from_json("supernet", json.loads(json.dumps(to_json(settings)))) == settings
 
 
+def test_the_supernet_a_search_trains_keeps_inside_its_limits_or_with_fair_paths_covers_every_choice():
+    def trained(*argv):
+        return search.supernet_settings(search.settings_from_args(search.build_parser().parse_args(
+            ["--level", "high", "--flops-min", "10", "--flops-max", "14", "--supernet-epochs", "3", *argv])))
+
+    uniform, fair = trained(), trained("--supernet-sampling", "fair")
+    assert (uniform.sampling, uniform.limits.flops_max, uniform.limits.flops_min, uniform.epochs) == ("uniform", 14, None, 3)
+    assert (fair.sampling, fair.limits.flops_max, fair.epochs) == ("fair", None, 3)
+    assert dataclasses.replace(fair, sampling="uniform", limits=uniform.limits) == uniform  # all else the same
+    assert from_json("supernet", json.loads(json.dumps(to_json(fair)))) == fair
+
+
 def test_a_shortlist_of_the_previous_release_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"written before training recipes") as caught:
         from_json("shortlist", stored("shortlist"))
