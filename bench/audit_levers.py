@@ -2,18 +2,18 @@
 
 The ground truth is a finished audit of `make demo`'s search (`python -m glit_ray.audit RUN --seeds 3`): its
 networks' standalone top-1, each the mean of its seeds, do not depend on the supernet. Each lever is a supernet
-(trained here with `python -m glit_ray.train_supernet`'s code, the demo search's settings otherwise) or a way of
+(trained by the demo's search itself, `--supernet-epochs E --supernet-sampling S`) or a way of
 scoring or ranking with one. For each the bench:
 
 - scores the audit's networks of the search's ranking and the random ones (not the two baselines, far from the
   others) with the lever's supernet exactly as a search scores, and sets that order beside the standalone one:
   Kendall tau-b with its 95 % interval, tau within the lever's own top fifth, and by held-out loss;
-- runs the demo's search on that supernet (`python -m glit_ray.search --level high --supernet PATH`) and trains its
+- runs the demo's search with it (`python -m glit_ray.search --level high ...`) and trains its
   found architecture `--seeds` times with the audit's recipe (unless the audit trained it already), placing it among
   the audit's random networks of the demo winner's FLOPs band.
 
-Levers: `today` (the demo's supernet: uniform paths, 30 epochs; the audit's own search), `loss` (the same supernet
-and candidates, ranked by held-out loss instead of top-1), `calib16` (16 calibration batches instead of 4),
+Levers: `today` (the demo's supernet: uniform paths, 30 epochs; the audit's own search), `loss` (the same supernet,
+searched with `--objective loss`: parents and the find by held-out loss instead of top-1), `calib16` (16 calibration batches instead of 4),
 `epochs60` / `epochs120` (uniform paths, longer), `fair` (FairNAS: every choice of every block each step, 30 epochs,
 4x the compute of a step), `fair8` (fair for 8 epochs: about today's compute).
 
@@ -50,24 +50,18 @@ class Lever:
     epochs: int | None = None  # a supernet trained here (None: the demo's)
     sampling: str = "uniform"
     calib_batches: int | None = None  # None: the search's
-    by_loss: bool = False
+    objective: str = "top1"  # the search's --objective
 
 
 LEVERS = {
     "today": Lever("the demo's supernet (uniform, 30 epochs), ranked by top-1"),
-    "loss": Lever("the same supernet and candidates, ranked by held-out loss", by_loss=True),
+    "loss": Lever("the same supernet, the search ranking by held-out loss (`--objective loss`)", objective="loss"),
     "calib16": Lever("the same supernet, 16 calibration batches", calib_batches=16),
     "epochs60": Lever("uniform paths, 60 epochs", epochs=60),
     "epochs120": Lever("uniform paths, 120 epochs", epochs=120),
     "fair": Lever("fair paths (FairNAS), 30 epochs", epochs=30, sampling="fair"),
     "fair8": Lever("fair paths (FairNAS), 8 epochs", epochs=8, sampling="fair"),
 }
-
-
-def found(run_dir: Path, by_loss: bool) -> dict:
-    """The search's found architecture: its best by top-1 (best.json's), or by held-out loss."""
-    ranked = ranked_architectures(run_dir)
-    return min(ranked, key=lambda r: (r["loss"], -r["top1"], r["arch"])) if by_loss else ranked[0]
 
 
 def main() -> None:
@@ -93,26 +87,29 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in args.levers.split(","):
         lever, started = LEVERS[name], time.perf_counter()
-        supernet = run_dir / "supernet" / "supernet.pt"
-        if lever.epochs:
-            supernet = work / name / "supernet" / train_supernet.SUPERNET_FILE
-            train_supernet.main(["--level", "high", "--space", demo.space.name, "--data", demo.data, "--epochs",
-                                 str(lever.epochs), "--sampling", lever.sampling, "--seed", str(demo.seed),
-                                 "--out", str(supernet.parent)])  # rerun: finds it trained
-        trained = time.perf_counter()
-        searched = run_dir
-        if lever.epochs or lever.calib_batches:
+        supernet, searched = run_dir / "supernet" / "supernet.pt", run_dir
+        if lever.epochs:  # the demo's search, training its own supernet with the lever
+            searched = work / name / "search-high"
+            supernet = searched / "supernet" / train_supernet.SUPERNET_FILE
+            search.main(["--level", "high", "--supernet-epochs", str(lever.epochs), "--supernet-sampling",
+                         lever.sampling, "--search-unlearnt", "--out", str(searched)])  # again: finds it done
+        elif lever.calib_batches or lever.objective != "top1":  # the demo's search on its supernet, otherwise
             searched = work / name / "search-high"
             search.main(["--level", "high", "--supernet", str(supernet), "--calib-batches",
-                         str(lever.calib_batches or demo.calib_batches), "--out", str(searched)])
+                         str(lever.calib_batches or demo.calib_batches), "--objective", lever.objective,
+                         "--out", str(searched)])
         ensure_ray(None)
         scores = audit.supernet_scores(search_settings(searched), supernet, splits, compared, Placement(work / name))
-        key = (lambda a: -scores[a]["loss"]) if lever.by_loss else (lambda a: scores[a]["top1"])
+        key = (lambda a: -scores[a]["loss"]) if lever.objective == "loss" else (lambda a: scores[a]["top1"])
         figures = agreement([key(a) for a in compared], [truth[a] for a in compared], k=5)
         figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
                                                        [truth[a] for a in compared]))
-        results[name] = {"figures": figures, "winner": found(searched, lever.by_loss),
-                         "supernet_min": (trained - started) / 60, "minutes": (time.perf_counter() - started) / 60}
+        paths = max(map(len, demo.space.block_choices("high"))) if lever.sampling == "fair" else 1  # a step's
+        steps = (lever.epochs or demo.supernet_epochs) * paths
+        verdict = read_json(searched / "best.json")["supernet"]
+        results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,
+                         "probes": verdict["median"], "learnt": verdict["learnt"],
+                         "minutes": (time.perf_counter() - started) / 60}
         console.print(f"{name}: tau {figures['kendall_tau']:.2f}, winner {results[name]['winner']['arch']}")
 
     # the found architectures the audit did not train, trained as its networks were (its recipe, seeds, epochs)
@@ -132,17 +129,17 @@ def main() -> None:
              f"{audited.epochs} epochs each; its random group: {len(randoms)} networks of {min(band) / 1e6:.2f}-"
              f"{max(band) / 1e6:.2f} M FLOPs, standalone mean {statistics.fmean(randoms):.2f} %). Tau over the "
              f"{len(compared)} networks of the search's ranking and the random group, scored by each lever.", "",
-             "| lever | what | tau (95 %) | by loss | tau, lever's top fifth | found architecture | its FLOPs M | "
-             "standalone top-1 % | percentile among random | supernet min | min |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| lever | what | supernet compute, path-epochs | probe median % | tau (95 %) | by loss | tau, lever's top fifth | found "
+             "architecture | its FLOPs M | standalone top-1 % | percentile among random | minutes |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         f, w = r["figures"], r["winner"]
         top1 = truth[w["arch"]]
         pct = 100 * (sum(v < top1 for v in randoms) + 0.5 * sum(v == top1 for v in randoms)) / len(randoms)
         lo, hi = f["kendall_tau_95"]
-        lines.append(f"| {name} | {LEVERS[name].about} | {f['kendall_tau']:.2f} ({lo:.2f} to {hi:.2f}) | "
-                     f"{f['loss_kendall_tau']:.2f} | {f['top_kendall_tau']:.2f} | `{w['arch']}` | {w['flops'] / 1e6:.2f} "
-                     f"| {top1:.2f} | {pct:.0f} | {r['supernet_min']:.1f} | {r['minutes']:.1f} |")
+        lines.append(f"| {name} | {LEVERS[name].about} | {r['path_epochs']} | {r['probes']:.1f}{'' if r['learnt'] else ' (NOT learnt)'} | {f['kendall_tau']:.2f} ({lo:.2f} to "
+                     f"{hi:.2f}) | {f['loss_kendall_tau']:.2f} | {f['top_kendall_tau']:.2f} | `{w['arch']}` | "
+                     f"{w['flops'] / 1e6:.2f} | {top1:.2f} | {pct:.0f} | {r['minutes']:.1f} |")
     base = results.get("today")
     if base:
         lines.append("")

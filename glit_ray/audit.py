@@ -196,7 +196,7 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
     console = console or make_console()
     run_dir, folder = where.out, where.out / FOLDER
     search = search_settings(run_dir)
-    ranked = ranked_architectures(run_dir)
+    ranked = ranked_architectures(run_dir, search.objective)
     supernet = supernet_path(run_dir, search)
     splits = build_splits(search.data, search.space.img_size, search.space.in_chans)  # a bad dataset fails here
     check_epoch_has_a_step(len(splits.train), settings.batch_size, settings.workers)

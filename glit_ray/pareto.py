@@ -1,4 +1,4 @@
-"""Ranking candidates: by held-out top-1, or by Pareto rank over (top-1, cost) as NSGA-II does.
+"""Ranking candidates: by held-out top-1, by held-out loss, or by Pareto rank over (top-1, cost) as NSGA-II does.
 
 Held-out top-1 on a few hundred images takes few distinct values, so candidates equal in top-1 are
 ranked by held-out loss (lower first), a finer signal of the same held-out pass; then by the
@@ -19,6 +19,18 @@ import numpy as np
 def by_top1(rows: list[dict]) -> list[dict]:
     """Rows best first by top-1, then held-out loss, then architecture string: best.json's order and the searcher's."""
     return sorted(rows, key=lambda r: (-r["top1"], r["loss"], r["arch"]))
+
+
+def by_loss(rows: list[dict]) -> list[dict]:
+    """Rows best first by held-out loss (lower first), then top-1, then architecture string: the order of
+    `--objective loss`, finer than top-1 on a few hundred held-out images (P13b)."""
+    return sorted(rows, key=lambda r: (r["loss"], -r["top1"], r["arch"]))
+
+
+def best_first(rows: list[dict], objective: str) -> list[dict]:
+    """Rows in the order a search of `objective` calls best: by held-out loss for "loss", else by top-1 (a Pareto
+    search's single best, best.json's head, is its best top-1)."""
+    return by_loss(rows) if objective == "loss" else by_top1(rows)
 
 
 def gain(rows: list[dict]) -> list[int]:

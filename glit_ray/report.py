@@ -25,15 +25,16 @@ from .errors import UserError
 from .files import read_json, write_atomic
 from .ranking import networks, verdict_lines
 from .results import best_record, read_candidates
+from .runs import RUN_FILE, search_settings
 
 TOPK = 10
 
 
-def run_summary(rows: list[dict]) -> dict:
-    """What the plots and summary.md show of one run, computed once from its rows."""
+def run_summary(rows: list[dict], objective: str = "top1") -> dict:
+    """What the plots and summary.md show of one run, computed once from its rows (its best by its `objective`)."""
     ok = [r for r in rows if r["status"] == "ok"]
     generations = sorted({r["generation"] for r in ok})
-    best = best_record(rows, rows[0]["level"], TOPK)
+    best = best_record(rows, rows[0]["level"], TOPK, objective=objective)
     return {"candidates": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
             "rejected": sum(r["status"] == "rejected" for r in rows), "generations": len({r["generation"] for r in rows}),
             "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto.front(ok, "flops"),
@@ -42,13 +43,15 @@ def run_summary(rows: list[dict]) -> dict:
                                            max))}
 
 
-def load_runs(run_dirs: list[Path]) -> dict[str, list[dict]]:
+def load_runs(run_dirs: list[Path]) -> dict[str, tuple[list[dict], str]]:
+    """Each run's candidate rows and its search's objective (by top-1 for candidates without a run.json)."""
     runs = {}
     for run_dir in run_dirs:
         rows = read_candidates(run_dir).to_pylist()
         if not rows:
             raise UserError(f"{run_dir} holds no candidates (no candidates/gen-*.parquet); give a search RUN_DIR")
-        runs[run_dir.name if run_dir.name not in runs else str(run_dir)] = rows
+        objective = search_settings(run_dir).objective if (run_dir / RUN_FILE).is_file() else "top1"
+        runs[run_dir.name if run_dir.name not in runs else str(run_dir)] = (rows, objective)
     return runs
 
 
@@ -160,7 +163,7 @@ def summary_markdown(summaries: dict[str, dict], audit: dict | None = None) -> s
 
 def report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """Write the report of `run_dirs` into `out` (default: the first run's report/); returns `out`."""
-    summaries = {name: run_summary(rows) for name, rows in load_runs([Path(d) for d in run_dirs]).items()}
+    summaries = {name: run_summary(*run) for name, run in load_runs([Path(d) for d in run_dirs]).items()}
     out = Path(out or Path(run_dirs[0]) / "report")
     out.mkdir(parents=True, exist_ok=True)
     plot_evolution(summaries, out / "evolution.png")

@@ -75,11 +75,11 @@ def read_candidates(run_dir: Path) -> pa.Table:
     return pa.concat_tables([read_generation(f) for f in files]) if files else SCHEMA.empty_table()
 
 
-def ranked_architectures(run_dir: Path) -> list[dict]:
-    """Each distinct architecture the search in `run_dir` scored, as its best row, best first (`pareto.by_top1`:
-    best.json's order); a UserError when it has scored none."""
+def ranked_architectures(run_dir: Path, objective: str = "top1") -> list[dict]:
+    """Each distinct architecture the search in `run_dir` scored, as its best row, best first by the search's
+    `objective` (`pareto.best_first`: best.json's order); a UserError when it has scored none."""
     best: dict[str, dict] = {}
-    for row in pareto.by_top1([r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"]):
+    for row in pareto.best_first([r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"], objective):
         best.setdefault(row["arch"], row)
     if not best:
         raise UserError(f"{run_dir} has no scored candidate yet (no finished generation); let its search finish a "
@@ -109,10 +109,10 @@ def repair_generations(run_dir: Path, scored: list[dict], level: str) -> list[st
     return lines
 
 
-def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops") -> dict | None:
+def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops", objective: str = "top1") -> dict | None:
     """best.json's content: the best scored candidate (every candidate meets the limits), the top-k
-    by top-1, and the Pareto front over (top-1, `cost`)."""
-    ok = pareto.by_top1([r for r in rows if r["status"] == "ok"])
+    by the search's `objective` (`pareto.best_first`), and the Pareto front over (top-1, `cost`)."""
+    ok = pareto.best_first([r for r in rows if r["status"] == "ok"], objective)
     if not ok:
         return None
     keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params", "latency_ms")
@@ -128,9 +128,10 @@ class ResultsCallback(tune.Callback):
     """Persists each finished generation: Parquet rows, TensorBoard scalars and HParams, best.json."""
 
     def __init__(self, run_dir: Path, level: str, topk: int, generations: int, cost: str = "flops",
-                 about: dict | None = None):
+                 about: dict | None = None, objective: str = "top1"):
         """`about`: what best.json says beside the candidates (the supernet's verdict)."""
         self.run_dir, self.level, self.topk, self.generations, self.cost = Path(run_dir), level, topk, generations, cost
+        self.objective = objective
         self.about = about or {}
         self.writer = None
         self.rows: dict[int, list[dict]] | None = None  # generation -> its rows; read from disk once (a resume)
@@ -147,7 +148,8 @@ class ResultsCallback(tune.Callback):
             for row in read_candidates(self.run_dir).to_pylist():
                 self.rows.setdefault(row["generation"], []).append(row)
         self.rows[generation] = rows  # a generation re-run after a resume replaces its rows, as its file
-        best = best_record([r for g in sorted(self.rows) for r in self.rows[g]], self.level, self.topk, self.cost)
+        best = best_record([r for g in sorted(self.rows) for r in self.rows[g]], self.level, self.topk, self.cost,
+                           self.objective)
         if best:
             best.update(self.about)
             write_json(self.run_dir / "best.json", best)

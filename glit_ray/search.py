@@ -114,8 +114,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mutation-prob", type=float, default=0.1)
     p.add_argument("--strategy", choices=("evolution", "random"), default="evolution",
                    help="random: the baseline, random architectures under the same budget and limits")
-    p.add_argument("--objective", choices=("top1", "pareto"), default="top1",
-                   help="pareto: parents by non-dominated rank and crowding over top-1 and --pareto-cost (NSGA-II)")
+    p.add_argument("--objective", choices=("top1", "loss", "pareto"), default="top1",
+                   help="what parents and the best are chosen by: held-out top-1 (ties: loss); loss, held-out loss "
+                        "(ties: top-1); pareto, non-dominated rank and crowding over top-1 and --pareto-cost (NSGA-II)")
     p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default="flops",
                    help="the cost axis of the Pareto front (latency implies --latency)")
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
@@ -313,7 +314,8 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
             console.print(f"{level}-level search of {space.name} on {settings.data}: {settings.generations} "
                           f"generations -> {out}")
         console.print(str(scorers))
-        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost, about)]
+        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost, about,
+                                     settings.objective)]
         if mirror:
             callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
         with callers_signal_handlers():
@@ -322,7 +324,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     if mirror:
         mirror.push()
     rows = read_candidates(out).to_pylist()
-    best = best_record(rows, level, settings.topk, settings.pareto_cost)
+    best = best_record(rows, level, settings.topk, settings.pareto_cost, settings.objective)
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")
     best.update(about)

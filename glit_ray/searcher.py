@@ -2,7 +2,7 @@
 
 Generation 0 is `population` random architectures inside the limits. (`strategy="random"`, the
 baseline, draws every later generation at random too, with the same budget.) Every later generation
-takes the top-k of all candidates scored so far as parents (by top-1, or with `objective="pareto"`
+takes the top-k of all candidates scored so far as parents (by top-1, by held-out loss with `objective="loss"`, or with `objective="pareto"`
 by Pareto rank and crowding over top-1 and `cost`, as NSGA-II does) and breeds `mutations` children by
 mutation and `crossovers` by uniform crossover. A child its operator cannot make new (converged
 parents cross into architectures seen before; a mutation that changed nothing) is searched for
@@ -113,7 +113,7 @@ class EvolutionSearcher(Searcher):
         if settings.objective == "pareto":
             best = pareto.select(ok, settings.topk, settings.pareto_cost)
         else:
-            best = pareto.by_top1(ok)[: settings.topk]
+            best = pareto.best_first(ok, settings.objective)[: settings.topk]
         return [Architecture.parse(r["arch"]) for r in best]
 
     def search_around(self, operator: str, make, admit, rng: random.Random) -> bool:

@@ -92,7 +92,7 @@ class SearchRun:
     crossovers: int
     mutation_prob: float
     strategy: str  # "evolution" | "random"
-    objective: str  # "top1" | "pareto"
+    objective: str  # "top1" | "loss" | "pareto"
     pareto_cost: str  # the candidates' column the Pareto front's cost axis reads
     latency: Latency | None
     limits: Limits

@@ -37,9 +37,9 @@ RECORD, FOLDER = "shortlist.json", "shortlist"
 
 
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
-    """The `top` best distinct architectures the search in `run_dir` scored, best first."""
-    return [{"arch": r["arch"], "search_top1": r["top1"], "generation": r["generation"]}
-            for r in ranked_architectures(run_dir)[:top]]
+    """The `top` best distinct architectures the search in `run_dir` scored, best first by its objective."""
+    return [{"arch": r["arch"], "search_top1": r["top1"], "search_loss": r["loss"], "generation": r["generation"]}
+            for r in ranked_architectures(run_dir, search_settings(run_dir, "high").objective)[:top]]
 
 
 def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
@@ -85,9 +85,9 @@ def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
 
 
 def order_agreement(candidates: list[dict]) -> float | None:
-    """Kendall tau-b between the candidates' search (supernet) top-1 and their shortlist top-1 (None: fewer than two
-    candidates, or one side all ties)."""
-    tau = ranking.kendall([c["search_top1"] for c in candidates], [c["shortlist_top1"] for c in candidates]) \
+    """Kendall tau-b between the candidates' search order (best first, by its objective on the supernet) and their
+    shortlist top-1 (None: fewer than two candidates, or the shortlist's all ties)."""
+    tau = ranking.kendall([-rank for rank in range(len(candidates))], [c["shortlist_top1"] for c in candidates]) \
         if len(candidates) > 1 else math.nan
     return None if math.isnan(tau) else tau
 

@@ -60,3 +60,12 @@ def test_a_tie_in_top1_is_broken_by_held_out_loss_then_the_string():
     # Pareto: b (90, loss 0.3) now beats a (90, loss 0.5) at the same cost; d beats both (cheaper)
     assert pareto.ranks(pareto.gain(rows), [r["flops"] for r in rows]) == [2, 1, 0, 0]
     assert [r["arch"] for r in pareto.front(rows, "flops")] == ["d", "c"]
+
+
+def test_the_loss_objective_orders_by_held_out_loss_then_top1_then_the_string():
+    rows = [{"arch": "a", "top1": 90.0, "loss": 0.5}, {"arch": "b", "top1": 89.0, "loss": 0.3},
+            {"arch": "c", "top1": 91.0, "loss": 0.9}, {"arch": "d", "top1": 90.0, "loss": 0.3},
+            {"arch": "e", "top1": 90.0, "loss": 0.3}]
+    assert [r["arch"] for r in pareto.best_first(rows, "loss")] == ["d", "e", "b", "a", "c"]
+    assert pareto.best_first(rows, "top1") == pareto.by_top1(rows) == pareto.best_first(rows, "pareto")
+

@@ -164,8 +164,9 @@ def test_the_random_baseline_has_the_same_budget_and_limits_but_no_parents(micro
     assert settings_from_args(args).strategy == "random"
 
 
-def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
-    """With a cost that falls as top-1 rises for some rows, the top-1 ranking and the Pareto one differ."""
+def test_pareto_and_loss_objectives_take_parents_by_rank_and_crowding_or_by_held_out_loss(micro):
+    """With a cost that falls as top-1 rises for some rows, the top-1 ranking and the Pareto one differ; the loss
+    objective takes the lowest held-out losses."""
     searcher = make(micro, objective="pareto", pareto_cost="flops", topk=3)
     rows = []
     for n, (top1, flops) in enumerate([(90, 30), (89, 31), (88, 32), (70, 5), (60, 2), (50, 40)]):
@@ -178,6 +179,9 @@ def test_pareto_objective_takes_parents_by_rank_and_crowding(micro):
     by_top1 = make(micro, topk=3)
     by_top1.state["scored"] = rows
     assert [str(a) for a in by_top1.parents()] == [r["arch"] for r in rows[:3]]
+    by_loss = make(micro, objective="loss", topk=3)
+    by_loss.state["scored"] = [{**r, "loss": 1 / r["flops"]} for r in rows]  # the costliest: the lowest loss
+    assert [str(a) for a in by_loss.parents()] == [rows[i]["arch"] for i in (5, 2, 1)]
     args = build_parser().parse_args(["--level", "high", "--objective", "pareto", "--pareto-cost", "latency"])
     settings = settings_from_args(args)
     assert settings.objective == "pareto" and settings.pareto_cost == "latency_ms"
