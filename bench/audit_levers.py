@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import publish  # noqa: E402
 
-from glit_ray import audit, search, train_supernet  # noqa: E402
+from glit_ray import audit, ray_workarounds, search, train_supernet  # noqa: E402
 from glit_ray.data import build_splits  # noqa: E402
 from glit_ray.files import read_json  # noqa: E402
 from glit_ray.progress import console as make_console  # noqa: E402
@@ -68,11 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo/search-high"),
                         help="the demo's search, audited (RUN/audit/audit.parquet)")
-    parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair,fair8")
+    parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair8,fair,epochs120")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-levers"),
                         help="the levers' supernets, searches and trainings (kept: a rerun reuses what is there)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
+    ray_workarounds.apply()  # as the commands do: Ray's lines stay in its logs
     console = make_console()
     run_dir, work = args.run.resolve(), args.work.resolve()
     truth_rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
