@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
-import ray.train
-import ray.train.torch
 import torch
 from rich.console import Console
 
@@ -40,8 +38,8 @@ from .storage import check_reachable
 from .space import SearchSpace
 from .supernet import load_supernet
 from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
-                       ensure_ray, final_state, fit, say_recipe, set_computation, train_epochs, training_recipe,
-                       worker_device, worker_loader)
+                       ensure_ray, final_state, fit, prepared, reporting, say_recipe, set_computation, train_epochs,
+                       training_recipe, worker_device, worker_loader)
 
 METRICS = "metrics.json"
 
@@ -96,10 +94,11 @@ def inherited_model(settings: RetrainRun, num_classes: int) -> GLiT:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `RetrainRun`)."""
+    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `RetrainRun`), or the Tune trial that trains it
+    alone (`TrainJob.in_trial`)."""
     ray_workarounds.quiet_train_worker_log()
-    device = worker_device()
     job: TrainJob = config["job"]
+    device = worker_device(job)
     settings: RetrainRun = job.settings
     splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
 
@@ -109,10 +108,11 @@ def train_loop(config: dict) -> None:
         net.load_state_dict(ray.get(job.initial_weights))
     set_computation(net, job)
     net.to(device)
-    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits)
+    loader = worker_loader(splits, job, device)
+    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
+                               reporting(job))
     start_epoch = recipe.resume(net, device)
-    model = ray.train.torch.prepare_model(net, move_to_device=device)
+    model = prepared(net, job, device)
 
     def score_heldout(epoch: int) -> tuple[dict, str]:
         """Held-out top-1/top-5, and the test split's after the last epoch (a shortlist trial never looks at it)."""

@@ -19,9 +19,6 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import ray
-import ray.train
-import ray.train.torch
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -44,8 +41,8 @@ from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .recipe import PRESETS, Recipe, choose_preset
 from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
-                       ensure_ray, final_state, fit, say_recipe, set_computation, train_epochs, training_images,
-                       training_recipe, worker_device, worker_loader)
+                       ensure_ray, final_state, fit, prepared, rank_and_world, reporting, say_recipe, set_computation, train_epochs,
+                       training_images, training_recipe, worker_device, worker_loader)
 from .verdict import Verdict, chance_of, of_meta
 
 SUPERNET_FILE = "supernet.pt"
@@ -96,8 +93,8 @@ class PathSampler:
 def train_loop(config: dict) -> None:
     """One Ray Train worker of `config["job"]` (a `TrainJob` of a `SupernetRun`)."""
     ray_workarounds.quiet_train_worker_log()
-    device = worker_device()
     job: TrainJob = config["job"]
+    device = worker_device(job)
     settings: SupernetRun = job.settings
     splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
     sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes,
@@ -108,13 +105,13 @@ def train_loop(config: dict) -> None:
                        drop_path_rate=settings.recipe.drop_path)
     set_computation(net, job)
     net.to(device)
-    loader = worker_loader(splits, settings.batch_size, settings.seed, job.loader_workers, device, job.ingest)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits)
+    loader = worker_loader(splits, job, device)
+    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
+                               reporting(job))
     start_epoch = recipe.resume(net, device)
-    model = ray.train.torch.prepare_model(net, move_to_device=device,
-                                            parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = prepared(net, job, device, find_unused_parameters=True)
     probes = probe_sets = None
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank_and_world(job)[0] == 0:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
                                         workers=job.loader_workers), device)

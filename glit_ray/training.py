@@ -21,12 +21,13 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -209,13 +210,12 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def worker_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
-                  ingest: str = "loader") -> DataLoader | RayDataFeed:
-    """This Ray Train worker's shard of the training set: loaded here (`training_loader` with its rank), or with
-    `ingest="ray-data"` the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    if ingest == "ray-data":
+def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLoader | RayDataFeed:
+    """This worker's shard of `job`'s training set: loaded here (`training_loader` with its rank), or with
+    `job.ingest` "ray-data" the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
+    rank, world = rank_and_world(job)
+    batch_size, seed, loader_workers = job.settings.batch_size, job.settings.seed, job.loader_workers
+    if job.ingest == "ray-data":
         check_epoch_has_a_step(len(splits.train), batch_size, world)
         return RayDataFeed(SeededSamples(splits.train, seed), EpochSampler(shard_of(splits, seed, world, rank)), batch_size)
     return training_loader(splits, batch_size, seed, loader_workers, device, world, rank)
@@ -243,13 +243,36 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
 
 
-def worker_device() -> torch.device:
-    """This Ray Train worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where Ray gave it none (or a fake
-    one, `resources.placed_device`: `DeviceTorchConfig` then connects the workers over gloo)."""
-    if placed_device("Ray Train worker").type == "cpu":
+def worker_device(job: TrainJob) -> torch.device:
+    """This worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where Ray gave it none (or a fake one,
+    `resources.placed_device`: `DeviceTorchConfig` then connects Ray Train's workers over gloo)."""
+    if placed_device("Tune trial" if job.in_trial else "Ray Train worker").type == "cpu":
         return torch.device("cpu")
     use_fast_gpu_kernels()
-    return ray.train.torch.get_device()
+    return torch.device("cuda", 0) if job.in_trial else ray.train.torch.get_device()  # a trial sees its GPU alone
+
+
+def reporting(job: TrainJob):
+    """The Ray API a training process reports its epochs and finds its checkpoints through: Ray Train's on a Ray Train
+    worker, Tune's in a Tune trial that trains in its own process (`TrainJob.in_trial`); both have `get_checkpoint`,
+    `report` and `Checkpoint`."""
+    return ray.tune if job.in_trial else ray.train
+
+
+def rank_and_world(job: TrainJob) -> tuple[int, int]:
+    """This worker's rank and the number of `job`'s workers (0 of 1 in a Tune trial that trains on its own)."""
+    if job.in_trial:
+        return 0, 1
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def prepared(net: nn.Module, job: TrainJob, device: torch.device, **ddp) -> nn.Module:
+    """`net` as the job's workers train it: wrapped by Ray Train (DDP across its workers, `ddp` its options), or as it
+    is in a Tune trial of its own."""
+    if job.in_trial:
+        return net.to(device)
+    return ray.train.torch.prepare_model(net, move_to_device=device, parallel_strategy_kwargs=ddp or None)
 
 
 def use_fast_gpu_kernels() -> None:
@@ -302,6 +325,7 @@ class TrainJob:
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
     epoch_lines: bool = True  # a console line per epoch (an audit's many trials say one line each when finished)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
+    in_trial: bool = False  # trained in the process of a Tune trial (one worker), reporting to Tune (`reporting`)
 
     @classmethod
     def placed(cls, settings: Training, out, label: str, progress: bool, where: Placement, **job) -> TrainJob:
@@ -331,10 +355,12 @@ class RecipeState:
     mixup: Mixup | None
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
+    session: Any = ray.train  # where it reports and finds checkpoints (`reporting`)
+    resumed_metrics: dict | None = None  # the metrics of the checkpoint it resumed from
 
     @classmethod
     def build(cls, net: nn.Module, recipe: Recipe, lr: float, epochs: int, steps_per_epoch: int, device: torch.device,
-              splits: Splits | None = None) -> RecipeState:
+              splits: Splits | None = None, session: Any = ray.train) -> RecipeState:
         """`recipe` at peak learning rate `lr` for `net` on the training batches of `splits` (None: batches the step
         takes as they are, unmixed): its `DeviceAugment`, its mixup/cutmix with a loss on soft targets, else its
         label smoothing, as timm's train.py chooses the loss."""
@@ -358,7 +384,7 @@ class RecipeState:
         if device.type == "cuda":
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-        return cls(optimizer, scheduler, criterion, augment, mixup, scaler, amp_dtype)
+        return cls(optimizer, scheduler, criterion, augment, mixup, scaler, amp_dtype, session)
 
     def step(self, forwards: Sequence[Callable], params: list[nn.Parameter], images: torch.Tensor,
              labels: torch.Tensor, update: int) -> torch.Tensor:
@@ -390,8 +416,8 @@ class RecipeState:
         return self.optimizer.param_groups[0]["lr"]
 
     def resume(self, net: nn.Module, device: torch.device) -> int:
-        """Load Ray Train's latest checkpoint, if any, into `net` and the recipe; return the epoch to start at."""
-        checkpoint = ray.train.get_checkpoint()
+        """Load the run's latest checkpoint, if any, into `net` and the recipe; return the epoch to start at."""
+        checkpoint = self.session.get_checkpoint()
         if not checkpoint:
             return 0
         with checkpoint.as_directory() as folder:
@@ -403,6 +429,7 @@ class RecipeState:
                 self.scaler.load_state_dict(state["scaler"])
             except Exception as exc:
                 raise corrupt(checkpoint, exc) from None
+        self.resumed_metrics = state.get("metrics")
         return state["epoch"] + 1
 
     def report(self, net: nn.Module, epoch: int, metrics: dict) -> None:
@@ -415,7 +442,7 @@ class RecipeState:
             torch.save({"model": net.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                         "metrics": metrics}, Path(folder) / STATE_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(folder))
 
 
 def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: RecipeState, loader: DataLoader,
@@ -430,9 +457,10 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
     the step's loss and learning rate every LOG_EVERY steps as train/NAME. Rank 0 reports and checkpoints the
     epoch (`RecipeState.report`), the others report its metrics.
     """
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = rank_and_world(job)
     seed, epochs, steps, label = job.settings.seed, job.settings.epochs, len(loader), job.label
+    if start_epoch >= epochs and job.in_trial:  # restored from its last checkpoint: Tune gets that epoch's report
+        ray.tune.report(recipe.resumed_metrics)
     writer = SummaryWriter(str(Path(job.out) / "tb")) if rank == 0 else None
     params = list(net.parameters())
     for epoch in range(start_epoch, epochs):
@@ -471,7 +499,7 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
             metrics["path_digest"] = digest.hexdigest()
             check_paths_agree(metrics["path_digest"], world)
         if rank != 0:
-            ray.train.report(metrics)
+            reporting(job).report(metrics)
             continue
         scores, line = score(epoch)
         metrics.update(scores)

@@ -1,9 +1,10 @@
 """Architectures trained on their own as Ray Tune trials: what the shortlist and the audit both run.
 
 Each trial trains one architecture with one seed, with retraining's code and recipe
-(`glit_ray.retrain.train_loop` on its own Ray Train workers, a GPU each on a GPU cluster), resuming
-its own checkpoints, and hands Tune the held-out top-1 of every epoch; the test split is never
-scored. The trials run side by side as far as the cluster holds them, and the console gets one
+(`glit_ray.retrain.train_loop`: in the trial's own process on one worker, which asks for the
+worker's CPUs and GPU and checkpoints through Tune, under RUN_DIR/WHAT/tune or --storage; on several,
+on its own Ray Train workers, a GPU each on a GPU cluster), resuming its own checkpoints, and hands
+Tune the held-out top-1 of every epoch; the test split is never scored. The trials run side by side as far as the cluster holds them, and the console gets one
 line per finished trial. Killed, the same command resumes: Tune restores its trials
 (`Tuner.restore`) and each resumes from its last epoch's checkpoint.
 """
@@ -22,7 +23,7 @@ from .resources import Request, capacity, check_together, cluster_shape, plan, w
 from .retrain import train_loop as retrain_loop
 from .settings import Placement, RetrainRun, Training
 from .storage import check_reachable
-from .training import TrainJob, check_ingest, finished_run, fit
+from .training import TrainJob, check_ingest, default_loader_workers, finished_run, fit
 
 METRIC = "heldout_top1"
 
@@ -39,13 +40,21 @@ class Standalone:
 
 def standalone_trial(config: dict) -> None:
     """One Tune trial: train `config["trials"][config["index"]]` for the settings' epochs, resuming its own
-    checkpoints; each epoch's metrics reach Tune through `TuneReportCallback`."""
+    checkpoints. On one worker it trains in this process, reporting and checkpointing through Tune (a trial's Ray
+    Train processes took 16 s to start, importing torch and timm again, for a few seconds of a short trial's
+    training); on several, on its own Ray Train workers, each epoch's metrics reaching Tune through
+    `TuneReportCallback`."""
     trial: Standalone = config["trials"][config["index"]]
     settings, where, folder = config["settings"], config["where"], config["folder"]
     trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)} | {"seed": trial.seed},
                          arch=trial.arch, from_supernet=None)
     job = TrainJob.placed(trained, where.out / folder / trial.name, f"{folder} {trial.name}", progress=False,
                           where=where, score_test=False, epoch_lines=config["epoch_lines"])
+    if settings.workers == 1:
+        cpus = config["request"].cpus
+        retrain_loop({"job": replace(job, in_trial=True, loader_workers=job.loader_workers if job.loader_workers
+                                     is not None else default_loader_workers(settings.data, cpus))})
+        return
     storage = f"{where.storage.rstrip('/')}/{folder}/{trial.name}" if where.storage else None
     finished = finished_run(storage or job.out, settings.epochs)
     if finished:  # killed after its last checkpoint: Tune gets its last report from there
@@ -91,16 +100,21 @@ def train_standalone(what: str, settings: Training, trials: list[Standalone], wh
     said; return each one's last metrics, in the trials' order. `starting`: the console's line for a run that is
     not resumed; `epoch_lines`: a console line per trial's epoch too, not only per finished trial."""
     folder, (at_once, request) = Path(where.out) / what, placed
-    # the trial itself only waits on its Ray Train workers, which hold the CPUs and GPUs: it asks for no CPU
-    # (and a token of memory, as Tune wants a non-empty request), so that the workers of every trial fit
-    trainable = tune.with_resources(standalone_trial, {"cpu": 0, "memory": 2**20})
+    # one worker: the trial trains in its own process and asks for the worker's CPUs and GPUs; several: it only
+    # waits on its Ray Train workers, which hold them, and asks for no CPU (and a token of memory, as Tune wants a
+    # non-empty request), so that the workers of every trial fit
+    trainable = tune.with_resources(standalone_trial, {"cpu": request.cpus, "gpu": request.gpus}
+                                    if settings.workers == 1 else {"cpu": 0, "memory": 2**20})
+    # where Tune keeps its state, and the checkpoints of the trials that train in their own process: --storage
+    # (every node reaches it), else the run directory
+    storage = f"{where.storage.rstrip('/')}/{what}" if where.storage else str(folder)
     param_space = {"index": tune.grid_search(list(range(len(trials)))), "trials": trials, "settings": settings,
                    "where": where, "request": request, "folder": what, "epoch_lines": epoch_lines}
-    if resumed and tune.Tuner.can_restore(str(folder / "tune")):
+    if resumed and tune.Tuner.can_restore(f"{storage}/tune"):
         say(f"resuming the {what} of {where.out}")
         # the same param space again: a trial that had not started is rebuilt from it (Tune's own record of it
         # keeps dataclasses as tuples)
-        tuner = tune.Tuner.restore(str(folder / "tune"), trainable, param_space=param_space, resume_unfinished=True,
+        tuner = tune.Tuner.restore(f"{storage}/tune", trainable, param_space=param_space, resume_unfinished=True,
                                    resume_errored=True)
     else:
         say(f"{starting}, {at_once} at a time")
@@ -109,7 +123,8 @@ def train_standalone(what: str, settings: Training, trials: list[Standalone], wh
                            # process that imports torch is most of a short trial's time)
                            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
                                                        max_concurrent_trials=at_once, reuse_actors=True),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(folder), verbose=0,
+                           run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0,
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                                      callbacks=[FinishedLine(trials)]))
     say(str(request))
     with callers_signal_handlers(), waiting_note(request, say):
@@ -119,6 +134,6 @@ def train_standalone(what: str, settings: Training, trials: list[Standalone], wh
         index = result.config["index"]
         if result.error is not None or METRIC not in (result.metrics or {}):
             raise UserError(f"{what} trial {trials[index].name} ({trials[index].arch}) failed ({result.error}); "
-                            f"see {folder / 'tune'}, then run the command again to resume")
+                            f"see {storage}/tune, then run the command again to resume")
         metrics[index] = result.metrics
     return metrics

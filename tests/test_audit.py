@@ -3,6 +3,7 @@ networks of the winner's cost, the all-global and all-local baselines), resumabl
 import json
 import math
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -139,6 +140,13 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
         statistics.stdev(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)))
 
 
+def trial_checkpoints(folder, index: int) -> list:
+    """The checkpoints Tune keeps of trial `index` of a command's `folder` (a one-worker trial trains in its own process
+    and checkpoints through Tune, under FOLDER/tune/<its trial directory, named ..._index=N_...>)."""
+    [trial] = [d for d in (folder / "tune").iterdir() if d.is_dir() and re.search(rf"_index={index}(_|$)", d.name)]
+    return sorted((p for p in trial.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+
+
 def epochs_logged(trial_dir) -> list[int]:
     """The steps of every held-out top-1 a trial logged, across its TensorBoard files (a rerun adds a file)."""
     events = EventAccumulator(str(trial_dir / "tb"), purge_orphaned_data=False).Reload()
@@ -154,7 +162,7 @@ def test_a_killed_audit_resumes_its_tune_trials_and_its_verdict_is_its_table(hig
               lambda: any(folder.glob("a0[23]s0/tb/events*")), "a finished trial and a third started")
     assert not (folder / TABLE).exists()
     sample = (folder / SAMPLE).read_bytes()
-    finished = [t for t in ("a00s0", "a01s0") if any(p.is_dir() for p in (folder / t / "train").glob("checkpoint_*"))]
+    finished = [t for i, t in enumerate(("a00s0", "a01s0")) if trial_checkpoints(folder, i)]
     assert finished, "no trial had finished at the kill"
     run(main, [str(run_dir), *AUDIT])
     said = capsys.readouterr().err
@@ -166,9 +174,8 @@ def test_a_killed_audit_resumes_its_tune_trials_and_its_verdict_is_its_table(hig
     assert [r["arch"] for r in rows] == [s["arch"] for s in json.loads(sample)]
     assert all(r["epochs"] == 1 and r["seed"] == 0 and None not in (r["supernet_top1"], r["supernet_loss"]) for r in rows)
     assert rows[0]["winner"] and rows[0]["arch"] == json.loads((run_dir / "best.json").read_text())["arch"]
-    for row, trial in zip(rows, ("a00s0", "a01s0", "a02s0", "a03s0")):
-        newest = max((p for p in (folder / trial / "train").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-        trained = torch.load(newest / STATE_FILE, weights_only=True)["metrics"]
+    for index, row in enumerate(rows):
+        trained = torch.load(trial_checkpoints(folder, index)[-1] / STATE_FILE, weights_only=True)["metrics"]
         assert row["standalone_top1"] == trained["heldout_top1"] and "test_top1" not in trained
     for trial in finished:  # trained before the kill, and not again: the uninterrupted audit's figures
         assert len(epochs_logged(folder / trial)) == 1

@@ -16,6 +16,7 @@ from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.shortlist import main
 from glit_ray.training import STATE_FILE
+from test_audit import trial_checkpoints
 from test_train_supernet import signal_handlers
 
 TRIALS = ["--top", "2", "--epochs", "2", "--batch-size", "64"]
@@ -35,10 +36,9 @@ def said(capsys) -> str:
     return "".join(capsys.readouterr())
 
 
-def last_checkpoint_metrics(trial_dir) -> dict:
-    """The metrics in the newest Ray Train checkpoint of a shortlist trial's retraining directory."""
-    newest = max((p for p in (trial_dir / "train").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-    return torch.load(newest / STATE_FILE, weights_only=True)["metrics"]
+def last_checkpoint_metrics(folder, index: int) -> dict:
+    """The metrics in the newest checkpoint of the shortlist's trial `index`."""
+    return torch.load(trial_checkpoints(folder, index)[-1] / STATE_FILE, weights_only=True)["metrics"]
 
 
 def epochs_logged(trial_dir) -> list[int]:
@@ -69,8 +69,8 @@ def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]
     assert [c["search_top1"] for c in record["candidates"]] == [r["top1"] for r in rows[:2]]
     assert record["scheduler"] == "asha"
-    for candidate, trial in zip(record["candidates"], trials):  # ASHA may have stopped one after its first epoch
-        trained = last_checkpoint_metrics(trial)
+    for index, (candidate, trial) in enumerate(zip(record["candidates"], trials)):  # ASHA may stop one after an epoch
+        trained = last_checkpoint_metrics(run_dir / "shortlist", index)
         assert candidate["epochs"] == trained["epoch"] + 1 and candidate["shortlist_top1"] == trained["heldout_top1"]
         assert candidate["stopped_early"] == (candidate["epochs"] < 2)
         assert "test_top1" not in trained  # the shortlist never looks at the test split
