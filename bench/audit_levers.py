@@ -34,7 +34,7 @@ from harness import publish  # noqa: E402
 
 from glit_ray import audit, ray_workarounds, search, train_supernet  # noqa: E402
 from glit_ray.data import build_splits  # noqa: E402
-from glit_ray.files import read_json  # noqa: E402
+from glit_ray.files import read_json, write_json  # noqa: E402
 from glit_ray.progress import console as make_console  # noqa: E402
 from glit_ray.ranking import agreement, defined, kendall, networks  # noqa: E402
 from glit_ray.results import ranked_architectures  # noqa: E402
@@ -51,6 +51,7 @@ class Lever:
     sampling: str = "uniform"
     calib_batches: int | None = None  # None: the search's
     objective: str = "top1"  # the search's --objective
+    supernet_of: str | None = None  # the lever whose supernet it searches (None: its own, or the demo's)
 
 
 LEVERS = {
@@ -61,6 +62,9 @@ LEVERS = {
     "epochs120": Lever("uniform paths, 120 epochs", epochs=120),
     "fair": Lever("fair paths (FairNAS), 30 epochs", epochs=30, sampling="fair"),
     "fair8": Lever("fair paths (FairNAS), 8 epochs", epochs=8, sampling="fair"),
+    "epochs60-loss": Lever("epochs60's supernet, ranked by held-out loss", objective="loss", supernet_of="epochs60"),
+    "fair8-loss": Lever("fair8's supernet, ranked by held-out loss", objective="loss", supernet_of="fair8"),
+    "fair-loss": Lever("fair's supernet, ranked by held-out loss", objective="loss", supernet_of="fair"),
 }
 
 
@@ -89,12 +93,15 @@ def main() -> None:
     for name in args.levers.split(","):
         lever, started = LEVERS[name], time.perf_counter()
         supernet, searched = run_dir / "supernet" / "supernet.pt", run_dir
+        if lever.supernet_of:
+            supernet = work / lever.supernet_of / "search-high" / "supernet" / train_supernet.SUPERNET_FILE
         if lever.epochs:  # the demo's search, training its own supernet with the lever
             searched = work / name / "search-high"
             supernet = searched / "supernet" / train_supernet.SUPERNET_FILE
             search.main(["--level", "high", "--supernet-epochs", str(lever.epochs), "--supernet-sampling",
-                         lever.sampling, "--search-unlearnt", "--out", str(searched)])  # again: finds it done
-        elif lever.calib_batches or lever.objective != "top1":  # the demo's search on its supernet, otherwise
+                         lever.sampling, "--objective", lever.objective, "--search-unlearnt",
+                         "--out", str(searched)])  # again: finds it done
+        elif lever.calib_batches or lever.objective != "top1":  # the demo's search on a supernet, otherwise
             searched = work / name / "search-high"
             search.main(["--level", "high", "--supernet", str(supernet), "--calib-batches",
                          str(lever.calib_batches or demo.calib_batches), "--objective", lever.objective,
@@ -105,8 +112,9 @@ def main() -> None:
         figures = agreement([key(a) for a in compared], [truth[a] for a in compared], k=5)
         figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
                                                        [truth[a] for a in compared]))
-        paths = max(map(len, demo.space.block_choices("high"))) if lever.sampling == "fair" else 1  # a step's
-        steps = (lever.epochs or demo.supernet_epochs) * paths
+        trained = LEVERS[lever.supernet_of] if lever.supernet_of else lever
+        paths = max(map(len, demo.space.block_choices("high"))) if trained.sampling == "fair" else 1  # a step's
+        steps = (trained.epochs or demo.supernet_epochs) * paths
         verdict = read_json(searched / "best.json")["supernet"]
         results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,
                          "probes": verdict["median"], "learnt": verdict["learnt"],
@@ -114,16 +122,20 @@ def main() -> None:
         console.print(f"{name}: tau {figures['kendall_tau']:.2f}, winner {results[name]['winner']['arch']}")
 
     # the found architectures the audit did not train, trained as its networks were (its recipe, seeds, epochs)
-    new = sorted({r["winner"]["arch"] for r in results.values()} - set(truth))
+    # (kept in WORK/finds.json: a rerun with more levers trains only their new finds)
+    finds = read_json(work / "finds.json") if (work / "finds.json").is_file() else {}
+    new = sorted({r["winner"]["arch"] for r in results.values()} - set(truth) - set(finds))
     if new:
         trials = [Standalone(f"w{j:02d}s{s}", arch, audited.seed + s, "(a lever's find)")
                   for j, arch in enumerate(new) for s in range(audited.seeds)]
-        where, folder = Placement(work), f"finds-{len(new)}"
+        where, folder = Placement(work), f"finds-{len(finds)}"
         placed = side_by_side(folder, audited, len(trials), where)
         scored = train_standalone(folder, audited, trials, where, placed, (work / folder).exists(), console.print,
                                   f"{len(new)} found architecture(s) x {audited.seeds} seeds", epoch_lines=False)
         for arch in new:
-            truth[arch] = statistics.fmean(m["heldout_top1"] for t, m in zip(trials, scored) if t.arch == arch)
+            finds[arch] = [m["heldout_top1"] for t, m in zip(trials, scored) if t.arch == arch]
+        write_json(work / "finds.json", finds)
+    truth.update({arch: statistics.fmean(seeds) for arch, seeds in finds.items()})
 
     band = [r["flops"] for r in truth_rows if r["group"] == "random"]
     lines = [f"Ground truth: the audit of {args.run} ({len(truth)} networks incl. the finds, {audited.seeds} seeds x "

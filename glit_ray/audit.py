@@ -230,7 +230,7 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
         f"{settings.seeds} seed(s) x {settings.epochs} epochs", epoch_lines=False)
     rows = table_rows(sample, trials, results)
     write_table(folder / TABLE, rows)
-    verdict = ranking.audit_verdict(rows, settings.top, tuple(BASELINES))
+    verdict = ranking.audit_verdict(rows, settings.top, tuple(BASELINES), search.objective)
     record = {"run": str(run_dir), "epochs": settings.epochs, "seeds": settings.seeds, "band": settings.band,
               "verdict": verdict}
     write_json(folder / RECORD, record)

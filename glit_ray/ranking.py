@@ -87,9 +87,10 @@ def networks(rows: list[dict]) -> dict[str, list[dict]]:
     return trained
 
 
-def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
+def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...], objective: str = "top1") -> dict:
     """The audit's verdict from its table's rows (one per trained network; `glit_ray.audit`): the agreement over
-    the networks the supernet scored (each network's standalone top-1 the mean over its seeds), the found
+    the networks the supernet scored, in the order of the search's `objective` (its held-out loss, lower first, for
+    "loss"; else its top-1), each network's standalone top-1 the mean over its seeds; the found
     network's (the search's rank 1) percentile among the `random` group and its margin over each group of
     `baselines`, and the seed-to-seed spread of one training beside the spread between networks."""
     nets = [{"arch": arch, "group": runs[0]["group"], "winner": runs[0]["winner"], "supernet": runs[0]["supernet_top1"],
@@ -98,13 +99,14 @@ def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...]) -> dict:
              "sd": statistics.stdev(r["standalone_top1"] for r in runs) if len(runs) > 1 else None}
             for arch, runs in networks(rows).items()]
     scored = [n for n in nets if n["supernet"] is not None]
-    verdict: dict = {"networks": len(nets), "trainings": len(rows)}
+    verdict: dict = {"networks": len(nets), "trainings": len(rows), "by": "loss" if objective == "loss" else "top1"}
     if len(scored) >= 3:
-        verdict.update(agreement([n["supernet"] for n in scored], [n["standalone"] for n in scored],
-                                 min(k, len(scored))))
-        # the supernet's held-out loss orders finely where top-1 ties (a few hundred held-out images)
-        verdict["loss_kendall_tau"] = defined(kendall([-n["supernet_loss"] for n in scored],
-                                                      [n["standalone"] for n in scored]))
+        standalone = [n["standalone"] for n in scored]
+        by = {"top1": [n["supernet"] for n in scored], "loss": [-n["supernet_loss"] for n in scored]}
+        verdict.update(agreement(by[verdict["by"]], standalone, min(k, len(scored))))
+        # the other order beside it: held-out loss orders finely where top-1 ties (a few hundred held-out images)
+        verdict["top1_kendall_tau"] = defined(kendall(by["top1"], standalone))
+        verdict["loss_kendall_tau"] = defined(kendall(by["loss"], standalone))
     winner = next(n for n in nets if n["winner"])
     verdict["winner"] = {"arch": winner["arch"], "standalone_top1": winner["standalone"],
                          "supernet_top1": winner["supernet"]}
@@ -130,15 +132,17 @@ def verdict_lines(verdict: dict) -> list[str]:
     lines = []
     if "kendall_tau" in verdict:
         (tau_lo, tau_hi), (rho_lo, rho_hi) = verdict["kendall_tau_95"], verdict["spearman_rho_95"]
-        lines += [f"supernet against standalone top-1 over {verdict['architectures']} networks: Kendall tau-b "
+        order = "held-out loss" if verdict.get("by") == "loss" else "top-1"  # (an audit.json before `by`: top-1)
+        lines += [f"supernet {order} against standalone top-1 over {verdict['architectures']} networks: Kendall tau-b "
                   f"{figure(verdict['kendall_tau'])} (95 % interval {figure(tau_lo)} to {figure(tau_hi)}), Spearman "
                   f"rho {figure(verdict['spearman_rho'])} ({figure(rho_lo)} to {figure(rho_hi)})",
                   f"within the supernet's top {verdict['top_architectures']}: tau {figure(verdict['top_kendall_tau'])}; "
                   f"precision at {verdict['k']}: {round(verdict['precision_at_k'] * verdict['k'])} of the supernet's "
                   f"top {verdict['k']} are in the standalone top {verdict['k']}"]
-        if "loss_kendall_tau" in verdict:  # an audit.json written before it was added has none
-            lines.insert(1, "the supernet's held-out loss (lower first) against standalone top-1: Kendall tau-b "
-                            f"{figure(verdict['loss_kendall_tau'])}")
+        other = "top1" if verdict.get("by") == "loss" else "loss"
+        if f"{other}_kendall_tau" in verdict:  # an audit.json written before it was added has none
+            lines.insert(1, f"by the supernet's {'top-1' if other == 'top1' else 'held-out loss (lower first)'} "
+                            f"instead: Kendall tau-b {figure(verdict[f'{other}_kendall_tau'])}")
     winner, found = verdict["winner"], f"found architecture: {verdict['winner']['standalone_top1']:.2f} % standalone"
     if winner["supernet_top1"] is not None:
         found += f" (supernet {winner['supernet_top1']:.2f} %)"

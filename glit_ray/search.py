@@ -114,9 +114,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mutation-prob", type=float, default=0.1)
     p.add_argument("--strategy", choices=("evolution", "random"), default="evolution",
                    help="random: the baseline, random architectures under the same budget and limits")
-    p.add_argument("--objective", choices=("top1", "loss", "pareto"), default="top1",
-                   help="what parents and the best are chosen by: held-out top-1 (ties: loss); loss, held-out loss "
-                        "(ties: top-1); pareto, non-dominated rank and crowding over top-1 and --pareto-cost (NSGA-II)")
+    p.add_argument("--objective", choices=("loss", "top1", "pareto"), default="loss",
+                   help="what parents and the best are chosen by: loss, held-out loss (ties: top-1; the default: it "
+                        "orders networks as training them does better than top-1, BENCHMARKS.md P13b); top1, held-out "
+                        "top-1 (ties: loss); pareto, non-dominated rank and crowding over top-1 and --pareto-cost")
     p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default="flops",
                    help="the cost axis of the Pareto front (latency implies --latency)")
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")

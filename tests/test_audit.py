@@ -133,6 +133,10 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
         [r["supernet_top1"] for r in scored], [means[r["arch"]] for r in scored]).statistic)
     assert verdict["loss_kendall_tau"] == pytest.approx(scipy.stats.kendalltau(
         [-r["supernet_loss"] for r in scored], [means[r["arch"]] for r in scored]).statistic)
+    assert verdict["by"] == "top1" and verdict["top1_kendall_tau"] == verdict["kendall_tau"]
+    by_loss = audit_verdict(rows, 3, ("plain-transformer",), "loss")  # a search of the loss objective: its order
+    assert by_loss["by"] == "loss" and by_loss["kendall_tau"] == by_loss["loss_kendall_tau"] == verdict["loss_kendall_tau"]
+    assert by_loss["winner"] == verdict["winner"] and by_loss["random"] == verdict["random"]
     randoms = [means[a] for a in ("a8", "a9", "a10")]
     assert verdict["random"]["winner_percentile"] == pytest.approx(100 * sum(v < means["a0"] for v in randoms) / 3)
     assert verdict["margin_over"] == {"plain-transformer": pytest.approx(means["a0"] - means["a11"])}
@@ -180,8 +184,10 @@ def test_a_killed_audit_resumes_its_tune_trials_and_its_verdict_is_its_table(hig
     for trial in finished:  # trained before the kill, and not again: the uninterrupted audit's figures
         assert len(epochs_logged(folder / trial)) == 1
     record = json.loads((folder / RECORD).read_text())
-    assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"))))
-    tau = scipy.stats.kendalltau([r["supernet_top1"] for r in rows], [r["standalone_top1"] for r in rows]).statistic
+    # the session's search ranks by held-out loss (the default objective): so does the verdict
+    assert record["verdict"] == json.loads(json.dumps(audit_verdict(rows, 1, ("plain-transformer", "convolution"),
+                                                                    "loss")))
+    tau = scipy.stats.kendalltau([-r["supernet_loss"] for r in rows], [r["standalone_top1"] for r in rows]).statistic
     assert record["verdict"]["kendall_tau"] == (None if math.isnan(tau) else pytest.approx(tau))
 
     before = {p: p.read_bytes() for p in (folder / TABLE, folder / RECORD)}

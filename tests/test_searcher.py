@@ -22,9 +22,13 @@ def fake_top1(arch: str) -> float:
     return 50 + 5 * sum(parsed.distribution) + zlib.crc32(arch.encode()) % 97 / 100
 
 
+def fake_loss(arch: str) -> float:
+    return zlib.crc32(arch.encode()) % 1000 / 1000
+
+
 def fake_rows(config, fail=(), top1=fake_top1):
     return [{**c, "status": "failed", "error": "boom"} if i in fail else
-            {**c, "status": "ok", "error": None, "top1": top1(c["arch"]), "loss": zlib.crc32(c["arch"].encode()) % 1000 / 1000}
+            {**c, "status": "ok", "error": None, "top1": top1(c["arch"]), "loss": fake_loss(c["arch"])}
             for i, c in enumerate(config["candidates"])]
 
 
@@ -63,7 +67,8 @@ def test_children_come_from_the_top_k_and_are_new(micro):
     for config in configs:
         generation = config["generation"]
         scored_before = [r for r in searcher.state["scored"] if r["generation"] < generation]
-        top = sorted(scored_before, key=lambda r: (-r["top1"], r["arch"]))[: BUDGET["topk"]]
+        # the default objective: the lowest held-out loss first, then the highest top-1, then the string
+        top = sorted(scored_before, key=lambda r: (r["loss"], -r["top1"], r["arch"]))[: BUDGET["topk"]]
         top_archs = {r["arch"] for r in top}
         for c in config["candidates"]:
             assert c["arch"] not in seen
@@ -123,7 +128,7 @@ def test_an_errored_generation_is_retried_once_then_recorded_as_failed(micro):
 def test_failed_candidates_are_kept_but_never_parents(micro):
     searcher = make(micro)
     config = searcher.suggest("t0")
-    best = max(range(12), key=lambda i: fake_top1(config["candidates"][i]["arch"]))
+    best = min(range(12), key=lambda i: fake_loss(config["candidates"][i]["arch"]))  # the default objective's best
     searcher.on_trial_complete("t0", {"rows": fake_rows(config, fail={best})})
     assert config["candidates"][best]["arch"] not in {str(a) for a in searcher.parents()}
     assert sum(r["status"] == "failed" for r in searcher.state["scored"]) == 1
@@ -176,7 +181,7 @@ def test_pareto_and_loss_objectives_take_parents_by_rank_and_crowding_or_by_held
     # the front is (90, 30), (70, 5), (60, 2): its ends first (infinite crowding), then its middle
     parents = [str(a) for a in searcher.parents()]
     assert set(parents[:2]) == {rows[0]["arch"], rows[4]["arch"]} and parents[2] == rows[3]["arch"]
-    by_top1 = make(micro, topk=3)
+    by_top1 = make(micro, objective="top1", topk=3)
     by_top1.state["scored"] = rows
     assert [str(a) for a in by_top1.parents()] == [r["arch"] for r in rows[:3]]
     by_loss = make(micro, objective="loss", topk=3)
@@ -196,7 +201,8 @@ def test_converged_parents_breed_around_themselves_not_at_random(micro):
     def peaked(arch: str) -> float:
         return 100.0 - 10 * sum(a != b for a, b in zip(Architecture.parse(arch).blocks, target))
 
-    budget = dict(population=20, generations=12, topk=5, mutations=10, crossovers=10, mutation_prob=0.1)
+    budget = dict(population=20, generations=12, topk=5, mutations=10, crossovers=10, mutation_prob=0.1,
+                  objective="top1")  # parents by the peaked top-1
     configs = run_to_end(make(micro, **budget), top1=peaked)
     bred = [c for config in configs[1:] for c in config["candidates"]]
     operators = {op: sum(c["operator"] == op for c in bred) for op in ("mutation", "crossover", "crossover+mutation", "random")}

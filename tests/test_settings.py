@@ -22,7 +22,7 @@ def test_the_previous_releases_search_reads_and_its_training_runs_are_refused_in
     """Before training recipes: a search's run file still names its space and data (retrain and the shortlist read
     them), with no supernet recipe recorded; a training run's `lr` cannot be resumed as the same recipe."""
     search_args = search.build_parser().parse_args(
-        ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20"])
+        ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20", "--objective", "top1"])
     today, old = search.settings_from_args(search_args), from_json("search", stored("search"))
     assert old.supernet_recipe is None
     assert dataclasses.replace(old, supernet_recipe=today.supernet_recipe) == today  # all else reads as it did

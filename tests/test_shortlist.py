@@ -65,7 +65,7 @@ def test_the_top_distributions_train_as_tune_trials_and_the_winner_feeds_the_low
     assert signal_handlers() == handlers  # Tune's are gone with it
     record = json.loads((run_dir / "shortlist.json").read_text())
     rows = sorted((r for r in read_candidates(run_dir).to_pylist() if r["status"] == "ok"),
-                  key=lambda r: (-r["top1"], r["loss"], r["arch"]))  # ties in top-1: the lower held-out loss first
+                  key=lambda r: (r["loss"], -r["top1"], r["arch"]))  # the search's order: the lowest held-out loss first
     assert [c["arch"] for c in record["candidates"]] == [r["arch"] for r in rows[:2]]
     assert [c["search_top1"] for c in record["candidates"]] == [r["top1"] for r in rows[:2]]
     assert record["scheduler"] == "asha"
