@@ -26,7 +26,7 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess"
 
-# Benchmarks P1-P8, P6b, P10-P13 and P13r (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b, P10-P13, P13r and P13b (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/ranking_stability.py --record
 	$(BIN)/python bench/recipe_fit.py --record
 	$(BIN)/python bench/audit_value.py --record
+	$(BIN)/python bench/audit_levers.py --record
 
 # The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
 # figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.

@@ -25,7 +25,6 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo/search-high"),
                         help="the demo's search, audited (RUN/audit/audit.parquet)")
-    parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair8,fair,epochs120")
+    parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair8,fair,epochs60-loss,fair8-loss,fair-loss")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-levers"),
                         help="the levers' supernets, searches and trainings (kept: a rerun reuses what is there)")
     parser.add_argument("--record", action="store_true")
@@ -91,7 +90,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for name in args.levers.split(","):
-        lever, started = LEVERS[name], time.perf_counter()
+        lever = LEVERS[name]
         supernet, searched = run_dir / "supernet" / "supernet.pt", run_dir
         if lever.supernet_of:
             supernet = work / lever.supernet_of / "search-high" / "supernet" / train_supernet.SUPERNET_FILE
@@ -117,8 +116,7 @@ def main() -> None:
         steps = (trained.epochs or demo.supernet_epochs) * paths
         verdict = read_json(searched / "best.json")["supernet"]
         results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,
-                         "probes": verdict["median"], "learnt": verdict["learnt"],
-                         "minutes": (time.perf_counter() - started) / 60}
+                         "probes": verdict["median"], "learnt": verdict["learnt"]}
         console.print(f"{name}: tau {figures['kendall_tau']:.2f}, winner {results[name]['winner']['arch']}")
 
     # the found architectures the audit did not train, trained as its networks were (its recipe, seeds, epochs)
@@ -128,7 +126,7 @@ def main() -> None:
     if new:
         trials = [Standalone(f"w{j:02d}s{s}", arch, audited.seed + s, "(a lever's find)")
                   for j, arch in enumerate(new) for s in range(audited.seeds)]
-        where, folder = Placement(work), f"finds-{len(finds)}"
+        where, folder = Placement(work), f"finds-{len(finds) + len(new)}"
         placed = side_by_side(folder, audited, len(trials), where)
         scored = train_standalone(folder, audited, trials, where, placed, (work / folder).exists(), console.print,
                                   f"{len(new)} found architecture(s) x {audited.seeds} seeds", epoch_lines=False)
@@ -143,8 +141,8 @@ def main() -> None:
              f"{max(band) / 1e6:.2f} M FLOPs, standalone mean {statistics.fmean(randoms):.2f} %). Tau over the "
              f"{len(compared)} networks of the search's ranking and the random group, scored by each lever.", "",
              "| lever | what | supernet compute, path-epochs | probe median % | tau (95 %) | by loss | tau, lever's top fifth | found "
-             "architecture | its FLOPs M | standalone top-1 % | percentile among random | minutes |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "architecture | its FLOPs M | standalone top-1 % | percentile among random |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for name, r in results.items():
         f, w = r["figures"], r["winner"]
         top1 = truth[w["arch"]]
@@ -152,7 +150,7 @@ def main() -> None:
         lo, hi = f["kendall_tau_95"]
         lines.append(f"| {name} | {LEVERS[name].about} | {r['path_epochs']} | {r['probes']:.1f}{'' if r['learnt'] else ' (NOT learnt)'} | {f['kendall_tau']:.2f} ({lo:.2f} to "
                      f"{hi:.2f}) | {f['loss_kendall_tau']:.2f} | {f['top_kendall_tau']:.2f} | `{w['arch']}` | "
-                     f"{w['flops'] / 1e6:.2f} | {top1:.2f} | {pct:.0f} | {r['minutes']:.1f} |")
+                     f"{w['flops'] / 1e6:.2f} | {top1:.2f} | {pct:.0f} |")
     base = results.get("today")
     if base:
         lines.append("")

@@ -164,7 +164,10 @@ class ResultsCallback(tune.Callback):
         missing = trial.config.get("missing", 0)
         line += (f", {failed} failed" if failed else "") + (f", {rejected} over the latency limit" if rejected else "")
         line += f", {missing} fewer than asked (space exhausted)" if missing else ""
-        print(line + (f"; best so far {best['top1']:.2f}%" if best else ""), flush=True)
+        if best:  # the best by the search's objective
+            line += (f"; best so far: held-out loss {best['loss']:.4f} (top-1 {best['top1']:.2f}%)"
+                     if self.objective == "loss" else f"; best so far {best['top1']:.2f}%")
+        print(line, flush=True)
 
     def log(self, generation: int, rows: list[dict], scores: list[float], failed: int, rejected: int, draws: dict,
             best: dict | None) -> None:

@@ -87,7 +87,9 @@ def autoscaling_cluster(ray_session, tmp_path_factory):
                    # its nodes' fake GPUs have no device: their workers and evaluators compute on the CPU, by leave
                    env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", FAKE_GPUS_ENV: "1"},
                    check=True, capture_output=True, timeout=120)
-    yield {"env": {**env, "RAY_ADDRESS": f"{ip}:{port}"}, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"}
+    # its drivers know it as Ray's fake cluster too: all its nodes on this machine, one filesystem (`glit_ray.storage`)
+    yield {"env": {**env, "RAY_ADDRESS": f"{ip}:{port}", "RAY_FAKE_CLUSTER": "1"},
+           "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if temp.encode() in cmdline.read_bytes():

@@ -362,8 +362,10 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     lines = console.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("supernet epoch ")] == \
         [f"supernet epoch {e}/5" for e in range(1, 6)]
-    assert [line.split(":")[0] for line in lines if line.startswith("generation ")] == \
-        [f"generation {g}/4" for g in range(1, 5)]
+    generations = [line for line in lines if line.startswith("generation ")]
+    assert [line.split(":")[0] for line in generations] == [f"generation {g}/4" for g in range(1, 5)]
+    best = json.loads((high_search_process[0] / "best.json").read_text())  # the best by the default objective
+    assert generations[-1].endswith(f"; best so far: held-out loss {best['loss']:.4f} (top-1 {best['top1']:.2f}%)")
     assert any(line.startswith("best: ") for line in lines)
     # the recipe chosen for the digits' 1,150 training images, and the supernet's verdict (the run's last line of
     # training, then the search's check: stderr's lines, apart from the generations' lines on stdout)
@@ -372,7 +374,6 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     verdict = [line for line in lines if line.startswith("verdict: ")]
     assert len(verdict) == 1 and verdict[0].startswith("verdict: learnt: ")
     assert any(line.startswith("supernet: learnt: its 5 probe paths score ") for line in lines)
-    best = json.loads((high_search_process[0] / "best.json").read_text())
     assert best["supernet"]["learnt"] and not best["supernet"]["searched_unlearnt"]
     # what it asked of the session's one 2-CPU node, and no wait: the node was up
     assert "supernet: 1 worker x (0 GPU, 2 CPU) on head" in lines
