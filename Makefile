@@ -42,7 +42,10 @@ bench: install
 	$(BIN)/python bench/ranking_stability.py --record
 	$(BIN)/python bench/recipe_fit.py --record
 	$(BIN)/python bench/audit_value.py --record
-	$(BIN)/python bench/audit_levers.py --record
+	# P13b's ground truth: the demo's search as P13 audited it (ranked by top-1, seed 0) and its 3-seed audit
+	$(BIN)/python -m glit_ray.search --level high --objective top1 --out runs/bench-levers/demo
+	$(BIN)/python -m glit_ray.audit runs/bench-levers/demo --seeds 3
+	$(BIN)/python bench/audit_levers.py --run runs/bench-levers/demo --record
 
 # The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
 # figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.
