@@ -327,6 +327,12 @@ class TrainJob:
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
     in_trial: bool = False  # trained in the process of a Tune trial (one worker), reporting to Tune (`reporting`)
 
+    def fed(self, cpus: float) -> TrainJob:
+        """This job with its loader processes decided: as given, else `default_loader_workers` of `cpus` per worker."""
+        if self.loader_workers is not None:
+            return self
+        return replace(self, loader_workers=default_loader_workers(self.settings.data, cpus))
+
     @classmethod
     def placed(cls, settings: Training, out, label: str, progress: bool, where: Placement, **job) -> TrainJob:
         """A job that feeds and computes as the placement `where` says (loader processes, ingest,
@@ -609,8 +615,7 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     if finished and not callbacks:
         return finished  # its last epoch is checkpointed: workers would train nothing
     ensure_ray()
-    if job.loader_workers is None:
-        job = replace(job, loader_workers=default_loader_workers(job.settings.data, request.cpus))
+    job = job.fed(request.cpus)
     # the job goes with the train function, an object Ray Train's controller passes on unopened, not as its
     # train_loop_config, which the controller unpickles: it would import glit_ray there, 3 s before any worker starts
     trainer = ray.train.torch.TorchTrainer(

@@ -23,7 +23,7 @@ from .resources import Request, capacity, check_together, cluster_shape, plan, w
 from .retrain import train_loop as retrain_loop
 from .settings import Placement, RetrainRun, Training
 from .storage import check_reachable
-from .training import TrainJob, check_ingest, default_loader_workers, finished_run, fit
+from .training import TrainJob, check_ingest, finished_run, fit
 
 METRIC = "heldout_top1"
 
@@ -51,9 +51,7 @@ def standalone_trial(config: dict) -> None:
     job = TrainJob.placed(trained, where.out / folder / trial.name, f"{folder} {trial.name}", progress=False,
                           where=where, score_test=False, epoch_lines=config["epoch_lines"])
     if settings.workers == 1:
-        cpus = config["request"].cpus
-        retrain_loop({"job": replace(job, in_trial=True, loader_workers=job.loader_workers if job.loader_workers
-                                     is not None else default_loader_workers(settings.data, cpus))})
+        retrain_loop({"job": replace(job, in_trial=True).fed(config["request"].cpus)})
         return
     storage = f"{where.storage.rstrip('/')}/{folder}/{trial.name}" if where.storage else None
     finished = finished_run(storage or job.out, settings.epochs)
