@@ -74,6 +74,13 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     raise UserError(f"unknown dataset {spec!r}: use {SPEC_FORMS}")
 
 
+def located(spec: str) -> str:
+    """`spec` checked, its path made absolute: Ray's workers and trials run in their own directories, where a path
+    relative to the command's directory points nowhere."""
+    kind, path = parse_spec(spec)
+    return f"{kind}:{path.resolve()}" if path else kind
+
+
 def build_splits(spec: str, img_size: int, in_chans: int, recipe: Recipe = PRESETS["deit"]) -> Splits:
     """The splits of dataset `spec`, at the image size and channels a space expects, training images augmented as
     `recipe` says."""

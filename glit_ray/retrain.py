@@ -22,7 +22,7 @@ from rich.console import Console
 from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
-from .data import build_splits, eval_batches, parse_spec
+from .data import build_splits, eval_batches, located
 from .errors import UserError
 from .evaluator import score_on, scoring_sets, scoring_sizes
 from .export import ARCH, WEIGHTS, export_model, load_model
@@ -68,8 +68,7 @@ def settings_from_args(args) -> RetrainRun:
     arch, search = resolve_arch(args.arch)
     space = SearchSpace.load(args.space) if args.space else search.space if search else SearchSpace.load("glit_micro")
     space.validate(Architecture.parse(arch))
-    data = args.data or (search.data if search else "digits")
-    parse_spec(data)
+    data = located(args.data or (search.data if search else "digits"))
     check_counts(args)
     return RetrainRun(space=space, data=data, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
                       recipe=training_recipe(args, data, space), seed=args.seed, arch=arch,

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .cli import ArgumentParser, callers_signal_handlers, run
 from .constraints import Limits, add_flops_convention, count_within
-from .data import build_splits, parse_spec
+from .data import build_splits, located
 from .dispatch import ACTOR_LOST, Dispatcher
 from .errors import UserError
 from .evaluator import evaluator_pool, scoring_sizes
@@ -165,7 +165,7 @@ def settings_from_args(args) -> SearchRun:
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
-    parse_spec(args.data)
+    data = located(args.data)
     for name in ("population", "generations", "topk", "calib_batches", "heldout_images", "supernet_epochs",
                  "supernet_workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -186,11 +186,11 @@ def settings_from_args(args) -> SearchRun:
         raise UserError("--latency-batch must be at least 1")
     latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
     limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention)
-    calib_batches, heldout_images = scoring_sizes(args.data, args.calib_batches, args.heldout_images)
-    recipe = None if args.supernet else training_recipe(args, args.data, space, SUPERNET_BATCH_SIZE, SUPERNET_PREFIX,
+    calib_batches, heldout_images = scoring_sizes(data, args.calib_batches, args.heldout_images)
+    recipe = None if args.supernet else training_recipe(args, data, space, SUPERNET_BATCH_SIZE, SUPERNET_PREFIX,
                                                          **SUPERNET_RECIPE_DEFAULTS)
     return SearchRun(
-        space=space, level=args.level, distribution=distribution, data=args.data,
+        space=space, level=args.level, distribution=distribution, data=data,
         supernet=str(args.supernet.resolve()) if args.supernet else None, population=args.population,
         generations=args.generations, topk=args.topk, mutations=args.mutations, crossovers=args.crossovers,
         mutation_prob=args.mutation_prob, strategy=args.strategy, objective=args.objective,

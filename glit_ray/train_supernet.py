@@ -27,7 +27,7 @@ from .arch import Architecture
 from . import ray_workarounds
 from .cli import ArgumentParser, run
 from .constraints import Limits, add_flops_convention, sample_within
-from .data import Splits, build_splits, labels_of, parse_spec
+from .data import Splits, build_splits, labels_of, located
 from .errors import UserError
 from .progress import console as make_console
 from .progress import driver_has_terminal
@@ -141,10 +141,10 @@ def settings_from_args(args) -> SupernetRun:
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
-    parse_spec(args.data)
+    data = located(args.data)
     check_counts(args)
-    return supernet_run(space, args.level, distribution, args.data, args.epochs, args.batch_size, args.workers,
-                        training_recipe(args, args.data, space, **RECIPE_DEFAULTS),
+    return supernet_run(space, args.level, distribution, data, args.epochs, args.batch_size, args.workers,
+                        training_recipe(args, data, space, **RECIPE_DEFAULTS),
                         Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
                         args.seed, args.sampling)
 

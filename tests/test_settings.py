@@ -9,6 +9,7 @@ import pytest
 from glit_ray import retrain, search, shortlist, train_supernet
 from glit_ray.errors import UserError
 from glit_ray.settings import Latency, Placement, from_json, to_json
+from glit_ray.synthetic import write_imagefolder
 
 PREVIOUS = Path(__file__).parent / "data" / "runs-2291a49"  # run.json files the previous release (2291a49) wrote
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"  # the best.json of its search run
@@ -97,3 +98,16 @@ def test_placement_is_what_the_command_line_says_of_where_and_how(tmp_path):
     assert Placement.from_args(args) == Placement(Path("rel").resolve(), resume=True, loader_workers=0)
     args = shortlist.build_parser().parse_args([str(tmp_path), "--storage", "s3://b/p"])
     assert Placement.from_args(args, out=args.run_dir) == Placement(tmp_path, storage="s3://b/p")
+
+
+def test_a_relative_data_path_is_stored_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "folder", classes=2, train_per_class=2, val_per_class=1, size=32)
+    monkeypatch.chdir(tmp_path)
+    where = f"imagefolder:{tmp_path / 'folder'}"
+    runs = [train_supernet.settings_from_args(train_supernet.build_parser().parse_args(
+                ["--level", "high", "--space", "glit_pico", "--data", "imagefolder:folder", "--out", "o"])),
+            search.settings_from_args(search.build_parser().parse_args(
+                ["--level", "high", "--space", "glit_pico", "--data", "imagefolder:./folder"])),
+            retrain.settings_from_args(retrain.build_parser().parse_args(
+                ["--arch", "3:v1m4-3:v1m4-0:k31c2m4-2:k31c2v1m4", "--space", "glit_pico", "--data", "imagefolder:folder", "--out", "o"]))]
+    assert [run.data for run in runs] == [where] * 3
