@@ -26,7 +26,7 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess"
 
-# Benchmarks P1-P8, P6b, P10-P13, P13r and P13b (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b, P10-P13, P13r, P13b and P13p (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -46,6 +46,11 @@ bench: install
 	$(BIN)/python -m glit_ray.search --level high --objective top1 --out runs/bench-levers/demo
 	$(BIN)/python -m glit_ray.audit runs/bench-levers/demo --seeds 3
 	$(BIN)/python bench/audit_levers.py --run runs/bench-levers/demo --record
+	# P13p: P13 at 224 px, glit_pico's search on the tests' generated folder (10 classes x 40 training images)
+	test -d runs/bench-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/bench-pico/folder224 --classes 10 --train-per-class 40 --val-per-class 10
+	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/bench-pico/folder224 \
+	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/bench-pico/search-high
+	$(BIN)/python bench/audit_value.py --run runs/bench-pico/search-high --id P13p --record
 
 # The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
 # figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.

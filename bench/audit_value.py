@@ -9,7 +9,7 @@ Prints the verdict, each group's standalone top-1, and the ratio of the found ar
 the random group's mean.
 
     .venv/bin/python bench/audit_value.py [--run runs/demo/search-high] [--sample 20] [--random 10] [--seeds 3] \
-        [--epochs 5] [--record]
+        [--epochs 5] [--id P13] [--record]
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--id", default="P13", help="the BENCHMARKS.md section to record in (P13p: the 224-px trial)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,8 +71,10 @@ def main() -> None:
         verdict = read_json(run_dir / audit.FOLDER / audit.RECORD)["verdict"]
         settings = read_json(run_dir / "run.json")["settings"]
     winner, randoms = verdict["winner"]["standalone_top1"], verdict["random"]["mean_top1"]
+    whose = "The" if args.run else "The demo's"
     body = "\n".join([
-        f"The demo's search (digits, glit_micro, high level: supernet {settings['supernet_epochs']} epochs, "
+        f"{whose} search ({settings['data'].split(':')[0]}, {settings['space']['name']}, "
+        f"{settings['level']} level: supernet {settings['supernet_epochs']} epochs, "
         f"{settings['population']} x {settings['generations']} candidates{', audited from a copy of ' + str(args.run) if args.run else ''}), "
         f"audited: {args.sample} of its ranking, {args.random} random networks within 10 % of the winner's FLOPs, the "
         f"all-global and all-local networks; each trained {args.seeds} time(s) for {args.epochs} epochs of batch 64 "
@@ -82,7 +85,7 @@ def main() -> None:
         f"**Found architecture / random group's mean, standalone top-1: {winner / randoms:.3f}** "
         f"({winner:.2f} % against {randoms:.2f} %).",
     ])
-    publish("P13", body, args.record)
+    publish(args.id, body, args.record)
 
 
 if __name__ == "__main__":

@@ -102,26 +102,31 @@ def plot_split(topk: list[dict], path: Path) -> None:
 
 
 def plot_audit(rows: list[dict], verdict: dict, path: Path) -> None:
-    """Each audited network's supernet top-1 against its standalone top-1 (the mean over its seeds, their range as
-    a bar), coloured by group; the found architecture ringed."""
+    """Each audited network's supernet score, as the search ranked by it (held-out loss or top-1), against its
+    standalone top-1 (the mean over its seeds, their range as a bar), coloured by group; the found architecture
+    ringed. Better supernet scores lie to the right either way."""
+    by_loss = verdict.get("by") == "loss"
+    column = "supernet_loss" if by_loss else "supernet_top1"
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
-    trained = networks(rows)
+    trained = [runs for runs in networks(rows).values() if runs[0].get(column) is not None]
     for group in dict.fromkeys(row["group"] for row in rows):
-        nets = [runs for runs in trained.values() if runs[0]["group"] == group and runs[0]["supernet_top1"] is not None]
+        nets = [runs for runs in trained if runs[0]["group"] == group]
         if not nets:
             continue
-        x = [runs[0]["supernet_top1"] for runs in nets]
+        x = [runs[0][column] for runs in nets]
         scores = [[r["standalone_top1"] for r in runs] for runs in nets]
         y = [statistics.fmean(s) for s in scores]
         ax.errorbar(x, y, yerr=[[m - min(s) for m, s in zip(y, scores)], [max(s) - m for m, s in zip(y, scores)]],
                     fmt="o", ms=5, alpha=0.8, capsize=2, label=f"{group} ({len(nets)})")
-    winner = verdict["winner"]
-    if winner["supernet_top1"] is not None:
-        ax.scatter([winner["supernet_top1"]], [winner["standalone_top1"]], s=220, facecolors="none",
-                   edgecolors="black", lw=2, label="found architecture", zorder=5)
+    for runs in (runs for runs in trained if runs[0]["winner"]):
+        ax.scatter([runs[0][column]], [statistics.fmean(r["standalone_top1"] for r in runs)], s=220,
+                   facecolors="none", edgecolors="black", lw=2, label="found architecture", zorder=5)
+    if by_loss:
+        ax.invert_xaxis()
     tau = verdict.get("kendall_tau")
-    ax.set(xlabel="supernet held-out top-1 (%)", ylabel="standalone held-out top-1 (%)",
+    ax.set(xlabel="supernet held-out loss (lower: right)" if by_loss else "supernet held-out top-1 (%)",
+           ylabel="standalone held-out top-1 (%)",
            title="supernet against training on their own" + (f": Kendall tau {tau:.2f}" if tau is not None else ""))
     ax.legend(fontsize=8)
     save(fig, path)
