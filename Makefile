@@ -50,7 +50,7 @@ bench: install
 	test -d runs/bench-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/bench-pico/folder224 --classes 10 --train-per-class 40 --val-per-class 10
 	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/bench-pico/folder224 \
 	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/bench-pico/search-high
-	$(BIN)/python bench/audit_value.py --run runs/bench-pico/search-high --id P13p --record
+	$(BIN)/python bench/audit_value.py --run runs/bench-pico/search-high --epochs 10 --batch-size 32 --id P13p --record
 
 # The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
 # figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.

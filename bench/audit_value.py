@@ -9,7 +9,7 @@ Prints the verdict, each group's standalone top-1, and the ratio of the found ar
 the random group's mean.
 
     .venv/bin/python bench/audit_value.py [--run runs/demo/search-high] [--sample 20] [--random 10] [--seeds 3] \
-        [--epochs 5] [--id P13] [--record]
+        [--epochs 5] [--batch-size 64] [--id P13] [--record]
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--id", default="P13", help="the BENCHMARKS.md section to record in (P13p: the 224-px trial)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
             search.main(["--level", "high", "--out", str(run_dir)])
         searched = time.perf_counter()
         audit.main([str(run_dir), "--sample", str(args.sample), "--random", str(args.random), "--seeds",
-                    str(args.seeds), "--epochs", str(args.epochs)])
+                    str(args.seeds), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)])
         audited = time.perf_counter()
         rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
         verdict = read_json(run_dir / audit.FOLDER / audit.RECORD)["verdict"]
@@ -77,7 +78,7 @@ def main() -> None:
         f"{settings['level']} level: supernet {settings['supernet_epochs']} epochs, "
         f"{settings['population']} x {settings['generations']} candidates{', audited from a copy of ' + str(args.run) if args.run else ''}), "
         f"audited: {args.sample} of its ranking, {args.random} random networks within 10 % of the winner's FLOPs, the "
-        f"all-global and all-local networks; each trained {args.seeds} time(s) for {args.epochs} epochs of batch 64 "
+        f"all-global and all-local networks; each trained {args.seeds} time(s) for {args.epochs} epochs of batch {args.batch_size} "
         f"with the small-data recipe and scored on the held-out split ({len(rows)} trainings, "
         f"{(audited - searched) / 60:.1f} min; the search {(searched - started) / 60:.1f} min).", "",
         *group_rows(rows), "",

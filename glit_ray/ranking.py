@@ -164,6 +164,9 @@ def verdict_lines(verdict: dict) -> list[str]:
         reading.append("its find beats 80 % of random networks of its cost"
                        if verdict["random"]["winner_percentile"] >= 80 else
                        "its find does not beat 80 % of random networks of its cost")
+    if "seed_sd" in verdict and verdict["seed_sd"] >= verdict["between_networks_sd"]:
+        reading.append("one training's noise is as large as the differences between the networks: they have not "
+                       "learnt enough to be told apart, so train them longer (--epochs) before trusting this order")
     if reading:
         lines.append("reading: " + "; ".join(reading))
     return lines

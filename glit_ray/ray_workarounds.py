@@ -28,9 +28,11 @@ import torch
 from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 from ray.train._internal import storage as train_storage
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2.api import data_parallel_trainer
 from ray.tune.execution.tune_controller import TuneController
 from ray.util.annotations import RayDeprecationWarning
 
+from .failure_policy import failure_policy
 from .files import write_atomic
 from .progress import WORKER_LINE, say
 
@@ -234,6 +236,18 @@ class DeviceTorchConfig(ray.train.torch.TorchConfig):
     @property
     def backend_cls(self):
         return _DeviceTorchBackend
+
+
+@contextmanager
+def restarts_for_failures_only():
+    """Ray Train runs started inside restart under `failure_policy.BadInputIsNotRetried`: Ray's `DataParallelTrainer.fit`
+    builds its policy with the module-level `create_failure_policy` and takes no other (no Ray issue covers it)."""
+    saved = data_parallel_trainer.create_failure_policy
+    data_parallel_trainer.create_failure_policy = failure_policy
+    try:
+        yield
+    finally:
+        data_parallel_trainer.create_failure_policy = saved
 
 
 def torch_config(gpus: float) -> ray.train.torch.TorchConfig:

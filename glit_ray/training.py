@@ -45,7 +45,8 @@ from .model import compile_operations
 from .progress import bar as progress_bar
 from .progress import say
 from .recipe import FUSED, Recipe, add_recipe_arguments, header, recipe_from_args
-from .ray_workarounds import torch_config, train_result
+from .failure_policy import MAX_FAILURES
+from .ray_workarounds import restarts_for_failures_only, torch_config, train_result
 from .resources import ClusterShape, Request, placed_device, waiting_note
 
 if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
@@ -603,6 +604,8 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     storage URI (s3://bucket/prefix) every node can reach.
 
     A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
+    A lost worker or node restarts every worker from the last checkpoint, `MAX_FAILURES` times at most
+    (`failure_policy`).
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `say`: where to note that the workers wait for the autoscaler (`resources.waiting_note`), the driver's console.
     `job.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
@@ -625,10 +628,12 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
                                                resources_per_worker=request.resources),
         run_config=ray.train.RunConfig(name="train", storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                                       failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     try:
-        with callers_signal_handlers(), waiting_note(request, say) if say else nullcontext():
+        with callers_signal_handlers(), restarts_for_failures_only(), \
+                waiting_note(request, say) if say else nullcontext():
             return trainer.fit()
     except ray.train.TrainingFailedError as exc:
         for failure in getattr(exc, "worker_failures", {}).values():

@@ -17,7 +17,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .cli import callers_signal_handlers
-from .errors import UserError
+from .errors import UserError, one_line
+from .failure_policy import MAX_FAILURES
 from .progress import console
 from .resources import Request, capacity, check_together, cluster_shape, plan, waiting_note
 from .retrain import train_loop as retrain_loop
@@ -26,6 +27,7 @@ from .storage import check_reachable
 from .training import TrainJob, check_ingest, finished_run, fit
 
 METRIC = "heldout_top1"
+BAD_INPUT = "bad_input"  # a trial's last report when bad input ended it: the error's one line
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,15 @@ def standalone_trial(config: dict) -> None:
     checkpoints. On one worker it trains in this process, reporting and checkpointing through Tune (a trial's Ray
     Train processes took 16 s to start, importing torch and timm again, for a few seconds of a short trial's
     training); on several, on its own Ray Train workers, each epoch's metrics reaching Tune through
-    `TuneReportCallback`."""
+    `TuneReportCallback`. A failure (its process or node lost) restarts it from its last checkpoint, `MAX_FAILURES`
+    times at most; bad input ends it with the error as its last report."""
+    try:
+        _train_trial(config)
+    except UserError as exc:  # bad input fails the same way again: the trial ends with it, not retried by Tune
+        tune.report({BAD_INPUT: one_line(exc), METRIC: float("nan")})  # Tune wants its metric in every report
+
+
+def _train_trial(config: dict) -> None:
     trial: Standalone = config["trials"][config["index"]]
     settings, where, folder = config["settings"], config["where"], config["folder"]
     trained = RetrainRun(**{f.name: getattr(settings, f.name) for f in fields(Training)} | {"seed": trial.seed},
@@ -86,7 +96,8 @@ class FinishedLine(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ours, last = self.trials[trial.config["index"]], trial.last_result or {}
-        score = f"held-out top-1 {last[METRIC]:.2f}% after {last['epoch'] + 1} epoch(s)" if METRIC in last else "no score"
+        score = (f"held-out top-1 {last[METRIC]:.2f}% after {last['epoch'] + 1} epoch(s)" if "epoch" in last
+                 else f"stopped: {last[BAD_INPUT]}" if BAD_INPUT in last else "no score")
         finished = sum(t is trial or t.status == "TERMINATED" for t in trials)
         console().print(f"[{finished}/{len(self.trials)}] {ours.name} {ours.about} {ours.arch}: {score}")
 
@@ -123,6 +134,7 @@ def train_standalone(what: str, settings: Training, trials: list[Standalone], wh
                                                        max_concurrent_trials=at_once, reuse_actors=True),
                            run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                                     failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                                                      callbacks=[FinishedLine(trials)]))
     say(str(request))
     with callers_signal_handlers(), waiting_note(request, say):
@@ -130,6 +142,8 @@ def train_standalone(what: str, settings: Training, trials: list[Standalone], wh
     metrics: list[dict | None] = [None] * len(trials)
     for result in results:
         index = result.config["index"]
+        if BAD_INPUT in (result.metrics or {}):
+            raise UserError(result.metrics[BAD_INPUT])
         if result.error is not None or METRIC not in (result.metrics or {}):
             raise UserError(f"{what} trial {trials[index].name} ({trials[index].arch}) failed ({result.error}); "
                             f"see {storage}/tune, then run the command again to resume")

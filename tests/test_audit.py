@@ -20,7 +20,7 @@ from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_
 from glit_ray.cli import run
 from glit_ray.cost import arch_cost
 from glit_ray.files import write_json
-from glit_ray.ranking import audit_verdict
+from glit_ray.ranking import audit_verdict, verdict_lines
 from glit_ray.report import report
 from glit_ray.results import ranked_architectures, write_generation
 from glit_ray.runs import RUN_FILE
@@ -142,6 +142,13 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
     assert verdict["margin_over"] == {"plain-transformer": pytest.approx(means["a0"] - means["a11"])}
     assert verdict["seed_sd"] == pytest.approx(statistics.fmean(
         statistics.stdev(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)))
+
+    def warns(standalone) -> bool:  # the reading that says the trainings are too short to tell the networks apart
+        scored = [{**r, "standalone_top1": standalone(i, r)} for i, r in enumerate(rows)]
+        return "train them longer (--epochs)" in "\n".join(verdict_lines(audit_verdict(scored, 3, ())))
+
+    assert warns(lambda i, r: 20 + 10 * (i % 2))  # every network the same, each seed 10 points apart: noise only
+    assert not warns(lambda i, r: 60 + 3 * int(r["arch"][1:]) + 0.5 * (i % 2))  # networks apart, seeds agree
 
 
 def trial_checkpoints(folder, index: int) -> list:

@@ -3,6 +3,7 @@ test here fails when Ray moves or changes what one of them relies on."""
 import inspect
 import os
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -189,3 +190,44 @@ def test_tunes_snapshot_copied_into_the_run_survives_a_kill_midway(tmp_path):
     copier.wait()
     os.close(pipe)
     assert [p.read_text() for p in storage.glob("experiment_state-*.json")] == ['{"trial_data": "old"}']
+
+
+def test_ray_train_builds_its_failure_policy_where_we_put_ours_and_restarts_lost_workers_only_for_failures():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api import data_parallel_trainer
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from glit_ray.errors import UserError
+    from glit_ray.failure_policy import MAX_FAILURES, BadInputIsNotRetried
+
+    source = inspect.getsource(data_parallel_trainer.DataParallelTrainer.fit)
+    assert "failure_policy=create_failure_policy(self.run_config.failure_config)" in source
+    with ray_workarounds.restarts_for_failures_only():
+        policy = data_parallel_trainer.create_failure_policy(ray.train.FailureConfig(max_failures=MAX_FAILURES))
+    assert isinstance(policy, BadInputIsNotRetried)
+    assert data_parallel_trainer.create_failure_policy.__module__.startswith("ray.")  # put back after
+
+    def failed(error: Exception) -> WorkerGroupError:
+        return WorkerGroupError("worker 1 failed", {0: RuntimeError("collective aborted"), 1: error})
+
+    # a lost node: restarted MAX_FAILURES times, then given up; bad input: at once, not counted
+    assert policy.make_decision(failed(UserError("x.jpg is not an image"))) == FailureDecision.RAISE
+    assert [policy.make_decision(failed(ActorDiedError())) for _ in range(MAX_FAILURES + 1)] == \
+        [FailureDecision.RETRY] * MAX_FAILURES + [FailureDecision.RAISE]
+
+
+@pytest.mark.subprocess
+def test_the_failure_policy_reaches_ray_trains_controller_without_glit_ray(tmp_path):
+    """Pickled by value: unpickling it (in Ray Train's controller) imports neither glit_ray nor torch."""
+    import ray.cloudpickle
+
+    from glit_ray.failure_policy import failure_policy
+
+    (tmp_path / "policy.pkl").write_bytes(ray.cloudpickle.dumps(failure_policy(ray.train.FailureConfig(max_failures=2))))
+    probe = ("import sys, ray.cloudpickle; policy = ray.cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(type(policy).__name__, policy.failure_config.max_failures, "
+             "[m for m in sys.modules if m.split('.')[0] in ('glit_ray', 'torch', 'timm')])")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "policy.pkl")], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    assert out.split() == ["BadInputIsNotRetried", "2", "[]"]

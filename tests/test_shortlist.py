@@ -98,3 +98,18 @@ def test_bad_input_is_one_line(high_run, tmp_path, cli_error):
     too_large = cli_error(main, [str(high_run), *TRIALS, "--batch-size", "2048"])
     assert "a batch of 2048 on each of 1 worker(s) is more than the" in too_large
     assert not (high_run / "shortlist").exists()
+
+
+def test_bad_input_ends_a_trial_with_its_line_for_the_command_and_tune_does_not_retry_it(monkeypatch):
+    from glit_ray import trials
+    from glit_ray.errors import UserError
+
+    def unreadable(config):
+        raise UserError("x.jpg is not an image: replace or delete it")
+
+    reports = []
+    monkeypatch.setattr(trials, "_train_trial", unreadable)
+    monkeypatch.setattr(trials.tune, "report", reports.append)
+    trials.standalone_trial({})  # returns: Tune sees a trial that ended, not a failure to restart
+    [report] = reports
+    assert report[trials.BAD_INPUT] == "x.jpg is not an image: replace or delete it" and math.isnan(report[trials.METRIC])
