@@ -1,7 +1,8 @@
 """GPU work on an autoscaling cluster, on one machine: Ray's fake multi-node provider with the GPU worker shape of
-`clusters/kuberay-rayjob.yaml` (8 CPUs + 1 fake GPU, from zero) and a head that offers no CPU, token
+`clusters/kuberay-rayjob.yaml` (its pods' CPUs + 1 fake GPU, from zero) and a head with CPUs of its own, token
 authentication on. A search's requests bring GPU nodes up, every Ray Train worker and evaluator runs on them, the
-cluster scales back down, and a request no node type holds is refused before anything is written.
+cluster scales back down, a training that loses a GPU node mid-run ends as an uninterrupted one, and a request no
+node type holds is refused before anything is written.
 
 Torch sees no CUDA on a fake GPU node, so the work computes on the CPU while Ray accounts a GPU to it: the cluster's
 nodes start with GLIT_RAY_FAKE_GPUS=1, without which a process given a GPU it cannot see refuses to run.
@@ -18,8 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from ray._private.services import get_node_ip_address
+
+import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported)
 
 from glit_ray.resources import FAKE_GPUS_ENV
 from glit_ray.results import read_candidates
@@ -27,10 +31,11 @@ from glit_ray.results import read_candidates
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY = str(Path(sys.executable).parent / "ray")
 IDLE_TIMEOUT_MIN = 0.1  # an idle fake node goes after 6 s
-# the RayJob's own command trains on 4 workers: they must fit its pods (8 CPUs + 1 GPU each) and finish
-GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "4", "--population", "4",
+# the RayJob's own command trains on 4 workers: they must fit its pods (a GPU and their CPUs each) and finish
+GPU_SEARCH = ["--level", "high", "--supernet-epochs", "2", "--supernet-workers", "4", "--population", "4",
               "--generations", "1", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
-              "--actors", "2", "--search-unlearnt"]  # a supernet of one epoch: what is asked of Ray is the point
+              "--actors", "2", "--search-unlearnt"]  # a supernet of two epochs: what is asked of Ray is the point
+HEAD_CPUS = 2  # work that asks for no GPU may land on the head: where work runs is a question of what it asks for
 
 
 def free_port() -> int:
@@ -48,18 +53,22 @@ def kuberay_gpu_shape() -> dict:
     return {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}
 
 
+POD = kuberay_gpu_shape()
+
+
 def fake_cluster_config(gcs_address: str) -> dict:
     """A cluster launcher configuration for Ray's fake multi-node provider (Ray's own example file is not in the
-    wheel): a 0-CPU head and up to 4 nodes of the KubeRay GPU shape, none at the start."""
+    wheel): a head of HEAD_CPUS CPUs and up to 5 nodes of the KubeRay GPU shape, none at the start (a search's 4
+    and the replacement of one lost while its dead node is still counted)."""
     return {
-        "cluster_name": "glit-fake", "max_workers": 4, "upscaling_speed": 4.0, "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "cluster_name": "glit-fake", "max_workers": 5, "upscaling_speed": 4.0, "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "gpu": {"resources": {**kuberay_gpu_shape(), "object_store_memory": 200 * 2**20}, "node_config": {},
-                    "min_workers": 0, "max_workers": 4},
+            "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {**POD, "object_store_memory": 200 * 2**20}, "node_config": {},
+                    "min_workers": 0, "max_workers": 5},
         },
         "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
@@ -81,7 +90,7 @@ def autoscaling_cluster(ray_session, tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="gfake-", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(folder / "token"), "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([RAY, "start", "--head", "--num-cpus=0", f"--port={port}", "--object-store-memory=200000000",
+    subprocess.run([RAY, "start", "--head", f"--num-cpus={HEAD_CPUS}", f"--port={port}", "--object-store-memory=200000000",
                     *(f"--{option}={p}" for option, p in ports.items()), f"--temp-dir={temp}",
                     f"--autoscaling-config={folder / 'cluster.yaml'}"],
                    # its nodes' fake GPUs have no device: their workers and evaluators compute on the CPU, by leave
@@ -113,6 +122,12 @@ def gpu_nodes(cluster: dict) -> dict[str, str]:
     return {n["node_id"]: n["state"] for n in state(cluster, "nodes") if n["resources_total"].get("GPU")}
 
 
+def asked(required: dict) -> dict:
+    """An actor's request as the state API shows it, without its placement group's naming (a Ray Train worker asks
+    for GPU_group_3_<group id>: a GPU of the group's bundle 3)."""
+    return {name.split("_group_")[0]: amount for name, amount in required.items() if not name.startswith("bundle_")}
+
+
 def test_a_request_no_node_type_holds_is_one_line_before_anything_is_written(autoscaling_cluster, tmp_path):
     out = tmp_path / "supernet"
     run = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "1",
@@ -120,7 +135,7 @@ def test_a_request_no_node_type_holds_is_one_line_before_anything_is_written(aut
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("error: supernet asks for (2 GPU, 1 CPU) per worker, which no node type holds: ")
-    for shape in ("ray.head.default (0 CPU, 0 GPU)", "gpu (8 CPU, 1 GPU)", "(the autoscaler's node types)"):
+    for shape in (f"ray.head.default ({HEAD_CPUS} CPU, 0 GPU)", f"gpu ({POD['CPU']} CPU, 1 GPU)", "(the autoscaler's node types)"):
         assert shape in run.stderr
     assert not out.exists()
 
@@ -140,9 +155,10 @@ def gpu_search(autoscaling_cluster, tmp_path_factory) -> tuple[Path, str]:
 def test_a_search_brings_gpu_nodes_up_from_zero_and_runs_every_worker_and_evaluator_on_them(autoscaling_cluster,
                                                                                           gpu_search):
     out, console = gpu_search
-    # the KubeRay shape holds the 4 workers, a pod each: 8 CPUs, not the cluster's CPUs divided out
-    assert "supernet: 4 workers x (1 GPU, 8 CPU) on gpu" in console
-    assert "supernet: waiting for the autoscaler to add room for 4 more worker(s) of (1 GPU, 8 CPU), 0 s so far" in console
+    # the KubeRay shape holds the 4 workers, a pod each: its CPUs, not the cluster's CPUs divided out
+    pod = f"(1 GPU, {POD['CPU']} CPU)"
+    assert f"supernet: 4 workers x {pod} on gpu" in console
+    assert f"supernet: waiting for the autoscaler to add room for 4 more worker(s) of {pod}, 0 s so far" in console
     assert "evaluators: 2 actors x (1 GPU, 1 CPU) on gpu" in console
     nodes = gpu_nodes(autoscaling_cluster)
     workers = state(autoscaling_cluster, "actors", "class_name=RayTrainWorker")
@@ -150,6 +166,9 @@ def test_a_search_brings_gpu_nodes_up_from_zero_and_runs_every_worker_and_evalua
     assert {w["node_id"] for w in workers} <= set(nodes)
     evaluators = state(autoscaling_cluster, "actors", "class_name=Evaluator")
     assert len(evaluators) == 2 and {e["node_id"] for e in evaluators} <= set(nodes)
+    # what Ray was asked: the GPUs by name (the head has CPUs to spare: a request without them could run there)
+    assert [asked(w["required_resources"]) for w in workers] == [{"CPU": POD["CPU"], "GPU": 1.0}] * 4
+    assert [asked(e["required_resources"]) for e in evaluators] == [{"CPU": 1.0, "GPU": 1.0}] * 2
     rows = read_candidates(out).to_pylist()
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     assert {r["node"] for r in rows} <= set(nodes)  # every candidate scored on a GPU node
@@ -161,3 +180,50 @@ def test_the_cluster_scales_back_down_after(autoscaling_cluster, gpu_search):
         assert time.monotonic() < deadline, "GPU nodes still up a minute after the search"
         time.sleep(2)
     assert len(nodes) >= 4  # the search's nodes, all gone
+
+
+def kill_node(node_id: str) -> int:
+    """Kill every process of one fake node at once (its raylet, its agents, the workers its raylet started: Ray's
+    fake provider starts them with the node's id in RAY_OVERRIDE_NODE_ID_FOR_TESTING), as a spot instance taken
+    back; the number killed."""
+    def on_node(process) -> bool:
+        try:
+            return process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id
+        except psutil.Error:  # gone, or not ours to read
+            return False
+
+    doomed = [p for p in psutil.process_iter() if on_node(p)]
+    for p in doomed:
+        p.kill()
+    return len(doomed)
+
+
+def test_a_training_that_loses_a_gpu_node_restarts_on_its_own_and_ends_as_an_uninterrupted_one(autoscaling_cluster,
+                                                                                              gpu_search, tmp_path):
+    """The search's supernet (4 GPU workers, 2 epochs) trained again by `train_supernet` with the same settings, one
+    of its nodes killed after the first epoch's checkpoint: Ray Train restarts the workers from it, the autoscaler
+    replaces the node, and the run ends with the weights and probes the search's uninterrupted supernet has."""
+    searched, _ = gpu_search
+    out = tmp_path / "supernet"
+    command = [sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "2", "--workers", "4",
+               "--gpus-per-worker", "1", "--out", str(out)]
+    proc = subprocess.Popen(command, env=autoscaling_cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("train/checkpoint_*")):  # the first epoch is checkpointed: the second is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.5)
+        lost = state(autoscaling_cluster, "actors", "class_name=RayTrainWorker", "state=ALIVE")[0]["node_id"]
+        assert kill_node(lost) >= 2
+        console, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, console[-3000:]
+    assert gpu_nodes(autoscaling_cluster)[lost] == "DEAD"
+    assert json.loads((out / "run.json").read_text())["settings"] == \
+        json.loads((searched / "supernet" / "run.json").read_text())["settings"]
+    ours, theirs = (torch.load(path / "supernet.pt", weights_only=True) for path in (out, searched / "supernet"))
+    assert ours["meta"]["probe_top1"] == theirs["meta"]["probe_top1"]
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    assert all(torch.equal(ours["state_dict"][k], theirs["state_dict"][k]) for k in ours["state_dict"])
