@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -327,6 +328,7 @@ class TrainJob:
     epoch_lines: bool = True  # a console line per epoch (an audit's many trials say one line each when finished)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
     in_trial: bool = False  # trained in the process of a Tune trial (one worker), reporting to Tune (`reporting`)
+    storage: str | None = None  # where its checkpoints go when not the run directory: TensorBoard's files follow
 
     def fed(self, cpus: float) -> TrainJob:
         """This job with its loader processes decided: as given, else `default_loader_workers` of `cpus` per worker."""
@@ -513,6 +515,8 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         for name in ("loss", "images_per_s", "input_wait", *scores):
             writer.add_scalar(f"epoch/{name}", metrics[name], (epoch + 1) * steps)
         writer.flush()
+        if job.storage:
+            upload_curves(Path(job.out) / "tb", job.storage)
         line = (f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, "
                 f"{metrics['images_per_s']:.0f} images/s, " + line + input_bound(metrics))
         if job.epoch_lines:
@@ -522,6 +526,18 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()
+
+
+def upload_curves(tb: Path, storage: str) -> None:
+    """Rank 0's TensorBoard files copied whole to STORAGE/tb after each epoch: they are written on its node's disk,
+    which goes with the node (a GPU node the autoscaler removes when idle, a spot instance taken back)."""
+    if "://" in storage:
+        target, path = pyarrow.fs.FileSystem.from_uri(storage)
+    else:
+        target, path = pyarrow.fs.LocalFileSystem(), storage
+    target.create_dir(f"{path}/tb", recursive=True)
+    pyarrow.fs.copy_files(str(tb), f"{path}/tb", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=target)
 
 
 def input_bound(metrics: dict) -> str:
@@ -614,6 +630,7 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     for its reports (a Tune trial takes it from `finished_run` itself).
     """
     storage = storage or job.out
+    job = replace(job, storage=None if storage == job.out else storage)
     finished = finished_run(storage, job.settings.epochs)
     if finished and not callbacks:
         return finished  # its last epoch is checkpointed: workers would train nothing

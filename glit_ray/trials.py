@@ -60,10 +60,10 @@ def _train_trial(config: dict) -> None:
                          arch=trial.arch, from_supernet=None)
     job = TrainJob.placed(trained, where.out / folder / trial.name, f"{folder} {trial.name}", progress=False,
                           where=where, score_test=False, epoch_lines=config["epoch_lines"])
-    if settings.workers == 1:
-        retrain_loop({"job": replace(job, in_trial=True).fed(config["request"].cpus)})
-        return
     storage = f"{where.storage.rstrip('/')}/{folder}/{trial.name}" if where.storage else None
+    if settings.workers == 1:
+        retrain_loop({"job": replace(job, in_trial=True, storage=storage).fed(config["request"].cpus)})
+        return
     finished = finished_run(storage or job.out, settings.epochs)
     if finished:  # killed after its last checkpoint: Tune gets its last report from there
         tune.report(finished.metrics)

@@ -52,9 +52,9 @@ def test_work_goes_to_the_node_type_that_holds_it_on_the_fewest_nodes_the_smalle
 
 def test_on_the_kuberay_shape_four_workers_ask_for_what_one_pod_has_not_the_clusters_cpus_divided():
     shape = kuberay()
-    assert {t.name: (t.cpus, t.gpus) for t in shape.node_types} == {"headgroup": (0, 0), "gpu": (8, 1), "cpu": (16, 0)}
+    assert {t.name: (t.cpus, t.gpus) for t in shape.node_types} == {"headgroup": (0, 0), "gpu": (7, 1), "cpu": (15, 0)}
     request = plan("supernet", 4, shape=shape)
-    assert str(request) == "supernet: 4 workers x (1 GPU, 8 CPU) on gpu"
+    assert str(request) == "supernet: 4 workers x (1 GPU, 7 CPU) on gpu"
     assert capacity(request, shape) == 16  # the group's maxReplicas
 
 
@@ -75,7 +75,7 @@ def test_on_one_machine_cpu_workers_share_its_cpus():
 @pytest.mark.parametrize("cpus, shape, most, named", [
     (None, one_machine(2), 2, "supernet asks for 3 workers of (0 GPU, 1 CPU) at once, and the node types hold 2 at "
                               "most: head (2 CPU, 0 GPU) (the nodes up); give at most 2 or lower --gpus-per-worker"),
-    (None, kuberay(), 16, "supernet asks for 17 workers of (1 GPU, 8 CPU) at once, and the node types hold 16 at most"),
+    (None, kuberay(), 16, "supernet asks for 17 workers of (1 GPU, 7 CPU) at once, and the node types hold 16 at most"),
     # a p4d's share of its CPUs (12) fits no g5.2xlarge (8): only the 2 p4d hold such workers; with 8 CPUs both do
     (None, aws(), 16, "supernet asks for 17 workers of (1 GPU, 12 CPU) at once, and the node types hold 16 at most"),
     (8, aws(), 32, "supernet asks for 33 workers of (1 GPU, 8 CPU) at once, and the node types hold 32 at most"),
@@ -95,7 +95,7 @@ def test_cpu_work_leaves_gpu_nodes_to_gpu_work_where_a_cpu_node_type_can_hold_it
 
 
 @pytest.mark.parametrize("gpus, cpus, shape, named", [
-    (2, None, kuberay(), "(2 GPU, 1 CPU) per worker, which no node type holds: headgroup (0 CPU, 0 GPU), gpu (8 CPU, 1 GPU)"),
+    (2, None, kuberay(), "(2 GPU, 1 CPU) per worker, which no node type holds: headgroup (0 CPU, 0 GPU), gpu (7 CPU, 1 GPU)"),
     (None, 128, aws(), "(1 GPU, 128 CPU) per worker, which no node type holds"),
     (1, None, one_machine(2), "(1 GPU, 1 CPU) per worker, which no node type holds: head (2 CPU, 0 GPU) (the nodes up)"),
 ])

@@ -103,6 +103,11 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     events = EventAccumulator(str(next((low / "supernet" / "tb").iterdir()))).Reload()
     assert {"train/loss", "train/lr", "epoch/images_per_s", "epoch/probe_smallest_top1", "epoch/probe_random0_top1"} <= \
         set(events.Tags()["scalars"])
+    # and its curves are in the storage too, as they are after each epoch: rank 0's node may go, the storage stays
+    [mirrored] = (bucket / "supernet" / "tb").iterdir()
+    curves = EventAccumulator(str(mirrored)).Reload()
+    assert [e.value for e in curves.Scalars("epoch/loss")] == [e.value for e in events.Scalars("epoch/loss")]
+    assert len(curves.Scalars("epoch/loss")) == 2
     # training it again into the finished run does no work and changes nothing
     before = path.read_bytes()
     supernet = from_json("supernet", json.loads((low / "supernet" / "run.json").read_text())["settings"])
