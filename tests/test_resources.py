@@ -1,7 +1,14 @@
 """What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
+import http.server
 import importlib
+import json
+import os
 import re
 import shutil
+import ssl
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 from unittest import mock
@@ -32,6 +39,56 @@ def kuberay() -> ClusterShape:
     spec = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
     config = _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "glit", "namespace": "ml"}, "spec": spec})
     return ClusterShape(config_node_types(config, {}), "kuberay-rayjob.yaml")
+
+
+@pytest.mark.subprocess
+def test_on_a_kuberay_head_the_node_types_come_from_the_api_server_as_rays_autoscaler_reads_them(tmp_path):
+    """`resources.kuberay_config` in a process set up as KubeRay's head pod is (RAY_CLUSTER_NAME, the pod's
+    namespace file, the API server's address and credentials), against a loopback stand-in for Kubernetes' API server
+    over HTTPS that serves the RayJob's cluster as a RayCluster: the node types planned with are the RayJob's."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    spec = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    raycluster = json.dumps({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                             "metadata": {"name": "glit", "namespace": "ml"}, "spec": spec}).encode()
+    asked = []
+
+    class APIServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            found = self.path == "/apis/ray.io/v1/namespaces/ml/rayclusters/glit"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(raycluster if found else b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), APIServer)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "namespace").write_text("ml")
+    probe = ("import dataclasses, json, sys; from glit_ray import resources; "
+             "resources.KUBERNETES_NAMESPACE_FILE = sys.argv[1]; "
+             "print(json.dumps([dataclasses.asdict(t) for t in resources.config_node_types(resources.kuberay_config(), {})]))")
+    pod = {**os.environ, "RAY_CLUSTER_NAME": "glit", "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+           "KUBERNETES_SERVICE_PORT_HTTPS": str(server.server_address[1]), "RAY_KUBERAY_CA_CERT_PATH": str(cert),
+           # a client certificate: the pod's service-account token is not on this machine
+           "RAY_KUBERAY_CLIENT_CERT_PATH": str(cert), "RAY_KUBERAY_CLIENT_KEY_PATH": str(key)}
+    try:
+        read = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "namespace")], env=pod, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert asked == ["/apis/ray.io/v1/namespaces/ml/rayclusters/glit"]
+    assert [NodeType(**t) for t in json.loads(read.stdout)] == list(kuberay().node_types)
+    assert {t.name: (t.cpus, t.gpus) for t in kuberay().node_types} == {"headgroup": (0, 0), "gpu": (7, 1), "cpu": (15, 0)}
 
 
 def one_machine(cpus: float, gpus: float = 0) -> ClusterShape:
