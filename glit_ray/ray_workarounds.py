@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.fs
+import yaml
 import ray
 import ray.train
 import ray.train.torch
@@ -210,10 +211,44 @@ def kuberay_autoscaling_config(cluster_name: str, namespace: str) -> dict:
     return AutoscalingConfigProducer(cluster_name, namespace)()
 
 
+KUBERNETES_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"  # in every pod
 # the autoscaler's monitor process: a command line ending in this script, with --gcs-address= and
 # --autoscaling-config= (the cluster launcher's `ray start --autoscaling-config`): where a head-node driver finds the
 # launcher's configuration, which no public call shows (ray-project/ray#37838)
 AUTOSCALER_MONITOR = "autoscaler/_private/monitor.py"
+
+
+def kuberay_config() -> dict | None:
+    """On a KubeRay pod (which has RAY_CLUSTER_NAME), the autoscaling configuration KubeRay's autoscaler derives from
+    the RayCluster resource, read as it reads it (the head pod's service account may read its RayCluster); else
+    None."""
+    name, namespace_file = os.environ.get("RAY_CLUSTER_NAME"), Path(KUBERNETES_NAMESPACE_FILE)
+    if not name or not namespace_file.is_file():
+        return None
+    try:
+        return kuberay_autoscaling_config(name, namespace_file.read_text().strip())
+    except Exception:  # no permission to read it (no in-tree autoscaling): the nodes up tell the shape
+        return None
+
+
+def autoscaler_config() -> dict | None:
+    """The configuration this cluster's autoscaler runs with, when its monitor process is on this machine (a
+    driver on the head node: `ray job submit`, `ray exec`), else None."""
+    gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # a process that ended meanwhile, or one not ours to read
+            continue
+        if not any(arg.endswith(AUTOSCALER_MONITOR) for arg in args):
+            continue
+        options = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
+        if options.get("gcs-address", "").rsplit(":", 1)[-1] == gcs_port and options.get("autoscaling-config"):
+            try:
+                return yaml.safe_load(Path(options["autoscaling-config"]).expanduser().read_text())
+            except OSError:
+                return None
+    return None
 
 
 class _DeviceTorchBackend(_TorchBackend):

@@ -21,20 +21,17 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import ray
 import torch
-import yaml
 
 from .errors import UserError
-from .ray_workarounds import AUTOSCALER_MONITOR, HEAD_NODE_RESOURCE, gcs_node_groups, kuberay_autoscaling_config
+from .ray_workarounds import HEAD_NODE_RESOURCE, autoscaler_config, gcs_node_groups, kuberay_config
 
 FAKE_GPUS_ENV = "GLIT_RAY_FAKE_GPUS"  # "1": GPUs Ray accounts without devices (its fake test clusters) compute on CPU
 CPU_ACTOR_SHARE = 0.9  # of its CPU share, what a CPU-only evaluator asks for: the rest feeds it (the Tune trial)
 WAIT_NOTE_S = 30.0     # between two console notes of a request that waits for the autoscaler
 WORKER_FIX = "lower --gpus-per-worker or --cpus-per-worker"  # what a refused request of Ray Train workers can change
-KUBERNETES_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"  # in every pod
 
 
 @dataclass(frozen=True)
@@ -176,39 +173,6 @@ def _gcs_node_types() -> tuple[NodeType, ...]:
     """The node groups an autoscaler reported to the GCS (KubeRay's v2 autoscaler does), if any."""
     return tuple(NodeType(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
                           2**31 if g.max_count < 0 else g.max_count) for g in gcs_node_groups())
-
-
-def kuberay_config() -> dict | None:
-    """On a KubeRay pod (which has RAY_CLUSTER_NAME), the autoscaling configuration KubeRay's autoscaler derives from
-    the RayCluster resource, read as it reads it (the head pod's service account may read its RayCluster); else
-    None."""
-    name, namespace_file = os.environ.get("RAY_CLUSTER_NAME"), Path(KUBERNETES_NAMESPACE_FILE)
-    if not name or not namespace_file.is_file():
-        return None
-    try:
-        return kuberay_autoscaling_config(name, namespace_file.read_text().strip())
-    except Exception:  # no permission to read it (no in-tree autoscaling): the nodes up tell the shape
-        return None
-
-
-def autoscaler_config() -> dict | None:
-    """The configuration this cluster's autoscaler runs with, when its monitor process is on this machine (a
-    driver on the head node: `ray job submit`, `ray exec`), else None."""
-    gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # a process that ended meanwhile, or one not ours to read
-            continue
-        if not any(arg.endswith(AUTOSCALER_MONITOR) for arg in args):
-            continue
-        options = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
-        if options.get("gcs-address", "").rsplit(":", 1)[-1] == gcs_port and options.get("autoscaling-config"):
-            try:
-                return yaml.safe_load(Path(options["autoscaling-config"]).expanduser().read_text())
-            except OSError:
-                return None
-    return None
 
 
 def config_node_types(config: dict, head: dict[str, float]) -> tuple[NodeType, ...]:

@@ -43,7 +43,7 @@ def kuberay() -> ClusterShape:
 
 @pytest.mark.subprocess
 def test_on_a_kuberay_head_the_node_types_come_from_the_api_server_as_rays_autoscaler_reads_them(tmp_path):
-    """`resources.kuberay_config` in a process set up as KubeRay's head pod is (RAY_CLUSTER_NAME, the pod's
+    """`ray_workarounds.kuberay_config` in a process set up as KubeRay's head pod is (RAY_CLUSTER_NAME, the pod's
     namespace file, the API server's address and credentials), against a loopback stand-in for Kubernetes' API server
     over HTTPS that serves the RayJob's cluster as a RayCluster: the node types planned with are the RayJob's."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
@@ -73,9 +73,9 @@ def test_on_a_kuberay_head_the_node_types_come_from_the_api_server_as_rays_autos
     server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "namespace").write_text("ml")
-    probe = ("import dataclasses, json, sys; from glit_ray import resources; "
-             "resources.KUBERNETES_NAMESPACE_FILE = sys.argv[1]; "
-             "print(json.dumps([dataclasses.asdict(t) for t in resources.config_node_types(resources.kuberay_config(), {})]))")
+    probe = ("import dataclasses, json, sys; from glit_ray import ray_workarounds, resources; "
+             "ray_workarounds.KUBERNETES_NAMESPACE_FILE = sys.argv[1]; print(json.dumps([dataclasses.asdict(t) for t "
+             "in resources.config_node_types(ray_workarounds.kuberay_config(), {})]))")
     pod = {**os.environ, "RAY_CLUSTER_NAME": "glit", "KUBERNETES_SERVICE_HOST": "127.0.0.1",
            "KUBERNETES_SERVICE_PORT_HTTPS": str(server.server_address[1]), "RAY_KUBERAY_CA_CERT_PATH": str(cert),
            # a client certificate: the pod's service-account token is not on this machine
