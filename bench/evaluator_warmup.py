@@ -62,6 +62,7 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 
 from glit_ray.data import build_splits
 from glit_ray.evaluator import SCORING_DEFAULTS, Evaluator, scoring_sets
+from glit_ray.resources import ClusterShape, NodeType, evaluators
 from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet, save_supernet
 from glit_ray.synthetic import synthetic_image
@@ -69,7 +70,8 @@ from glit_ray.synthetic import synthetic_image
 from harness import publish, spread
 
 MiB = 2**20
-ACTOR_CPUS = 0.9  # evaluator_pool's share for 2 actors on 2 CPUs
+# what the search asks for 2 CPU evaluators on this bench's 2-CPU Ray (`evaluators`, as `evaluator_pool` places them)
+ACTOR_CPUS = evaluators(2, 0, shape=ClusterShape((NodeType("head", 2, 0, 1),), "the bench's Ray")).cpus
 
 
 def memory(pid: int | None = None) -> dict:

@@ -31,7 +31,7 @@ import torch
 from glit_ray import ray_workarounds
 from glit_ray.data import build_splits
 from glit_ray.dispatch import Dispatcher
-from glit_ray.evaluator import evaluator_pool, scoring_sizes
+from glit_ray.evaluator import CALIB_BATCH_SIZE, SCORING_DEFAULTS, evaluator_pool, scoring_sizes
 from glit_ray.resources import evaluators
 from glit_ray.results import read_candidates
 from glit_ray.retrain import build_parser as retrain_parser
@@ -50,7 +50,9 @@ from training_feed import measure as measure_feed
 
 
 IMAGENET_TRAIN, IMAGENET_TEST = 1_231_167, 50_000  # ImageNet's training images beside the 50,000 held out; val
-GPUS, SCORED_PER_CANDIDATE = 8, 16 * 64 + 10_000   # the search's image-folder scoring defaults
+GPUS = 8
+# the images a search on an image folder scores each candidate on by default: its calibration batches and held-out set
+SCORED_PER_CANDIDATE = SCORING_DEFAULTS["imagefolder"][0] * CALIB_BATCH_SIZE + SCORING_DEFAULTS["imagefolder"][1]
 
 
 def protocol_hours(train_images_per_s: float, score_images_per_s: float) -> list[tuple[str, float]]:

@@ -74,25 +74,54 @@ def test_small_and_base_scale_the_head_split(name, heads, factor):
 
 
 def test_global_heads_take_the_first_channels(micro):
-    """Zeroing the local (last) channels' input must not change the global heads' output."""
+    """The global heads see only the first C*G/H normed channels and fill the first C*G/H of the block's output; the
+    local heads the rest: changing one group's input leaves the other group's output as it was."""
     model = GLiT("1:k5c2v1m4-" * 5 + "1:k5c2v1m4", micro, num_classes=10).eval()
     block = model.blocks[0]
+    split = 96 * 1 // 3  # C*G/H
+    assert block.split == split and block.attn.qkv.in_features == split
+    block.norm1 = torch.nn.Identity()  # LayerNorm would spread a change of any channel to all of them
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_()  # the MLP mixes all channels: without it, block(x) - x is the heads' output
+        block.mlp.fc2.bias.zero_()
+    seen = {}
+    block.attn.register_forward_hook(lambda module, args, out: seen.update(attn_in=args[0], attn_out=out))
+    torch.manual_seed(0)
     x = torch.randn(2, 17, 96)
-    y = block.norm1(x)
-    split = 32
-    mixed = torch.cat([block.attn(y[..., :split]), block.conv(y[..., split:])], dim=-1)
-    expected = x + mixed
-    expected = expected + block.mlp(block.norm2(expected))
-    assert torch.allclose(block(x), expected, atol=1e-6)
+    with torch.no_grad():
+        heads = block(x) - x
+        torch.testing.assert_close(seen["attn_in"], x[..., :split], rtol=0, atol=0)
+        torch.testing.assert_close(heads[..., :split], seen["attn_out"])  # (x + a) - x: a, to rounding
+        local_changed, global_changed = x.clone(), x.clone()
+        local_changed[..., split:] += torch.randn(2, 17, 96 - split)
+        global_changed[..., :split] += torch.randn(2, 17, split)
+        after_local, after_global = block(local_changed) - local_changed, block(global_changed) - global_changed
+    torch.testing.assert_close(after_local[..., :split], heads[..., :split], rtol=0, atol=0)
+    assert not torch.allclose(after_local[..., split:], heads[..., split:])
+    torch.testing.assert_close(after_global[..., split:], heads[..., split:], rtol=0, atol=0)
+    assert not torch.allclose(after_global[..., :split], heads[..., :split])
 
 
 def test_drop_path_rises_linearly_and_only_acts_in_training(micro):
+    """In training a block drops whole samples' residual branches (with rate 0.5 some samples leave the last block
+    as they came in) and every pass draws anew; in evaluation the rates change nothing."""
+    torch.manual_seed(0)
     model = GLiT("3:v1m4-" * 5 + "3:v1m4", micro, num_classes=10, drop_path_rate=0.5)
     rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
-    x = torch.randn(4, 1, 8, 8)
-    model.eval()
-    assert torch.equal(model(x), model(x))
+    without = GLiT("3:v1m4-" * 5 + "3:v1m4", micro, num_classes=10)
+    without.load_state_dict(model.state_dict())
+    x, tokens = torch.randn(16, 1, 8, 8), torch.randn(64, 17, 96)
+    with torch.no_grad():
+        model.eval(), without.eval()
+        torch.testing.assert_close(model(x), without(x), rtol=0, atol=0)
+        assert not (model.blocks[-1](tokens) == tokens).all(dim=(1, 2)).any()
+        model.train(), without.train()
+        torch.testing.assert_close(without(x), without(x), rtol=0, atol=0)  # nothing else random in training
+        first, second = model(x), model(x)
+        assert not torch.allclose(first, second) and not torch.allclose(first, without(x))
+        untouched = (model.blocks[-1](tokens) == tokens).all(dim=(1, 2))
+    assert 0 < untouched.sum() < len(tokens)  # both branches dropped for about a quarter of the samples
 
 
 def test_model_trains_on_cpu(micro):

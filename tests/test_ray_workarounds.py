@@ -155,6 +155,15 @@ def test_tunes_snapshot_copy_skips_an_experiment_state_tune_is_rewriting(tmp_pat
     assert (storage / "trial_0" / "result.json").stat().st_mode == (staging / "trial_0" / "result.json").stat().st_mode
 
 
+def unread_bytes(pipe: int) -> int:
+    """How many bytes written into the pipe its reader has not read yet (FIONREAD, on either end)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 @pytest.mark.subprocess
 def test_tunes_snapshot_copied_into_the_run_survives_a_kill_midway(tmp_path):
     """Tune's driver copies its staging folder into the run's `tune/` folder after each snapshot, through the upload
@@ -185,7 +194,9 @@ def test_tunes_snapshot_copied_into_the_run_survives_a_kill_midway(tmp_path):
             assert copier.poll() is None and time.monotonic() < deadline, "the copy never opened the experiment state"
             time.sleep(0.05)
     os.write(pipe, b'{"trial_data": "new", ')
-    time.sleep(0.5)
+    while unread_bytes(pipe):  # the copy has read them: it is midway, waiting in the pipe for the rest
+        assert copier.poll() is None and time.monotonic() < deadline, "the copy never read the experiment state"
+        time.sleep(0.01)
     copier.kill()
     copier.wait()
     os.close(pipe)

@@ -9,7 +9,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from unittest import mock
 from pathlib import Path
@@ -188,9 +187,10 @@ def test_a_wait_on_a_cluster_without_autoscaler_says_what_it_waits_for(ray_sessi
     """The session's cluster shows no autoscaler: a request its head cannot hold yet waits for other work to go."""
     request = plan("supernet", 2, shape=cluster_shape())
     assert not request.autoscaled
-    lines = []
-    with waiting_note(replace(request, count=3), lines.append):  # one more than the head's 2 CPUs hold
-        time.sleep(0.5)
+    lines, said = [], threading.Event()
+    more = replace(request, count=3)  # one more than the head's 2 CPUs hold
+    with waiting_note(more, lambda line: (lines.append(line), said.set())):
+        assert said.wait(60), "no note within 60 s"  # the watcher's first look, however slow the machine
     assert lines == ["supernet: waiting for other work to leave room for 1 more worker(s) of (0 GPU, 1 CPU), "
                      "0 s so far"]
 
