@@ -5,8 +5,9 @@ message must name the problem and the fix.
 """
 
 
-class UserError(Exception):
-    """Bad input from the user: a file, a flag or a combination of them."""
+class UserError(ValueError):
+    """Bad input from the user: a file, a flag or a combination of them (a ValueError to code that builds settings
+    in Python)."""
 
 
 def one_line(exc: UserError) -> str:

@@ -36,7 +36,7 @@ from .searcher import EvolutionSearcher
 from .space import LEVELS, SearchSpace
 from .supernet import load_supernet
 from .recipe import add_recipe_arguments
-from .settings import Latency, Placement, SearchRun, SupernetRun
+from .settings import Latency, Placement, SearchRun, SupernetRun, default
 from .storage import check_reachable
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
 from .train_supernet import SAMPLING, supernet_run, train_supernet
@@ -106,23 +106,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
     p.add_argument("--supernet", type=Path, help="a trained supernet.pt (default: train one into RUN_DIR/supernet)")
     p.add_argument("--distribution", help="low level: ARCH_STRING or a high-level search RUN_DIR")
-    p.add_argument("--population", type=int, default=50)
-    p.add_argument("--generations", type=int, default=20)
-    p.add_argument("--topk", type=int, default=10)
-    p.add_argument("--mutations", type=int, default=25)
-    p.add_argument("--crossovers", type=int, default=25)
-    p.add_argument("--mutation-prob", type=float, default=0.1)
-    p.add_argument("--strategy", choices=("evolution", "random"), default="evolution",
+    p.add_argument("--population", type=int, default=default(SearchRun, "population"))
+    p.add_argument("--generations", type=int, default=default(SearchRun, "generations"))
+    p.add_argument("--topk", type=int, default=default(SearchRun, "topk"))
+    p.add_argument("--mutations", type=int, default=default(SearchRun, "mutations"))
+    p.add_argument("--crossovers", type=int, default=default(SearchRun, "crossovers"))
+    p.add_argument("--mutation-prob", type=float, default=default(SearchRun, "mutation_prob"))
+    p.add_argument("--strategy", choices=("evolution", "random"), default=default(SearchRun, "strategy"),
                    help="random: the baseline, random architectures under the same budget and limits")
-    p.add_argument("--objective", choices=("loss", "top1", "pareto"), default="loss",
+    p.add_argument("--objective", choices=("loss", "top1", "pareto"), default=default(SearchRun, "objective"),
                    help="what parents and the best are chosen by: loss, held-out loss (ties: top-1; the default: it "
                         "orders networks as training them does better than top-1, BENCHMARKS.md P13b); top1, held-out "
                         "top-1 (ties: loss); pareto, non-dominated rank and crowding over top-1 and --pareto-cost")
-    p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default="flops",
+    p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default=default(SearchRun, "pareto_cost"),
                    help="the cost axis of the Pareto front (latency implies --latency)")
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
     p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
-    p.add_argument("--latency-batch", type=int, default=1, help="images per timed forward pass (default: 1)")
+    p.add_argument("--latency-batch", type=int, default=default(Latency, "batch"),
+                   help="images per timed forward pass (default: %(default)s)")
     for bound in ("flops-min", "flops-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions, counted in --flops-convention")
     for bound in ("params-min", "params-max"):
@@ -137,18 +138,19 @@ def build_parser() -> ArgumentParser:
                         "(default: per data set, see the README)")
     p.add_argument("--heldout-images", type=int, default=None,
                    help="score on a fixed class-stratified subset of N held-out images (default: per data set)")
-    p.add_argument("--supernet-epochs", type=int, default=30, help="when training the supernet here")
-    p.add_argument("--supernet-sampling", choices=SAMPLING, default="uniform",
+    p.add_argument("--supernet-epochs", type=int, default=default(SearchRun, "supernet_epochs"),
+                   help="when training the supernet here (default: %(default)s)")
+    p.add_argument("--supernet-sampling", choices=SAMPLING, default=default(SearchRun, "supernet_sampling"),
                    help="when training the supernet here: its steps' paths (see train_supernet --sampling)")
-    p.add_argument("--supernet-workers", type=int, default=1,
-                   help="data-parallel Ray Train workers when training the supernet here (default: 1)")
+    p.add_argument("--supernet-workers", type=int, default=default(SearchRun, "supernet_workers"),
+                   help="data-parallel Ray Train workers when training the supernet here (default: %(default)s)")
     p.add_argument("--search-unlearnt", action="store_true",
                    help="search the supernet even when its probes are no better than chance (glit_ray.verdict); "
                         "the console and best.json say so")
     add_worker_resources(p, who="supernet worker")
     add_training_placement(p)
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=default(SearchRun, "seed"))
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--mirror", help="push the run directory here after every generation (s3://bucket/prefix); "
@@ -160,45 +162,30 @@ def build_parser() -> ArgumentParser:
 def settings_from_args(args) -> SearchRun:
     """Validate the command line into the settings that define a search run (stored in run.json)."""
     space = SearchSpace.load(args.space)
-    if args.level == "low" and not args.distribution:
+    if args.level == "low" and not args.distribution:  # (before resolving it, which reads the run it names)
         raise UserError("--level low needs --distribution RUN_DIR (a high-level search run) or an ARCH_STRING")
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     data = located(args.data)
-    for name in ("population", "generations", "topk", "calib_batches", "heldout_images", "supernet_epochs",
-                 "supernet_workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.topk > args.population:
-        raise UserError(f"--topk {args.topk} is more than the --population {args.population} that generation 0 scores "
-                        "and the first parents come from; lower --topk or raise --population")
-    if args.mutations < 0 or args.crossovers < 0:
-        raise UserError("--mutations and --crossovers count children: give 0 or more")
-    if args.strategy == "evolution" and args.generations > 1 and args.mutations + args.crossovers == 0:
-        raise UserError("--mutations 0 and --crossovers 0 breed no child after generation 0; give either, "
-                        "or --generations 1")
-    if not 0 <= args.mutation_prob <= 1:
-        raise UserError(f"--mutation-prob {args.mutation_prob} is not a probability; give a value in 0..1")
-    if args.latency_max_ms is not None and args.latency_max_ms <= 0:
-        raise UserError(f"--latency-max-ms {args.latency_max_ms:g} is not a positive time; give milliseconds above 0")
-    if args.latency_batch < 1:
-        raise UserError("--latency-batch must be at least 1")
-    latency = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
-    limits = Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention)
+    latency = Latency(args.latency_batch, args.latency_max_ms)  # (checked whether or not latency is measured)
+    measured = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
+    # checked as given, before the data set is read for the sizes and the recipe that depend on it
+    given = SearchRun(
+        space=space, level=args.level, distribution=distribution, data=data,
+        supernet=str(args.supernet.resolve()) if args.supernet else None,
+        limits=Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention),
+        calib_batches=args.calib_batches, heldout_images=args.heldout_images, supernet_recipe=None,
+        population=args.population, generations=args.generations, topk=args.topk, mutations=args.mutations,
+        crossovers=args.crossovers, mutation_prob=args.mutation_prob, strategy=args.strategy, objective=args.objective,
+        pareto_cost=COST_COLUMNS[args.pareto_cost],
+        latency=latency if measured else None,
+        supernet_epochs=args.supernet_epochs, supernet_workers=args.supernet_workers, seed=args.seed,
+        supernet_sampling=args.supernet_sampling)
     calib_batches, heldout_images = scoring_sizes(data, args.calib_batches, args.heldout_images)
     recipe = None if args.supernet else training_recipe(args, data, space, SUPERNET_BATCH_SIZE, SUPERNET_PREFIX,
                                                          **SUPERNET_RECIPE_DEFAULTS)
-    return SearchRun(
-        space=space, level=args.level, distribution=distribution, data=data,
-        supernet=str(args.supernet.resolve()) if args.supernet else None, population=args.population,
-        generations=args.generations, topk=args.topk, mutations=args.mutations, crossovers=args.crossovers,
-        mutation_prob=args.mutation_prob, strategy=args.strategy, objective=args.objective,
-        pareto_cost=COST_COLUMNS[args.pareto_cost],
-        latency=Latency(args.latency_batch, args.latency_max_ms) if latency else None, limits=limits,
-        calib_batches=calib_batches, heldout_images=heldout_images, supernet_epochs=args.supernet_epochs,
-        supernet_workers=args.supernet_workers, supernet_recipe=recipe, seed=args.seed,
-        supernet_sampling=args.supernet_sampling)
+    return replace(given, calib_batches=calib_batches, heldout_images=heldout_images, supernet_recipe=recipe)
 
 
 def supernet_settings(settings: SearchRun) -> SupernetRun:

@@ -111,3 +111,25 @@ def test_a_relative_data_path_is_stored_absolute_for_workers_that_run_elsewhere(
             retrain.settings_from_args(retrain.build_parser().parse_args(
                 ["--arch", "3:v1m4-3:v1m4-0:k31c2m4-2:k31c2v1m4", "--space", "glit_pico", "--data", "imagefolder:folder", "--out", "o"]))]
     assert [run.data for run in runs] == [where] * 3
+
+
+def test_a_search_built_in_python_has_the_command_lines_defaults_and_checks(micro):
+    from glit_ray.constraints import Limits
+    from glit_ray.settings import SearchRun
+
+    given = dict(space=micro, level="high", distribution=None, data="digits", supernet=None, limits=Limits(),
+                 calib_batches=4, heldout_images=None, supernet_recipe=None)
+    run = SearchRun(**given)
+    parsed = search.build_parser().parse_args(["--level", "high"])
+    assert (run.population, run.generations, run.topk, run.mutations, run.crossovers, run.mutation_prob,
+            run.objective, run.supernet_epochs) == (parsed.population, parsed.generations, parsed.topk,
+                                                   parsed.mutations, parsed.crossovers, parsed.mutation_prob,
+                                                   parsed.objective, parsed.supernet_epochs)
+    for wrong, message in [({"topk": 60}, "--topk 60 is more than the --population 50"),
+                           ({"mutation_prob": 1.5}, "--mutation-prob 1.5 is not a probability"),
+                           ({"level": "low"}, "--level low needs --distribution"),
+                           ({"mutations": 0, "crossovers": 0}, "breed no child after generation 0")]:
+        with pytest.raises(ValueError, match=message):  # a UserError: one line from the command line
+            SearchRun(**{**given, **wrong})
+    with pytest.raises(ValueError, match="--latency-batch must be at least 1"):
+        Latency(batch=0)
