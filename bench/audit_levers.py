@@ -44,7 +44,7 @@ from glit_ray.ranking import agreement, defined, kendall, networks  # noqa: E402
 from glit_ray.results import ranked_architectures  # noqa: E402
 from glit_ray.runs import search_settings  # noqa: E402
 from glit_ray.settings import Placement, from_json  # noqa: E402
-from glit_ray.training import ensure_ray  # noqa: E402
+from glit_ray.train_runs import ensure_ray  # noqa: E402
 from glit_ray.trials import Standalone, side_by_side, train_standalone  # noqa: E402
 
 

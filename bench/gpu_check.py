@@ -43,7 +43,7 @@ from glit_ray.supernet import load_supernet
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.settings import Placement
 from glit_ray.train_supernet import supernet_run, train_supernet
-from glit_ray.training import ensure_ray
+from glit_ray.train_runs import ensure_ray
 
 from harness import machine
 from training_feed import measure as measure_feed

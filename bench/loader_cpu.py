@@ -36,7 +36,7 @@ from glit_ray import ray_workarounds
 from glit_ray.data import DeviceAugment, build_splits
 from glit_ray.ingest import RayDataFeed
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import EpochSampler, SeededSamples, seed_all, shard_of, training_loader
+from glit_ray.loaders import EpochSampler, SeededSamples, seed_all, shard_of, training_loader
 
 from harness import publish, spread
 

@@ -4,7 +4,7 @@ Both run the step a Ray Train worker runs (`RecipeState.step` on the high-level 
 on-device normalising, erasing and mixup/cutmix, autocast on a GPU, fused AdamW, clipping, the schedule) on one
 device, on a 224-px ImageFolder (written under --out unless --data names one).
 
-P10, the feed: images/s of the step fed end to end by the training loader (`training.training_loader`: DeiT's
+P10, the feed: images/s of the step fed end to end by the training loader (`loaders.training_loader`: DeiT's
 transform in one loader process per CPU, uint8 batches pinned and copied), this process and its loader processes
 held to N CPUs (12: a p4d's share of a GPU; 4: a g5.xlarge's), divided by the same step fed from batches already
 on the device, held to the same CPUs. Target >= 0.9 at 12. On a CPU the step and the loader share those cores.
@@ -45,7 +45,8 @@ from glit_ray.space import SearchSpace
 from glit_ray.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.recipe import PRESETS
-from glit_ray.training import RecipeState, training_loader
+from glit_ray.loaders import training_loader
+from glit_ray.training import RecipeState
 
 from harness import publish, sync, training_device
 

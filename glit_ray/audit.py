@@ -44,7 +44,8 @@ from .resources import cluster_shape, evaluators
 from .results import ranked_architectures
 from .runs import check_run, open_run, search_settings
 from .settings import AuditRun, Placement, SearchRun
-from .training import add_arguments, check_counts, check_epoch_has_a_step, ensure_ray, say_recipe, training_recipe
+from .train_runs import ensure_ray
+from .training_flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
 from .trials import METRIC, Standalone, side_by_side, train_standalone
 
 FOLDER, TABLE, RECORD, SAMPLE = "audit", "audit.parquet", "audit.json", "sample.json"

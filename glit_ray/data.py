@@ -229,7 +229,7 @@ def _imagefolder(path: Path):
 
 class ListedImageFolder(ImageFolder):
     """torchvision's ImageFolder whose file listing this process keeps while no class folder changes (its mtime): a
-    command builds the splits to choose its recipe (`training.training_images`) and again to run, and listing
+    command builds the splits to choose its recipe (`training_flags.training_images`) and again to run, and listing
     ImageNet's 1.28 M files is the slow part of both."""
 
     @staticmethod

@@ -34,7 +34,9 @@ from .model import GLiT
 from .progress import console as make_console
 from .resources import Request, plan, waiting_note
 from .scoring import evaluate
-from .training import add_worker_resources, default_loader_workers, ensure_ray
+from .loaders import default_loader_workers
+from .train_runs import ensure_ray
+from .training_flags import add_worker_resources
 
 PUBLISHED = ("glit_tiny_patch16_224", "glit_small_patch16_224", "glit_base_patch16_224")
 RESULT = "evaluation.json"

@@ -37,9 +37,9 @@ from .settings import Placement, RetrainRun, SearchRun
 from .storage import check_reachable
 from .space import SearchSpace
 from .supernet import load_supernet
-from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
-                       ensure_ray, final_state, fit, prepared, reporting, say_recipe, set_computation, train_epochs,
-                       training_recipe, worker_device, worker_loader)
+from .train_runs import ensure_ray, final_state, fit
+from .training import (RecipeState, TrainJob, prepared, reporting, set_computation, train_epochs, worker_device, worker_loader)
+from .training_flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe, training_recipe)
 
 METRICS = "metrics.json"
 

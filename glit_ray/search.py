@@ -40,8 +40,8 @@ from .settings import Latency, Placement, SearchRun, SupernetRun, default
 from .storage import check_reachable
 from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
 from .train_supernet import SAMPLING, supernet_run, train_supernet
-from .training import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, ensure_ray,
-                       training_recipe)
+from .train_runs import ensure_ray
+from .training_flags import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, training_recipe)
 from .verdict import of_meta
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads

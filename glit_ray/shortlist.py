@@ -30,7 +30,8 @@ from . import ray_workarounds
 from .results import ranked_architectures
 from .runs import check_run, open_run, search_settings
 from .settings import Placement, ShortlistRun
-from .training import add_arguments, check_counts, check_epoch_has_a_step, ensure_ray, say_recipe, training_recipe
+from .train_runs import ensure_ray
+from .training_flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
 from .trials import METRIC, Standalone, side_by_side, train_standalone
 
 RECORD, FOLDER = "shortlist.json", "shortlist"

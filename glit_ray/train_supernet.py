@@ -40,9 +40,9 @@ from .imagesets import heldout_indices, place
 from .space import LEVELS, SearchSpace
 from .supernet import GLiTSupernet, load_supernet, save_supernet
 from .recipe import PRESETS, Recipe, choose_preset
-from .training import (RecipeState, TrainJob, add_arguments, check_counts, check_epoch_has_a_step, check_ingest,
-                       ensure_ray, final_state, fit, prepared, rank_and_world, reporting, say_recipe, set_computation, train_epochs,
-                       training_images, training_recipe, worker_device, worker_loader)
+from .train_runs import ensure_ray, final_state, fit
+from .training import (RecipeState, TrainJob, prepared, rank_and_world, reporting, set_computation, train_epochs, worker_device, worker_loader)
+from .training_flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe, training_images, training_recipe)
 from .verdict import Verdict, chance_of, of_meta
 
 SUPERNET_FILE = "supernet.pt"

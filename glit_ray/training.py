@@ -1,29 +1,22 @@
-"""A training recipe on Ray Train, shared by supernet training and retraining.
+"""A training recipe on a Ray Train worker (or in a Tune trial's process), shared by supernet training and retraining.
 
 Both train a vision transformer the way timm's train.py does with the run's recipe (`glit_ray.recipe`: optimizer,
 schedule with warm-up stepped per update, augmentation, mixup/cutmix or label smoothing; gradient clipping, AMP on a
 GPU), checkpoint every epoch through Ray Train and resume from the latest
-checkpoint. What differs is the network and what a step runs through it: the supernet runs a
+checkpoint. The command's options are `training_flags`, the loader `loaders`, starting the run on Ray Train
+`train_runs`. What differs is the network and what a step runs through it: the supernet runs a
 sampled path (`net(images, arch)`), a retrained architecture is a plain `net(images)`.
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import hashlib
-import logging
-import os
-import random
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow.fs
 import ray
 import ray.train
@@ -35,181 +28,28 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from .cli import ArgumentParser, callers_signal_handlers
-from .data import DeviceAugment, Splits, build_splits, mixup_for
-from .errors import UserError, one_line
+from .data import DeviceAugment, Splits, mixup_for
+from .errors import UserError
 from .ingest import RayDataFeed
+from .loaders import EpochSampler, SeededSamples, default_loader_workers, seed_epoch, shard_of, training_loader
 from .model import compile_operations
 from .progress import bar as progress_bar
 from .progress import say
-from .recipe import FUSED, Recipe, add_recipe_arguments, header, recipe_from_args
-from .failure_policy import MAX_FAILURES
-from .ray_workarounds import restarts_for_failures_only, torch_config, train_result
-from .resources import ClusterShape, Request, placed_device, waiting_note
+from .recipe import FUSED, Recipe
+from .resources import placed_device
+from .training_flags import check_epoch_has_a_step
 
 if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
     from .settings import Placement, Training
 
 CLIP_GRAD_NORM = 5.0
-INGESTS = ("loader", "ray-data")
 LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
 INPUT_BOUND = 0.1  # share of an epoch spent waiting for the loader past which its line says so
 STATE_FILE = "state.pt"
 
-
-def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
-                           fix: str = "lower --batch-size or --workers") -> None:
-    """Each worker drops its last partial batch, so a batch per worker must fit in the training split."""
-    if batch_size * workers > train_images:
-        raise UserError(f"a batch of {batch_size} on each of {workers} worker(s) is more than the {train_images} "
-                        f"training images, so an epoch would have no step; {fix}")
-
-
-def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, from_run: bool = False,
-                  **recipe_defaults) -> None:
-    """The command-line options every training run has, with this run's defaults (`recipe_defaults`: parts of the
-    recipe this command sets apart from the presets, as the supernet's drop-path of 0).
-
-    `from_run`: --space and --data default to None, for the caller to take from a search run.
-    """
-    default = ": that of the search run --arch names, else {}" if from_run else ": {}"
-    parser.add_argument("--space", default=None if from_run else "glit_micro",
-                        help="YAML path or built-in name (default" + default.format("glit_micro") + ")")
-    parser.add_argument("--data", default=None if from_run else "digits",
-                        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default" + default.format("digits") + ")")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
-    parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
-    add_worker_resources(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loader-workers", type=int, default=None,
-                        help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
-                             "0 on digits, which are tensors in memory)")
-    add_training_placement(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out (re-running into it does too)")
-    parser.add_argument("--storage", help="where Ray Train keeps its checkpoints (default: --out); a URI such as "
-                                          "s3://bucket/prefix on a cluster whose nodes do not share --out")
-    add_recipe_arguments(parser, **recipe_defaults)
-
-
-def add_worker_resources(parser: ArgumentParser, who: str = "worker") -> None:
-    """--gpus-per-worker and --cpus-per-worker: what each Ray Train worker asks of the cluster (`resources.plan`)."""
-    parser.add_argument("--gpus-per-worker", type=float, default=None,
-                        help=f"GPUs each {who} asks for (default: 1 where the cluster has or can add GPU nodes, else 0)")
-    parser.add_argument("--cpus-per-worker", type=int, default=None,
-                        help=f"CPUs each {who} asks for (default: its share of the node type that hosts it)")
-
-
-def add_training_placement(parser: ArgumentParser) -> None:
-    """--ingest, --grad-checkpointing and --torchcompile: how a training run feeds its workers and computes on them
-    (none changes its result)."""
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute each block's activations in the backward pass instead of keeping them: less "
-                             "device memory (a larger batch, Base on a 24 GB card) for about a third more compute")
-    parser.add_argument("--torchcompile", nargs="?", const="inductor", default=None, type=compile_backend,
-                        metavar="BACKEND",
-                        help="compile each attention, convolution and MLP operation on the workers with torch.compile "
-                             "(BACKEND, as timm's train.py takes it; default inductor): fused kernels and fewer "
-                             "launches for the first steps' compile time; the same checkpoints "
-                             "(glit_ray.model.compile_operations)")
-    parser.add_argument("--ingest", choices=INGESTS, default="loader",
-                        help="loader: each Ray Train worker decodes its images in DataLoader processes on its node "
-                             "(default); ray-data: Ray Data tasks decode them on any CPU of the cluster, CPU-only "
-                             "nodes included, with the same batches (see glit_ray.ingest)")
-
-
-def compile_backend(name: str) -> str:
-    """`--torchcompile BACKEND`, checked where the command starts rather than on its workers."""
-    if name not in torch.compiler.list_backends(exclude_tags=()):
-        raise argparse.ArgumentTypeError(f"{name!r} is not a torch.compile backend; give one of "
-                                         f"{', '.join(torch.compiler.list_backends())} or leave BACKEND out (inductor)")
-    return name
-
-
-def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
-    """Refuse (UserError) `--ingest ray-data` on a cluster whose CPUs the training workers of `request` would all
-    hold: its decoding tasks would wait for ever."""
-    if ingest != "ray-data":
-        return
-    spare = sum(t.cpus * t.max_count for t in shape.node_types) - request.count * request.cpus
-    if spare < 1:
-        raise UserError(f"--ingest ray-data decodes on CPUs the training workers do not hold, and {request} holds "
-                        f"every CPU of {shape}; lower --cpus-per-worker, add a CPU node type, or drop --ingest")
-
-
-def check_counts(args) -> None:
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def training_recipe(args, data: str, space, batch_size: int | None = None, prefix: str = "",
-                    **command_defaults) -> Recipe:
-    """The recipe of a training command's run (`prefix`: of the search's supernet): `recipe_from_args` for the
-    training split of `data` at the space's image size, checked against the run's batch (`batch_size`, else
-    --batch-size: mixup pairs images). Lists the data set's files, before Ray."""
-    recipe = recipe_from_args(args, training_images(data, space), space.img_size, prefix, **command_defaults)
-    recipe.check_batch(batch_size or args.batch_size)
-    return recipe
-
-
-def training_images(data: str, space) -> int:
-    """How many images `data`'s training split holds at `space`'s size (what a recipe preset is chosen by)."""
-    return len(build_splits(data, space.img_size, space.in_chans).train)
-
-
-def say_recipe(settings: Training, train_images: int, say) -> None:
-    """The header's recipe line (`recipe.header`)."""
-    say(header(settings.recipe, train_images, settings.space.img_size, settings.batch_size, settings.workers))
-
-
-def default_loader_workers(data: str, cpus: float) -> int:
-    """DataLoader processes per Ray Train worker: one per CPU it holds on image data (decoding and augmenting
-    224-px JPEGs is the input pipeline's cost; BENCHMARKS.md, P6), none for the in-memory digits."""
-    return 0 if data == "digits" else max(1, int(cpus))
-
-
-class EpochSampler(Sampler):
-    """This worker's shard of the training set for the epoch `set_epoch` names, as (epoch, index) pairs."""
-
-    def __init__(self, shard: DistributedSampler):
-        self.shard, self.epoch = shard, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.shard.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in self.shard)
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-
-class SeededSamples(Dataset):
-    """A training set whose augmentation of each sample is a function of (seed, epoch, index).
-
-    Loader processes persist across epochs (timm's and DeiT's habit), so their random state would
-    carry over from the epoch they started in, and a resumed run would augment differently. Seeding
-    per sample makes the augmentation the same with any number of loader processes, resumed or not.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        # in a loader process the random state is the sample's alone; in the training process (no loader
-        # processes) it is put back, so that the draws of the step's drop-path and mixup stay as they were
-        with nullcontext() if get_worker_info() else preserved_random_state():
-            seed_all(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63, gpus=False)
-            return self.dataset[index]
 
 
 def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLoader | RayDataFeed:
@@ -223,27 +63,6 @@ def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLo
     return training_loader(splits, batch_size, seed, loader_workers, device, world, rank)
 
 
-def shard_of(splits: Splits, seed: int, world: int, rank: int) -> DistributedSampler:
-    """Worker `rank`'s share of the training set, reshuffled per epoch (`set_epoch`), whole batches only."""
-    return DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-
-
-def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
-                    world: int = 1, rank: int = 0, **loader_options) -> DataLoader:
-    """Shard `rank` of `world` of the training set, reshuffled per epoch by `loader.sampler.set_epoch`.
-
-    Loader processes persist across epochs and pin their batches for a GPU; image augmentation is
-    seeded per sample (`SeededSamples`), so that a resumed run replays an uninterrupted one.
-    `loader_options` go to the DataLoader (the input-pipeline benchmark tries others).
-    """
-    check_epoch_has_a_step(len(splits.train), batch_size, world)
-    shard = shard_of(splits, seed, world, rank)
-    dataset, sampler = splits.train, shard
-    if splits.natural_images:
-        dataset, sampler = SeededSamples(splits.train, seed), EpochSampler(shard)
-    options = {"persistent_workers": loader_workers > 0, "pin_memory": device.type == "cuda", **loader_options}
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
-
 
 def worker_device(job: TrainJob) -> torch.device:
     """This worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where Ray gave it none (or a fake one,
@@ -254,11 +73,13 @@ def worker_device(job: TrainJob) -> torch.device:
     return torch.device("cuda", 0) if job.in_trial else ray.train.torch.get_device()  # a trial sees its GPU alone
 
 
+
 def reporting(job: TrainJob):
     """The Ray API a training process reports its epochs and finds its checkpoints through: Ray Train's on a Ray Train
     worker, Tune's in a Tune trial that trains in its own process (`TrainJob.in_trial`); both have `get_checkpoint`,
     `report` and `Checkpoint`."""
     return ray.tune if job.in_trial else ray.train
+
 
 
 def rank_and_world(job: TrainJob) -> tuple[int, int]:
@@ -269,6 +90,7 @@ def rank_and_world(job: TrainJob) -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+
 def prepared(net: nn.Module, job: TrainJob, device: torch.device, **ddp) -> nn.Module:
     """`net` as the job's workers train it: wrapped by Ray Train (DDP across its workers, `ddp` its options), or as it
     is in a Tune trial of its own."""
@@ -277,40 +99,13 @@ def prepared(net: nn.Module, job: TrainJob, device: torch.device, **ddp) -> nn.M
     return ray.train.torch.prepare_model(net, move_to_device=device, parallel_strategy_kwargs=ddp or None)
 
 
+
 def use_fast_gpu_kernels() -> None:
     """As timm's train.py does: cuDNN times its convolution kernels once per shape and keeps the fastest (a path's
     shapes are fixed, and a supernet has a bounded number of them), and float32 matmuls outside autocast run in TF32."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")  # the call torch.compile reads (mixing in fp32_precision raises)
 
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
-    seed_all(seed * 100_003 + epoch * 101 + rank)
-
-
-def seed_all(value: int, gpus: bool = True) -> None:
-    """Seed the random state timm's layers and augmentations draw from: torch's (its GPUs' too, with `gpus`),
-    `random`'s and NumPy's."""
-    if gpus:
-        torch.manual_seed(value)
-    else:
-        torch.default_generator.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value % 2**32)
-
-
-@contextmanager
-def preserved_random_state():
-    """Put this process's CPU random state (torch's, `random`'s, NumPy's) back when the block ends. About
-    0.1 ms, most of it NumPy's: a sample loaded in a loader process does without."""
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
 
 
 @dataclass(frozen=True)
@@ -344,12 +139,14 @@ class TrainJob:
                    where.torchcompile, **job)
 
 
+
 def set_computation(net: nn.Module, job: TrainJob) -> None:
     """How the job's network computes, not what: recomputed activations (`--grad-checkpointing`), compiled operations
     (`--torchcompile`)."""
     net.set_grad_checkpointing(job.grad_checkpointing)
     if job.torchcompile:
         compile_operations(net, backend=job.torchcompile)
+
 
 
 @dataclass
@@ -454,6 +251,7 @@ class RecipeState:
             self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(folder))
 
 
+
 def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: RecipeState, loader: DataLoader,
                  start_epoch: int, device: torch.device, score: Callable[[int], tuple[dict, str]],
                  path_at: Callable[[int], object] | None = None) -> None:
@@ -528,6 +326,7 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         writer.close()
 
 
+
 def upload_curves(tb: Path, storage: str) -> None:
     """Rank 0's TensorBoard files copied whole to STORAGE/tb after each epoch: they are written on its node's disk,
     which goes with the node (a GPU node the autoscaler removes when idle, a spot instance taken back)."""
@@ -540,12 +339,14 @@ def upload_curves(tb: Path, storage: str) -> None:
                           destination_filesystem=target)
 
 
+
 def input_bound(metrics: dict) -> str:
     """The end of an epoch's line when its loader could not keep up: the rate the step runs at, against the epoch's."""
     if metrics["input_wait"] <= INPUT_BOUND:
         return ""
     return (f"; input-bound: the step runs {metrics['step_images_per_s']:.0f} images/s, {metrics['input_wait']:.0%} "
             "of the epoch waited for batches (raise --loader-workers or --cpus-per-worker)")
+
 
 
 def check_paths_agree(digest: str, world: int) -> None:
@@ -559,101 +360,6 @@ def check_paths_agree(digest: str, world: int) -> None:
         raise RuntimeError(f"workers trained different paths this epoch (digests {digests}); gradients were mixed")
 
 
-def final_state(result: ray.train.Result) -> dict:
-    """A finished run's last checkpoint: `model` (the weights) and `metrics` (rank 0's last epoch)."""
-    with result.checkpoint.as_directory() as folder:
-        try:
-            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise corrupt(result.checkpoint, exc) from None
-
 
 def corrupt(checkpoint: ray.train.Checkpoint, exc: Exception) -> UserError:
     return UserError(f"checkpoint {checkpoint.path} is corrupt ({type(exc).__name__}); start the run again with a new --out")
-
-
-def previous_run(storage: str) -> ray.train.Result | None:
-    """The Ray Train run under STORAGE/train that an interrupted run left, with its latest checkpoint checked (whether
-    its state file is a whole torch archive: its zip directory is read, not the tensors, from any storage); None when
-    there is none yet. A corrupt one is refused here, before any worker starts."""
-    try:
-        result = train_result(f"{storage.rstrip('/')}/train")
-    except RuntimeError:  # no run, or no checkpoint snapshot yet
-        return None
-    if result.checkpoint:
-        try:
-            with result.checkpoint.filesystem.open_input_file(f"{result.checkpoint.path}/{STATE_FILE}") as f:
-                zipfile.ZipFile(f)
-        except Exception as exc:
-            raise corrupt(result.checkpoint, exc) from None
-    return result
-
-
-def finished_run(storage: str, epochs: int) -> ray.train.Result | None:
-    """The Ray Train run under STORAGE/train when its last epoch (of `epochs`) is checkpointed: one stopped before
-    its caller took the result, whose workers would train and report nothing."""
-    previous = previous_run(storage)
-    return previous if previous and previous.checkpoint and previous.metrics.get("epoch") == epochs - 1 else None
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join the Ray the process already has, else start one (or join `address`, else RAY_ADDRESS) with Ray's own
-    log lines from ERROR up on the console (a command shows only ours of the workers' output: `ray_workarounds`)."""
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.ERROR)
-        except ConnectionError as exc:  # no cluster there, or one that wants its token
-            where = address or os.environ.get("RAY_ADDRESS", "auto")
-            if isinstance(exc.__cause__, ray.exceptions.AuthenticationError):
-                raise UserError(f"the Ray cluster at {where} wants its authentication token: set RAY_AUTH_MODE=token, "
-                                "with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH") from None
-            raise UserError(f"no Ray cluster to join at {where} ({str(exc).splitlines()[0]}); give --address of a "
-                            "running one, or leave it and RAY_ADDRESS out to start one here") from None
-
-
-def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
-        callbacks: list | None = None, say=None) -> ray.train.Result:
-    """Run `train_loop({"job": job})` on the Ray Train workers of `request` with checkpoints under STORAGE/train
-    (resumed if there).
-
-    `storage` defaults to the run directory `job.out`; on a cluster whose workers do not share it, give a
-    storage URI (s3://bucket/prefix) every node can reach.
-
-    A UserError a worker raised (a corrupt checkpoint, an unreadable image) reaches the caller as itself, one line.
-    A lost worker or node restarts every worker from the last checkpoint, `MAX_FAILURES` times at most
-    (`failure_policy`).
-    `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
-    `say`: where to note that the workers wait for the autoscaler (`resources.waiting_note`), the driver's console.
-    `job.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
-    A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
-    checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
-    for its reports (a Tune trial takes it from `finished_run` itself).
-    """
-    storage = storage or job.out
-    job = replace(job, storage=None if storage == job.out else storage)
-    finished = finished_run(storage, job.settings.epochs)
-    if finished and not callbacks:
-        return finished  # its last epoch is checkpointed: workers would train nothing
-    ensure_ray()
-    job = job.fed(request.cpus)
-    # the job goes with the train function, an object Ray Train's controller passes on unopened, not as its
-    # train_loop_config, which the controller unpickles: it would import glit_ray there, 3 s before any worker starts
-    trainer = ray.train.torch.TorchTrainer(
-        functools.partial(train_loop, {"job": job}),
-        torch_config=torch_config(request.gpus),
-        scaling_config=ray.train.ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,
-                                               resources_per_worker=request.resources),
-        run_config=ray.train.RunConfig(name="train", storage_path=storage,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks,
-                                       failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
-                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
-    try:
-        with callers_signal_handlers(), restarts_for_failures_only(), \
-                waiting_note(request, say) if say else nullcontext():
-            return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        for failure in getattr(exc, "worker_failures", {}).values():
-            if isinstance(failure, UserError):
-                raise UserError(one_line(failure)) from None
-        raise

@@ -24,7 +24,9 @@ from .resources import Request, capacity, check_together, cluster_shape, plan, w
 from .retrain import train_loop as retrain_loop
 from .settings import Placement, RetrainRun, Training
 from .storage import check_reachable
-from .training import TrainJob, check_ingest, finished_run, fit
+from .train_runs import finished_run, fit
+from .training import TrainJob
+from .training_flags import check_ingest
 
 METRIC = "heldout_top1"
 BAD_INPUT = "bad_input"  # a trial's last report when bad input ended it: the error's one line

@@ -9,7 +9,7 @@ from PIL import Image
 from glit_ray.data import build_splits, load_digits, make_loader, mixup_for
 from glit_ray.recipe import PRESETS
 from glit_ray.errors import UserError
-from glit_ray.training import training_loader
+from glit_ray.loaders import training_loader
 
 
 @pytest.fixture

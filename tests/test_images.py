@@ -15,7 +15,7 @@ from glit_ray.errors import UserError
 from glit_ray.evaluator import scoring_sets
 from glit_ray.imagesets import calibration_indices, heldout_indices
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.training import seed_all, training_loader
+from glit_ray.loaders import seed_all, training_loader
 
 
 def stripe_angle(image: Image.Image) -> float:

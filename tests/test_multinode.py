@@ -14,7 +14,7 @@ from glit_ray.ray_workarounds import HEAD_NODE_RESOURCE
 from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.settings import Placement
-from glit_ray.training import EpochSampler, SeededSamples, shard_of, training_loader
+from glit_ray.loaders import EpochSampler, SeededSamples, shard_of, training_loader
 from test_train_supernet import wait_for
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from glit_ray import retrain, search, shortlist, train_supernet
-from glit_ray.errors import UserError
 from glit_ray.recipe import PRESETS, Recipe, choose_preset, header
 from glit_ray.settings import Placement, to_json
 from glit_ray.supernet import GLiTSupernet, save_supernet

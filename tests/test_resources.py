@@ -206,7 +206,7 @@ def test_a_count_below_one_is_refused():
     (None, "no Ray cluster to join at 10.0.0.1:6379 (Could not find any running Ray instance.)"),
 ])
 def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
-    import glit_ray.training as training
+    import glit_ray.train_runs as training
 
     def init(**kwargs):
         raise ConnectionError("Could not find any running Ray instance.\nmore") from cause
@@ -219,7 +219,7 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
 
 
 def test_ray_data_ingest_needs_cpus_the_training_workers_do_not_hold():
-    from glit_ray.training import check_ingest
+    from glit_ray.training_flags import check_ingest
 
     machine = one_machine(2)
     check_ingest("ray-data", plan("retrain", 1, cpus=1, shape=machine), machine)  # one CPU left to decode on

@@ -16,7 +16,7 @@ from glit_ray.constraints import Limits
 from glit_ray.cost import arch_cost
 from glit_ray.settings import Placement, to_json
 from glit_ray.training import input_bound
-import glit_ray.training
+import glit_ray.train_runs
 import glit_ray.train_supernet as training_module
 from glit_ray.train_supernet import PathSampler, build_parser, main, probe_every, settings_from_args, train_supernet
 
@@ -107,7 +107,7 @@ def test_more_workers_than_the_cluster_holds_at_once_is_one_line_before_anything
 
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
     monkeypatch.setattr(training_module, "train_loop", train_loop_on_desynced_paths)
-    monkeypatch.setattr(glit_ray.training, "MAX_FAILURES", 0)  # a bug, which Ray Train would restart 3 times first
+    monkeypatch.setattr(glit_ray.train_runs, "MAX_FAILURES", 0)  # a bug, which Ray Train would restart 3 times first
     with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
         train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), Placement(tmp_path / "run"))
 
