@@ -19,7 +19,6 @@ def default_loader_workers(data: str, cpus: float) -> int:
     return 0 if data == "digits" else max(1, int(cpus))
 
 
-
 class EpochSampler(Sampler):
     """This worker's shard of the training set for the epoch `set_epoch` names, as (epoch, index) pairs."""
 
@@ -35,7 +34,6 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.shard)
-
 
 
 class SeededSamples(Dataset):
@@ -61,11 +59,9 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-
 def shard_of(splits: Splits, seed: int, world: int, rank: int) -> DistributedSampler:
     """Worker `rank`'s share of the training set, reshuffled per epoch (`set_epoch`), whole batches only."""
     return DistributedSampler(splits.train, world, rank, shuffle=True, seed=seed, drop_last=True)
-
 
 
 def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: int, device: torch.device,
@@ -85,11 +81,9 @@ def training_loader(splits: Splits, batch_size: int, seed: int, loader_workers: 
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=loader_workers, **options)
 
 
-
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed dropout, drop-path and mixup per epoch, so a resumed epoch replays an uninterrupted one."""
     seed_all(seed * 100_003 + epoch * 101 + rank)
-
 
 
 def seed_all(value: int, gpus: bool = True) -> None:
@@ -101,7 +95,6 @@ def seed_all(value: int, gpus: bool = True) -> None:
         torch.default_generator.manual_seed(value)
     random.seed(value)
     np.random.seed(value % 2**32)
-
 
 
 @contextmanager

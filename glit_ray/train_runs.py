@@ -32,7 +32,6 @@ def final_state(result: ray.train.Result) -> dict:
             raise corrupt(result.checkpoint, exc) from None
 
 
-
 def previous_run(storage: str) -> ray.train.Result | None:
     """The Ray Train run under STORAGE/train that an interrupted run left, with its latest checkpoint checked (whether
     its state file is a whole torch archive: its zip directory is read, not the tensors, from any storage); None when
@@ -50,13 +49,11 @@ def previous_run(storage: str) -> ray.train.Result | None:
     return result
 
 
-
 def finished_run(storage: str, epochs: int) -> ray.train.Result | None:
     """The Ray Train run under STORAGE/train when its last epoch (of `epochs`) is checkpointed: one stopped before
     its caller took the result, whose workers would train and report nothing."""
     previous = previous_run(storage)
     return previous if previous and previous.checkpoint and previous.metrics.get("epoch") == epochs - 1 else None
-
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -72,7 +69,6 @@ def ensure_ray(address: str | None = None) -> None:
                                 "with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH") from None
             raise UserError(f"no Ray cluster to join at {where} ({str(exc).splitlines()[0]}); give --address of a "
                             "running one, or leave it and RAY_ADDRESS out to start one here") from None
-
 
 
 def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,

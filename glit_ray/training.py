@@ -51,7 +51,6 @@ INPUT_BOUND = 0.1  # share of an epoch spent waiting for the loader past which i
 STATE_FILE = "state.pt"
 
 
-
 def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLoader | RayDataFeed:
     """This worker's shard of `job`'s training set: loaded here (`training_loader` with its rank), or with
     `job.ingest` "ray-data" the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
@@ -63,7 +62,6 @@ def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLo
     return training_loader(splits, batch_size, seed, loader_workers, device, world, rank)
 
 
-
 def worker_device(job: TrainJob) -> torch.device:
     """This worker's device: its GPU (`use_fast_gpu_kernels`), or the CPU where Ray gave it none (or a fake one,
     `resources.placed_device`: `DeviceTorchConfig` then connects Ray Train's workers over gloo)."""
@@ -73,13 +71,11 @@ def worker_device(job: TrainJob) -> torch.device:
     return torch.device("cuda", 0) if job.in_trial else ray.train.torch.get_device()  # a trial sees its GPU alone
 
 
-
 def reporting(job: TrainJob):
     """The Ray API a training process reports its epochs and finds its checkpoints through: Ray Train's on a Ray Train
     worker, Tune's in a Tune trial that trains in its own process (`TrainJob.in_trial`); both have `get_checkpoint`,
     `report` and `Checkpoint`."""
     return ray.tune if job.in_trial else ray.train
-
 
 
 def rank_and_world(job: TrainJob) -> tuple[int, int]:
@@ -90,7 +86,6 @@ def rank_and_world(job: TrainJob) -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-
 def prepared(net: nn.Module, job: TrainJob, device: torch.device, **ddp) -> nn.Module:
     """`net` as the job's workers train it: wrapped by Ray Train (DDP across its workers, `ddp` its options), or as it
     is in a Tune trial of its own."""
@@ -99,13 +94,11 @@ def prepared(net: nn.Module, job: TrainJob, device: torch.device, **ddp) -> nn.M
     return ray.train.torch.prepare_model(net, move_to_device=device, parallel_strategy_kwargs=ddp or None)
 
 
-
 def use_fast_gpu_kernels() -> None:
     """As timm's train.py does: cuDNN times its convolution kernels once per shape and keeps the fastest (a path's
     shapes are fixed, and a supernet has a bounded number of them), and float32 matmuls outside autocast run in TF32."""
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")  # the call torch.compile reads (mixing in fp32_precision raises)
-
 
 
 @dataclass(frozen=True)
@@ -139,14 +132,12 @@ class TrainJob:
                    where.torchcompile, **job)
 
 
-
 def set_computation(net: nn.Module, job: TrainJob) -> None:
     """How the job's network computes, not what: recomputed activations (`--grad-checkpointing`), compiled operations
     (`--torchcompile`)."""
     net.set_grad_checkpointing(job.grad_checkpointing)
     if job.torchcompile:
         compile_operations(net, backend=job.torchcompile)
-
 
 
 @dataclass
@@ -251,7 +242,6 @@ class RecipeState:
             self.session.report(metrics, checkpoint=self.session.Checkpoint.from_directory(folder))
 
 
-
 def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: RecipeState, loader: DataLoader,
                  start_epoch: int, device: torch.device, score: Callable[[int], tuple[dict, str]],
                  path_at: Callable[[int], object] | None = None) -> None:
@@ -268,6 +258,8 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
     seed, epochs, steps, label = job.settings.seed, job.settings.epochs, len(loader), job.label
     if start_epoch >= epochs and job.in_trial:  # restored from its last checkpoint: Tune gets that epoch's report
         ray.tune.report(recipe.resumed_metrics)
+    if rank == 0 and 0 < start_epoch < epochs and job.epoch_lines:  # resumed, or restarted after a lost worker
+        say(f"{label}: resuming at epoch {start_epoch + 1}/{epochs} from its last checkpoint")
     writer = SummaryWriter(str(Path(job.out) / "tb")) if rank == 0 else None
     params = list(net.parameters())
     for epoch in range(start_epoch, epochs):
@@ -326,7 +318,6 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         writer.close()
 
 
-
 def upload_curves(tb: Path, storage: str) -> None:
     """Rank 0's TensorBoard files copied whole to STORAGE/tb after each epoch: they are written on its node's disk,
     which goes with the node (a GPU node the autoscaler removes when idle, a spot instance taken back)."""
@@ -339,14 +330,12 @@ def upload_curves(tb: Path, storage: str) -> None:
                           destination_filesystem=target)
 
 
-
 def input_bound(metrics: dict) -> str:
     """The end of an epoch's line when its loader could not keep up: the rate the step runs at, against the epoch's."""
     if metrics["input_wait"] <= INPUT_BOUND:
         return ""
     return (f"; input-bound: the step runs {metrics['step_images_per_s']:.0f} images/s, {metrics['input_wait']:.0%} "
             "of the epoch waited for batches (raise --loader-workers or --cpus-per-worker)")
-
 
 
 def check_paths_agree(digest: str, world: int) -> None:
@@ -358,7 +347,6 @@ def check_paths_agree(digest: str, world: int) -> None:
     torch.distributed.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"workers trained different paths this epoch (digests {digests}); gradients were mixed")
-
 
 
 def corrupt(checkpoint: ray.train.Checkpoint, exc: Exception) -> UserError:

@@ -23,14 +23,12 @@ if TYPE_CHECKING:  # for annotations only: the run settings are a layer above
 INGESTS = ("loader", "ray-data")
 
 
-
 def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
                            fix: str = "lower --batch-size or --workers") -> None:
     """Each worker drops its last partial batch, so a batch per worker must fit in the training split."""
     if batch_size * workers > train_images:
         raise UserError(f"a batch of {batch_size} on each of {workers} worker(s) is more than the {train_images} "
                         f"training images, so an epoch would have no step; {fix}")
-
 
 
 def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, from_run: bool = False,
@@ -60,14 +58,12 @@ def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, from_run
     add_recipe_arguments(parser, **recipe_defaults)
 
 
-
 def add_worker_resources(parser: ArgumentParser, who: str = "worker") -> None:
     """--gpus-per-worker and --cpus-per-worker: what each Ray Train worker asks of the cluster (`resources.plan`)."""
     parser.add_argument("--gpus-per-worker", type=float, default=None,
                         help=f"GPUs each {who} asks for (default: 1 where the cluster has or can add GPU nodes, else 0)")
     parser.add_argument("--cpus-per-worker", type=int, default=None,
                         help=f"CPUs each {who} asks for (default: its share of the node type that hosts it)")
-
 
 
 def add_training_placement(parser: ArgumentParser) -> None:
@@ -88,14 +84,12 @@ def add_training_placement(parser: ArgumentParser) -> None:
                              "nodes included, with the same batches (see glit_ray.ingest)")
 
 
-
 def compile_backend(name: str) -> str:
     """`--torchcompile BACKEND`, checked where the command starts rather than on its workers."""
     if name not in torch.compiler.list_backends(exclude_tags=()):
         raise argparse.ArgumentTypeError(f"{name!r} is not a torch.compile backend; give one of "
                                          f"{', '.join(torch.compiler.list_backends())} or leave BACKEND out (inductor)")
     return name
-
 
 
 def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
@@ -109,12 +103,10 @@ def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
                         f"every CPU of {shape}; lower --cpus-per-worker, add a CPU node type, or drop --ingest")
 
 
-
 def check_counts(args) -> None:
     for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-
 
 
 def training_recipe(args, data: str, space, batch_size: int | None = None, prefix: str = "",
@@ -127,11 +119,9 @@ def training_recipe(args, data: str, space, batch_size: int | None = None, prefi
     return recipe
 
 
-
 def training_images(data: str, space) -> int:
     """How many images `data`'s training split holds at `space`'s size (what a recipe preset is chosen by)."""
     return len(build_splits(data, space.img_size, space.in_chans).train)
-
 
 
 def say_recipe(settings: Training, train_images: int, say) -> None:

@@ -9,6 +9,7 @@ nodes start with GLIT_RAY_FAKE_GPUS=1, without which a process given a GPU it ca
 """
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -220,6 +221,7 @@ def test_a_training_that_loses_a_gpu_node_restarts_on_its_own_and_ends_as_an_uni
     finally:
         proc.kill()
     assert proc.returncode == 0, console[-3000:]
+    assert re.search(r"^supernet: resuming at epoch [2-5]/5 from its last checkpoint$", console, re.M), console[-3000:]
     assert gpu_nodes(autoscaling_cluster)[worker["node_id"]] == "DEAD"
     assert json.loads((out / "run.json").read_text())["settings"] == \
         json.loads((micro_supernet.parent / "run.json").read_text())["settings"]
