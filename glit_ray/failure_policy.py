@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ray.cloudpickle
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2.api.config import FailureConfig
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
 # worker-group failures a run survives (each restarts every worker from the last checkpoint); Ray's own count of the
@@ -29,10 +28,6 @@ class BadInputIsNotRetried(DefaultFailurePolicy):
                 type(failure).__name__ == "UserError" for failure in training_failed_error.worker_failures.values()):
             return FailureDecision.RAISE
         return super().make_decision(training_failed_error)
-
-
-def failure_policy(config: FailureConfig) -> BadInputIsNotRetried:
-    return BadInputIsNotRetried(config)
 
 
 ray.cloudpickle.register_pickle_by_value(__import__(__name__, fromlist=["_"]))

@@ -33,7 +33,7 @@ from ray.train.v2.api import data_parallel_trainer
 from ray.tune.execution.tune_controller import TuneController
 from ray.util.annotations import RayDeprecationWarning
 
-from .failure_policy import failure_policy
+from .failure_policy import BadInputIsNotRetried
 from .files import write_atomic
 from .progress import WORKER_LINE, say
 
@@ -278,7 +278,7 @@ def restarts_for_failures_only():
     """Ray Train runs started inside restart under `failure_policy.BadInputIsNotRetried`: Ray's `DataParallelTrainer.fit`
     builds its policy with the module-level `create_failure_policy` and takes no other (no Ray issue covers it)."""
     saved = data_parallel_trainer.create_failure_policy
-    data_parallel_trainer.create_failure_policy = failure_policy
+    data_parallel_trainer.create_failure_policy = BadInputIsNotRetried  # built from the run's FailureConfig
     try:
         yield
     finally:

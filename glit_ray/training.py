@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -35,6 +34,7 @@ from .data import DeviceAugment, Splits, mixup_for
 from .errors import UserError
 from .ingest import RayDataFeed
 from .loaders import EpochSampler, SeededSamples, default_loader_workers, seed_epoch, shard_of, training_loader
+from .mirror import Mirror
 from .model import compile_operations
 from .progress import bar as progress_bar
 from .progress import say
@@ -261,6 +261,9 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
     if rank == 0 and 0 < start_epoch < epochs and job.epoch_lines:  # resumed, or restarted after a lost worker
         say(f"{label}: resuming at epoch {start_epoch + 1}/{epochs} from its last checkpoint")
     writer = SummaryWriter(str(Path(job.out) / "tb")) if rank == 0 else None
+    # rank 0's TensorBoard files, written on its node's disk, which goes with the node (a GPU node the autoscaler
+    # removes when idle, a spot instance taken back): pushed to the run's storage after each epoch
+    curves = Mirror(Path(job.out) / "tb", f"{job.storage.rstrip('/')}/tb") if writer and job.storage else None
     params = list(net.parameters())
     for epoch in range(start_epoch, epochs):
         seed_epoch(seed, epoch, rank)
@@ -305,8 +308,8 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         for name in ("loss", "images_per_s", "input_wait", *scores):
             writer.add_scalar(f"epoch/{name}", metrics[name], (epoch + 1) * steps)
         writer.flush()
-        if job.storage:
-            upload_curves(Path(job.out) / "tb", job.storage)
+        if curves:
+            curves.push()
         line = (f"{label} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.3f}, "
                 f"{metrics['images_per_s']:.0f} images/s, " + line + input_bound(metrics))
         if job.epoch_lines:
@@ -316,18 +319,6 @@ def train_epochs(job: TrainJob, net: nn.Module, model: nn.Module, recipe: Recipe
         recipe.report(net, epoch, metrics)
     if writer:
         writer.close()
-
-
-def upload_curves(tb: Path, storage: str) -> None:
-    """Rank 0's TensorBoard files copied whole to STORAGE/tb after each epoch: they are written on its node's disk,
-    which goes with the node (a GPU node the autoscaler removes when idle, a spot instance taken back)."""
-    if "://" in storage:
-        target, path = pyarrow.fs.FileSystem.from_uri(storage)
-    else:
-        target, path = pyarrow.fs.LocalFileSystem(), storage
-    target.create_dir(f"{path}/tb", recursive=True)
-    pyarrow.fs.copy_files(str(tb), f"{path}/tb", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=target)
 
 
 def input_bound(metrics: dict) -> str:

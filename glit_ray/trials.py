@@ -4,8 +4,8 @@ Each trial trains one architecture with one seed, with retraining's code and rec
 (`glit_ray.retrain.train_loop`: in the trial's own process on one worker, which asks for the
 worker's CPUs and GPU and checkpoints through Tune, under RUN_DIR/WHAT/tune or --storage; on several,
 on its own Ray Train workers, a GPU each on a GPU cluster), resuming its own checkpoints, and hands
-Tune the held-out top-1 of every epoch; the test split is never scored. The trials run side by side as far as the cluster holds them, and the console gets one
-line per finished trial. Killed, the same command resumes: Tune restores its trials
+Tune the held-out top-1 of every epoch; the test split is never scored. The trials run side by
+side as far as the cluster holds them, and the console gets one line per finished trial. Killed, the same command resumes: Tune restores its trials
 (`Tuner.restore`) and each resumes from its last epoch's checkpoint.
 """
 from __future__ import annotations

@@ -233,9 +233,10 @@ def test_the_failure_policy_reaches_ray_trains_controller_without_glit_ray(tmp_p
     """Pickled by value: unpickling it (in Ray Train's controller) imports neither glit_ray nor torch."""
     import ray.cloudpickle
 
-    from glit_ray.failure_policy import failure_policy
+    from glit_ray.failure_policy import BadInputIsNotRetried
 
-    (tmp_path / "policy.pkl").write_bytes(ray.cloudpickle.dumps(failure_policy(ray.train.FailureConfig(max_failures=2))))
+    policy = BadInputIsNotRetried(ray.train.FailureConfig(max_failures=2))
+    (tmp_path / "policy.pkl").write_bytes(ray.cloudpickle.dumps(policy))
     probe = ("import sys, ray.cloudpickle; policy = ray.cloudpickle.loads(open(sys.argv[1], 'rb').read()); "
              "print(type(policy).__name__, policy.failure_config.max_failures, "
              "[m for m in sys.modules if m.split('.')[0] in ('glit_ray', 'torch', 'timm')])")
