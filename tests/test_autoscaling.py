@@ -1,8 +1,10 @@
-"""GPU work on an autoscaling cluster, on one machine: Ray's fake multi-node provider with the GPU worker shape of
-`clusters/kuberay-rayjob.yaml` (its pods' CPUs + 1 fake GPU, from zero) and a head with CPUs of its own, token
-authentication on. A search's requests bring GPU nodes up, every Ray Train worker and evaluator runs on them, the
+"""GPU work on an autoscaling cluster, on one machine: Ray's fake multi-node provider with `clusters/aws.yaml`'s own
+worker node types (their CPUs and GPUs, fewer of each; none up at the start) and a head with CPUs of its own (aws.yaml's
+offers none: here work that asks for no GPU could land on it, so where work runs is a question of what it asks for),
+token authentication on. A search's requests bring GPU nodes up, every Ray Train worker and evaluator runs on them, the
 cluster scales back down, a training that loses a GPU node mid-run ends as an uninterrupted one, and a request no
-node type holds is refused before anything is written.
+node type holds is refused before anything is written. (KubeRay's shapes are planned in test_cluster_files and read
+through a stand-in API server in test_resources.)
 
 Torch sees no CUDA on a fake GPU node, so the work computes on the CPU while Ray accounts a GPU to it: the cluster's
 nodes start with GLIT_RAY_FAKE_GPUS=1, without which a process given a GPU it cannot see refuses to run.
@@ -32,7 +34,7 @@ from glit_ray.results import read_candidates
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY = str(Path(sys.executable).parent / "ray")
 IDLE_TIMEOUT_MIN = 0.1  # an idle fake node goes after 6 s
-# the RayJob's own command trains on 4 workers: they must fit its pods (a GPU and their CPUs each) and finish
+# the RayJob's own command trains on 4 workers: on aws.yaml's node types they fit one 8-GPU node
 GPU_SEARCH = ["--level", "high", "--supernet-epochs", "1", "--supernet-workers", "4", "--population", "4",
               "--generations", "1", "--mutations", "2", "--crossovers", "2", "--topk", "2", "--heldout-images", "64",
               "--actors", "2", "--search-unlearnt"]  # a supernet of one epoch: what is asked of Ray is the point
@@ -45,31 +47,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kuberay_gpu_shape() -> dict:
-    """The RayJob's GPU worker group, as Ray resources."""
-    job = yaml.safe_load((CLUSTERS / "kuberay-rayjob.yaml").read_text())
-    [group] = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    [container] = group["template"]["spec"]["containers"]
-    limits = container["resources"]["limits"]
-    return {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}
+FAKE_MAX_NODES = 2  # of each node type: a fake node is processes on this machine
 
 
-POD = kuberay_gpu_shape()
+def aws_node_types() -> dict:
+    """aws.yaml's worker node types as the fake provider takes them: their resources, at most FAKE_MAX_NODES each."""
+    declared = yaml.safe_load((CLUSTERS / "aws.yaml").read_text())["available_node_types"]
+    return {name: {"resources": {**spec["resources"], "object_store_memory": 200 * 2**20}, "node_config": {},
+                   "min_workers": 0, "max_workers": min(spec["max_workers"], FAKE_MAX_NODES)}
+            for name, spec in declared.items() if spec["max_workers"] > 0}
+
+
+NODE_TYPES = aws_node_types()
+A10G, A100X8 = (NODE_TYPES[name]["resources"] for name in ("gpu_a10g", "gpu_a100x8"))
 
 
 def fake_cluster_config(gcs_address: str) -> dict:
     """A cluster launcher configuration for Ray's fake multi-node provider (Ray's own example file is not in the
-    wheel): a head of HEAD_CPUS CPUs and up to 4 nodes of the KubeRay GPU shape, none at the start."""
+    wheel): a head of HEAD_CPUS CPUs and aws.yaml's worker node types, none up at the start."""
     return {
-        "cluster_name": "glit-fake", "max_workers": 4, "upscaling_speed": 4.0, "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "cluster_name": "glit-fake", "max_workers": FAKE_MAX_NODES * len(NODE_TYPES), "upscaling_speed": 4.0,
+        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0},
-            "gpu": {"resources": {**POD, "object_store_memory": 200 * 2**20}, "node_config": {},
-                    "min_workers": 0, "max_workers": 4},
-        },
+            "ray.head.default": {"resources": {"CPU": HEAD_CPUS}, "node_config": {}, "max_workers": 0}, **NODE_TYPES},
         "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
@@ -131,13 +134,15 @@ def asked(required: dict) -> dict:
 
 
 def test_a_request_no_node_type_holds_is_one_line_before_anything_is_written(autoscaling_cluster, tmp_path):
-    out = tmp_path / "supernet"
+    out, too_many = tmp_path / "supernet", A100X8["GPU"] + 1  # GPUs per worker: more than the largest node has
     run = subprocess.run([sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "1",
-                          "--gpus-per-worker", "2", "--out", str(out)], env=autoscaling_cluster["env"],
+                          "--gpus-per-worker", str(too_many), "--out", str(out)], env=autoscaling_cluster["env"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
-    assert run.stderr.startswith("error: supernet asks for (2 GPU, 1 CPU) per worker, which no node type holds: ")
-    for shape in (f"ray.head.default ({HEAD_CPUS} CPU, 0 GPU)", f"gpu ({POD['CPU']} CPU, 1 GPU)", "(the autoscaler's node types)"):
+    assert run.stderr.startswith(f"error: supernet asks for ({too_many} GPU, 1 CPU) per worker, which no node type "
+                                 "holds: ")
+    for shape in (f"ray.head.default ({HEAD_CPUS} CPU, 0 GPU)", f"gpu_a10g ({A10G['CPU']} CPU, 1 GPU)",
+                  f"gpu_a100x8 ({A100X8['CPU']} CPU, {A100X8['GPU']} GPU)", "(the autoscaler's node types)"):
         assert shape in run.stderr
     assert not out.exists()
 
@@ -157,19 +162,20 @@ def gpu_search(autoscaling_cluster, tmp_path_factory) -> tuple[Path, str]:
 def test_a_search_brings_gpu_nodes_up_from_zero_and_runs_every_worker_and_evaluator_on_them(autoscaling_cluster,
                                                                                           gpu_search):
     out, console = gpu_search
-    # the KubeRay shape holds the 4 workers, a pod each: its CPUs, not the cluster's CPUs divided out
-    pod = f"(1 GPU, {POD['CPU']} CPU)"
-    assert f"supernet: 4 workers x {pod} on gpu" in console
-    assert f"supernet: waiting for the autoscaler to add room for 4 more worker(s) of {pod}, 0 s so far" in console
-    assert "evaluators: 2 actors x (1 GPU, 1 CPU) on gpu" in console
+    # 4 workers fit one 8-GPU node (fewer nodes than 4 one-GPU ones), each with its GPU's share of the node's CPUs
+    share = A100X8["CPU"] // A100X8["GPU"]
+    assert f"supernet: 4 workers x (1 GPU, {share} CPU) on gpu_a100x8" in console
+    assert f"supernet: waiting for the autoscaler to add room for 4 more worker(s) of (1 GPU, {share} CPU), 0 s so far" \
+        in console
+    assert "evaluators: 2 actors x (1 GPU, 1 CPU) on gpu_a100x8" in console
     nodes = gpu_nodes(autoscaling_cluster)
     workers = state(autoscaling_cluster, "actors", "class_name=RayTrainWorker")
-    assert len(workers) == 4 and len({w["node_id"] for w in workers}) == 4  # one per 1-GPU node
+    assert len(workers) == 4 and len({w["node_id"] for w in workers}) == 1  # together on one 8-GPU node
     assert {w["node_id"] for w in workers} <= set(nodes)
     evaluators = state(autoscaling_cluster, "actors", "class_name=Evaluator")
     assert len(evaluators) == 2 and {e["node_id"] for e in evaluators} <= set(nodes)
     # what Ray was asked: the GPUs by name (the head has CPUs to spare: a request without them could run there)
-    assert [asked(w["required_resources"]) for w in workers] == [{"CPU": POD["CPU"], "GPU": 1.0}] * 4
+    assert [asked(w["required_resources"]) for w in workers] == [{"CPU": share, "GPU": 1.0}] * 4
     assert [asked(e["required_resources"]) for e in evaluators] == [{"CPU": 1.0, "GPU": 1.0}] * 2
     rows = read_candidates(out).to_pylist()
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
@@ -181,7 +187,7 @@ def test_the_cluster_scales_back_down_after(autoscaling_cluster, gpu_search):
     while "ALIVE" in (nodes := gpu_nodes(autoscaling_cluster)).values():
         assert time.monotonic() < deadline, "GPU nodes still up a minute after the search"
         time.sleep(2)
-    assert len(nodes) >= 4  # the search's nodes, all gone
+    assert len(nodes) >= 1  # the search's nodes, all gone
 
 
 def kill_node(node_id: str) -> int:
@@ -221,6 +227,8 @@ def test_a_training_that_loses_a_gpu_node_restarts_on_its_own_and_ends_as_an_uni
     finally:
         proc.kill()
     assert proc.returncode == 0, console[-3000:]
+    # one worker goes to the smallest GPU node type, aws.yaml's spot instances
+    assert f"supernet: 1 worker x (1 GPU, {A10G['CPU']} CPU) on gpu_a10g" in console
     assert re.search(r"^supernet: resuming at epoch [2-5]/5 from its last checkpoint$", console, re.M), console[-3000:]
     assert gpu_nodes(autoscaling_cluster)[worker["node_id"]] == "DEAD"
     assert json.loads((out / "run.json").read_text())["settings"] == \
