@@ -36,16 +36,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import publish  # noqa: E402
 
-from glit_ray import audit, ray_workarounds, search, train_supernet  # noqa: E402
-from glit_ray.data import build_splits  # noqa: E402
-from glit_ray.files import read_json, write_json  # noqa: E402
-from glit_ray.progress import console as make_console  # noqa: E402
-from glit_ray.ranking import agreement, defined, kendall, networks  # noqa: E402
-from glit_ray.results import ranked_architectures  # noqa: E402
+from glit_ray import audit  # noqa: E402
+
+from glit_ray.cluster import ray_workarounds  # noqa: E402
+
+from glit_ray import search  # noqa: E402
+
+from glit_ray import train_supernet  # noqa: E402
+from glit_ray.cluster.placement import Placement  # noqa: E402
+from glit_ray.core.files import read_json, write_json  # noqa: E402
+from glit_ray.core.progress import console as make_console  # noqa: E402
 from glit_ray.runs import search_settings  # noqa: E402
-from glit_ray.settings import Placement, from_json  # noqa: E402
-from glit_ray.train_runs import ensure_ray  # noqa: E402
-from glit_ray.trials import Standalone, side_by_side, train_standalone  # noqa: E402
+from glit_ray.runs import from_json  # noqa: E402
+from glit_ray.searching.ranking import agreement, defined, kendall, networks  # noqa: E402
+from glit_ray.searching.results import ranked_architectures  # noqa: E402
+from glit_ray.training.data import build_splits  # noqa: E402
+from glit_ray.training.fit import ensure_ray  # noqa: E402
+from glit_ray.training.trials import Standalone, side_by_side, train_standalone  # noqa: E402
 
 
 @dataclass(frozen=True)

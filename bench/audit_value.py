@@ -24,9 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import publish  # noqa: E402
 
-from glit_ray import audit, search  # noqa: E402
-from glit_ray.files import read_json  # noqa: E402
-from glit_ray.ranking import networks, verdict_lines  # noqa: E402
+from glit_ray import audit  # noqa: E402
+
+from glit_ray import search  # noqa: E402
+from glit_ray.core.files import read_json  # noqa: E402
+from glit_ray.searching.ranking import networks, verdict_lines  # noqa: E402
 
 
 def group_rows(rows: list[dict]) -> list[str]:

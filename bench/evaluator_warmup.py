@@ -1,8 +1,8 @@
 """P7: evaluator warm-up and memory per 1,000 held-out images: the first actor, a second on the node, a restarted one.
 
-The search decodes its scoring sets once (`glit_ray.evaluator.scoring_sets`: Ray tasks decode the
+The search decodes its scoring sets once (`glit_ray.training.imagesets.scoring_sets`: Ray tasks decode the
 calibration sample and the held-out images into uint8 chunks kept in the object store), then
-starts its evaluator actors (`glit_ray.evaluator.Evaluator`, with `evaluator_pool`'s options),
+starts its evaluator actors (`glit_ray.searching.evaluator.Evaluator`, with `evaluator_pool`'s options),
 which load the supernet and map the sets from their node's object store. Timed, wall clock in
 the driver:
 
@@ -11,7 +11,7 @@ the driver:
 - *restarted actor*: an actor's process SIGKILLed with a `score` call in flight, from that call (the
   process's death) until the restarted process answers `stats` (`restarted` True, a new pid).
 
-For scale, the floor any actor pays: a Ray actor that only imports `glit_ray.evaluator` (a new
+For scale, the floor any actor pays: a Ray actor that only imports `glit_ray.searching.evaluator` (a new
 worker process importing torch, timm and the package), timed the same way.
 
 Memory: the object store's bytes in use (the raylet's count) after decoding and after every actor
@@ -60,12 +60,13 @@ import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray
 import torch
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-from glit_ray.data import build_splits
-from glit_ray.evaluator import SCORING_DEFAULTS, Evaluator, scoring_sets
-from glit_ray.resources import ClusterShape, NodeType, evaluators
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import GLiTSupernet, save_supernet
+from glit_ray.cluster.resources import ClusterShape, NodeType, evaluators
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import GLiTSupernet, save_supernet
+from glit_ray.searching.evaluator import Evaluator
 from glit_ray.synthetic import synthetic_image
+from glit_ray.training.data import build_splits
+from glit_ray.training.imagesets import SCORING_DEFAULTS, scoring_sets
 
 from harness import publish, spread
 
@@ -112,7 +113,7 @@ class ImportsOnly:
     """The floor: a new worker process that imports what an evaluator imports, and loads nothing."""
 
     def __init__(self):
-        import glit_ray.evaluator  # noqa: F401  (torch, timm, the package)
+        import glit_ray.searching.evaluator  # noqa: F401  (torch, timm, the package)
 
     def ping(self) -> int:
         return os.getpid()
@@ -237,7 +238,7 @@ def measure(args, splits, supernet_bytes: bytes, space: SearchSpace, heldout_ima
     seconds, pid = until_ready(floor, "ping")
     m["floor"] = {"seconds": seconds, "process": process_note(pid, created)}
     ray.kill(floor)
-    print(f"an actor that only imports glit_ray.evaluator answers in {seconds:.2f} s ({m['floor']['process']})", flush=True)
+    print(f"an actor that only imports glit_ray.searching.evaluator answers in {seconds:.2f} s ({m['floor']['process']})", flush=True)
 
     arch = str(space.sample("high", random.Random(0)))
     ray.get([a.read_images.remote() for a in actors])
@@ -328,7 +329,7 @@ def report(args, data: str, rounds: list[dict]) -> str:
             f"from the call that killed its process (min / median / max {spread(restarts)} s, of which the call took "
             f"{statistics.median(r['failed'] for r in m['restarts']):.2f} s to fail; "
             f"{', '.join(sorted(set(r['process'] for r in m['restarts'])))})"),
-        row("for scale: an actor that only imports `glit_ray.evaluator`", m["floor"]["seconds"], None,
+        row("for scale: an actor that only imports `glit_ray.searching.evaluator`", m["floor"]["seconds"], None,
             f"the floor of any actor ({m['floor']['process']})"),
     ]
     per_thousand = [f"| {label} | {before[k]:.2f} | {whole[k]:.2f} | {slope[k]:.3f} | {slope[k] / slope['first']:.3f} |"

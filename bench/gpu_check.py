@@ -28,22 +28,23 @@ from pathlib import Path
 import ray
 import torch
 
-from glit_ray import ray_workarounds
-from glit_ray.data import build_splits
-from glit_ray.dispatch import Dispatcher
-from glit_ray.evaluator import CALIB_BATCH_SIZE, SCORING_DEFAULTS, evaluator_pool, scoring_sizes
-from glit_ray.resources import evaluators
-from glit_ray.results import read_candidates
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import evaluators
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import load_supernet
 from glit_ray.retrain import build_parser as retrain_parser
 from glit_ray.retrain import retrain, settings_from_args as retrain_settings
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import search, settings_from_args as search_settings
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import load_supernet
+from glit_ray.searching.dispatch import Dispatcher
+from glit_ray.searching.evaluator import evaluator_pool
+from glit_ray.searching.results import read_candidates
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.settings import Placement
 from glit_ray.train_supernet import supernet_run, train_supernet
-from glit_ray.train_runs import ensure_ray
+from glit_ray.training.data import build_splits
+from glit_ray.training.fit import ensure_ray
+from glit_ray.training.imagesets import CALIB_BATCH_SIZE, SCORING_DEFAULTS, scoring_sizes
 
 from harness import machine
 from training_feed import measure as measure_feed

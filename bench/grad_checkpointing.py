@@ -31,11 +31,11 @@ from harness import publish
 STEP = """
 import json, random, resource, sys, time
 import torch
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import GLiTSupernet
+from glit_ray.training.loop import RecipeState, use_fast_gpu_kernels
+from glit_ray.training.recipe import PRESETS
 import glit_ray
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import GLiTSupernet
-from glit_ray.recipe import PRESETS
-from glit_ray.training import RecipeState, use_fast_gpu_kernels
 which, checkpointing, batch, how = sys.argv[1], sys.argv[2] == "on", int(sys.argv[3]), sys.argv[4]
 
 
@@ -44,7 +44,7 @@ def build(dev):
     space = SearchSpace.load("glit_base")
     with dev:  # built where it runs (a fake tensor cannot be moved)
         if which == "retrain":
-            net = glit_ray.GLiT(glit_ray.model.published_arch(space), space, num_classes=1000)
+            net = glit_ray.GLiT(glit_ray.models.glit.published_arch(space), space, num_classes=1000)
             forward = net
         else:
             net = GLiTSupernet(space, "high", num_classes=1000)

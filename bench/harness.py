@@ -16,11 +16,11 @@ from pathlib import Path
 import ray
 import torch
 
-from glit_ray.files import write_atomic
-from glit_ray.results import ResultsCallback, read_candidates
+from glit_ray.core.files import write_atomic
 from glit_ray.search import build_parser, generation_tuner, settings_from_args
-from glit_ray.searcher import EvolutionSearcher
-from glit_ray.training import use_fast_gpu_kernels
+from glit_ray.searching.results import ResultsCallback, read_candidates
+from glit_ray.searching.searcher import EvolutionSearcher
+from glit_ray.training.loop import use_fast_gpu_kernels
 
 SPACE = "glit_tiny"  # 4^12 high-level architectures: breeding never runs out of new children
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

@@ -1,7 +1,7 @@
 """P6: the training input pipeline at 224 px with the DeiT recipe, default settings against the best found.
 
 Both sides are the training DataLoader exactly as a Ray Train worker builds it
-(`glit_ray.loaders.training_loader`: `SeededSamples` + `EpochSampler`, pinned batches on a GPU) over
+(`glit_ray.training.loaders.training_loader`: `SeededSamples` + `EpochSampler`, pinned batches on a GPU) over
 224-px crops of 256-px JPEGs with timm's DeiT training transform (RandAugment rand-m9-mstd0.5-inc1,
 uint8 out; random erasing runs on the device since issue 26). The default is what the training
 entry points give a worker holding all the machine's CPUs: `default_loader_workers(data, cores)`
@@ -29,11 +29,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from glit_ray.data import build_splits
-from glit_ray.errors import UserError
+from glit_ray.core.errors import UserError
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.loaders import default_loader_workers, training_loader
-from glit_ray.training_flags import check_epoch_has_a_step
+from glit_ray.training.data import build_splits
+from glit_ray.training.flags import check_epoch_has_a_step
+from glit_ray.training.loaders import default_loader_workers, training_loader
 
 from harness import device, paired, publish, spread, sync
 

@@ -12,7 +12,7 @@ processes do less work per image, so fewer of them feed a GPU). Bytes per image 
 
 Then the two ingests at the same CPU count (all the machine's cores): a DataLoader with one loader process per core
 (`--ingest loader`, as a Ray Train worker holding them builds it) against Ray Data tasks on a local Ray of as many
-CPUs (`--ingest ray-data`, `glit_ray.ingest.RayDataFeed`), each streaming the same epoch's batches to this process;
+CPUs (`--ingest ray-data`, `glit_ray.training.ingest.RayDataFeed`), each streaming the same epoch's batches to this process;
 images/s and the machine's CPU-seconds per image (every process: Ray's own included), alternating epochs.
 
     python bench/loader_cpu.py [--images 384] [--batch 32] [--repeats 5] [--record]
@@ -32,11 +32,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import Compose
 
-from glit_ray import ray_workarounds
-from glit_ray.data import DeviceAugment, build_splits
-from glit_ray.ingest import RayDataFeed
+from glit_ray.cluster import ray_workarounds
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.loaders import EpochSampler, SeededSamples, seed_all, shard_of, training_loader
+from glit_ray.training.data import DeviceAugment, build_splits
+from glit_ray.training.ingest import RayDataFeed
+from glit_ray.training.loaders import EpochSampler, SeededSamples, seed_all, shard_of, training_loader
 
 from harness import publish, spread
 

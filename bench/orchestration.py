@@ -23,8 +23,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from glit_ray import ray_workarounds
-from glit_ray.space import SearchSpace
+from glit_ray.cluster import ray_workarounds
+from glit_ray.models.space import SearchSpace
 
 from harness import SPACE, publish, run_generations, spread, start_fake_evaluators
 

@@ -1,7 +1,7 @@
 """P8: how stable the ranking of the same candidates is as the calibration sample and held-out set shrink.
 
 A search ranks candidates by held-out top-1 after BatchNorm recalibration on `calib_batches` x 64
-training images, over `heldout_images` held-out images (`glit_ray.evaluator.scoring_sets`). Fewer
+training images, over `heldout_images` held-out images (`glit_ray.training.imagesets.scoring_sets`). Fewer
 images make every score cheaper and every ranking noisier. For each setting a supernet is trained
 briefly (a supernet trained a little already ranks paths), M distinct high-level candidates are
 drawn, and each is scored against a large reference: every training image of the split as
@@ -51,20 +51,20 @@ import torch
 from scipy.stats import kendalltau
 from torch.nn import functional as F
 
-from glit_ray import ray_workarounds
-from glit_ray import pareto
-from glit_ray.arch import Architecture
-from glit_ray.data import build_splits, labels_of, stratified_sample
-from glit_ray.errors import UserError
-from glit_ray.evaluator import CALIB_BATCH_SIZE, EVAL_BATCH_SIZE, SCORING_DEFAULTS, score_on, scoring_sets
-from glit_ray.imagesets import CHUNK, ImageSet, calibration_indices, decode, heldout_indices
-from glit_ray.scoring import recalibrate_bn
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import load_supernet
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.core.errors import UserError
+from glit_ray.models.arch import Architecture
+from glit_ray.models.scoring import recalibrate_bn
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import load_supernet
+from glit_ray.searching import pareto
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.settings import Placement
-from glit_ray.recipe import PRESETS
 from glit_ray.train_supernet import SUPERNET_FILE, supernet_run, train_supernet
+from glit_ray.training.data import build_splits, labels_of, stratified_sample
+from glit_ray.training.imagesets import (CALIB_BATCH_SIZE, CHUNK, EVAL_BATCH_SIZE, SCORING_DEFAULTS, ImageSet,
+                                         calibration_indices, decode, heldout_indices, score_on, scoring_sets)
+from glit_ray.training.recipe import PRESETS
 
 from harness import publish
 

@@ -4,7 +4,7 @@ On two small real folders a user could bring (the shipped digits written as 28-p
 1,150 training images after the held-out fifth, with glit_micro at 28 px in 4-px patches; and the generated 224-px
 folder of the tests, 320 training images, with glit_pico), each recipe trains a high-level supernet and retrains one
 architecture from scratch (30 and 10 epochs, the README's), through the commands' own code (`train_supernet.main`, `retrain.main`):
-the supernet's probes and verdict (`glit_ray.verdict`), the retrained network's held-out and test top-1.
+the supernet's probes and verdict (`glit_ray.training.verdict`), the retrained network's held-out and test top-1.
 
     .venv/bin/python bench/recipe_fit.py [--supernet-epochs 30] [--epochs 10] [--record]
 """
@@ -23,13 +23,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import publish  # noqa: E402
 
-from glit_ray import retrain, train_supernet  # noqa: E402
-from glit_ray.files import read_json  # noqa: E402
-from glit_ray.recipe import PRESETS  # noqa: E402
-from glit_ray.space import SearchSpace  # noqa: E402
-from glit_ray.supernet import load_supernet  # noqa: E402
+from glit_ray import retrain  # noqa: E402
+
+from glit_ray import train_supernet  # noqa: E402
+from glit_ray.core.files import read_json  # noqa: E402
+from glit_ray.models.space import SearchSpace  # noqa: E402
+from glit_ray.models.supernet import load_supernet  # noqa: E402
 from glit_ray.synthetic import write_digits_folder, write_imagefolder  # noqa: E402
-from glit_ray.verdict import of_meta  # noqa: E402
+from glit_ray.training.recipe import PRESETS  # noqa: E402
+from glit_ray.training.verdict import of_meta  # noqa: E402
 
 
 def micro28(folder: Path) -> Path:

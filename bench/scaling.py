@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from glit_ray.results import read_candidates
+from glit_ray.searching.results import read_candidates
 
 from harness import publish, run_generations, spread, start_fake_evaluators
 

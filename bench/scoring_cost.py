@@ -1,6 +1,6 @@
 """P2: scoring one candidate (BatchNorm recalibration + held-out pass) against the bare forward passes.
 
-The scoring side is the search's own evaluator (`glit_ray.evaluator.Evaluator.score`, in this
+The scoring side is the search's own evaluator (`glit_ray.searching.evaluator.Evaluator.score`, in this
 process, one torch thread as each of 2 CPU actors has): reset BatchNorm statistics, recalibrate
 them on the calibration batches in train mode, then top-1/top-5/loss on the held-out batches. The
 bare side runs the same path forward over the same images (calibration and held-out batches, eval
@@ -21,11 +21,12 @@ from pathlib import Path
 import ray
 import torch
 
-from glit_ray.arch import Architecture
-from glit_ray.data import build_splits
-from glit_ray.evaluator import CALIB_BATCH_SIZE, EVAL_BATCH_SIZE, Evaluator, scoring_sets, scoring_sizes
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import GLiTSupernet, save_supernet
+from glit_ray.models.arch import Architecture
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import GLiTSupernet, save_supernet
+from glit_ray.searching.evaluator import Evaluator
+from glit_ray.training.data import build_splits
+from glit_ray.training.imagesets import CALIB_BATCH_SIZE, EVAL_BATCH_SIZE, scoring_sets, scoring_sizes
 
 from harness import device, paired, publish, spread
 

@@ -40,20 +40,19 @@ import ray
 import torch
 from matplotlib.figure import Figure
 
-from glit_ray import ray_workarounds
-from glit_ray.arch import Architecture
-from glit_ray.data import build_splits
-from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
-from glit_ray.imagesets import decode
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.models.arch import Architecture
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import load_supernet
 from glit_ray.report import save
-from glit_ray.results import read_candidates
 from glit_ray.search import build_parser, search, settings_from_args
-from glit_ray.searcher import EvolutionSearcher
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import load_supernet
+from glit_ray.searching.results import read_candidates
+from glit_ray.searching.searcher import EvolutionSearcher
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.settings import Placement
 from glit_ray.train_supernet import supernet_run, train_supernet
+from glit_ray.training.data import build_splits
+from glit_ray.training.imagesets import decode, score_on, scoring_sets, scoring_sizes
 
 from harness import BENCHMARKS, publish
 

@@ -1,6 +1,6 @@
 """P1: a supernet training step on a sampled path against the extracted standalone subnet's step.
 
-Both sides run the real training step (`glit_ray.training.RecipeState.step`: forward, label-smoothed
+Both sides run the real training step (`glit_ray.training.loop.RecipeState.step`: forward, label-smoothed
 loss, backward, gradient clipping, AdamW, schedule; AMP on a GPU) on the same batch: the supernet
 through the sampled path (`net(images, arch)`), and `supernet.extract(arch)`, the standalone GLiT
 holding the same weights. What differs is what weight sharing costs: looking the path's modules up,
@@ -18,10 +18,10 @@ import statistics
 
 import torch
 
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import GLiTSupernet
-from glit_ray.recipe import PRESETS
-from glit_ray.training import RecipeState
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import GLiTSupernet
+from glit_ray.training.loop import RecipeState
+from glit_ray.training.recipe import PRESETS
 
 from harness import paired, publish, spread, training_device
 

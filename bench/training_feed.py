@@ -39,14 +39,14 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import Subset
 
-from glit_ray.data import Splits, build_splits
-from glit_ray.model import compile_operations
-from glit_ray.space import SearchSpace
-from glit_ray.supernet import GLiTSupernet
+from glit_ray.models.glit import compile_operations
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import GLiTSupernet
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.recipe import PRESETS
-from glit_ray.loaders import training_loader
-from glit_ray.training import RecipeState
+from glit_ray.training.data import Splits, build_splits
+from glit_ray.training.loaders import training_loader
+from glit_ray.training.loop import RecipeState
+from glit_ray.training.recipe import PRESETS
 
 from harness import publish, sync, training_device
 

@@ -2,11 +2,11 @@
 
 Importing the package registers the GLiT models with timm.
 """
-from .arch import Architecture, Block
-from .cost import Cost, arch_cost
-from .errors import UserError
-from .export import load_model
-from .model import GLiT
-from .space import SearchSpace
+from glit_ray.core.errors import UserError
+from glit_ray.models.arch import Architecture, Block
+from glit_ray.models.cost import Cost, arch_cost
+from glit_ray.models.export import load_model
+from glit_ray.models.glit import GLiT
+from glit_ray.models.space import SearchSpace
 
 __all__ = ["Architecture", "Block", "Cost", "GLiT", "SearchSpace", "UserError", "arch_cost", "load_model"]

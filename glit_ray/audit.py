@@ -12,7 +12,7 @@ architectures on their own and sets their held-out top-1 beside their supernet t
   convolution), at the level's sizes nearest the winner's FLOPs.
 
 Each is trained `--seeds S` times for `--epochs E` with retraining's recipe as Tune trials
-(`glit_ray.trials`: side by side over the cluster, resumable, the test split never scored), and
+(`glit_ray.training.trials`: side by side over the cluster, resumable, the test split never scored), and
 scored on the run's held-out split. Written into the search's run: RUN_DIR/audit/audit.parquet (one
 row per trained network), audit.json (the verdict, `ranking.audit_verdict`), sample.json (the sample,
 drawn once) and one training directory per trial with its TensorBoard curves.
@@ -28,25 +28,27 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import ranking
-from .arch import Architecture
-from .cli import ArgumentParser, run
-from .constraints import MAX_DRAWS, Limits
-from .cost import arch_cost
-from .data import build_splits
-from .errors import UserError
-from .dispatch import Dispatcher
-from .evaluator import evaluator_pool
-from .files import read_json, write_atomic, write_json
-from .progress import console as make_console
-from . import ray_workarounds
-from .resources import cluster_shape, evaluators
-from .results import ranked_architectures
-from .runs import check_run, open_run, search_settings
-from .settings import AuditRun, Placement, SearchRun
-from .train_runs import ensure_ray
-from .training_flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
-from .trials import METRIC, Standalone, side_by_side, train_standalone
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import cluster_shape, evaluators
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_atomic, write_json
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.arch import Architecture
+from glit_ray.models.constraints import MAX_DRAWS, Limits
+from glit_ray.models.cost import arch_cost
+from glit_ray.runs import check_run, open_run, search_settings
+from glit_ray.searching import ranking
+from glit_ray.searching.dispatch import Dispatcher
+from glit_ray.searching.evaluator import evaluator_pool
+from glit_ray.searching.results import ranked_architectures
+from glit_ray.searching.settings import SearchRun
+from glit_ray.training.data import build_splits
+from glit_ray.training.fit import ensure_ray
+from glit_ray.training.flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
+from glit_ray.training.settings import AuditRun
+from glit_ray.training.trials import METRIC, Standalone, side_by_side, train_standalone
 
 FOLDER, TABLE, RECORD, SAMPLE = "audit", "audit.parquet", "audit.json", "sample.json"
 BASELINES = {"plain-transformer": "global", "convolution": "local"}  # group -> the kind of all its blocks

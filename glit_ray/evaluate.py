@@ -23,20 +23,20 @@ import timm
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .checkpoint import fit_state_dict, read_checkpoint
-from . import ray_workarounds
-from .cli import ArgumentParser, run
-from .data import build_test, view_batches
-from .errors import UserError
-from .export import ARCH, load_model
-from .files import read_json, write_json
-from .model import GLiT
-from .progress import console as make_console
-from .resources import Request, plan, waiting_note
-from .scoring import evaluate
-from .loaders import default_loader_workers
-from .train_runs import ensure_ray
-from .training_flags import add_worker_resources
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.resources import Request, plan, waiting_note
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_json
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.checkpoint import fit_state_dict, read_checkpoint
+from glit_ray.models.export import ARCH, load_model
+from glit_ray.models.glit import GLiT
+from glit_ray.models.scoring import evaluate
+from glit_ray.training.data import build_test, view_batches
+from glit_ray.training.fit import ensure_ray
+from glit_ray.training.flags import add_worker_resources
+from glit_ray.training.loaders import default_loader_workers
 
 PUBLISHED = ("glit_tiny_patch16_224", "glit_small_patch16_224", "glit_base_patch16_224")
 RESULT = "evaluation.json"

@@ -17,15 +17,15 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure draws to files with Agg: no pyplot, no display
 from matplotlib.ticker import MaxNLocator
 
-from . import pareto
-from .arch import Architecture
-from .audit import FOLDER as AUDIT, RECORD as AUDIT_RECORD, TABLE as AUDIT_TABLE, read_table
-from .cli import ArgumentParser, run
-from .errors import UserError
-from .files import read_json, write_atomic
-from .ranking import networks, verdict_lines
-from .results import best_record, read_candidates
-from .runs import RUN_FILE, search_settings
+from glit_ray.audit import FOLDER as AUDIT, RECORD as AUDIT_RECORD, TABLE as AUDIT_TABLE, read_table
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_atomic
+from glit_ray.models.arch import Architecture
+from glit_ray.runs import RUN_FILE, search_settings
+from glit_ray.searching import pareto
+from glit_ray.searching.ranking import networks, verdict_lines
+from glit_ray.searching.results import best_record, read_candidates
 
 TOPK = 10
 

@@ -2,14 +2,14 @@
 
 The search ranks architectures by inherited supernet weights; the paper then trains the winner from
 scratch with the DeiT recipe, and so does this, with the recipe that fits the data set
-(`glit_ray.recipe`; `glit_ray.training`, on Ray Train workers, checkpointed every epoch and
+(`glit_ray.training.recipe`; `glit_ray.training.loop`, on Ray Train workers, checkpointed every epoch and
 resumable, TensorBoard under RUN_DIR/tb). Held-out top-1 is logged every epoch; the test split,
 never seen by the search, is scored once, after the last epoch.
 
 `--from-supernet CKPT` starts from the weights the architecture inherits from a supernet instead
 (their held-out top-1 after BatchNorm recalibration is measured first: a check that inheritance
 works). The result is RUN_DIR/model.safetensors with RUN_DIR/arch.json (`glit_ray.load_model`
-or timm reload it, see `glit_ray.export`) and RUN_DIR/metrics.json.
+or timm reload it, see `glit_ray.models.export`) and RUN_DIR/metrics.json.
 """
 from __future__ import annotations
 
@@ -19,27 +19,29 @@ import ray
 import torch
 from rich.console import Console
 
-from .arch import Architecture
-from . import ray_workarounds
-from .cli import ArgumentParser, run
-from .data import build_splits, eval_batches, located
-from .errors import UserError
-from .evaluator import score_on, scoring_sets, scoring_sizes
-from .export import ARCH, WEIGHTS, export_model, load_model
-from .files import read_json, write_json
-from .model import GLiT
-from .progress import console as make_console
-from .progress import driver_has_terminal
-from .resources import cluster_shape, plan
-from .runs import RUN_FILE, check_run, open_run, read_settings
-from .scoring import evaluate
-from .settings import Placement, RetrainRun, SearchRun
-from .storage import check_reachable
-from .space import SearchSpace
-from .supernet import load_supernet
-from .train_runs import ensure_ray, final_state, fit
-from .training import (RecipeState, TrainJob, prepared, reporting, set_computation, train_epochs, worker_device, worker_loader)
-from .training_flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe, training_recipe)
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import cluster_shape, plan
+from glit_ray.cluster.storage import check_reachable
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_json
+from glit_ray.core.progress import driver_has_terminal
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.arch import Architecture
+from glit_ray.models.export import ARCH, WEIGHTS, export_model, load_model
+from glit_ray.models.glit import GLiT
+from glit_ray.models.space import SearchSpace
+from glit_ray.runs import RUN_FILE, check_run, open_run, read_settings
+from glit_ray.searching.settings import SearchRun
+from glit_ray.training.data import build_splits, located
+from glit_ray.training.fit import ensure_ray, final_state, fit
+from glit_ray.training.flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe,
+                                     training_recipe)
+from glit_ray.training.imagesets import score_on, scoring_sets, scoring_sizes
+from glit_ray.training.loop import TrainJob
+from glit_ray.training.retrain_loop import inherited_model, train_loop
+from glit_ray.training.settings import RetrainRun
 
 METRICS = "metrics.json"
 
@@ -73,57 +75,6 @@ def settings_from_args(args) -> RetrainRun:
     return RetrainRun(space=space, data=data, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
                       recipe=training_recipe(args, data, space), seed=args.seed, arch=arch,
                       from_supernet=str(args.from_supernet.resolve()) if args.from_supernet else None)
-
-
-def inherited_model(settings: RetrainRun, num_classes: int) -> GLiT:
-    """The architecture with the weights it inherits from `settings.from_supernet`."""
-    path = Path(settings.from_supernet)
-    net, _ = load_supernet(path)
-    space, arch = settings.space, Architecture.parse(settings.arch)
-    if net.space != space:
-        raise UserError(f"supernet {path} was trained on space {net.space.name}, not {space.name}; pass the matching --space")
-    if net.num_classes != num_classes:
-        raise UserError(f"supernet {path} has {net.num_classes} classes but {settings.data} has {num_classes}; "
-                        "use a supernet trained on this dataset")
-    if net.level == "low" and arch.distribution != net.distribution:
-        raise UserError(f"supernet {path} holds distribution {net.distribution}, not this architecture's "
-                        f"{arch.distribution}; use the supernet of its high-level search or its own low-level one")
-    net.space.validate(arch, net.level)  # a low-level architecture is not in a high-level supernet
-    return net.extract(arch)
-
-
-def train_loop(config: dict) -> None:
-    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `RetrainRun`), or the Tune trial that trains it
-    alone (`TrainJob.in_trial`)."""
-    ray_workarounds.quiet_train_worker_log()
-    job: TrainJob = config["job"]
-    device = worker_device(job)
-    settings: RetrainRun = job.settings
-    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
-
-    torch.manual_seed(settings.seed)
-    net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.recipe.drop_path)
-    if job.initial_weights is not None:
-        net.load_state_dict(ray.get(job.initial_weights))
-    set_computation(net, job)
-    net.to(device)
-    loader = worker_loader(splits, job, device)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
-                               reporting(job))
-    start_epoch = recipe.resume(net, device)
-    model = prepared(net, job, device)
-
-    def score_heldout(epoch: int) -> tuple[dict, str]:
-        """Held-out top-1/top-5, and the test split's after the last epoch (a shortlist trial never looks at it)."""
-        views = {"heldout": splits.heldout}
-        if epoch == settings.epochs - 1 and job.score_test:
-            views["test"] = splits.test
-        metrics = {f"{name}_{k}": v for name, view in views.items() for k, v in
-                   evaluate(net, None, eval_batches(splits, view, device, workers=job.loader_workers)).items()}
-        line = f"held-out top-1 {metrics['heldout_top1']:.2f}%"
-        return metrics, line + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else "")
-
-    train_epochs(job, net, model, recipe, loader, start_epoch, device, score_heldout)
 
 
 def retrain(settings: RetrainRun, where: Placement, console: Console | None = None) -> dict:

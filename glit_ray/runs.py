@@ -1,23 +1,83 @@
 """Run directories: telling a resumable run from a different one.
 
-Every run directory holds `run.json`, the settings that define the run. Running again into the same
-directory with the same settings resumes it; different settings are refused, so nothing a run
-wrote is ever overwritten by another.
+Every run directory holds `run.json`, the settings that define the run (`SearchRun`, `SupernetRun`, `RetrainRun`,
+`ShortlistRun`, `AuditRun`). Running again into the same directory with the same settings resumes it; different
+settings are refused, so nothing a run wrote is ever overwritten by another. run.json holds `to_json(settings)`;
+`from_json` is the one way back, and refuses a key it does not know.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import asdict, fields
 from typing import Any
 
-from .arch import Architecture
-from .errors import UserError
-from .files import read_json, write_json
-from .progress import console
-from .recipe import Recipe
-from .settings import from_json, kind_of, to_json
-from .space import SearchSpace
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_json
+from glit_ray.core.progress import console
+from glit_ray.models.arch import Architecture
+from glit_ray.models.constraints import Limits
+from glit_ray.models.space import SearchSpace
+from glit_ray.searching.settings import Latency, SearchRun
+from glit_ray.training.recipe import Recipe
+from glit_ray.training.settings import AuditRun, RetrainRun, ShortlistRun, SupernetRun
 
 RUN_FILE = "run.json"
+KINDS = {"search": SearchRun, "supernet": SupernetRun, "retrain": RetrainRun, "shortlist": ShortlistRun,
+         "audit": AuditRun}
+# fields stored in JSON as something else: (to JSON, from JSON)
+_STORED = {
+    "space": (SearchSpace.to_dict, lambda value: SearchSpace.from_dict(value, source="run.json")),
+    "limits": (Limits.as_dict, lambda value: Limits(**value)),
+    "distribution": (list, tuple),
+    "recipe": (asdict, lambda value: Recipe(**value)),
+    "supernet_recipe": (asdict, lambda value: Recipe(**value)),
+    "latency": (lambda latency: {"batch": latency.batch, "max_ms": latency.max_ms}, lambda value: Latency(**value)),
+}
+
+
+def kind_of(settings) -> str:
+    return next(kind for kind, cls in KINDS.items() if type(settings) is cls)
+
+
+def to_json(settings) -> dict[str, Any]:
+    """`settings` as run.json holds them."""
+    stored = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        stored[f.name] = _STORED[f.name][0](value) if f.name in _STORED and value is not None else value
+    return stored
+
+
+# fields added since the release before training recipes (2291a49), with what a run file without them meant
+# (a supernet trained before fair sampling, a search's included, was sampled uniformly)
+ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform"}
+
+
+def from_json(kind: str, stored: dict, source: str = "run.json"):
+    """The settings of a `kind` run from what run.json holds; a key it does not know or lacks is refused in one line.
+
+    A search's run file from before training recipes reads with ADDED's values (its space and data still serve
+    retraining and the shortlist; resuming it is refused as a different run). A training run's from then (an `lr`
+    and no `recipe`) trained with a recipe this version cannot repeat, and is refused."""
+    cls = KINDS[kind]
+    if "recipe" in {f.name for f in fields(cls)} and "lr" in stored and "recipe" not in stored:
+        raise UserError(f"{source}: this {kind} run was written before training recipes (it has 'lr' and no "
+                        "'recipe'), and this glit_ray cannot resume its training as it was; start the run in a new --out")
+    stored = {**{k: v for k, v in ADDED.items() if k in {f.name for f in fields(cls)}}, **stored}
+    names = [f.name for f in fields(cls)]
+    unknown = [key for key in stored if key not in names]
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r} in the {kind} settings (known: {', '.join(names)}); "
+                        "fix it or start the run in a new --out")
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise UserError(f"{source}: the {kind} settings lack {missing[0]!r}; it was written by another glit_ray "
+                        "version or edited; start the run in a new --out")
+    try:
+        return cls(**{name: _STORED[name][1](value) if name in _STORED and value is not None else value
+                      for name, value in stored.items()})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{source}: the {kind} settings do not read ({exc}); start the run in a new --out") from None
 
 
 def check_run(out: Path, settings, resume: bool) -> bool:

@@ -4,7 +4,7 @@ The front door. With no `--supernet` it first trains the level's supernet (RUN_D
 then evolves architectures with `EvolutionSearcher`: one Tune trial per generation, whose
 candidates are scored by `--actors` long-lived evaluator actors holding the supernet. Results go
 to RUN_DIR/candidates/*.parquet (one row per candidate, with lineage), RUN_DIR/best.json and
-RUN_DIR/tb. A supernet whose probes are no better than chance is not searched (`glit_ray.verdict`;
+RUN_DIR/tb. A supernet whose probes are no better than chance is not searched (`glit_ray.training.verdict`;
 `--search-unlearnt` searches it anyway, and best.json says so). `--level low` takes the best G
 distribution of a high-level run (`--distribution RUN_DIR`) and searches the block sizes. Kill it at any point and re-run with `--resume`.
 """
@@ -19,30 +19,34 @@ from ray.tune.logger import JsonLoggerCallback
 from rich.console import Console
 from rich.table import Table
 
-from .cli import ArgumentParser, callers_signal_handlers, run
-from .constraints import Limits, add_flops_convention, count_within
-from .data import build_splits, located
-from .dispatch import ACTOR_LOST, Dispatcher
-from .errors import UserError
-from .evaluator import evaluator_pool, scoring_sizes
-from .mirror import Mirror, MirrorCallback
-from . import ray_workarounds
-from .progress import bar, driver_has_terminal
-from .progress import console as make_console
-from .results import ResultsCallback, best_record, read_candidates, repair_generations
-from .resources import cluster_shape, evaluators, plan, waiting_note
-from .runs import RUN_FILE, check_run, open_run, resolve_distribution
-from .searcher import EvolutionSearcher
-from .space import LEVELS, SearchSpace
-from .supernet import load_supernet
-from .recipe import add_recipe_arguments
-from .settings import Latency, Placement, SearchRun, SupernetRun, default
-from .storage import check_reachable
-from .train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
-from .train_supernet import SAMPLING, supernet_run, train_supernet
-from .train_runs import ensure_ray
-from .training_flags import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest, training_recipe)
-from .verdict import of_meta
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.mirror import Mirror, MirrorCallback
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import cluster_shape, evaluators, plan, waiting_note
+from glit_ray.cluster.storage import check_reachable
+from glit_ray.core.cli import ArgumentParser, callers_signal_handlers, default, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.progress import bar, driver_has_terminal
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.constraints import Limits, add_flops_convention, count_within
+from glit_ray.models.space import LEVELS, SearchSpace
+from glit_ray.models.supernet import load_supernet
+from glit_ray.runs import RUN_FILE, check_run, open_run, resolve_distribution
+from glit_ray.searching.dispatch import ACTOR_LOST, Dispatcher
+from glit_ray.searching.evaluator import evaluator_pool
+from glit_ray.searching.results import ResultsCallback, best_record, read_candidates, repair_generations
+from glit_ray.searching.searcher import EvolutionSearcher
+from glit_ray.searching.settings import Latency, SearchRun
+from glit_ray.train_supernet import SAMPLING, supernet_run, train_supernet
+from glit_ray.train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
+from glit_ray.training.data import build_splits, located
+from glit_ray.training.fit import ensure_ray
+from glit_ray.training.flags import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest,
+                                     training_recipe)
+from glit_ray.training.imagesets import scoring_sizes
+from glit_ray.training.recipe import add_recipe_arguments
+from glit_ray.training.settings import SupernetRun
+from glit_ray.training.verdict import of_meta
 
 COST_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # --pareto-cost -> the Parquet column it reads
 SUPERNET_PREFIX = "supernet-"  # the recipe of the supernet a search trains: --supernet-recipe, --supernet-lr, ...
@@ -145,7 +149,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--supernet-workers", type=int, default=default(SearchRun, "supernet_workers"),
                    help="data-parallel Ray Train workers when training the supernet here (default: %(default)s)")
     p.add_argument("--search-unlearnt", action="store_true",
-                   help="search the supernet even when its probes are no better than chance (glit_ray.verdict); "
+                   help="search the supernet even when its probes are no better than chance (glit_ray.training.verdict); "
                         "the console and best.json say so")
     add_worker_resources(p, who="supernet worker")
     add_training_placement(p)
@@ -211,7 +215,7 @@ def check_supernet(path: Path, space: SearchSpace, level: str, distribution) -> 
 
 
 def learnt_or_refused(supernet: Path, anyway: bool, console: Console) -> dict:
-    """The supernet's verdict (`glit_ray.verdict`) as best.json records it; a supernet that has not learnt, or whose
+    """The supernet's verdict (`glit_ray.training.verdict`) as best.json records it; a supernet that has not learnt, or whose
     file keeps no probes, stops the search (UserError) unless `anyway` (--search-unlearnt), which the console says."""
     _, meta = load_supernet(supernet)
     verdict = of_meta(meta)

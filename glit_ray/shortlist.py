@@ -4,7 +4,7 @@ Supernet accuracy ranks distributions only roughly, so GLiT retrains the top few
 search briefly and keeps the one with the best held-out accuracy; the low-level search then works
 inside it (`python -m glit_ray.search --level low --distribution RUN_DIR` takes the shortlist's
 winner when there is one). Each candidate is one Ray Tune trial that trains it with retraining's
-code and recipe (`glit_ray.trials`: side by side, resumable, the test split never scored).
+code and recipe (`glit_ray.training.trials`: side by side, resumable, the test split never scored).
 `--scheduler asha` lets Tune's ASHA stop the weak ones early. Killed, the command resumes where
 it stopped when run again.
 
@@ -20,19 +20,20 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
 
-from . import ranking
-from .cli import ArgumentParser, run
-from .data import build_splits
-from .errors import UserError
-from .files import read_json, write_json
-from .progress import console as make_console
-from . import ray_workarounds
-from .results import ranked_architectures
-from .runs import check_run, open_run, search_settings
-from .settings import Placement, ShortlistRun
-from .train_runs import ensure_ray
-from .training_flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
-from .trials import METRIC, Standalone, side_by_side, train_standalone
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.files import read_json, write_json
+from glit_ray.core.progress import console as make_console
+from glit_ray.runs import check_run, open_run, search_settings
+from glit_ray.searching import ranking
+from glit_ray.searching.results import ranked_architectures
+from glit_ray.training.data import build_splits
+from glit_ray.training.fit import ensure_ray
+from glit_ray.training.flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
+from glit_ray.training.settings import ShortlistRun
+from glit_ray.training.trials import METRIC, Standalone, side_by_side, train_standalone
 
 RECORD, FOLDER = "shortlist.json", "shortlist"
 

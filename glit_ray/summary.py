@@ -4,7 +4,7 @@ Prints, per space, the skeleton (embedding, depth, heads, image/patch size), how
 each level holds (high: G choices ^ depth; low: options per block ^ depth) and the FLOPs/params
 range at the high level: the figures to pick `--flops-max`/`--params-max` from. FLOPs are in
 `--flops-convention` (default macs: every multiply-accumulate; glit: the GLiT authors' formula,
-the one the paper's limits are in; see `glit_ray.cost`).
+the one the paper's limits are in; see `glit_ray.models.cost`).
 
 `python -m glit_ray.summary --space S --arch ARCH` prints one architecture's parameters and its
 FLOPs in both conventions.
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .arch import Architecture
-from .cli import ArgumentParser, run
-from .cost import CONVENTIONS, arch_cost, cost_range
-from .errors import UserError
-from .progress import console as make_console
-from .space import SearchSpace, builtin_spaces
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.arch import Architecture
+from glit_ray.models.cost import CONVENTIONS, arch_cost, cost_range
+from glit_ray.models.space import SearchSpace, builtin_spaces
 
 CONVENTION_NOTES = {
     "macs": "every multiply-accumulate (torch's flop counter / 2)",

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import ArgumentParser, run
-from .data import load_digits
-from .errors import UserError
-from .progress import bar, driver_has_terminal
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.progress import bar, driver_has_terminal
+from glit_ray.training.data import load_digits
 
 
 # Each class is a hue group and one of these textures (stripe angle in degrees, cycles per image side). A

@@ -1,136 +1,48 @@
 """`python -m glit_ray.train_supernet`: train one level's weight-sharing supernet (SPOS) on Ray Train.
 
 Each step samples one path uniformly (inside `--flops-max/--params-max` when given) and trains only
-it; or, with `--sampling fair` (FairNAS), as many paths as a block has choices, every choice of every
-block in exactly one of them, their gradients summed into one update (each choice trained equally
-often, at that many times a step's compute). The paths are a pure function of the seed and the global step, so every data-parallel worker runs
-the same path without talking to the others (DDP would otherwise average gradients of different
-subnets), and a resumed run replays the same paths. Each epoch checkpoints through Ray Train
+it; or, with `--sampling fair` (FairNAS), as many paths as a block has choices, each choice trained equally
+often (`glit_ray.training.supernet_loop`, the workers' side). Each epoch checkpoints through Ray Train
 (model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
 TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split. The run's last line is the verdict on those probes
-(`glit_ray.verdict`): whether the supernet has learnt, which a search on it requires.
+(`glit_ray.training.verdict`): whether the supernet has learnt, which a search on it requires.
 
-The result is RUN_DIR/supernet.pt, one file `glit_ray.supernet.load_supernet` reads.
+The result is RUN_DIR/supernet.pt, one file `glit_ray.models.supernet.load_supernet` reads.
 """
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from .arch import Architecture
-from . import ray_workarounds
-from .cli import ArgumentParser, run
-from .constraints import Limits, add_flops_convention, sample_within
-from .data import Splits, build_splits, labels_of, located
-from .errors import UserError
-from .progress import console as make_console
-from .progress import driver_has_terminal
-from .resources import cluster_shape, plan
-from .runs import check_run, open_run, resolve_distribution
-from .settings import Placement, SupernetRun
-from .storage import check_reachable
-from .evaluator import score_on, scoring_sets
-from .imagesets import heldout_indices, place
-from .space import LEVELS, SearchSpace
-from .supernet import GLiTSupernet, load_supernet, save_supernet
-from .recipe import PRESETS, Recipe, choose_preset
-from .train_runs import ensure_ray, final_state, fit
-from .training import (RecipeState, TrainJob, prepared, rank_and_world, reporting, set_computation, train_epochs, worker_device, worker_loader)
-from .training_flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe, training_images, training_recipe)
-from .verdict import Verdict, chance_of, of_meta
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import cluster_shape, plan
+from glit_ray.cluster.storage import check_reachable
+from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.errors import UserError
+from glit_ray.core.progress import driver_has_terminal
+from glit_ray.core.progress import console as make_console
+from glit_ray.models.constraints import Limits, add_flops_convention
+from glit_ray.models.space import LEVELS, SearchSpace
+from glit_ray.models.supernet import GLiTSupernet, load_supernet, save_supernet
+from glit_ray.runs import check_run, open_run, resolve_distribution
+from glit_ray.training.data import Splits, build_splits, labels_of, located
+from glit_ray.training.fit import ensure_ray, final_state, fit
+from glit_ray.training.flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe,
+                                     training_images, training_recipe)
+from glit_ray.training.imagesets import heldout_indices
+from glit_ray.training.loop import TrainJob
+from glit_ray.training.recipe import PRESETS, Recipe, choose_preset
+from glit_ray.training.settings import SupernetRun
+from glit_ray.training.supernet_loop import PROBE_IMAGES, SAMPLING, train_loop
+from glit_ray.training.verdict import Verdict, chance_of, of_meta
 
 SUPERNET_FILE = "supernet.pt"
 BATCH_SIZE = 32  # per worker
-CALIB_BATCHES = 4
-PROBE_IMAGES = 2048
-PROBE_SHARE = 0.1  # of the training compute, at most, that the probes take (`probe_every`)
 RECIPE_DEFAULTS = {"drop_path": 0.0}  # SPOS trains its supernet's paths without stochastic depth
-
-
-SAMPLING = ("uniform", "fair")
-
-
-class PathSampler:
-    """The paths of each training step, keyed by step: one uniform over the level (inside the limits), or `fair`:
-    one per choice of the blocks, each block's choices shuffled across them (FairNAS's strict fairness; a block with
-    fewer choices than another fills its extra paths with random ones of its own)."""
-
-    def __init__(self, space: SearchSpace, level: str, distribution, limits: Limits, num_classes: int, seed: int,
-                 sampling: str = "uniform"):
-        self.space, self.level, self.distribution = space, level, distribution
-        self.limits, self.num_classes, self.seed, self.sampling = limits, num_classes, seed, sampling
-
-    def __call__(self, step: int) -> tuple[Architecture, ...]:
-        rng = random.Random(f"{self.seed}:{step}")
-        if self.sampling == "uniform":
-            return (sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution),)
-        choices = self.space.block_choices(self.level, self.distribution)
-        paths = max(map(len, choices))
-        columns = [rng.sample(c, len(c)) + rng.choices(c, k=paths - len(c)) for c in choices]
-        return tuple(Architecture(blocks) for blocks in zip(*columns))
-
-    def probes(self) -> dict[str, Architecture]:
-        """Fixed paths scored every epoch: the smallest and largest (when inside the limits), three random."""
-        choices = self.space.block_choices(self.level, self.distribution)
-        cost = lambda b: self.limits.cost(self.space, Architecture((b,)), self.num_classes).flops  # noqa: E731
-        extremes = {
-            "smallest": Architecture(tuple(min(c, key=cost) for c in choices)),
-            "largest": Architecture(tuple(max(c, key=cost) for c in choices)),
-        }
-        probes = {k: a for k, a in extremes.items() if self.limits.admits(self.limits.cost(self.space, a, self.num_classes))}
-        rng = random.Random(f"{self.seed}:probes")
-        for i in range(3):
-            probes[f"random{i}"] = sample_within(self.space, self.level, rng, self.limits, self.num_classes, self.distribution)
-        return probes
-
-
-def train_loop(config: dict) -> None:
-    """One Ray Train worker of `config["job"]` (a `TrainJob` of a `SupernetRun`)."""
-    ray_workarounds.quiet_train_worker_log()
-    job: TrainJob = config["job"]
-    device = worker_device(job)
-    settings: SupernetRun = job.settings
-    splits = build_splits(settings.data, settings.space.img_size, settings.space.in_chans, settings.recipe)
-    sampler = PathSampler(settings.space, settings.level, settings.distribution, settings.limits, splits.num_classes,
-                          settings.seed, settings.sampling)
-
-    torch.manual_seed(settings.seed)
-    net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes,
-                       drop_path_rate=settings.recipe.drop_path)
-    set_computation(net, job)
-    net.to(device)
-    loader = worker_loader(splits, job, device)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
-                               reporting(job))
-    start_epoch = recipe.resume(net, device)
-    model = prepared(net, job, device, find_unused_parameters=True)
-    probes = probe_sets = None
-    if rank_and_world(job)[0] == 0:
-        probes = sampler.probes()
-        probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
-                                        workers=job.loader_workers), device)
-        every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * settings.batch_size)
-
-    def score_probes(epoch: int) -> tuple[dict, str]:
-        if (epoch + 1) % every and epoch != settings.epochs - 1:
-            return {}, f"probes every {every} epochs"
-        top1 = {f"probe_{name}_top1": score_on(net, arch, probe_sets, device)["top1"] for name, arch in probes.items()}
-        return top1, f"probe top-1 {min(top1.values()):.1f}-{max(top1.values()):.1f}%"
-
-    train_epochs(job, net, model, recipe, loader, start_epoch, device, score_probes, path_at=sampler)
-
-
-def probe_every(probe_images: int, epoch_images: int) -> int:
-    """Epochs between probe rounds (the last epoch always has one): every epoch unless scoring the probes (one
-    forward pass over `probe_images`, calibration and held-out images of every probe) costs more than PROBE_SHARE of
-    an epoch's training on the worker (`epoch_images`, a forward and a backward pass: about three forward passes)."""
-    return max(1, math.ceil(probe_images / (PROBE_SHARE * 3 * epoch_images)))
 
 
 def settings_from_args(args) -> SupernetRun:

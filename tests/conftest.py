@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from glit_ray.space import SearchSpace
+from glit_ray.models.space import SearchSpace
 
 # Ray Train starts a preemption watcher (one more Ray worker process) per run; no test preempts a node
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -58,7 +58,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from glit_ray import ray_workarounds
+    from glit_ray.cluster import ray_workarounds
 
     ray_workarounds.apply()  # what the commands apply before Ray starts, for the runs tests start in this process
 
@@ -119,7 +119,7 @@ def folder224(tmp_path_factory):
 def cli_error(capsys):
     """Run an entry point's `main(argv)` as `python -m` does: it must end in one `error:` line on stderr and exit
     code 2. Returns the line."""
-    from glit_ray.cli import run
+    from glit_ray.core.cli import run
 
     def call(main, argv) -> str:
         with pytest.raises(SystemExit) as exit_info:
@@ -208,7 +208,7 @@ def untrained_supernet(micro, tmp_path_factory):
     search (`pytest tests/test_multinode.py` runs without it)."""
     import torch
 
-    from glit_ray.supernet import GLiTSupernet, save_supernet
+    from glit_ray.models.supernet import GLiTSupernet, save_supernet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("untrained") / "supernet.pt"

@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 
-from glit_ray.arch import Architecture, Block
-from glit_ray.errors import UserError
-from glit_ray.model import GLIT_TINY_ARCH
-from glit_ray.space import SearchSpace
+from glit_ray.core.errors import UserError
+from glit_ray.models.arch import Architecture, Block
+from glit_ray.models.glit import GLIT_TINY_ARCH
+from glit_ray.models.space import SearchSpace
 
 
 def test_string_form_is_compact_and_readable():

@@ -14,20 +14,19 @@ import scipy.stats
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.arch import Architecture
-from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table, settings_from_args,
-                            spread)
-from glit_ray.cli import run
-from glit_ray.cost import arch_cost
-from glit_ray.files import write_json
-from glit_ray.ranking import audit_verdict, verdict_lines
+from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table,
+                            settings_from_args, spread)
+from glit_ray.core.cli import run
+from glit_ray.core.files import write_json
+from glit_ray.models.arch import Architecture
+from glit_ray.models.cost import arch_cost
 from glit_ray.report import report
-from glit_ray.results import ranked_architectures, write_generation
-from glit_ray.runs import RUN_FILE
+from glit_ray.runs import RUN_FILE, to_json
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
-from glit_ray.settings import to_json
-from glit_ray.training import STATE_FILE
+from glit_ray.searching.ranking import audit_verdict, verdict_lines
+from glit_ray.searching.results import ranked_architectures, write_generation
+from glit_ray.training.loop import STATE_FILE
 from test_train_supernet import kill_when
 
 # the search's best and its last, the two baselines: 4 trials of 1 epoch, 2 at a time (the random group is drawn in

@@ -28,8 +28,8 @@ from ray._private.services import get_node_ip_address
 
 import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported)
 
-from glit_ray.resources import FAKE_GPUS_ENV
-from glit_ray.results import read_candidates
+from glit_ray.cluster.resources import FAKE_GPUS_ENV
+from glit_ray.searching.results import read_candidates
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -101,7 +101,7 @@ def autoscaling_cluster(ray_session, tmp_path_factory):
                         # a node killed is known dead within seconds, not after Ray's default of half a minute
                         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
                    check=True, capture_output=True, timeout=120)
-    # its drivers know it as Ray's fake cluster too: all its nodes on this machine, one filesystem (`glit_ray.storage`)
+    # its drivers know it as Ray's fake cluster too: all its nodes on this machine, one filesystem (`glit_ray.cluster.storage`)
     yield {"env": {**env, "RAY_ADDRESS": f"{ip}:{port}", "RAY_FAKE_CLUSTER": "1"},
            "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}"}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

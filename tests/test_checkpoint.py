@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from glit_ray.models.export import export_model
+from glit_ray.models.glit import GLIT_TINY_ARCH
+from glit_ray.models.supernet import GLiTSupernet, load_supernet, save_supernet
 import glit_ray
-from glit_ray.export import export_model
-from glit_ray.model import GLIT_TINY_ARCH
-from glit_ray.supernet import GLiTSupernet, load_supernet, save_supernet
 from test_model import PUBLISHED_TINY
 
 C, H, T, CLASSES = 192, 3, 197, 1000

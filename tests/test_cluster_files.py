@@ -86,7 +86,7 @@ def commented_command(text: str, program: str) -> list[str]:
 
 def test_the_aws_search_command_asks_for_gpus_carries_the_token_and_mirrors_its_run_to_s3(monkeypatch):
     # ImageNet is on the cluster, not here: its training split's size is what choosing the recipe reads of it
-    monkeypatch.setattr("glit_ray.training_flags.training_images", lambda data, space: 1_281_167 - 50_000)
+    monkeypatch.setattr("glit_ray.training.flags.training_images", lambda data, space: 1_281_167 - 50_000)
     header = (CLUSTERS / "aws.yaml").read_text().split("cluster_name:")[0]
     assert "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in header
     args = build_parser().parse_args(commented_command(header, "python -m glit_ray.search"))
@@ -109,7 +109,7 @@ def test_the_readmes_cluster_commands_parse_and_carry_the_token():
 
 
 def test_the_rayjob_runs_the_search_entrypoint_with_valid_arguments(rayjob, monkeypatch):
-    monkeypatch.setattr("glit_ray.training_flags.training_images", lambda data, space: 1_281_167 - 50_000)  # on the cluster
+    monkeypatch.setattr("glit_ray.training.flags.training_images", lambda data, space: 1_281_167 - 50_000)  # on the cluster
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
     command = shlex.split(rayjob["spec"]["entrypoint"])
     assert command[:3] == ["python", "-m", "glit_ray.search"]
@@ -609,11 +609,11 @@ def test_the_readme_reaches_the_rayjobs_dashboard_with_kuberays_service_and_secr
 # --- the commands of the files, planned on the files' own node shapes ---
 
 def test_the_cluster_files_commands_fit_their_own_node_shapes(aws, rayjob, monkeypatch):
-    """What each command the files run asks for (glit_ray.resources, as the commands plan it on a fresh cluster,
+    """What each command the files run asks for (glit_ray.cluster.resources, as the commands plan it on a fresh cluster,
     no GPU up) fits a worker node type of the file it runs on: no request waits for a node that never comes."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-    from glit_ray import resources
+    from glit_ray.cluster import resources
     from glit_ray.train_supernet import build_parser as supernet_parser
 
     monkeypatch.setattr(resources.ray, "cluster_resources", lambda: {})  # nothing up yet

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from glit_ray.constraints import Limits, sample_within
-from glit_ray.cost import Cost, arch_cost, cost_range
-from glit_ray.errors import UserError
+from glit_ray.core.errors import UserError
+from glit_ray.models.constraints import Limits, sample_within
+from glit_ray.models.cost import Cost, arch_cost, cost_range
 
 
 def test_limits_are_closed_bounds_in_millions():

@@ -3,10 +3,10 @@ import random
 import pytest
 import torch
 
-from glit_ray.arch import Architecture, Block
-from glit_ray.cost import Cost, arch_cost, block_cost, cost_range, measure, stem_cost
-from glit_ray.errors import UserError
-from glit_ray.model import GLIT_TINY_ARCH, GLiT
+from glit_ray.core.errors import UserError
+from glit_ray.models.arch import Architecture, Block
+from glit_ray.models.cost import Cost, arch_cost, block_cost, cost_range, measure, stem_cost
+from glit_ray.models.glit import GLIT_TINY_ARCH, GLiT
 
 
 @pytest.mark.parametrize("level", ["high", "low"])

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glit_ray.data import build_splits, load_digits, make_loader, mixup_for
-from glit_ray.recipe import PRESETS
-from glit_ray.errors import UserError
-from glit_ray.loaders import training_loader
+from glit_ray.core.errors import UserError
+from glit_ray.training.data import build_splits, load_digits, make_loader, mixup_for
+from glit_ray.training.loaders import training_loader
+from glit_ray.training.recipe import PRESETS
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
-from glit_ray.cli import run
+from glit_ray.core.cli import run
 from glit_ray.evaluate import main
-from glit_ray.model import GLIT_TINY_ARCH
+from glit_ray.models.glit import GLIT_TINY_ARCH
 from test_checkpoint import deit_checkpoint, their_state
 
 CLASSES = 10  # folder224's

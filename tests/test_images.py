@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from glit_ray.data import DeviceAugment, build_splits, labels_of, normalize, posterize, train_transform
-from glit_ray.errors import UserError
-from glit_ray.evaluator import scoring_sets
-from glit_ray.imagesets import calibration_indices, heldout_indices
+from glit_ray.core.errors import UserError
 from glit_ray.synthetic import write_imagefolder
-from glit_ray.loaders import seed_all, training_loader
+from glit_ray.training.data import DeviceAugment, build_splits, labels_of, normalize, posterize, train_transform
+from glit_ray.training.imagesets import calibration_indices, heldout_indices, scoring_sets
+from glit_ray.training.loaders import seed_all, training_loader
 
 
 def stripe_angle(image: Image.Image) -> float:
@@ -126,7 +125,7 @@ def test_in_memory_digits_go_to_the_store_as_they_are(ray_session, monkeypatch):
     """The digits are tensors already: their chunks are put in the object store from the driver (no decoding task),
     holding what a local decode holds."""
     import ray
-    from glit_ray import imagesets
+    from glit_ray.training import imagesets
 
     monkeypatch.delattr(imagesets, "_decode_chunk")  # a decoding task would fail
     splits = build_splits("digits", 8, 1)
@@ -184,7 +183,7 @@ def test_training_batches_leave_the_loader_as_uint8_and_are_finished_on_the_devi
 
 
 def test_an_unreadable_image_is_named_in_one_line(ray_session, tmp_path, capsys):
-    from glit_ray.cli import run
+    from glit_ray.core.cli import run
     from glit_ray.train_supernet import main
 
     root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=6, val_per_class=2, size=64)
@@ -217,13 +216,13 @@ def test_224px_supernet_and_search_end_to_end(ray_session, folder224, tmp_path, 
     so the search stops in one line and keeps it; the same command with --search-unlearnt then searches it, scoring
     on the fixed sets, and best.json says so; the audit's own evaluator scores its networks as the search did."""
     from glit_ray import search as searching
-    from glit_ray.cli import run as run_command
+    from glit_ray.core.cli import run as run_command
     from glit_ray.audit import supernet_scores
-    from glit_ray.data import build_splits
-    from glit_ray.results import ranked_architectures, read_candidates
+    from glit_ray.training.data import build_splits
+    from glit_ray.searching.results import ranked_architectures, read_candidates
     from glit_ray.runs import search_settings
-    from glit_ray.settings import Placement
-    from glit_ray.supernet import load_supernet
+    from glit_ray.cluster.placement import Placement
+    from glit_ray.models.supernet import load_supernet
 
     data = f"imagefolder:{folder224}"
     run = tmp_path / "search"
@@ -268,8 +267,8 @@ def test_224px_retrain_through_ray_data_exports_a_model(ray_session, folder224, 
     here), and reloads as a 224-px model: compiling leaves the checkpoint's keys as they were."""
     import glit_ray
     from glit_ray import retrain as retraining
-    from glit_ray.settings import Placement
-    from glit_ray.space import SearchSpace
+    from glit_ray.cluster.placement import Placement
+    from glit_ray.models.space import SearchSpace
 
     arch = str(SearchSpace.load("glit_pico").sample("high", random.Random(0)))
     out = tmp_path / "retrain"

@@ -1,7 +1,7 @@
 import pytest
 
-from glit_ray.errors import UserError
-from glit_ray.mirror import Mirror, push_order
+from glit_ray.cluster.mirror import Mirror, push_order
+from glit_ray.core.errors import UserError
 
 
 def tree(folder):

@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
+from glit_ray.models.glit import ConvModule, GLiT
 import glit_ray  # noqa: F401  (registers the GLiT models with timm)
-from glit_ray.model import ConvModule, GLiT
 
 # The reference table of the published GLiT-Tiny: (G, kernel, conv expansion, attention expansion, MLP ratio).
 PUBLISHED_TINY = [
@@ -31,7 +31,7 @@ def test_registration_needs_only_the_package_import_which_imports_no_ray_and_not
     code = ("import socket, sys; socket.socket.connect = None\n"
             "import timm, glit_ray; m = timm.create_model('glit_tiny_patch16_224', num_classes=3)\n"
             "print(type(m).__name__, sorted({name.split('.')[0] for name in sys.modules} & {'ray', 'pyarrow', 'pandas'}))\n"
-            "from glit_ray.data import build_splits; build_splits('digits', 8, 1)\n"
+            "from glit_ray.training.data import build_splits; build_splits('digits', 8, 1)\n"
             "print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["GLiT []", "False"]
@@ -224,7 +224,7 @@ def test_grad_checkpointing_recomputes_and_gives_the_same_gradients():
 
 
 def test_an_exported_model_loads_as_any_timm_model_from_its_folder(micro, tmp_path):
-    from glit_ray.export import export_model
+    from glit_ray.models.export import export_model
 
     model = GLiT("2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4", micro, num_classes=10).eval()
     export_model(model, tmp_path / "run")
@@ -250,7 +250,7 @@ def test_an_extracted_model_exports_and_compiles_to_what_eager_gives(micro):
     inductor's C++ code generation (about a minute on 2 cores) is torch's own."""
     import random
 
-    from glit_ray.supernet import GLiTSupernet
+    from glit_ray.models.supernet import GLiTSupernet
 
     torch.manual_seed(0)
     model = GLiTSupernet(micro, "high", num_classes=10).extract(micro.sample("high", random.Random(3))).eval()

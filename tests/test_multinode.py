@@ -8,13 +8,13 @@ import pytest
 import ray
 import torch
 
-from glit_ray.data import build_splits
-from glit_ray.ingest import RayDataFeed
-from glit_ray.ray_workarounds import HEAD_NODE_RESOURCE
-from glit_ray.results import read_candidates
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.ray_workarounds import HEAD_NODE_RESOURCE
 from glit_ray.search import build_parser, search, settings_from_args
-from glit_ray.settings import Placement
-from glit_ray.loaders import EpochSampler, SeededSamples, shard_of, training_loader
+from glit_ray.searching.results import read_candidates
+from glit_ray.training.data import build_splits
+from glit_ray.training.ingest import RayDataFeed
+from glit_ray.training.loaders import EpochSampler, SeededSamples, shard_of, training_loader
 from test_train_supernet import wait_for
 
 

@@ -1,7 +1,7 @@
 import math
 import random
 
-from glit_ray import pareto
+from glit_ray.searching import pareto
 
 # (name, cost, top-1). Fronts drawn by hand:
 #   rank 0: a (1, 50), b (2, 60), e (4, 70), g (4, 70) -- e and g are equal: neither dominates the other

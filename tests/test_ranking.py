@@ -5,7 +5,7 @@ import random
 import pytest
 import scipy.stats
 
-from glit_ray.ranking import agreement, interval, kendall, precision_at_k
+from glit_ray.searching.ranking import agreement, interval, kendall, precision_at_k
 
 
 def test_the_agreement_matches_a_direct_computation():

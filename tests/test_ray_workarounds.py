@@ -1,4 +1,4 @@
-"""glit_ray's leans on Ray past its public API (`glit_ray.ray_workarounds`), each checked against the Ray installed: a
+"""glit_ray's leans on Ray past its public API (`glit_ray.cluster.ray_workarounds`), each checked against the Ray installed: a
 test here fails when Ray moves or changes what one of them relies on."""
 import inspect
 import os
@@ -15,9 +15,9 @@ import ray._private.worker
 import tomllib
 from packaging.requirements import Requirement
 
-from glit_ray import ray_workarounds
-from glit_ray.ray_workarounds import (AUTOSCALER_MONITOR, ENVIRONMENT_DEFAULTS, RESTART_NOTE, STARTUP_NOTE,
-                                      _our_lines_only, stderr_without)
+from glit_ray.cluster import ray_workarounds
+from glit_ray.cluster.ray_workarounds import (AUTOSCALER_MONITOR, ENVIRONMENT_DEFAULTS, RESTART_NOTE, STARTUP_NOTE,
+                                              _our_lines_only, stderr_without)
 
 RAY = Path(ray.__file__).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_tunes_snapshot_copied_into_the_run_survives_a_kill_midway(tmp_path):
     storage.mkdir()
     (storage / "experiment_state-1.json").write_text('{"trial_data": "old"}')
     os.mkfifo(staging / "experiment_state-1.json")
-    copy = ("import sys, pyarrow.fs; from glit_ray import ray_workarounds; from ray.train._internal import storage; "
+    copy = ("import sys, pyarrow.fs; from glit_ray.cluster import ray_workarounds; from ray.train._internal import storage; "
             "ray_workarounds.apply(); storage._upload_to_fs_path(sys.argv[1], pyarrow.fs.LocalFileSystem(), sys.argv[2])")
     copier = subprocess.Popen([sys.executable, "-c", copy, str(staging), str(storage)])
     deadline = time.monotonic() + 60
@@ -209,8 +209,8 @@ def test_ray_train_builds_its_failure_policy_where_we_put_ours_and_restarts_lost
     from ray.train.v2.api import data_parallel_trainer
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from glit_ray.errors import UserError
-    from glit_ray.failure_policy import MAX_FAILURES, BadInputIsNotRetried
+    from glit_ray.core.errors import UserError
+    from glit_ray.cluster.failure_policy import MAX_FAILURES, BadInputIsNotRetried
 
     source = inspect.getsource(data_parallel_trainer.DataParallelTrainer.fit)
     assert "failure_policy=create_failure_policy(self.run_config.failure_config)" in source
@@ -233,7 +233,7 @@ def test_the_failure_policy_reaches_ray_trains_controller_without_glit_ray(tmp_p
     """Pickled by value: unpickling it (in Ray Train's controller) imports neither glit_ray nor torch."""
     import ray.cloudpickle
 
-    from glit_ray.failure_policy import BadInputIsNotRetried
+    from glit_ray.cluster.failure_policy import BadInputIsNotRetried
 
     policy = BadInputIsNotRetried(ray.train.FailureConfig(max_failures=2))
     (tmp_path / "policy.pkl").write_bytes(ray.cloudpickle.dumps(policy))

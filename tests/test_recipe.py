@@ -7,11 +7,18 @@ import math
 import pytest
 import torch
 
-from glit_ray import retrain, search, shortlist, train_supernet
-from glit_ray.recipe import PRESETS, Recipe, choose_preset, header
-from glit_ray.settings import Placement, to_json
-from glit_ray.supernet import GLiTSupernet, save_supernet
-from glit_ray.verdict import Verdict, chance_of, of_meta
+from glit_ray import retrain
+
+from glit_ray import search
+
+from glit_ray import shortlist
+
+from glit_ray import train_supernet
+from glit_ray.cluster.placement import Placement
+from glit_ray.models.supernet import GLiTSupernet, save_supernet
+from glit_ray.runs import to_json
+from glit_ray.training.recipe import PRESETS, Recipe, choose_preset, header
+from glit_ray.training.verdict import Verdict, chance_of, of_meta
 
 # timm's train.py names for DeiT's recipe, which every training command takes
 TIMM_FLAGS = ["--opt", "--lr", "--lr-base", "--weight-decay", "--sched", "--warmup-epochs", "--warmup-lr", "--min-lr",

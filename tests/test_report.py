@@ -3,9 +3,9 @@ import random
 import matplotlib.image
 import pytest
 
-from glit_ray.cli import run
+from glit_ray.core.cli import run
 from glit_ray.report import main, report
-from glit_ray.results import read_candidates, write_generation
+from glit_ray.searching.results import read_candidates, write_generation
 
 
 def fake_run(run_dir, micro, seed):

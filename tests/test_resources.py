@@ -1,4 +1,4 @@
-"""What work asks of the cluster (`glit_ray.resources.plan`), planned against the node shapes of the cluster files."""
+"""What work asks of the cluster (`glit_ray.cluster.resources.plan`), planned against the node shapes of the cluster files."""
 import http.server
 import importlib
 import json
@@ -20,9 +20,9 @@ import yaml
 from ray.exceptions import AuthenticationError
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
-from glit_ray.errors import UserError
-from glit_ray.resources import (FAKE_GPUS_ENV, ClusterShape, NodeType, capacity, cluster_shape, config_node_types,
-                                placed_device, plan, waiting_note)
+from glit_ray.cluster.resources import (FAKE_GPUS_ENV, ClusterShape, NodeType, capacity, cluster_shape,
+                                        config_node_types, placed_device, plan, waiting_note)
+from glit_ray.core.errors import UserError
 from test_retrain import ARCH as RETRAIN_ARCH
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "clusters"
@@ -72,7 +72,7 @@ def test_on_a_kuberay_head_the_node_types_come_from_the_api_server_as_rays_autos
     server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "namespace").write_text("ml")
-    probe = ("import dataclasses, json, sys; from glit_ray import ray_workarounds, resources; "
+    probe = ("import dataclasses, json, sys; from glit_ray.cluster import ray_workarounds, resources; "
              "ray_workarounds.KUBERNETES_NAMESPACE_FILE = sys.argv[1]; print(json.dumps([dataclasses.asdict(t) for t "
              "in resources.config_node_types(ray_workarounds.kuberay_config(), {})]))")
     pod = {**os.environ, "RAY_CLUSTER_NAME": "glit", "KUBERNETES_SERVICE_HOST": "127.0.0.1",
@@ -206,7 +206,7 @@ def test_a_count_below_one_is_refused():
     (None, "no Ray cluster to join at 10.0.0.1:6379 (Could not find any running Ray instance.)"),
 ])
 def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
-    import glit_ray.train_runs as training
+    import glit_ray.training.fit as training
 
     def init(**kwargs):
         raise ConnectionError("Could not find any running Ray instance.\nmore") from cause
@@ -219,7 +219,7 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(monkeypatch, cause, named):
 
 
 def test_ray_data_ingest_needs_cpus_the_training_workers_do_not_hold():
-    from glit_ray.training_flags import check_ingest
+    from glit_ray.training.flags import check_ingest
 
     machine = one_machine(2)
     check_ingest("ray-data", plan("retrain", 1, cpus=1, shape=machine), machine)  # one CPU left to decode on

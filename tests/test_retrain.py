@@ -9,17 +9,18 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import glit_ray
-from glit_ray.arch import Architecture
-from glit_ray.cli import run
-from glit_ray.data import build_splits, eval_batches
+from glit_ray.cluster.placement import Placement
+from glit_ray.core.cli import run
 from glit_ray.evaluate import main as evaluate_main
-from glit_ray.evaluator import score_on, scoring_sets, scoring_sizes
-from glit_ray.export import export_model
-from glit_ray.retrain import build_parser, inherited_model, main, retrain, settings_from_args
-from glit_ray.scoring import evaluate
-from glit_ray.settings import Placement
-from glit_ray.supernet import load_supernet
+from glit_ray.models.arch import Architecture
+from glit_ray.models.export import export_model
+from glit_ray.models.scoring import evaluate
+from glit_ray.models.supernet import load_supernet
+from glit_ray.retrain import build_parser, main, retrain, settings_from_args
+from glit_ray.training.data import build_splits, eval_batches
+from glit_ray.training.imagesets import score_on, scoring_sets, scoring_sizes
+from glit_ray.training.retrain_loop import inherited_model
+import glit_ray
 from test_train_supernet import kill_when
 
 # in the micro space's high level (sizes at their defaults), so a high-level supernet holds it

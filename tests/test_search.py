@@ -14,19 +14,21 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.arch import Architecture
-from glit_ray.cost import cost_range
-from glit_ray.errors import UserError
-from glit_ray.dispatch import Dispatcher
-from glit_ray.data import build_splits
-from glit_ray.evaluator import Evaluator, evaluator_pool
-from glit_ray.resources import evaluators
-from glit_ray.results import read_candidates
+from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.resources import evaluators
+from glit_ray.core.errors import UserError
+from glit_ray.models.arch import Architecture
+from glit_ray.models.cost import cost_range
+from glit_ray.models.space import SearchSpace
+from glit_ray.models.supernet import load_supernet
+from glit_ray.runs import from_json, to_json
 from glit_ray.search import build_parser, main, search, settings_from_args
-from glit_ray.space import SearchSpace
-from glit_ray.settings import Latency, Placement, from_json, to_json
-from glit_ray.supernet import load_supernet
+from glit_ray.searching.dispatch import Dispatcher
+from glit_ray.searching.evaluator import Evaluator, evaluator_pool
+from glit_ray.searching.results import read_candidates
+from glit_ray.searching.settings import Latency
 from glit_ray.train_supernet import train_supernet
+from glit_ray.training.data import build_splits
 from test_train_supernet import kill_when, ray_workers, signal_handlers, state_of, wait_for
 from test_train_supernet import settings_for as supernet_settings
 
@@ -288,7 +290,7 @@ def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     settings = settings_for("--level", "high", "--supernet", str(untrained_supernet))
-    from glit_ray.files import write_json
+    from glit_ray.core.files import write_json
     write_json(out / "run.json", {"kind": "search", "settings": to_json(settings)})
     (out / "best.json").write_text("{}")
     err = cli_error(main, ["--level", "high", "--supernet", str(untrained_supernet), "--search-unlearnt", "--seed", "3",
@@ -298,7 +300,8 @@ def test_an_out_dir_holding_a_different_run_is_refused(untrained_supernet, tmp_p
 
 
 def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, untrained_supernet):
-    from glit_ray.evaluator import Evaluator, scoring_sets
+    from glit_ray.searching.evaluator import Evaluator
+    from glit_ray.training.imagesets import scoring_sets
 
     arch = "3:v1m4-" * 5 + "3:v1m4"
     sets = scoring_sets(DIGITS, 1, 64)
@@ -314,7 +317,7 @@ def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, un
 
 
 def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, untrained_supernet, tmp_path):
-    from glit_ray import pareto
+    from glit_ray.searching import pareto
 
     out = tmp_path / "pareto"
     best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL,

@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 from ray.tune.search import Searcher
 
-from glit_ray import pareto
-from glit_ray.arch import Architecture
-from glit_ray.constraints import Limits
-from glit_ray.cost import arch_cost
+from glit_ray.models.arch import Architecture
+from glit_ray.models.constraints import Limits
+from glit_ray.models.cost import arch_cost
+from glit_ray.models.space import SearchSpace
 from glit_ray.search import build_parser, settings_from_args
-from glit_ray.searcher import EvolutionSearcher
-from glit_ray.settings import Latency
-from glit_ray.space import SearchSpace
+from glit_ray.searching import pareto
+from glit_ray.searching.searcher import EvolutionSearcher
+from glit_ray.searching.settings import Latency
 
 BUDGET = dict(population=12, generations=4, topk=4, mutations=5, crossovers=5, mutation_prob=0.3, seed=7)
 
@@ -233,7 +233,7 @@ def test_a_searcher_pickled_before_typed_settings_is_refused_in_one_line(micro):
     """Tune's snapshot pickles the searcher whole; one of the previous release held its settings field by field."""
     import pickle
 
-    from glit_ray.errors import UserError
+    from glit_ray.core.errors import UserError
 
     old = EvolutionSearcher.__new__(EvolutionSearcher)
     old.__dict__.update({"space": micro, "level": "high", "distribution": None, "limits": Limits(), "num_classes": 10,

@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from glit_ray import retrain, search, shortlist, train_supernet
-from glit_ray.errors import UserError
-from glit_ray.settings import Latency, Placement, from_json, to_json
+from glit_ray import retrain
+
+from glit_ray import search
+
+from glit_ray import shortlist
+
+from glit_ray import train_supernet
+from glit_ray.cluster.placement import Placement
+from glit_ray.core.errors import UserError
+from glit_ray.runs import from_json, to_json
+from glit_ray.searching.settings import Latency
 from glit_ray.synthetic import write_imagefolder
 
 PREVIOUS = Path(__file__).parent / "data" / "runs-2291a49"  # run.json files the previous release (2291a49) wrote
@@ -114,8 +122,8 @@ def test_a_relative_data_path_is_stored_absolute_for_workers_that_run_elsewhere(
 
 
 def test_a_search_built_in_python_has_the_command_lines_defaults_and_checks(micro):
-    from glit_ray.constraints import Limits
-    from glit_ray.settings import SearchRun
+    from glit_ray.models.constraints import Limits
+    from glit_ray.searching.settings import SearchRun
 
     given = dict(space=micro, level="high", distribution=None, data="digits", supernet=None, limits=Limits(),
                  calib_batches=4, heldout_images=None, supernet_recipe=None)

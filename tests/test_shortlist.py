@@ -9,13 +9,13 @@ import scipy.stats
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.arch import Architecture
-from glit_ray.cli import run
-from glit_ray.results import read_candidates
+from glit_ray.core.cli import run
+from glit_ray.models.arch import Architecture
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
+from glit_ray.searching.results import read_candidates
 from glit_ray.shortlist import main
-from glit_ray.training import STATE_FILE
+from glit_ray.training.loop import STATE_FILE
 from test_audit import trial_checkpoints
 from test_train_supernet import signal_handlers
 
@@ -101,8 +101,8 @@ def test_bad_input_is_one_line(high_run, tmp_path, cli_error):
 
 
 def test_bad_input_ends_a_trial_with_its_line_for_the_command_and_tune_does_not_retry_it(monkeypatch):
-    from glit_ray import trials
-    from glit_ray.errors import UserError
+    from glit_ray.training import trials
+    from glit_ray.core.errors import UserError
 
     def unreadable(config):
         raise UserError("x.jpg is not an image: replace or delete it")

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from glit_ray.errors import UserError
-from glit_ray.model import GLIT_TINY_ARCH
-from glit_ray.space import SearchSpace, builtin_spaces
+from glit_ray.core.errors import UserError
+from glit_ray.models.glit import GLIT_TINY_ARCH
+from glit_ray.models.space import SearchSpace, builtin_spaces
 from glit_ray.summary import main as summary
 
 

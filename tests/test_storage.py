@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from glit_ray import storage
-from glit_ray.errors import UserError
-from glit_ray.resources import ClusterShape, NodeType
-from glit_ray.storage import check_reachable, mount_of, spans_hosts
+from glit_ray.cluster import storage
+from glit_ray.cluster.resources import ClusterShape, NodeType
+from glit_ray.cluster.storage import check_reachable, mount_of, spans_hosts
+from glit_ray.core.errors import UserError
 from test_resources import aws as aws_file
 from test_resources import kuberay as kuberay_file
 from test_resources import one_machine
@@ -76,7 +76,7 @@ def test_one_machine_takes_any_path(mounts, monkeypatch):
     ("train_supernet", "train_supernet", ["--level", "high", "--epochs", "1"], "--storage"),
     ("retrain", "retrain", ["--arch", RETRAIN_ARCH, "--epochs", "1"], "--storage"),
     ("search", "search", ["--level", "high", "--supernet-epochs", "1"], "--mirror"),
-    ("audit", "trials", ["--epochs", "1"], "--storage"),
+    ("audit", "training.trials", ["--epochs", "1"], "--storage"),
 ])
 def test_each_command_refuses_node_local_storage_on_a_cluster_that_spans_hosts_before_writing(
         command, module, argv, flag, mounts, monkeypatch, tmp_path, high_search, cli_error):

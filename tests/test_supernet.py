@@ -10,14 +10,14 @@ from timm.layers import Attention, Mlp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from glit_ray.constraints import Limits
-from glit_ray.cost import arch_cost
-from glit_ray.errors import UserError
-from glit_ray.model import ConvModule, compile_operations
-from glit_ray.supernet import GLiTSupernet
-from glit_ray.recipe import PRESETS
-from glit_ray.train_supernet import PathSampler
-from glit_ray.training import RecipeState
+from glit_ray.core.errors import UserError
+from glit_ray.models.constraints import Limits
+from glit_ray.models.cost import arch_cost
+from glit_ray.models.glit import ConvModule, compile_operations
+from glit_ray.models.supernet import GLiTSupernet
+from glit_ray.training.loop import RecipeState
+from glit_ray.training.recipe import PRESETS
+from glit_ray.training.supernet_loop import PathSampler
 
 DIST = (0, 1, 2, 3, 1, 0)
 

@@ -12,13 +12,16 @@ import ray
 import psutil  # Ray's vendored copy (ray/thirdparty_files, on the path once ray is imported)
 import torch
 
-from glit_ray.constraints import Limits
-from glit_ray.cost import arch_cost
-from glit_ray.settings import Placement, to_json
-from glit_ray.training import input_bound
-import glit_ray.train_runs
-import glit_ray.train_supernet as training_module
-from glit_ray.train_supernet import PathSampler, build_parser, main, probe_every, settings_from_args, train_supernet
+from glit_ray.cluster.placement import Placement
+from glit_ray.models.constraints import Limits
+from glit_ray.models.cost import arch_cost
+from glit_ray.runs import to_json
+from glit_ray.train_supernet import build_parser, main, settings_from_args, train_supernet
+from glit_ray.training.loop import input_bound
+from glit_ray.training.supernet_loop import PathSampler, probe_every
+import glit_ray.train_supernet
+import glit_ray.training.fit
+import glit_ray.training.supernet_loop as supernet_loop
 
 FAST = ["--epochs", "1", "--batch-size", "64"]
 
@@ -79,8 +82,8 @@ def train_loop_on_desynced_paths(config: dict) -> None:
         def __call__(self, step):
             return super().__call__(step + 1000 * rank)
 
-    with mock.patch.object(training_module, "PathSampler", Desynced):
-        training_module.train_loop(config)
+    with mock.patch.object(supernet_loop, "PathSampler", Desynced):
+        supernet_loop.train_loop(config)
 
 
 def test_an_epoch_whose_loader_could_not_keep_up_says_so_in_its_line():
@@ -106,8 +109,8 @@ def test_more_workers_than_the_cluster_holds_at_once_is_one_line_before_anything
 
 
 def test_workers_on_different_paths_are_caught(ray_session, tmp_path, monkeypatch, shipped_by_value):
-    monkeypatch.setattr(training_module, "train_loop", train_loop_on_desynced_paths)
-    monkeypatch.setattr(glit_ray.train_runs, "MAX_FAILURES", 0)  # a bug, which Ray Train would restart 3 times first
+    monkeypatch.setattr(glit_ray.train_supernet, "train_loop", train_loop_on_desynced_paths)
+    monkeypatch.setattr(glit_ray.training.fit, "MAX_FAILURES", 0)  # a bug, which Ray Train would restart 3 times first
     with pytest.raises(ray.train.TrainingFailedError, match="workers trained different paths"):
         train_supernet(settings_for("--level", "high", "--workers", "2", *FAST), Placement(tmp_path / "run"))
 
