@@ -140,7 +140,7 @@ def run_generations(actors: list, per_generation: int, generations: int, out: Pa
         "--level", "high", "--space", SPACE, "--population", str(per_generation), "--generations", str(generations),
         "--topk", str(min(20, per_generation)), "--mutations", str(per_generation // 2),
         "--crossovers", str(per_generation - per_generation // 2)])
-    searcher = EvolutionSearcher(settings_from_args(args), 1000)
+    searcher = EvolutionSearcher(settings_from_args(args).evolution, 1000)
     tuner = generation_tuner(out, searcher, actors, [ResultsCallback(out, "high", 10, generations)], restore=False)
     started = time.perf_counter()
     tuner.fit()

@@ -3,7 +3,7 @@
 Three sides, each through the search's real pipeline (`glit_ray.search.search`: the same supernet,
 evaluators and budget; generation 0 is the same random draw for all):
 - `evolution`: today's breeding, where a child its operator cannot make new is searched for around
-  its parents (`EvolutionSearcher.search_around`) and only an exhausted neighbourhood falls back to
+  its parents (`Brood.search_around`) and only an exhausted neighbourhood falls back to
   a random architecture;
 - `random fill`: the breeding before it, where every such child was a random architecture (the
   same searcher with `search_around` finding nothing);
@@ -48,7 +48,7 @@ from glit_ray.models.supernet import load_supernet
 from glit_ray.report import save
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.searching.results import read_candidates
-from glit_ray.searching.searcher import EvolutionSearcher
+from glit_ray.searching.searcher import Brood
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.train_supernet import supernet_run, train_supernet
 from glit_ray.training.data import build_splits
@@ -90,7 +90,7 @@ def run_side(side: str, argv: list[str], out: Path, resume: bool) -> dict:
     args = build_parser().parse_args([*argv, "--strategy", strategy, "--out", str(out), *(["--resume"] * resume)])
     settings, where = settings_from_args(args), Placement.from_args(args)
     if side == "random fill":
-        with mock.patch.object(EvolutionSearcher, "search_around", lambda *_: False):
+        with mock.patch.object(Brood, "search_around", lambda *_: False):
             return search(settings, where)
     return search(settings, where)
 

@@ -293,7 +293,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     if not settings.supernet:
         about = {"supernet": learnt_or_refused(supernet, search_unlearnt, console)}
 
-    searcher = EvolutionSearcher(settings, splits.num_classes)
+    searcher = EvolutionSearcher(settings.evolution, splits.num_classes)
     with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,
                         settings.latency, limits.convention) as pool, waiting_note(scorers, console.print):
         restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none

@@ -1,6 +1,5 @@
 import random
 import zlib
-from dataclasses import replace
 
 import pytest
 from ray.tune.search import Searcher
@@ -12,7 +11,7 @@ from glit_ray.models.space import SearchSpace
 from glit_ray.search import build_parser, settings_from_args
 from glit_ray.searching import pareto
 from glit_ray.searching.searcher import EvolutionSearcher
-from glit_ray.searching.settings import Latency
+from glit_ray.searching.settings import Evolution, Latency
 
 BUDGET = dict(population=12, generations=4, topk=4, mutations=5, crossovers=5, mutation_prob=0.3, seed=7)
 
@@ -34,9 +33,9 @@ def fake_rows(config, fail=(), top1=fake_top1):
 
 
 def make(space, **overrides):
-    """A searcher over 10 classes with the BUDGET and `overrides` on the search's default settings."""
-    defaults = settings_from_args(build_parser().parse_args(["--level", "high"]))
-    return EvolutionSearcher(replace(defaults, space=space, **{**BUDGET, **overrides}), 10)
+    """A searcher over 10 classes of `space`'s high level: the evolution's defaults, the BUDGET and `overrides`."""
+    return EvolutionSearcher(Evolution(**{"space": space, "level": "high", "distribution": None, "limits": Limits(),
+                                          **BUDGET, **overrides}), 10)
 
 
 def run_to_end(searcher, start=0, top1=fake_top1):
@@ -229,17 +228,20 @@ def test_a_mutation_that_must_change_changes_one_gene_at_least(micro, rng):
     assert micro.mutate(arch, "high", 0.0, rng) == arch
 
 
-def test_a_searcher_pickled_before_typed_settings_is_refused_in_one_line(micro):
-    """Tune's snapshot pickles the searcher whole; one of the previous release held its settings field by field."""
+@pytest.mark.parametrize("earlier", [
+    {"space": "micro", "level": "high", "population": 12, "generations": 4},  # before typed settings: field by field
+    {"settings": "the whole SearchRun"},  # before the searcher took its evolution settings only
+])
+def test_a_searcher_pickled_by_an_earlier_glit_ray_is_refused_in_one_line(micro, earlier):
+    """Tune's snapshot pickles the searcher whole; one of an earlier release held other settings than `evolution`."""
     import pickle
 
     from glit_ray.core.errors import UserError
 
     old = EvolutionSearcher.__new__(EvolutionSearcher)
-    old.__dict__.update({"space": micro, "level": "high", "distribution": None, "limits": Limits(), "num_classes": 10,
-                         "population": 12, "generations": 4, "state": {"generation": 2, "scored": []}})
-    with pytest.raises(UserError, match=r"written by an earlier glit_ray \(before typed settings, 2fa5798\): finish "
-                                        r"it with that version, or start the search again in a new --out"):
+    old.__dict__.update({**earlier, "num_classes": 10, "state": {"generation": 2, "scored": []}})
+    with pytest.raises(UserError, match=r"written by an earlier glit_ray \(before the searcher took its evolution "
+                                        r"settings only\): finish it with that version, or start the search again"):
         pickle.loads(pickle.dumps(old))
     again = pickle.loads(pickle.dumps(make(micro)))  # today's round-trips
-    assert again.settings == make(micro).settings
+    assert again.evolution == make(micro).evolution

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import pickle
 import random
-from typing import TYPE_CHECKING
 
 from ray.tune.search import Searcher
 
 from glit_ray.core.errors import UserError
 from glit_ray.models.arch import Architecture
 from glit_ray.searching import pareto
-
-if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
-    from glit_ray.searching.settings import SearchRun
+from glit_ray.searching.settings import Evolution
 
 TRIES_PER_CHILD = 50
 MIN_FALLBACK_RATE = 0.05  # a fallback mutation's rate when --mutation-prob is 0 (it doubles from there to 1)
@@ -39,11 +36,11 @@ TRIAL_ATTEMPTS = 2  # a generation whose trial errors is run once more, then rec
 
 
 class EvolutionSearcher(Searcher):
-    """The evolution of one search run's `settings` (`settings.SearchRun`) over `num_classes` classes."""
+    """`evolution` (a search run's `SearchRun.evolution`) over `num_classes` classes."""
 
-    def __init__(self, settings: SearchRun, num_classes: int):
+    def __init__(self, evolution: Evolution, num_classes: int):
         super().__init__(metric="top1", mode="max")
-        self.settings, self.num_classes = settings, num_classes
+        self.evolution, self.num_classes = evolution, num_classes
         self.state = {
             "generation": 0,   # the next generation to breed
             "scored": [],      # every finished candidate row, in generation and candidate order
@@ -54,17 +51,18 @@ class EvolutionSearcher(Searcher):
         }
 
     def __setstate__(self, state: dict):
-        """Tune pickles the searcher into its snapshot (`Tuner.restore` unpickles it). One pickled by glit_ray before
-        typed settings (2fa5798) held its settings field by field, and cannot drive this code."""
-        if "settings" not in state:
-            raise UserError("this search's Tune snapshot was written by an earlier glit_ray (before typed settings, "
-                            "2fa5798): finish it with that version, or start the search again in a new --out")
+        """Tune pickles the searcher into its snapshot (`Tuner.restore` unpickles it). One pickled by an earlier
+        glit_ray held the whole run's settings (or, before typed settings, their fields), and cannot drive this code."""
+        if "evolution" not in state:
+            raise UserError("this search's Tune snapshot was written by an earlier glit_ray (before the searcher took "
+                            "its evolution settings only): finish it with that version, or start the search again in a "
+                            "new --out")
         self.__dict__.update(state)
 
     # ---- Tune interface ------------------------------------------------------------------------
     def suggest(self, trial_id: str):
         state = self.state
-        if state["generation"] >= self.settings.generations:
+        if state["generation"] >= self.evolution.generations:
             return Searcher.FINISHED
         generation = state["generation"]
         if any(c["generation"] == generation for c in state["pending"].values()):
@@ -109,74 +107,89 @@ class EvolutionSearcher(Searcher):
     # ---- evolution -------------------------------------------------------------------------------
     def parents(self) -> list[Architecture]:
         """The top-k architectures scored so far (ties broken by the architecture string)."""
-        ok, settings = [r for r in self.state["scored"] if r["status"] == "ok"], self.settings
-        if settings.objective == "pareto":
-            best = pareto.select(ok, settings.topk, settings.pareto_cost)
+        ok, evolution = [r for r in self.state["scored"] if r["status"] == "ok"], self.evolution
+        if evolution.objective == "pareto":
+            best = pareto.select(ok, evolution.topk, evolution.pareto_cost)
         else:
-            best = pareto.best_first(ok, settings.objective)[: settings.topk]
+            best = pareto.best_first(ok, evolution.objective)[: evolution.topk]
         return [Architecture.parse(r["arch"]) for r in best]
 
-    def search_around(self, operator: str, make, admit, rng: random.Random) -> bool:
-        """A child found around the parents `make()` draws when `operator` made nothing new: a mutation that changes
-        at least one gene, of the parent or of the crossover's child, its rate doubled step by step up to 1. False
-        when that neighbourhood is exhausted within the limits."""
-        fallback, rate = ("mutation" if operator == "mutation" else f"{operator}+mutation"), self.settings.mutation_prob
-        space, level = self.settings.space, self.settings.level
+    def breed(self, generation: int) -> dict:
+        """The config of generation `generation`: its candidates with lineage, and draw statistics."""
+        evolution = self.evolution
+        brood = Brood(evolution, self.num_classes, generation, self.state["seen"])
+        parents = self.parents() if generation and evolution.strategy == "evolution" else []
+        wanted = evolution.mutations + evolution.crossovers if generation else evolution.population
+        if parents:
+            for operator, count in (("mutation", evolution.mutations), ("crossover", evolution.crossovers)):
+                for _ in range(count):
+                    brood.child(operator, parents)
+        # generation 0, the random baseline, and children whose parents' neighbourhood is exhausted: random draws
+        for _ in range(wanted - len(brood.candidates)):
+            brood.random_child()
+        return {"generation": generation, "candidates": brood.candidates, "draws": brood.draws,
+                "missing": wanted - len(brood.candidates)}
+
+
+class Brood:
+    """One generation being bred: its random draws (`Random(seed:generation)`), the candidates admitted so far with
+    their lineage, and how many draws met the limits."""
+
+    def __init__(self, evolution: Evolution, num_classes: int, generation: int, seen: set[str]):
+        self.evolution, self.num_classes, self.generation, self.seen = evolution, num_classes, generation, seen
+        self.rng = random.Random(f"{evolution.seed}:{generation}")
+        self.candidates, self.draws = [], {"total": 0, "met": 0}
+
+    def admit(self, arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
+        """Take `arch` as a candidate if it is inside the limits and never suggested before."""
+        evolution, self.draws["total"] = self.evolution, self.draws["total"] + 1
+        if not evolution.limits.admits(evolution.limits.cost(evolution.space, arch, self.num_classes)):
+            return False
+        self.draws["met"] += 1
+        if str(arch) in self.seen:
+            return False
+        self.seen.add(str(arch))
+        self.candidates.append({"arch": str(arch), "generation": self.generation, "operator": operator,
+                                "parents": [str(p) for p in parents]})
+        return True
+
+    def made(self, operator: str, parents: list[Architecture]) -> tuple[Architecture, list[Architecture], Architecture]:
+        """One draw of `operator` from `parents`: (its child, the parents it used, the architecture a fallback mutation
+        starts from: the parent, or the crossover's child)."""
+        evolution, rng = self.evolution, self.rng
+        if operator == "mutation":
+            parent = rng.choice(parents)
+            return evolution.space.mutate(parent, evolution.level, evolution.mutation_prob, rng), [parent], parent
+        pair = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
+        crossed = evolution.space.crossover(pair[0], pair[1], rng)
+        return crossed, pair, crossed
+
+    def child(self, operator: str, parents: list[Architecture]) -> bool:
+        """One new child of `operator`, else one found around its parents (`search_around`); False when their
+        neighbourhood is exhausted."""
+        for _ in range(TRIES_PER_CHILD):
+            arch, used, _ = self.made(operator, parents)
+            if self.admit(arch, operator, used):
+                return True
+        return self.search_around(operator, parents)
+
+    def search_around(self, operator: str, parents: list[Architecture]) -> bool:
+        """A child found around the parents when `operator` made nothing new: a mutation that changes at least one
+        gene, of the parent or of the crossover's child, its rate doubled step by step up to 1. False when that
+        neighbourhood is exhausted within the limits."""
+        fallback = "mutation" if operator == "mutation" else f"{operator}+mutation"
+        evolution, rate = self.evolution, self.evolution.mutation_prob
         while True:
             for _ in range(TRIES_PER_CHILD):
-                _, parents, base = make()
-                if admit(space.mutate(base, level, rate, rng, changed=True), fallback, parents):
+                _, used, base = self.made(operator, parents)
+                if self.admit(evolution.space.mutate(base, evolution.level, rate, self.rng, changed=True), fallback, used):
                     return True
             if rate >= 1:
                 return False
             rate = min(1.0, max(2 * rate, MIN_FALLBACK_RATE))
 
-    def breed(self, generation: int) -> dict:
-        """The config of generation `generation`: its candidates with lineage, and draw statistics."""
-        settings, seen = self.settings, self.state["seen"]
-        space, level, limits = settings.space, settings.level, settings.limits
-        rng = random.Random(f"{settings.seed}:{generation}")
-        candidates, draws = [], {"total": 0, "met": 0}
-
-        def admit(arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
-            draws["total"] += 1
-            if not limits.admits(limits.cost(space, arch, self.num_classes)):
-                return False
-            draws["met"] += 1
-            if str(arch) in seen:
-                return False
-            seen.add(str(arch))
-            candidates.append({"arch": str(arch), "generation": generation, "operator": operator,
-                               "parents": [str(p) for p in parents]})
-            return True
-
-        def child(operator: str, make) -> bool:
-            """One new child of `operator`, else one found around its parents (`search_around`); False when their
-            neighbourhood is exhausted. `make()` gives (the operator's child, its parents, the architecture a
-            fallback mutation starts from: the parent, or the crossover's child)."""
-            for _ in range(TRIES_PER_CHILD):
-                arch, parents, _ = make()
-                if admit(arch, operator, parents):
-                    return True
-            return self.search_around(operator, make, admit, rng)
-
-        parents = self.parents() if generation and settings.strategy == "evolution" else []
-        wanted = settings.mutations + settings.crossovers if generation else settings.population
-        if parents:
-            def mutate():
-                parent = rng.choice(parents)
-                return space.mutate(parent, level, settings.mutation_prob, rng), [parent], parent
-
-            def cross():
-                pair = rng.sample(parents, 2) if len(parents) > 1 else parents * 2
-                crossed = space.crossover(pair[0], pair[1], rng)
-                return crossed, pair, crossed
-
-            for operator, count, make in (("mutation", settings.mutations, mutate),
-                                          ("crossover", settings.crossovers, cross)):
-                for _ in range(count):
-                    child(operator, make)
-        # generation 0, the random baseline, and children whose parents' neighbourhood is exhausted: random draws
-        for _ in range(wanted - len(candidates)):
-            any(admit(space.sample(level, rng, settings.distribution), "random", []) for _ in range(TRIES_PER_CHILD))
-        return {"generation": generation, "candidates": candidates, "draws": draws, "missing": wanted - len(candidates)}
+    def random_child(self) -> bool:
+        """A random architecture of the level inside the limits, in at most TRIES_PER_CHILD draws."""
+        evolution = self.evolution
+        return any(self.admit(evolution.space.sample(evolution.level, self.rng, evolution.distribution), "random", [])
+                   for _ in range(TRIES_PER_CHILD))

@@ -1,10 +1,11 @@
-"""What defines a search run: one level's evolution, the supernet it trains when given none, how candidates are
-scored and limited. A frozen dataclass with its defaults and checks on it, as Ray's `ScalingConfig`: the command
-line reads its defaults here, and a search that cannot run as given is refused when it is built.
+"""What defines a search run: one level's evolution (`Evolution`, all the searcher is given), the supernet it trains
+when given none, how candidates are scored and limited. Frozen dataclasses with their defaults and checks on them,
+as Ray's `ScalingConfig`: the command line reads its defaults here, and a search that cannot run as given is refused
+when it is built.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
@@ -27,6 +28,42 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class Evolution:
+    """SPOS's evolution over one level of `space` (`glit_ray.searching.searcher`): generation 0 is `population`
+    architectures inside `limits`, every later one breeds `mutations` + `crossovers` children of the `topk` best so
+    far by `objective`, drawn from `seed`; `strategy="random"` draws every generation at random (the baseline)."""
+    space: SearchSpace
+    level: str
+    distribution: tuple[int, ...] | None  # the low level's global heads per block; None at the high level
+    limits: Limits
+    population: int = 50
+    generations: int = 20
+    topk: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    strategy: str = "evolution"  # "evolution" | "random" (the baseline: random architectures, the same budget)
+    objective: str = "loss"  # "loss" | "top1" | "pareto"
+    pareto_cost: str = "flops"  # the candidates' column the Pareto front's cost axis reads
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("population", "generations", "topk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if self.topk > self.population:
+            raise UserError(f"--topk {self.topk} is more than the --population {self.population} that generation 0 "
+                            "scores and the first parents come from; lower --topk or raise --population")
+        if self.mutations < 0 or self.crossovers < 0:
+            raise UserError("--mutations and --crossovers count children: give 0 or more")
+        if self.strategy == "evolution" and self.generations > 1 and self.mutations + self.crossovers == 0:
+            raise UserError("--mutations 0 and --crossovers 0 breed no child after generation 0; give either, "
+                            "or --generations 1")
+        if not 0 <= self.mutation_prob <= 1:
+            raise UserError(f"--mutation-prob {self.mutation_prob} is not a probability; give a value in 0..1")
+
+
+@dataclass(frozen=True)
 class SearchRun:
     """One level's evolutionary search (and the supernet it trains when it is given none). Its defaults are the
     command line's (`search.build_parser` reads them from here); a search that cannot run as given is refused when
@@ -40,19 +77,19 @@ class SearchRun:
     calib_batches: int  # the scoring sets' sizes: per data set by default (`evaluator.scoring_sizes`)
     heldout_images: int | None
     supernet_recipe: Recipe | None  # the recipe of the supernet the search trains (None: it is given one)
-    population: int = 50
-    generations: int = 20
-    topk: int = 10
-    mutations: int = 25
-    crossovers: int = 25
-    mutation_prob: float = 0.1
-    strategy: str = "evolution"  # "evolution" | "random" (the baseline: random architectures, the same budget)
-    objective: str = "loss"  # "loss" | "top1" | "pareto"
-    pareto_cost: str = "flops"  # the candidates' column the Pareto front's cost axis reads
+    population: int = Evolution.population
+    generations: int = Evolution.generations
+    topk: int = Evolution.topk
+    mutations: int = Evolution.mutations
+    crossovers: int = Evolution.crossovers
+    mutation_prob: float = Evolution.mutation_prob
+    strategy: str = Evolution.strategy
+    objective: str = Evolution.objective
+    pareto_cost: str = Evolution.pareto_cost
     latency: Latency | None = None
     supernet_epochs: int = 30
     supernet_workers: int = 1
-    seed: int = 0
+    seed: int = Evolution.seed
     supernet_sampling: str = "uniform"  # the paths of its supernet's steps (`SupernetRun.sampling`)
 
     def __post_init__(self):
@@ -62,17 +99,12 @@ class SearchRun:
             raise UserError("--level low needs --distribution RUN_DIR (a high-level search run) or an ARCH_STRING"
                             if self.level == "low" else
                             "--distribution applies to --level low only; drop it for the high level")
-        for name in ("population", "generations", "topk", "calib_batches", "heldout_images", "supernet_epochs",
-                     "supernet_workers"):
+        for name in ("calib_batches", "heldout_images", "supernet_epochs", "supernet_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.topk > self.population:
-            raise UserError(f"--topk {self.topk} is more than the --population {self.population} that generation 0 "
-                            "scores and the first parents come from; lower --topk or raise --population")
-        if self.mutations < 0 or self.crossovers < 0:
-            raise UserError("--mutations and --crossovers count children: give 0 or more")
-        if self.strategy == "evolution" and self.generations > 1 and self.mutations + self.crossovers == 0:
-            raise UserError("--mutations 0 and --crossovers 0 breed no child after generation 0; give either, "
-                            "or --generations 1")
-        if not 0 <= self.mutation_prob <= 1:
-            raise UserError(f"--mutation-prob {self.mutation_prob} is not a probability; give a value in 0..1")
+        self.evolution  # noqa: B018  (its own checks)
+
+    @property
+    def evolution(self) -> Evolution:
+        """What the searcher evolves: this run's evolution settings, nothing else of it."""
+        return Evolution(**{f.name: getattr(self, f.name) for f in fields(Evolution)})
