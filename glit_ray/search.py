@@ -92,7 +92,12 @@ def generation_tuner(out: Path, searcher: EvolutionSearcher, evaluators: list, c
     trainable = tune.with_resources(tune.with_parameters(GenerationTrial, actors=evaluators, progress=driver_has_terminal()),
                                     {"cpu": 0, ray_workarounds.HEAD_NODE_RESOURCE: 0.001})
     if restore:
-        return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            return tune.Tuner.restore(str(out / "tune"), trainable, resume_unfinished=True, resume_errored=True)
+        except (ModuleNotFoundError, AttributeError) as exc:  # it pickles our classes by their module paths
+            raise UserError(f"{out / 'tune'}: Tune's snapshot names code this glit_ray does not have ({exc}): it was "
+                            "written by another version; finish the search with that version, or start it again in a "
+                            "new --out") from None
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=1,

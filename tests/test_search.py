@@ -355,6 +355,21 @@ def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_ses
     assert best["arch"] == min(rows, key=lambda r: (r["loss"], -r["top1"], r["arch"]))["arch"]  # the lowest held-out loss
 
 
+def test_a_tune_snapshot_naming_code_this_version_lacks_is_one_line(ray_session, high_search, tmp_path):
+    """Tune pickles our classes by module path: a snapshot written by a version whose modules were elsewhere (before
+    the subpackages, glit_ray.searcher) cannot resume here, and says so instead of a traceback."""
+    finished, argv = high_search
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    tuner = out / "tune" / "tuner.pkl"
+    pickled = tuner.read_bytes()
+    assert b"glit_ray.searching.searcher" in pickled
+    tuner.write_bytes(pickled.replace(b"glit_ray.searching.searcher", b"glit_ray.searching.searchex"))  # same length
+    with pytest.raises(UserError, match=r"tune: Tune's snapshot names code this glit_ray does not have \(No module "
+                                        r"named 'glit_ray.searching.searchex'\): it was written by another version"):
+        search(settings_for(*argv), Placement(out, resume=True))
+
+
 def test_limits_in_the_authors_flops_convention_are_recorded_with_the_run():
     settings = settings_for("--level", "high", "--flops-convention", "glit", "--flops-max", "30")
     assert to_json(settings)["limits"] == {"flops_min": None, "flops_max": 30.0, "params_min": None, "params_max": None,
