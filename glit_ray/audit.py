@@ -158,7 +158,7 @@ def supernet_scores(search: SearchRun, supernet: Path, splits, archs: list[str],
     held = [a for a in archs if search.level == "high" or Architecture.parse(a).distribution == search.distribution]
     if not held:
         return {}
-    scorer = evaluators(1, where.gpus_per_actor, 0, cluster_shape())
+    scorer = evaluators(1, where.actors.gpus, 0, cluster_shape())
     with evaluator_pool(supernet.read_bytes(), splits, search.calib_batches, search.heldout_images, scorer,
                         flops_convention=search.limits.convention) as pool:
         scores = Dispatcher(pool).score(held)

@@ -93,8 +93,8 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
         return read_json(out / METRICS)
     ensure_ray(where.address)
     shape = cluster_shape()
-    request = plan("retrain", settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape)  # or fits no node
-    check_ingest(where.ingest, request, shape)
+    request = plan("retrain", settings.workers, where.workers.gpus, where.workers.cpus, shape=shape)  # or fits no node
+    check_ingest(where.workers.ingest, request, shape)
     check_reachable(where.storage or out, "--storage", shape)
     resumed = open_run(out, settings, where.resume)
 

@@ -245,8 +245,8 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     says so. It is not one of the run's settings: a search refused for its supernet resumes with it, the trained
     supernet kept.
 
-    `where.actors` and `where.gpus_per_actor` are the evaluators', `where.gpus_per_worker` and `cpus_per_worker`
-    those of the supernet's Ray Train workers when the search trains it (`resources.plan`).
+    `where.actors` asks for the evaluators, `where.workers` for the supernet's Ray Train workers when the search
+    trains it (`resources.plan`).
 
     With `where.mirror` (a storage URI), the run directory is pushed there after every generation, and
     the supernet's Ray Train checkpoints go there directly; resuming without a local copy (a new
@@ -275,14 +275,14 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
         about = {"supernet": learnt_or_refused(Path(settings.supernet), search_unlearnt, console)}
     ensure_ray(where.address)  # what the cluster can hold is known before anything is written
     shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
-    trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.gpus_per_worker,
-                                                   where.cpus_per_worker, shape=shape)
+    trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.workers.gpus,
+                                                   where.workers.cpus, shape=shape)
     if trainers:
-        check_ingest(where.ingest, trainers, shape)
+        check_ingest(where.workers.ingest, trainers, shape)
         check_reachable(f"{where.mirror.rstrip('/')}/supernet" if where.mirror else out / "supernet", "--mirror", shape)
     if where.mirror:
         check_reachable(where.mirror, "--mirror", shape)  # what outlives the head node
-    scorers = evaluators(where.actors, where.gpus_per_actor, trainers.count * trainers.gpus if trainers else 0, shape)
+    scorers = evaluators(where.actors.count, where.actors.gpus, trainers.count * trainers.gpus if trainers else 0, shape)
     if pulling:
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, where.resume)
@@ -290,7 +290,7 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     supernet = Path(settings.supernet) if settings.supernet else train_supernet(
         supernet_settings(settings),
         replace(where, out=out / "supernet", resume=(out / "supernet" / RUN_FILE).exists(),
-                gpus_per_worker=trainers.gpus, cpus_per_worker=trainers.cpus,
+                workers=replace(where.workers, gpus=trainers.gpus, cpus=trainers.cpus),
                 storage=f"{mirror.uri.rstrip('/')}/supernet" if mirror else None),
         console=console, splits=splits)
     if mirror:

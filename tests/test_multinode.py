@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.placement import Actors, Placement
 from glit_ray.cluster.ray_workarounds import HEAD_NODE_RESOURCE
 from glit_ray.search import build_parser, search, settings_from_args
 from glit_ray.searching.results import read_candidates
@@ -75,7 +75,7 @@ def test_candidates_fan_out_over_the_nodes_and_a_node_removed_mid_search_loses_n
     settings = settings_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path)]))
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(  # an untrained supernet: what is scored where is the point
-        best=search(settings, Placement(tmp_path, actors=4), search_unlearnt=True)))
+        best=search(settings, Placement(tmp_path, actors=Actors(count=4)), search_unlearnt=True)))
     thread.start()
     generation0 = tmp_path / "candidates" / "gen-0000.parquet"
     assert wait_for(generation0.exists, 180), "no generation 0 within 180 s"

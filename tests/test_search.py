@@ -14,7 +14,7 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.placement import Actors, Placement
 from glit_ray.cluster.resources import evaluators
 from glit_ray.core.errors import UserError
 from glit_ray.models.arch import Architecture
@@ -81,7 +81,7 @@ def test_high_then_low_end_to_end(ray_session, high_search, micro, tmp_path):
     settings = settings_for("--level", "low", "--distribution", str(high), *SMALL, "--supernet-workers", "2",
                             "--flops-max", str(flops_max))
     handlers = signal_handlers()
-    best_low = search(settings, Placement(low, mirror=bucket.as_uri(), actors=1), search_unlearnt=True)  # 2 epochs
+    best_low = search(settings, Placement(low, mirror=bucket.as_uri(), actors=Actors(count=1)), search_unlearnt=True)  # 2 epochs
     # Ray Train's and Tune's Ctrl-C handlers are gone with their runs (Train's holds the run's controller: so is it)
     assert signal_handlers() == handlers
     assert wait_for(lambda: not ray_workers(ray.get_runtime_context().gcs_address, ("ray::TrainController",)), 30), \
@@ -222,7 +222,7 @@ def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_u
         path.write_bytes(b"not a checkpoint")
     run_files = {path: path.read_bytes() for path in (out / "run.json", out / "supernet" / "run.json")}
     with pytest.raises(UserError, match=r"checkpoint .* is corrupt \(.*\); start the run again with a new --out"):
-        search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))
+        search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=Actors(count=1)))
     assert {path: path.read_bytes() for path in run_files} == run_files and not (out / "supernet" / "supernet.pt").exists()
     for path, data in states.items():
         path.write_bytes(data)
@@ -234,7 +234,7 @@ def test_a_search_killed_while_training_then_with_its_head_node_resumes_to_the_u
         pq.read_table(f)  # whatever the mirror got is a whole file
     shutil.rmtree(tmp_path / "head")
 
-    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=1))  # on a new head
+    search(settings_for(*argv), Placement(out, resume=True, mirror=bucket.as_uri(), actors=Actors(count=1)))  # on a new head
     weights, uninterrupted = state_of(out / "supernet" / "supernet.pt"), state_of(micro_supernet)
     assert weights.keys() == uninterrupted.keys()
     for key in uninterrupted:

@@ -13,7 +13,7 @@ from glit_ray import search
 from glit_ray import shortlist
 
 from glit_ray import train_supernet
-from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.placement import Actors, Placement, Workers
 from glit_ray.core.errors import UserError
 from glit_ray.runs import from_json, to_json
 from glit_ray.searching.settings import Latency
@@ -101,9 +101,10 @@ def test_placement_is_what_the_command_line_says_of_where_and_how(tmp_path):
     args = search.build_parser().parse_args(["--level", "high", "--actors", "3", "--gpus-per-worker", "1",
                                              "--mirror", "s3://bucket/run"])
     where = Placement.from_args(args, out=tmp_path / "default")
-    assert where == Placement(tmp_path / "default", actors=3, gpus_per_worker=1.0, mirror="s3://bucket/run")
+    assert where == Placement(tmp_path / "default", mirror="s3://bucket/run", workers=Workers(gpus=1.0),
+                              actors=Actors(count=3))
     args = retrain.build_parser().parse_args(["--arch", ARCH, "--out", "rel", "--resume", "--loader-workers", "0"])
-    assert Placement.from_args(args) == Placement(Path("rel").resolve(), resume=True, loader_workers=0)
+    assert Placement.from_args(args) == Placement(Path("rel").resolve(), resume=True, workers=Workers(loader_workers=0))
     args = shortlist.build_parser().parse_args([str(tmp_path), "--storage", "s3://b/p"])
     assert Placement.from_args(args, out=args.run_dir) == Placement(tmp_path, storage="s3://b/p")
 

@@ -84,7 +84,7 @@ def fit(train_loop, job: TrainJob, request: Request, storage: str | None = None,
     (`failure_policy`).
     `callbacks`: Ray Train callbacks (a Tune trial passes `TuneReportCallback`, which hands each report to Tune).
     `say`: where to note that the workers wait for the autoscaler (`resources.waiting_note`), the driver's console.
-    `job.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
+    `job.workers.loader_workers` None becomes `default_loader_workers` of the CPUs each worker asks for.
     A run to resume whose latest checkpoint is corrupt is refused before any worker starts; one whose last epoch is
     checkpointed already (stopped before its caller exported the result) returns at once, unless `callbacks` wait
     for its reports (a Tune trial takes it from `finished_run` itself).

@@ -7,7 +7,6 @@ work (an epoch without a step, `--ingest ray-data` with no CPU to spare) is one 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,9 +15,7 @@ from glit_ray.core.cli import ArgumentParser
 from glit_ray.core.errors import UserError
 from glit_ray.training.data import build_splits
 from glit_ray.training.recipe import Recipe, add_recipe_arguments, header, recipe_from_args
-
-if TYPE_CHECKING:  # for annotations only: the run settings are a layer above
-    from glit_ray.training.settings import Training
+from glit_ray.training.settings import Training
 
 INGESTS = ("loader", "ray-data")
 

@@ -13,9 +13,9 @@ import hashlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import ray.train
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from glit_ray.cluster.mirror import Mirror
+from glit_ray.cluster.placement import Placement, Workers
 from glit_ray.cluster.resources import placed_device
 from glit_ray.core.errors import UserError
 from glit_ray.core.progress import say
@@ -42,10 +43,8 @@ from glit_ray.training.ingest import RayDataFeed
 from glit_ray.training.loaders import (EpochSampler, SeededSamples, default_loader_workers, seed_epoch, shard_of,
                                        training_loader)
 from glit_ray.training.recipe import FUSED, Recipe
+from glit_ray.training.settings import Training
 
-if TYPE_CHECKING:  # for annotations only: the run settings are a layer above; objects come from the callers
-    from glit_ray.cluster.placement import Placement
-    from glit_ray.training.settings import Training
 
 CLIP_GRAD_NORM = 5.0
 LOG_EVERY = 10  # steps between the step loss and learning rate logged to TensorBoard
@@ -55,10 +54,10 @@ STATE_FILE = "state.pt"
 
 def worker_loader(splits: Splits, job: TrainJob, device: torch.device) -> DataLoader | RayDataFeed:
     """This worker's shard of `job`'s training set: loaded here (`training_loader` with its rank), or with
-    `job.ingest` "ray-data" the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
+    `job.workers.ingest` "ray-data" the same batches decoded on the cluster's CPUs (`ingest.RayDataFeed`)."""
     rank, world = rank_and_world(job)
-    batch_size, seed, loader_workers = job.settings.batch_size, job.settings.seed, job.loader_workers
-    if job.ingest == "ray-data":
+    batch_size, seed, loader_workers = job.settings.batch_size, job.settings.seed, job.workers.loader_workers
+    if job.workers.ingest == "ray-data":
         check_epoch_has_a_step(len(splits.train), batch_size, world)
         return RayDataFeed(SeededSamples(splits.train, seed), EpochSampler(shard_of(splits, seed, world, rank)), batch_size)
     return training_loader(splits, batch_size, seed, loader_workers, device, world, rank)
@@ -110,10 +109,7 @@ class TrainJob:
     out: str  # the run directory: TensorBoard writes RUN_DIR/tb
     label: str  # what its console lines call it
     progress: bool  # a progress bar on rank 0 (the driver has a terminal)
-    loader_workers: int | None = None  # None: `default_loader_workers` of the CPUs each worker asks for
-    ingest: str = "loader"  # "ray-data": the batches are decoded by Ray Data on the cluster's CPUs (`ingest`)
-    grad_checkpointing: bool = False  # the network recomputes its blocks' activations in the backward pass
-    torchcompile: str | None = None  # the torch.compile backend the network's operations are compiled with
+    workers: Workers = field(default_factory=Workers)  # how each worker is fed and computes (the placement's)
     score_test: bool = True  # score the test split after the last epoch (a shortlist trial never does)
     epoch_lines: bool = True  # a console line per epoch (an audit's many trials say one line each when finished)
     initial_weights: ray.ObjectRef | None = None  # a state dict to start from (retrain --from-supernet)
@@ -122,24 +118,24 @@ class TrainJob:
 
     def fed(self, cpus: float) -> TrainJob:
         """This job with its loader processes decided: as given, else `default_loader_workers` of `cpus` per worker."""
-        if self.loader_workers is not None:
+        if self.workers.loader_workers is not None:
             return self
-        return replace(self, loader_workers=default_loader_workers(self.settings.data, cpus))
+        return replace(self, workers=replace(self.workers,
+                                             loader_workers=default_loader_workers(self.settings.data, cpus)))
 
     @classmethod
     def placed(cls, settings: Training, out, label: str, progress: bool, where: Placement, **job) -> TrainJob:
-        """A job that feeds and computes as the placement `where` says (loader processes, ingest,
+        """A job whose workers are fed and compute as the placement `where` says (loader processes, ingest,
         --grad-checkpointing, --torchcompile); `job`: the other fields."""
-        return cls(settings, str(out), label, progress, where.loader_workers, where.ingest, where.grad_checkpointing,
-                   where.torchcompile, **job)
+        return cls(settings, str(out), label, progress, where.workers, **job)
 
 
 def set_computation(net: nn.Module, job: TrainJob) -> None:
     """How the job's network computes, not what: recomputed activations (`--grad-checkpointing`), compiled operations
     (`--torchcompile`)."""
-    net.set_grad_checkpointing(job.grad_checkpointing)
-    if job.torchcompile:
-        compile_operations(net, backend=job.torchcompile)
+    net.set_grad_checkpointing(job.workers.grad_checkpointing)
+    if job.workers.torchcompile:
+        compile_operations(net, backend=job.workers.torchcompile)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def train_loop(config: dict) -> None:
         if epoch == settings.epochs - 1 and job.score_test:
             views["test"] = splits.test
         metrics = {f"{name}_{k}": v for name, view in views.items() for k, v in
-                   evaluate(net, None, eval_batches(splits, view, device, workers=job.loader_workers)).items()}
+                   evaluate(net, None, eval_batches(splits, view, device, workers=job.workers.loader_workers)).items()}
         line = f"held-out top-1 {metrics['heldout_top1']:.2f}%"
         return metrics, line + (f", test top-1 {metrics['test_top1']:.2f}%" if "test_top1" in metrics else "")
 

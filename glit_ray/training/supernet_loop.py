@@ -89,7 +89,7 @@ def train_loop(config: dict) -> None:
     if rank_and_world(job)[0] == 0:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
-                                        workers=job.loader_workers), device)
+                                        workers=job.workers.loader_workers), device)
         every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * settings.batch_size)
 
     def score_probes(epoch: int) -> tuple[dict, str]:

@@ -80,13 +80,13 @@ def side_by_side(what: str, settings: Training, trials: int, where: Placement) -
     CPUs decode), and the request of their workers together."""
     shape = cluster_shape()
     check_reachable(where.storage or where.out / what, "--storage", shape)
-    every = plan(what, trials * settings.workers, where.gpus_per_worker, where.cpus_per_worker, shape=shape,
+    every = plan(what, trials * settings.workers, where.workers.gpus, where.workers.cpus, shape=shape,
                  together=False)
     check_together(replace(every, count=settings.workers), shape)  # a trial's workers start together
-    held = capacity(every, shape) // settings.workers - (where.ingest == "ray-data")
+    held = capacity(every, shape) // settings.workers - (where.workers.ingest == "ray-data")
     at_once = min(trials, max(1, held))
     request = replace(every, count=at_once * settings.workers)
-    check_ingest(where.ingest, request, shape)
+    check_ingest(where.workers.ingest, request, shape)
     return at_once, request
 
 
