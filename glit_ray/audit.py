@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.placement import Placement
 from glit_ray.cluster.resources import cluster_shape, evaluators
-from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.cli import ArgumentParser, default, run
 from glit_ray.core.errors import UserError
 from glit_ray.core.files import read_json, write_atomic, write_json
 from glit_ray.core.progress import console as make_console
@@ -46,7 +46,7 @@ from glit_ray.searching.results import ranked_architectures
 from glit_ray.searching.settings import SearchRun
 from glit_ray.training.data import build_splits
 from glit_ray.training.fit import ensure_ray
-from glit_ray.training.flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
+from glit_ray.training.flags import add_arguments, check_epoch_has_a_step, say_recipe, training_recipe
 from glit_ray.training.settings import AuditRun
 from glit_ray.training.trials import METRIC, Standalone, side_by_side, train_standalone
 
@@ -248,22 +248,14 @@ def settings_from_args(args, run_dir: Path) -> AuditRun:
     if args.space or args.data:
         raise UserError("the audit trains on the search's own space and data; drop --space and --data")
     search = search_settings(run_dir)
-    check_counts(args)
-    for name in ("top", "seeds"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.random < 0:
-        raise UserError("--random must be 0 or more")
-    if not 0 < args.band < 1:
-        raise UserError(f"--band {args.band:g} is not a share between 0 and 1 (0.1: within 10 % of the winner's FLOPs)")
     baselines = sum((search.space.num_heads if kind == "global" else 0) in search.space.global_heads
                     for kind in BASELINES.values())
-    sample = args.sample or default_sample(search, args.epochs, args.seeds, args.random + baselines)
-    if sample < 2:
-        raise UserError(f"--sample {sample} is too few: give at least 2 (the search's best and its last)")
-    return AuditRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
-                    workers=args.workers, recipe=training_recipe(args, search.data, search.space), seed=args.seed,
-                    sample=sample, top=args.top, random=args.random, band=args.band, seeds=args.seeds)
+    given = AuditRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
+                     workers=args.workers, recipe=training_recipe(args, search.data, search.space), seed=args.seed,
+                     sample=args.sample or MIN_SAMPLE, top=args.top, random=args.random, band=args.band,
+                     seeds=args.seeds)  # checked as given; then the sample sized from the checked counts
+    return given if args.sample else replace(given, sample=default_sample(search, given.epochs, given.seeds,
+                                                                          given.random + baselines))
 
 
 def build_parser() -> ArgumentParser:
@@ -272,12 +264,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample", type=int, default=None,
                         help="architectures from the search's ranking (default: as many as train, with the random and "
                              f"baseline ones, about the epochs of the search's supernet; at least {MIN_SAMPLE})")
-    parser.add_argument("--top", type=int, default=5, help="the search's top-K, always in the sample (precision at K)")
-    parser.add_argument("--random", type=int, default=10,
+    parser.add_argument("--top", type=int, default=default(AuditRun, "top"), help="the search's top-K, always in the sample (precision at K)")
+    parser.add_argument("--random", type=int, default=default(AuditRun, "random"),
                         help="architectures drawn at random inside the run's limits and the winner's FLOPs band")
-    parser.add_argument("--band", type=float, default=0.1, help="the FLOPs band: within this share of the winner's")
-    parser.add_argument("--seeds", type=int, default=1, help="trainings of each architecture (their spread: its noise)")
-    add_arguments(parser, epochs=5, batch_size=64, from_run=True)  # a few epochs: a ranking, not a finished network
+    parser.add_argument("--band", type=float, default=default(AuditRun, "band"), help="the FLOPs band: within this share of the winner's")
+    parser.add_argument("--seeds", type=int, default=default(AuditRun, "seeds"), help="trainings of each architecture (their spread: its noise)")
+    add_arguments(parser, AuditRun, from_run=True)
     return parser
 
 

@@ -36,7 +36,7 @@ from glit_ray.runs import RUN_FILE, check_run, open_run, read_settings
 from glit_ray.searching.settings import SearchRun
 from glit_ray.training.data import build_splits, located
 from glit_ray.training.fit import ensure_ray, final_state, fit
-from glit_ray.training.flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe,
+from glit_ray.training.flags import (add_arguments, check_epoch_has_a_step, check_ingest, say_recipe,
                                      training_recipe)
 from glit_ray.training.imagesets import score_on, scoring_sets, scoring_sizes
 from glit_ray.training.loop import TrainJob
@@ -71,7 +71,6 @@ def settings_from_args(args) -> RetrainRun:
     space = SearchSpace.load(args.space) if args.space else search.space if search else SearchSpace.load("glit_micro")
     space.validate(Architecture.parse(arch))
     data = located(args.data or (search.data if search else "digits"))
-    check_counts(args)
     return RetrainRun(space=space, data=data, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
                       recipe=training_recipe(args, data, space), seed=args.seed, arch=arch,
                       from_supernet=str(args.from_supernet.resolve()) if args.from_supernet else None)
@@ -129,7 +128,7 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, help="a search RUN_DIR, its best.json, or an architecture string")
-    add_arguments(parser, epochs=300, batch_size=128, from_run=True)
+    add_arguments(parser, RetrainRun, from_run=True)
     parser.add_argument("--from-supernet", type=Path, help="start from the weights inherited from this supernet.pt")
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     return parser

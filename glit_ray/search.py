@@ -22,7 +22,7 @@ from rich.table import Table
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.mirror import Mirror, MirrorCallback
 from glit_ray.cluster.placement import Placement
-from glit_ray.cluster.resources import cluster_shape, evaluators, plan, waiting_note
+from glit_ray.cluster.resources import Request, cluster_shape, evaluators, plan, waiting_note
 from glit_ray.cluster.storage import check_reachable
 from glit_ray.core.cli import ArgumentParser, callers_signal_handlers, default, run
 from glit_ray.core.errors import UserError
@@ -38,12 +38,11 @@ from glit_ray.searching.results import ResultsCallback, best_record, read_candid
 from glit_ray.searching.searcher import EvolutionSearcher
 from glit_ray.searching.settings import Latency, SearchRun
 from glit_ray.train_supernet import SAMPLING, supernet_run, train_supernet
-from glit_ray.train_supernet import BATCH_SIZE as SUPERNET_BATCH_SIZE, RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
-from glit_ray.training.data import build_splits, located
+from glit_ray.train_supernet import RECIPE_DEFAULTS as SUPERNET_RECIPE_DEFAULTS
+from glit_ray.training.data import build_splits
 from glit_ray.training.fit import ensure_ray
 from glit_ray.training.flags import (add_training_placement, add_worker_resources, check_epoch_has_a_step, check_ingest,
                                      training_recipe)
-from glit_ray.training.imagesets import scoring_sizes
 from glit_ray.training.recipe import add_recipe_arguments
 from glit_ray.training.settings import SupernetRun
 from glit_ray.training.verdict import of_meta
@@ -176,12 +175,11 @@ def settings_from_args(args) -> SearchRun:
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
-    data = located(args.data)
     latency = Latency(args.latency_batch, args.latency_max_ms)  # (checked whether or not latency is measured)
     measured = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
-    # checked as given, before the data set is read for the sizes and the recipe that depend on it
+    # checked as given, before the data set is read for the recipe that depends on it
     given = SearchRun(
-        space=space, level=args.level, distribution=distribution, data=data,
+        space=space, level=args.level, distribution=distribution, data=args.data,
         supernet=str(args.supernet.resolve()) if args.supernet else None,
         limits=Limits(args.flops_min, args.flops_max, args.params_min, args.params_max, args.flops_convention),
         calib_batches=args.calib_batches, heldout_images=args.heldout_images, supernet_recipe=None,
@@ -191,10 +189,9 @@ def settings_from_args(args) -> SearchRun:
         latency=latency if measured else None,
         supernet_epochs=args.supernet_epochs, supernet_workers=args.supernet_workers, seed=args.seed,
         supernet_sampling=args.supernet_sampling)
-    calib_batches, heldout_images = scoring_sizes(data, args.calib_batches, args.heldout_images)
-    recipe = None if args.supernet else training_recipe(args, data, space, SUPERNET_BATCH_SIZE, SUPERNET_PREFIX,
-                                                         **SUPERNET_RECIPE_DEFAULTS)
-    return replace(given, calib_batches=calib_batches, heldout_images=heldout_images, supernet_recipe=recipe)
+    recipe = None if args.supernet else training_recipe(args, given.data, space, SupernetRun.batch_size,
+                                                         SUPERNET_PREFIX, **SUPERNET_RECIPE_DEFAULTS)
+    return replace(given, supernet_recipe=recipe)
 
 
 def supernet_settings(settings: SearchRun) -> SupernetRun:
@@ -238,6 +235,40 @@ def learnt_or_refused(supernet: Path, anyway: bool, console: Console) -> dict:
     return {**(verdict.as_dict() if verdict else {"learnt": None}), "searched_unlearnt": True}
 
 
+def check_search(settings: SearchRun, splits) -> None:
+    """What makes a search impossible on its data, refused before Ray starts: limits no architecture meets, fewer
+    architectures inside them than a generation, a supernet of another space or level, an epoch without a step."""
+    space, level, limits = settings.space, settings.level, settings.limits
+    limits.check_feasible(space, level, splits.num_classes, settings.distribution)
+    inside = count_within(limits, space, level, splits.num_classes, settings.distribution)
+    if inside is not None and inside < settings.population:
+        raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
+                        f"--population {settings.population}: generation 0 cannot fill; widen the limits or lower "
+                        "--population")
+    if settings.supernet:
+        check_supernet(Path(settings.supernet), space, level, settings.distribution)
+    else:
+        check_epoch_has_a_step(len(splits.train), SupernetRun.batch_size, settings.supernet_workers,
+                               "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
+                               "--batch-size N and give it as --supernet")
+
+
+def requests(settings: SearchRun, where: Placement) -> tuple[Request | None, Request]:
+    """What the search asks of the cluster: the supernet's Ray Train workers (None: it is given one) and the
+    evaluator actors; each checked against the cluster's node types and its storage, before anything is written."""
+    shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
+    trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.workers.gpus,
+                                                   where.workers.cpus, shape=shape)
+    if trainers:
+        check_ingest(where.workers.ingest, trainers, shape)
+        check_reachable(f"{where.mirror.rstrip('/')}/supernet" if where.mirror else where.out / "supernet", "--mirror",
+                        shape)
+    if where.mirror:
+        check_reachable(where.mirror, "--mirror", shape)  # what outlives the head node
+    scorers = evaluators(where.actors.count, where.actors.gpus, trainers.count * trainers.gpus if trainers else 0, shape)
+    return trainers, scorers
+
+
 def search(settings: SearchRun, where: Placement, console: Console | None = None, search_unlearnt: bool = False) -> dict:
     """Run (or resume) a search; returns best.json's content.
 
@@ -253,36 +284,17 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     head node) pulls it back first.
     """
     console = console or make_console()
-    out, space, level, limits = where.out, settings.space, settings.level, settings.limits
+    out, space = where.out, settings.space
     mirror = Mirror(out, where.mirror) if where.mirror else None
     pulling = mirror and where.resume and not (out / RUN_FILE).exists()  # run.json is in the mirror, pulled below
     splits = build_splits(settings.data, space.img_size, space.in_chans)  # a bad dataset fails before Ray
-    limits.check_feasible(space, level, splits.num_classes, settings.distribution)
-    inside = count_within(limits, space, level, splits.num_classes, settings.distribution)
-    if inside is not None and inside < settings.population:
-        raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
-                        f"--population {settings.population}: generation 0 cannot fill; widen the limits or lower "
-                        "--population")
-    if settings.supernet:
-        check_supernet(Path(settings.supernet), space, level, settings.distribution)
-    else:
-        check_epoch_has_a_step(len(splits.train), SUPERNET_BATCH_SIZE, settings.supernet_workers,
-                               "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
-                               "--batch-size N and give it as --supernet")
+    check_search(settings, splits)
     if not pulling:
         check_run(out, settings, where.resume)  # a run dir that is not this run's is refused before Ray starts
     if settings.supernet:  # a given supernet's verdict, before anything is written
         about = {"supernet": learnt_or_refused(Path(settings.supernet), search_unlearnt, console)}
     ensure_ray(where.address)  # what the cluster can hold is known before anything is written
-    shape = cluster_shape()  # read once: on KubeRay it is a request to the API server
-    trainers = None if settings.supernet else plan("supernet", settings.supernet_workers, where.workers.gpus,
-                                                   where.workers.cpus, shape=shape)
-    if trainers:
-        check_ingest(where.workers.ingest, trainers, shape)
-        check_reachable(f"{where.mirror.rstrip('/')}/supernet" if where.mirror else out / "supernet", "--mirror", shape)
-    if where.mirror:
-        check_reachable(where.mirror, "--mirror", shape)  # what outlives the head node
-    scorers = evaluators(where.actors.count, where.actors.gpus, trainers.count * trainers.gpus if trainers else 0, shape)
+    trainers, scorers = requests(settings, where)
     if pulling:
         console.print(f"pulled {mirror.pull()} files of the run from {mirror.uri} into {out}")
     resumed = open_run(out, settings, where.resume)
@@ -298,29 +310,42 @@ def search(settings: SearchRun, where: Placement, console: Console | None = None
     if not settings.supernet:
         about = {"supernet": learnt_or_refused(supernet, search_unlearnt, console)}
 
-    searcher = EvolutionSearcher(settings.evolution, splits.num_classes)
     with evaluator_pool(supernet.read_bytes(), splits, settings.calib_batches, settings.heldout_images, scorers,
-                        settings.latency, limits.convention) as pool, waiting_note(scorers, console.print):
-        restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
-        if restore:
-            console.print(f"resuming the {level}-level search in {out}")
-            searcher.restore_from_dir(str(out / "tune"))  # Tuner.restore restores it again, from the same file
-            for line in repair_generations(out, searcher.state["scored"], level):
-                console.print(line)
-        else:
-            console.print(f"{level}-level search of {space.name} on {settings.data}: {settings.generations} "
-                          f"generations -> {out}")
-        console.print(str(scorers))
-        callbacks = [ResultsCallback(out, level, settings.topk, settings.generations, settings.pareto_cost, about,
-                                     settings.objective)]
-        if mirror:
-            callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
-        with callers_signal_handlers():
-            generation_tuner(out, searcher, pool, callbacks, restore).fit()
-        loads = supernet_loads(pool)
+                        settings.latency, settings.limits.convention) as pool, waiting_note(scorers, console.print):
+        searcher = EvolutionSearcher(settings.evolution, splits.num_classes)
+        loads = run_generations(settings, searcher, pool, scorers, out, about, resumed, mirror, console)
     if mirror:
         mirror.push()
+    return best_of(settings, out, about, loads, console)
+
+
+def run_generations(settings: SearchRun, searcher: EvolutionSearcher, pool: list, scorers: Request, out: Path,
+                    about: dict, resumed: bool, mirror: Mirror | None, console: Console) -> list:
+    """The search's generations on the evaluator actors `pool` (asked for as `scorers`), one Tune trial each,
+    resumed from Tune's snapshot when there is one; the supernet loads of each actor afterwards."""
+    restore = resumed and tune.Tuner.can_restore(str(out / "tune"))  # a kill before Tune's first snapshot left none
+    if restore:
+        console.print(f"resuming the {settings.level}-level search in {out}")
+        searcher.restore_from_dir(str(out / "tune"))  # Tuner.restore restores it again, from the same file
+        for line in repair_generations(out, searcher.state["scored"], settings.level):
+            console.print(line)
+    else:
+        console.print(f"{settings.level}-level search of {settings.space.name} on {settings.data}: "
+                      f"{settings.generations} generations -> {out}")
+    console.print(str(scorers))
+    callbacks = [ResultsCallback(out, settings.level, settings.topk, settings.generations, settings.pareto_cost, about,
+                                 settings.objective)]
+    if mirror:
+        callbacks.append(MirrorCallback(mirror))  # after the results callback: pushes what it wrote
+    with callers_signal_handlers():
+        generation_tuner(out, searcher, pool, callbacks, restore).fit()
+    return supernet_loads(pool)
+
+
+def best_of(settings: SearchRun, out: Path, about: dict, loads: list, console: Console) -> dict:
+    """best.json's record of the finished search (the run's candidates, read back), printed as the top-k table."""
     rows = read_candidates(out).to_pylist()
+    level = settings.level
     best = best_record(rows, level, settings.topk, settings.pareto_cost, settings.objective)
     if best is None:
         raise UserError(f"no candidate of {out} was scored successfully; see the error column of {out}/candidates")

@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.placement import Placement
-from glit_ray.core.cli import ArgumentParser, run
+from glit_ray.core.cli import ArgumentParser, default, run
 from glit_ray.core.errors import UserError
 from glit_ray.core.files import read_json, write_json
 from glit_ray.core.progress import console as make_console
@@ -31,7 +31,7 @@ from glit_ray.searching import ranking
 from glit_ray.searching.results import ranked_architectures
 from glit_ray.training.data import build_splits
 from glit_ray.training.fit import ensure_ray
-from glit_ray.training.flags import add_arguments, check_counts, check_epoch_has_a_step, say_recipe, training_recipe
+from glit_ray.training.flags import add_arguments, check_epoch_has_a_step, say_recipe, training_recipe
 from glit_ray.training.settings import ShortlistRun
 from glit_ray.training.trials import METRIC, Standalone, side_by_side, train_standalone
 
@@ -99,9 +99,6 @@ def settings_from_args(args, run_dir: Path) -> ShortlistRun:
     if args.space or args.data:
         raise UserError("the shortlist trains on the search's own space and data; drop --space and --data")
     search = search_settings(run_dir, "high")
-    if args.top < 1:
-        raise UserError("--top must be at least 1")
-    check_counts(args)
     return ShortlistRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
                         workers=args.workers, recipe=training_recipe(args, search.data, search.space), seed=args.seed,
                         top=args.top, scheduler=args.scheduler)
@@ -110,9 +107,9 @@ def settings_from_args(args, run_dir: Path) -> ShortlistRun:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.shortlist", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a high-level search run directory")
-    parser.add_argument("--top", type=int, default=5, help="distributions to retrain (GLiT: 5)")
+    parser.add_argument("--top", type=int, default=default(ShortlistRun, "top"), help="distributions to retrain (GLiT: 5)")
     parser.add_argument("--scheduler", choices=["asha"], help="let Tune's ASHA stop weak trials early")
-    add_arguments(parser, epochs=10, batch_size=128, from_run=True)
+    add_arguments(parser, ShortlistRun, from_run=True)
     return parser
 
 

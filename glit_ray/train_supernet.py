@@ -31,7 +31,7 @@ from glit_ray.models.supernet import GLiTSupernet, load_supernet, save_supernet
 from glit_ray.runs import check_run, open_run, resolve_distribution
 from glit_ray.training.data import Splits, build_splits, labels_of, located
 from glit_ray.training.fit import ensure_ray, final_state, fit
-from glit_ray.training.flags import (add_arguments, check_counts, check_epoch_has_a_step, check_ingest, say_recipe,
+from glit_ray.training.flags import (add_arguments, check_epoch_has_a_step, check_ingest, say_recipe,
                                      training_images, training_recipe)
 from glit_ray.training.imagesets import heldout_indices
 from glit_ray.training.loop import TrainJob
@@ -41,7 +41,6 @@ from glit_ray.training.supernet_loop import PROBE_IMAGES, SAMPLING, train_loop
 from glit_ray.training.verdict import Verdict, chance_of, of_meta
 
 SUPERNET_FILE = "supernet.pt"
-BATCH_SIZE = 32  # per worker
 RECIPE_DEFAULTS = {"drop_path": 0.0}  # SPOS trains its supernet's paths without stochastic depth
 
 
@@ -54,24 +53,21 @@ def settings_from_args(args) -> SupernetRun:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     data = located(args.data)
-    check_counts(args)
     return supernet_run(space, args.level, distribution, data, args.epochs, args.batch_size, args.workers,
                         training_recipe(args, data, space, **RECIPE_DEFAULTS),
                         Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
                         args.seed, args.sampling)
 
 
-def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = 30,
-                 batch_size: int = BATCH_SIZE, workers: int = 1, recipe: Recipe | None = None,
-                 limits: Limits = Limits(), seed: int = 0, sampling: str = "uniform") -> SupernetRun:
+def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = SupernetRun.epochs,
+                 batch_size: int = SupernetRun.batch_size, workers: int = SupernetRun.workers,
+                 recipe: Recipe | None = None, limits: Limits = SupernetRun.limits, seed: int = SupernetRun.seed,
+                 sampling: str = SupernetRun.sampling) -> SupernetRun:
     """The settings of a supernet run; `recipe` None: the preset the training split of `data` calls for
     (`recipe.choose_preset`), with the supernet's own defaults (RECIPE_DEFAULTS)."""
     if recipe is None:
         recipe = replace(PRESETS[choose_preset(training_images(data, space), space.img_size)], **RECIPE_DEFAULTS)
     recipe.check_batch(batch_size)
-    if sampling == "fair" and (limits.flops_max or limits.params_max):
-        raise UserError("--sampling fair trains every choice of every block each step, paths over --flops-max or "
-                        "--params-max too; drop the limits (the search applies them) or use --sampling uniform")
     return SupernetRun(space=space, data=data, epochs=epochs, batch_size=batch_size, workers=workers, recipe=recipe,
                        seed=seed, level=level, distribution=tuple(distribution) if distribution else None,
                        limits=limits, sampling=sampling)
@@ -140,7 +136,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.train_supernet", description=__doc__.splitlines()[0])
     parser.add_argument("--level", required=True, choices=LEVELS)
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
-    add_arguments(parser, epochs=30, batch_size=BATCH_SIZE, **RECIPE_DEFAULTS)
+    add_arguments(parser, SupernetRun, **RECIPE_DEFAULTS)
     parser.add_argument("--sampling", choices=SAMPLING, default="uniform",
                         help="a step's paths: uniform, one drawn at random (SPOS); fair, one per choice of a block, "
                              "every choice of every block in one of them (FairNAS: that many times a step's compute)")

@@ -7,13 +7,7 @@ import math
 import pytest
 import torch
 
-from glit_ray import retrain
-
-from glit_ray import search
-
-from glit_ray import shortlist
-
-from glit_ray import train_supernet
+from glit_ray import retrain, search, shortlist, train_supernet
 from glit_ray.cluster.placement import Placement
 from glit_ray.models.supernet import GLiTSupernet, save_supernet
 from glit_ray.runs import to_json

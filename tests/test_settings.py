@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from glit_ray import retrain
-
-from glit_ray import search
-
-from glit_ray import shortlist
-
-from glit_ray import train_supernet
+from glit_ray import retrain, search, shortlist, train_supernet
 from glit_ray.cluster.placement import Actors, Placement, Workers
 from glit_ray.core.errors import UserError
 from glit_ray.runs import from_json, to_json
@@ -123,13 +117,14 @@ def test_a_relative_data_path_is_stored_absolute_for_workers_that_run_elsewhere(
 
 
 def test_a_search_built_in_python_has_the_command_lines_defaults_and_checks(micro):
-    from glit_ray.models.constraints import Limits
     from glit_ray.searching.settings import SearchRun
 
-    given = dict(space=micro, level="high", distribution=None, data="digits", supernet=None, limits=Limits(),
-                 calib_batches=4, heldout_images=None, supernet_recipe=None)
+    settings_of = search.settings_from_args
+
+    given = dict(space=micro)
     run = SearchRun(**given)
     parsed = search.build_parser().parse_args(["--level", "high"])
+    assert settings_of(parsed) == dataclasses.replace(run, supernet_recipe=settings_of(parsed).supernet_recipe)
     assert (run.population, run.generations, run.topk, run.mutations, run.crossovers, run.mutation_prob,
             run.objective, run.supernet_epochs) == (parsed.population, parsed.generations, parsed.topk,
                                                    parsed.mutations, parsed.crossovers, parsed.mutation_prob,
@@ -137,8 +132,36 @@ def test_a_search_built_in_python_has_the_command_lines_defaults_and_checks(micr
     for wrong, message in [({"topk": 60}, "--topk 60 is more than the --population 50"),
                            ({"mutation_prob": 1.5}, "--mutation-prob 1.5 is not a probability"),
                            ({"level": "low"}, "--level low needs --distribution"),
-                           ({"mutations": 0, "crossovers": 0}, "breed no child after generation 0")]:
+                           ({"mutations": 0, "crossovers": 0}, "breed no child after generation 0"),
+                           ({"calib_batches": 0}, "--calib-batches must be at least 1")]:
         with pytest.raises(ValueError, match=message):  # a UserError: one line from the command line
             SearchRun(**{**given, **wrong})
     with pytest.raises(ValueError, match="--latency-batch must be at least 1"):
         Latency(batch=0)
+
+
+def test_training_settings_built_in_python_have_the_command_lines_defaults_and_checks(micro):
+    from glit_ray import audit
+    from glit_ray.training.recipe import PRESETS
+    from glit_ray.training.settings import AuditRun, RetrainRun, ShortlistRun, SupernetRun
+
+    recipe = PRESETS["small-data"]
+    parsers = {SupernetRun: train_supernet.build_parser().parse_args(["--level", "high", "--out", "run"]),
+               RetrainRun: retrain.build_parser().parse_args(["--arch", ARCH, "--out", "run"]),
+               ShortlistRun: shortlist.build_parser().parse_args(["run"]),
+               AuditRun: audit.build_parser().parse_args(["run"])}
+    for kind, parsed in parsers.items():
+        given = {"arch": ARCH} if kind is RetrainRun else {"sample": 20} if kind is AuditRun else {}
+        run = kind(space=micro, recipe=recipe, **given)
+        assert (run.epochs, run.batch_size, run.workers, run.seed) == (parsed.epochs, parsed.batch_size,
+                                                                       parsed.workers, parsed.seed), kind
+        with pytest.raises(ValueError, match="--batch-size must be at least 1"):  # a UserError from the command line
+            kind(space=micro, recipe=recipe, batch_size=0, **given)
+    assert search.build_parser().parse_args(["--level", "high"]).supernet_epochs == SupernetRun.epochs  # the one 30
+    with pytest.raises(ValueError, match="--sampling fair trains every choice"):
+        SupernetRun(space=micro, recipe=recipe, sampling="fair", limits=dataclasses.replace(SupernetRun.limits,
+                                                                                            flops_max=10.0))
+    for wrong, message in [({"band": 1.5}, "--band 1.5 is not a share"), ({"seeds": 0}, "--seeds must be at least 1"),
+                           ({"sample": 1}, "--sample 1 is too few")]:
+        with pytest.raises(ValueError, match=message):
+            AuditRun(space=micro, recipe=recipe, **{"sample": 20, **wrong})

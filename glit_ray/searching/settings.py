@@ -10,7 +10,10 @@ from dataclasses import dataclass, fields
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
+from glit_ray.training.data import located
+from glit_ray.training.imagesets import scoring_sizes
 from glit_ray.training.recipe import Recipe
+from glit_ray.training.settings import SupernetRun
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,14 @@ class SearchRun:
     command line's (`search.build_parser` reads them from here); a search that cannot run as given is refused when
     it is built, from the command line (one `error:` line) or from Python (a ValueError)."""
     space: SearchSpace
-    level: str
-    distribution: tuple[int, ...] | None  # the low level's global heads per block; None at the high level
-    data: str
-    supernet: str | None  # a trained supernet.pt; None: the search trains one
-    limits: Limits
-    calib_batches: int  # the scoring sets' sizes: per data set by default (`evaluator.scoring_sizes`)
-    heldout_images: int | None
-    supernet_recipe: Recipe | None  # the recipe of the supernet the search trains (None: it is given one)
+    level: str = "high"
+    distribution: tuple[int, ...] | None = None  # the low level's global heads per block; None at the high level
+    data: str = SupernetRun.data
+    supernet: str | None = None  # a trained supernet.pt; None: the search trains one
+    limits: Limits = Limits()
+    calib_batches: int | None = None  # the scoring sets' sizes (None: the data set's, `imagesets.scoring_sizes`)
+    heldout_images: int | None = None
+    supernet_recipe: Recipe | None = None  # of the supernet the search trains (None: the one its data calls for)
     population: int = Evolution.population
     generations: int = Evolution.generations
     topk: int = Evolution.topk
@@ -87,8 +90,8 @@ class SearchRun:
     objective: str = Evolution.objective
     pareto_cost: str = Evolution.pareto_cost
     latency: Latency | None = None
-    supernet_epochs: int = 30
-    supernet_workers: int = 1
+    supernet_epochs: int = SupernetRun.epochs
+    supernet_workers: int = SupernetRun.workers
     seed: int = Evolution.seed
     supernet_sampling: str = "uniform"  # the paths of its supernet's steps (`SupernetRun.sampling`)
 
@@ -103,6 +106,10 @@ class SearchRun:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         self.evolution  # noqa: B018  (its own checks)
+        object.__setattr__(self, "data", located(self.data))  # (frozen) absolute: workers run elsewhere
+        sizes = scoring_sizes(self.data, self.calib_batches, self.heldout_images)
+        object.__setattr__(self, "calib_batches", sizes[0])
+        object.__setattr__(self, "heldout_images", sizes[1])
 
     @property
     def evolution(self) -> Evolution:

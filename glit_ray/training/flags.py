@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from glit_ray.cluster.resources import ClusterShape, Request
-from glit_ray.core.cli import ArgumentParser
+from glit_ray.core.cli import ArgumentParser, default
 from glit_ray.core.errors import UserError
 from glit_ray.training.data import build_splits
 from glit_ray.training.recipe import Recipe, add_recipe_arguments, header, recipe_from_args
@@ -28,23 +28,24 @@ def check_epoch_has_a_step(train_images: int, batch_size: int, workers: int,
                         f"training images, so an epoch would have no step; {fix}")
 
 
-def add_arguments(parser: ArgumentParser, epochs: int, batch_size: int, from_run: bool = False,
-                  **recipe_defaults) -> None:
-    """The command-line options every training run has, with this run's defaults (`recipe_defaults`: parts of the
-    recipe this command sets apart from the presets, as the supernet's drop-path of 0).
+def add_arguments(parser: ArgumentParser, kind: type[Training], from_run: bool = False, **recipe_defaults) -> None:
+    """The command-line options every training run has, with the defaults of its `kind` of settings
+    (`recipe_defaults`: parts of the recipe this command sets apart from the presets, as the supernet's drop-path
+    of 0).
 
     `from_run`: --space and --data default to None, for the caller to take from a search run.
     """
-    default = ": that of the search run --arch names, else {}" if from_run else ": {}"
+    where_from = ": that of the search run --arch names, else {}" if from_run else ": {}"
     parser.add_argument("--space", default=None if from_run else "glit_micro",
-                        help="YAML path or built-in name (default" + default.format("glit_micro") + ")")
-    parser.add_argument("--data", default=None if from_run else "digits",
-                        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default" + default.format("digits") + ")")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="per worker")
-    parser.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+                        help="YAML path or built-in name (default" + where_from.format("glit_micro") + ")")
+    parser.add_argument("--data", default=None if from_run else default(kind, "data"),
+                        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default"
+                             + where_from.format(default(kind, "data")) + ")")
+    parser.add_argument("--epochs", type=int, default=default(kind, "epochs"))
+    parser.add_argument("--batch-size", type=int, default=default(kind, "batch_size"), help="per worker")
+    parser.add_argument("--workers", type=int, default=default(kind, "workers"), help="data-parallel Ray Train workers")
     add_worker_resources(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=default(kind, "seed"))
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
                              "0 on digits, which are tensors in memory)")
@@ -98,12 +99,6 @@ def check_ingest(ingest: str, request: Request, shape: ClusterShape) -> None:
     if spare < 1:
         raise UserError(f"--ingest ray-data decodes on CPUs the training workers do not hold, and {request} holds "
                         f"every CPU of {shape}; lower --cpus-per-worker, add a CPU node type, or drop --ingest")
-
-
-def check_counts(args) -> None:
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def training_recipe(args, data: str, space, batch_size: int | None = None, prefix: str = "",

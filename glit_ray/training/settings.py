@@ -1,25 +1,33 @@
 """What defines a training run, apart from where and how it runs (`glit_ray.cluster.placement`): frozen dataclasses
-that run.json holds (`glit_ray.runs`) and a resume must repeat.
+that run.json holds (`glit_ray.runs`) and a resume must repeat. Each kind carries its defaults (the command line
+reads them here) and its checks: one built from Python that cannot train is refused when it is built (a ValueError;
+one `error:` line from the command line).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
 from glit_ray.training.recipe import Recipe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Training:
     """What a training run trains on, for how long, and its recipe (`glit_ray.training.recipe`)."""
     space: SearchSpace
-    data: str
+    data: str = "digits"
     epochs: int
     batch_size: int  # per worker
-    workers: int
+    workers: int = 1
     recipe: Recipe
-    seed: int
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
     @property
     def lr(self) -> float:
@@ -27,35 +35,67 @@ class Training:
         return self.recipe.learning_rate(self.batch_size * self.workers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SupernetRun(Training):
     """A supernet of one level (of one distribution at the low level), trained on paths inside `limits`."""
-    level: str
-    distribution: tuple[int, ...] | None
-    limits: Limits
+    epochs: int = 30
+    batch_size: int = 32
+    level: str = "high"
+    distribution: tuple[int, ...] | None = None
+    limits: Limits = Limits()
     sampling: str = "uniform"  # the paths of a step: "uniform" (SPOS's one) or "fair" (FairNAS's, `PathSampler`)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sampling == "fair" and (self.limits.flops_max or self.limits.params_max):
+            raise UserError("--sampling fair trains every choice of every block each step, paths over --flops-max or "
+                            "--params-max too; drop the limits (the search applies them) or use --sampling uniform")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class RetrainRun(Training):
     """One architecture trained from scratch, or from the weights it inherits from `from_supernet`."""
+    epochs: int = 300
+    batch_size: int = 128
     arch: str
-    from_supernet: str | None
+    from_supernet: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShortlistRun(Training):
     """The `top` distributions of a high-level search, each retrained for the recipe's epochs."""
-    top: int
-    scheduler: str | None
+    epochs: int = 10
+    batch_size: int = 128
+    top: int = 5  # GLiT's
+    scheduler: str | None = None  # "asha": Tune's ASHA stops weak trials early
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top < 1:
+            raise UserError("--top must be at least 1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AuditRun(Training):
     """A search's audit: `sample` architectures of its ranking (its `top` among them), `random` ones within `band`
     of the winner's FLOPs and the baselines, each trained `seeds` times (`glit_ray.audit`)."""
+    epochs: int = 5  # a few epochs: a ranking, not a finished network
+    batch_size: int = 64
     sample: int
-    top: int
-    random: int
-    band: float
-    seeds: int
+    top: int = 5
+    random: int = 10
+    band: float = 0.1
+    seeds: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("top", "seeds"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if self.random < 0:
+            raise UserError("--random must be 0 or more")
+        if not 0 < self.band < 1:
+            raise UserError(f"--band {self.band:g} is not a share between 0 and 1 (0.1: within 10 % of the winner's "
+                            "FLOPs)")
+        if self.sample < 2:
+            raise UserError(f"--sample {self.sample} is too few: give at least 2 (the search's best and its last)")
