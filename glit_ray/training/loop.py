@@ -130,6 +130,20 @@ class TrainJob:
         return cls(settings, str(out), label, progress, where.workers, **job)
 
 
+def made_ready(net: nn.Module, job: TrainJob, splits: Splits, device: torch.device, **ddp):
+    """`net` computing as `job` says on `device`, this worker's loader, the recipe made live and resumed from the
+    run's last checkpoint, and the network wrapped for data parallelism (`ddp`: DDP's options): (loader, recipe,
+    the epoch to start at, the model to step)."""
+    settings = job.settings
+    set_computation(net, job)
+    net.to(device)
+    loader = worker_loader(splits, job, device)
+    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
+                               reporting(job))
+    start_epoch = recipe.resume(net, device)
+    return loader, recipe, start_epoch, prepared(net, job, device, **ddp)
+
+
 def set_computation(net: nn.Module, job: TrainJob) -> None:
     """How the job's network computes, not what: recomputed activations (`--grad-checkpointing`), compiled operations
     (`--torchcompile`)."""

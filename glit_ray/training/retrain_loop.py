@@ -16,8 +16,7 @@ from glit_ray.models.glit import GLiT
 from glit_ray.models.scoring import evaluate
 from glit_ray.models.supernet import load_supernet
 from glit_ray.training.data import build_splits, eval_batches
-from glit_ray.training.loop import (RecipeState, TrainJob, prepared, reporting, set_computation, train_epochs,
-                                    worker_device, worker_loader)
+from glit_ray.training.loop import TrainJob, made_ready, train_epochs, worker_device
 from glit_ray.training.settings import RetrainRun
 
 
@@ -51,13 +50,7 @@ def train_loop(config: dict) -> None:
     net = GLiT(settings.arch, settings.space, splits.num_classes, drop_path_rate=settings.recipe.drop_path)
     if job.initial_weights is not None:
         net.load_state_dict(ray.get(job.initial_weights))
-    set_computation(net, job)
-    net.to(device)
-    loader = worker_loader(splits, job, device)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
-                               reporting(job))
-    start_epoch = recipe.resume(net, device)
-    model = prepared(net, job, device)
+    loader, recipe, start_epoch, model = made_ready(net, job, splits, device)
 
     def score_heldout(epoch: int) -> tuple[dict, str]:
         """Held-out top-1/top-5, and the test split's after the last epoch (a shortlist trial never looks at it)."""

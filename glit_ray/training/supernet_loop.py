@@ -21,8 +21,7 @@ from glit_ray.models.space import SearchSpace
 from glit_ray.models.supernet import GLiTSupernet
 from glit_ray.training.data import build_splits
 from glit_ray.training.imagesets import place, score_on, scoring_sets
-from glit_ray.training.loop import (RecipeState, TrainJob, prepared, rank_and_world, reporting, set_computation,
-                                    train_epochs, worker_device, worker_loader)
+from glit_ray.training.loop import TrainJob, made_ready, rank_and_world, train_epochs, worker_device
 from glit_ray.training.settings import SupernetRun
 
 CALIB_BATCHES = 4
@@ -78,13 +77,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(settings.seed)
     net = GLiTSupernet(settings.space, settings.level, settings.distribution, splits.num_classes,
                        drop_path_rate=settings.recipe.drop_path)
-    set_computation(net, job)
-    net.to(device)
-    loader = worker_loader(splits, job, device)
-    recipe = RecipeState.build(net, settings.recipe, settings.lr, settings.epochs, len(loader), device, splits,
-                               reporting(job))
-    start_epoch = recipe.resume(net, device)
-    model = prepared(net, job, device, find_unused_parameters=True)
+    loader, recipe, start_epoch, model = made_ready(net, job, splits, device, find_unused_parameters=True)
     probes = probe_sets = None
     if rank_and_world(job)[0] == 0:
         probes = sampler.probes()
