@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.placement import Placement
 from glit_ray.cluster.resources import cluster_shape, evaluators
-from glit_ray.core.cli import ArgumentParser, default, run
+from glit_ray.core.cli import add_setting, ArgumentParser, run
 from glit_ray.core.errors import UserError
 from glit_ray.core.files import read_json, write_atomic, write_json
 from glit_ray.core.progress import console as make_console
@@ -264,11 +264,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample", type=int, default=None,
                         help="architectures from the search's ranking (default: as many as train, with the random and "
                              f"baseline ones, about the epochs of the search's supernet; at least {MIN_SAMPLE})")
-    parser.add_argument("--top", type=int, default=default(AuditRun, "top"), help="the search's top-K, always in the sample (precision at K)")
-    parser.add_argument("--random", type=int, default=default(AuditRun, "random"),
-                        help="architectures drawn at random inside the run's limits and the winner's FLOPs band")
-    parser.add_argument("--band", type=float, default=default(AuditRun, "band"), help="the FLOPs band: within this share of the winner's")
-    parser.add_argument("--seeds", type=int, default=default(AuditRun, "seeds"), help="trainings of each architecture (their spread: its noise)")
+    for flag, kind in (("--top", int), ("--random", int), ("--band", float), ("--seeds", int)):
+        add_setting(parser, flag, AuditRun, type=kind)
     add_arguments(parser, AuditRun, from_run=True)
     return parser
 

@@ -24,7 +24,7 @@ from glit_ray.cluster.mirror import Mirror, MirrorCallback
 from glit_ray.cluster.placement import Placement
 from glit_ray.cluster.resources import Request, cluster_shape, evaluators, plan, waiting_note
 from glit_ray.cluster.storage import check_reachable
-from glit_ray.core.cli import ArgumentParser, callers_signal_handlers, default, run
+from glit_ray.core.cli import add_setting, ArgumentParser, callers_signal_handlers, run
 from glit_ray.core.errors import UserError
 from glit_ray.core.progress import bar, driver_has_terminal
 from glit_ray.core.progress import console as make_console
@@ -114,24 +114,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
     p.add_argument("--supernet", type=Path, help="a trained supernet.pt (default: train one into RUN_DIR/supernet)")
     p.add_argument("--distribution", help="low level: ARCH_STRING or a high-level search RUN_DIR")
-    p.add_argument("--population", type=int, default=default(SearchRun, "population"))
-    p.add_argument("--generations", type=int, default=default(SearchRun, "generations"))
-    p.add_argument("--topk", type=int, default=default(SearchRun, "topk"))
-    p.add_argument("--mutations", type=int, default=default(SearchRun, "mutations"))
-    p.add_argument("--crossovers", type=int, default=default(SearchRun, "crossovers"))
-    p.add_argument("--mutation-prob", type=float, default=default(SearchRun, "mutation_prob"))
-    p.add_argument("--strategy", choices=("evolution", "random"), default=default(SearchRun, "strategy"),
-                   help="random: the baseline, random architectures under the same budget and limits")
-    p.add_argument("--objective", choices=("loss", "top1", "pareto"), default=default(SearchRun, "objective"),
-                   help="what parents and the best are chosen by: loss, held-out loss (ties: top-1; the default: it "
-                        "orders networks as training them does better than top-1, BENCHMARKS.md P13b); top1, held-out "
-                        "top-1 (ties: loss); pareto, non-dominated rank and crowding over top-1 and --pareto-cost")
-    p.add_argument("--pareto-cost", choices=tuple(COST_COLUMNS), default=default(SearchRun, "pareto_cost"),
-                   help="the cost axis of the Pareto front (latency implies --latency)")
+    for flag in ("--population", "--generations", "--topk", "--mutations", "--crossovers"):
+        add_setting(p, flag, SearchRun, type=int)
+    add_setting(p, "--mutation-prob", SearchRun, type=float)
+    add_setting(p, "--strategy", SearchRun, choices=("evolution", "random"))
+    add_setting(p, "--objective", SearchRun, choices=("loss", "top1", "pareto"))
+    add_setting(p, "--pareto-cost", SearchRun, choices=tuple(COST_COLUMNS))
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
     p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
-    p.add_argument("--latency-batch", type=int, default=default(Latency, "batch"),
-                   help="images per timed forward pass (default: %(default)s)")
+    add_setting(p, "--latency-batch", Latency, "batch", type=int)
     for bound in ("flops-min", "flops-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions, counted in --flops-convention")
     for bound in ("params-min", "params-max"):
@@ -146,19 +137,16 @@ def build_parser() -> ArgumentParser:
                         "(default: per data set, see the README)")
     p.add_argument("--heldout-images", type=int, default=None,
                    help="score on a fixed class-stratified subset of N held-out images (default: per data set)")
-    p.add_argument("--supernet-epochs", type=int, default=default(SearchRun, "supernet_epochs"),
-                   help="when training the supernet here (default: %(default)s)")
-    p.add_argument("--supernet-sampling", choices=SAMPLING, default=default(SearchRun, "supernet_sampling"),
-                   help="when training the supernet here: its steps' paths (see train_supernet --sampling)")
-    p.add_argument("--supernet-workers", type=int, default=default(SearchRun, "supernet_workers"),
-                   help="data-parallel Ray Train workers when training the supernet here (default: %(default)s)")
+    add_setting(p, "--supernet-epochs", SearchRun, type=int)
+    add_setting(p, "--supernet-sampling", SearchRun, choices=SAMPLING)
+    add_setting(p, "--supernet-workers", SearchRun, type=int)
     p.add_argument("--search-unlearnt", action="store_true",
                    help="search the supernet even when its probes are no better than chance (glit_ray.training.verdict); "
                         "the console and best.json say so")
     add_worker_resources(p, who="supernet worker")
     add_training_placement(p)
     p.add_argument("--address", default=None, help="an existing Ray cluster (auto or ray://...); default: start one")
-    p.add_argument("--seed", type=int, default=default(SearchRun, "seed"))
+    add_setting(p, "--seed", SearchRun, type=int)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/search-LEVEL)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--mirror", help="push the run directory here after every generation (s3://bucket/prefix); "

@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.placement import Placement
-from glit_ray.core.cli import ArgumentParser, default, run
+from glit_ray.core.cli import add_setting, ArgumentParser, run
 from glit_ray.core.errors import UserError
 from glit_ray.core.files import read_json, write_json
 from glit_ray.core.progress import console as make_console
@@ -107,8 +107,8 @@ def settings_from_args(args, run_dir: Path) -> ShortlistRun:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m glit_ray.shortlist", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a high-level search run directory")
-    parser.add_argument("--top", type=int, default=default(ShortlistRun, "top"), help="distributions to retrain (GLiT: 5)")
-    parser.add_argument("--scheduler", choices=["asha"], help="let Tune's ASHA stop weak trials early")
+    add_setting(parser, "--top", ShortlistRun, type=int)
+    add_setting(parser, "--scheduler", ShortlistRun, choices=["asha"])
     add_arguments(parser, ShortlistRun, from_run=True)
     return parser
 

@@ -3,6 +3,7 @@ caller keeps its Ctrl-C handler across the Ray Train and Tune runs behind it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -44,6 +45,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def default(settings: type, name: str):
-    """The default a settings class gives its field `name`: what the command line's option defaults to."""
-    return settings.__dataclass_fields__[name].default
+def described(default, help: str) -> dataclasses.Field:
+    """A settings field's `default` with the `help` its command-line option shows (`add_setting`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def like(settings: type, name: str) -> dataclasses.Field:
+    """A field that is `settings`' field `name` again (its default and help), in another settings class."""
+    same = settings.__dataclass_fields__[name]
+    return dataclasses.field(default=same.default, metadata=same.metadata)
+
+
+def add_setting(parser: argparse.ArgumentParser, flag: str, settings: type, name: str | None = None, **kwargs) -> None:
+    """The option `flag` of `settings`' field `name` (default: the flag's own name): its default and help the
+    field's (`described`), each written once, on the settings."""
+    field = settings.__dataclass_fields__[name or flag.removeprefix("--").replace("-", "_")]
+    parser.add_argument(flag, default=field.default, help=f"{field.metadata['help']} (default: %(default)s)", **kwargs)

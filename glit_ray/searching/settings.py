@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from glit_ray.core.cli import described, like
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
@@ -20,7 +21,7 @@ from glit_ray.training.settings import SupernetRun
 class Latency:
     """Latency measured on each evaluator's device: `batch` images per timed pass, candidates over `max_ms`
     rejected."""
-    batch: int = 1
+    batch: int = described(1, "images per timed forward pass")
     max_ms: float | None = None
 
     def __post_init__(self):
@@ -39,16 +40,20 @@ class Evolution:
     level: str
     distribution: tuple[int, ...] | None  # the low level's global heads per block; None at the high level
     limits: Limits
-    population: int = 50
-    generations: int = 20
-    topk: int = 10
-    mutations: int = 25
-    crossovers: int = 25
-    mutation_prob: float = 0.1
-    strategy: str = "evolution"  # "evolution" | "random" (the baseline: random architectures, the same budget)
-    objective: str = "loss"  # "loss" | "top1" | "pareto"
-    pareto_cost: str = "flops"  # the candidates' column the Pareto front's cost axis reads
-    seed: int = 0
+    population: int = described(50, "architectures of generation 0, drawn at random inside the limits")
+    generations: int = described(20, "generations, generation 0 included")
+    topk: int = described(10, "the parents of every later generation: the best K scored so far")
+    mutations: int = described(25, "children bred by mutation in every later generation")
+    crossovers: int = described(25, "children bred by uniform crossover in every later generation")
+    mutation_prob: float = described(0.1, "each gene's probability of mutating")
+    strategy: str = described("evolution", "random: the baseline, random architectures under the same budget and "
+                                           "limits")
+    objective: str = described("loss", "what parents and the best are chosen by: loss, held-out loss (ties: top-1; "
+                                       "it orders networks as training them does better than top-1, BENCHMARKS.md "
+                                       "P13b); top1, held-out top-1 (ties: loss); pareto, non-dominated rank and "
+                                       "crowding over top-1 and --pareto-cost")
+    pareto_cost: str = described("flops", "the cost axis of the Pareto front (latency implies --latency)")
+    seed: int = described(0, "seeds the evolution, and the supernet the search trains")
 
     def __post_init__(self):
         for name in ("population", "generations", "topk"):
@@ -80,20 +85,22 @@ class SearchRun:
     calib_batches: int | None = None  # the scoring sets' sizes (None: the data set's, `imagesets.scoring_sizes`)
     heldout_images: int | None = None
     supernet_recipe: Recipe | None = None  # of the supernet the search trains (None: the one its data calls for)
-    population: int = Evolution.population
-    generations: int = Evolution.generations
-    topk: int = Evolution.topk
-    mutations: int = Evolution.mutations
-    crossovers: int = Evolution.crossovers
-    mutation_prob: float = Evolution.mutation_prob
-    strategy: str = Evolution.strategy
-    objective: str = Evolution.objective
-    pareto_cost: str = Evolution.pareto_cost
+    population: int = like(Evolution, "population")
+    generations: int = like(Evolution, "generations")
+    topk: int = like(Evolution, "topk")
+    mutations: int = like(Evolution, "mutations")
+    crossovers: int = like(Evolution, "crossovers")
+    mutation_prob: float = like(Evolution, "mutation_prob")
+    strategy: str = like(Evolution, "strategy")
+    objective: str = like(Evolution, "objective")
+    pareto_cost: str = like(Evolution, "pareto_cost")
     latency: Latency | None = None
-    supernet_epochs: int = SupernetRun.epochs
-    supernet_workers: int = SupernetRun.workers
-    seed: int = Evolution.seed
-    supernet_sampling: str = "uniform"  # the paths of its supernet's steps (`SupernetRun.sampling`)
+    supernet_epochs: int = described(SupernetRun.epochs, "when training the supernet here: its epochs")
+    supernet_workers: int = described(SupernetRun.workers, "when training the supernet here: its data-parallel Ray "
+                                                           "Train workers")
+    seed: int = like(Evolution, "seed")
+    supernet_sampling: str = described(SupernetRun.sampling, "when training the supernet here: its steps' paths "
+                                                             "(see train_supernet --sampling)")
 
     def __post_init__(self):
         if self.level not in ("high", "low"):

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from glit_ray.cluster.resources import ClusterShape, Request
-from glit_ray.core.cli import ArgumentParser, default
+from glit_ray.core.cli import ArgumentParser, add_setting
 from glit_ray.core.errors import UserError
 from glit_ray.training.data import build_splits
 from glit_ray.training.recipe import Recipe, add_recipe_arguments, header, recipe_from_args
@@ -38,14 +38,13 @@ def add_arguments(parser: ArgumentParser, kind: type[Training], from_run: bool =
     where_from = ": that of the search run --arch names, else {}" if from_run else ": {}"
     parser.add_argument("--space", default=None if from_run else "glit_micro",
                         help="YAML path or built-in name (default" + where_from.format("glit_micro") + ")")
-    parser.add_argument("--data", default=None if from_run else default(kind, "data"),
-                        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH (default"
-                             + where_from.format(default(kind, "data")) + ")")
-    parser.add_argument("--epochs", type=int, default=default(kind, "epochs"))
-    parser.add_argument("--batch-size", type=int, default=default(kind, "batch_size"), help="per worker")
-    parser.add_argument("--workers", type=int, default=default(kind, "workers"), help="data-parallel Ray Train workers")
+    data = kind.__dataclass_fields__["data"]
+    parser.add_argument("--data", default=None if from_run else data.default,
+                        help=data.metadata["help"] + " (default" + where_from.format(data.default) + ")")
+    for flag in ("--epochs", "--batch-size", "--workers"):
+        add_setting(parser, flag, kind, type=int)
     add_worker_resources(parser)
-    parser.add_argument("--seed", type=int, default=default(kind, "seed"))
+    add_setting(parser, "--seed", kind, type=int)
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="DataLoader processes per Ray Train worker (default: the worker's CPUs on image data, "
                              "0 on digits, which are tensors in memory)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glit_ray.core.cli import described
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
@@ -17,12 +18,12 @@ from glit_ray.training.recipe import Recipe
 class Training:
     """What a training run trains on, for how long, and its recipe (`glit_ray.training.recipe`)."""
     space: SearchSpace
-    data: str = "digits"
+    data: str = described("digits", "digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH")
     epochs: int
     batch_size: int  # per worker
-    workers: int = 1
+    workers: int = described(1, "data-parallel Ray Train workers")
     recipe: Recipe
-    seed: int = 0
+    seed: int = described(0, "seeds the initial weights, the paths and the data order")
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "workers"):
@@ -38,8 +39,8 @@ class Training:
 @dataclass(frozen=True, kw_only=True)
 class SupernetRun(Training):
     """A supernet of one level (of one distribution at the low level), trained on paths inside `limits`."""
-    epochs: int = 30
-    batch_size: int = 32
+    epochs: int = described(30, "training epochs")
+    batch_size: int = described(32, "images per worker and step")
     level: str = "high"
     distribution: tuple[int, ...] | None = None
     limits: Limits = Limits()
@@ -55,8 +56,8 @@ class SupernetRun(Training):
 @dataclass(frozen=True, kw_only=True)
 class RetrainRun(Training):
     """One architecture trained from scratch, or from the weights it inherits from `from_supernet`."""
-    epochs: int = 300
-    batch_size: int = 128
+    epochs: int = described(300, "training epochs")
+    batch_size: int = described(128, "images per worker and step")
     arch: str
     from_supernet: str | None = None
 
@@ -64,10 +65,10 @@ class RetrainRun(Training):
 @dataclass(frozen=True, kw_only=True)
 class ShortlistRun(Training):
     """The `top` distributions of a high-level search, each retrained for the recipe's epochs."""
-    epochs: int = 10
-    batch_size: int = 128
-    top: int = 5  # GLiT's
-    scheduler: str | None = None  # "asha": Tune's ASHA stops weak trials early
+    epochs: int = described(10, "training epochs of each distribution")
+    batch_size: int = described(128, "images per worker and step")
+    top: int = described(5, "distributions to retrain (GLiT: 5)")
+    scheduler: str | None = described(None, "asha: Tune's ASHA stops weak trials early")
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,13 +80,13 @@ class ShortlistRun(Training):
 class AuditRun(Training):
     """A search's audit: `sample` architectures of its ranking (its `top` among them), `random` ones within `band`
     of the winner's FLOPs and the baselines, each trained `seeds` times (`glit_ray.audit`)."""
-    epochs: int = 5  # a few epochs: a ranking, not a finished network
-    batch_size: int = 64
+    epochs: int = described(5, "training epochs of each network: a few, for a ranking, not a finished network")
+    batch_size: int = described(64, "images per worker and step")
     sample: int
-    top: int = 5
-    random: int = 10
-    band: float = 0.1
-    seeds: int = 1
+    top: int = described(5, "the search's top-K, always in the sample (precision at K)")
+    random: int = described(10, "architectures drawn at random inside the run's limits and the winner's FLOPs band")
+    band: float = described(0.1, "the FLOPs band: within this share of the winner's")
+    seeds: int = described(1, "trainings of each architecture (their spread: its noise)")
 
     def __post_init__(self):
         super().__post_init__()
