@@ -118,7 +118,9 @@ def retrain(settings: RetrainRun, where: Placement, console: Console | None = No
     final = {k: v for k, v in state["metrics"].items() if k.startswith(("test_", "heldout_"))}
     metrics = {"arch": settings.arch, "data": settings.data, "epochs": settings.epochs,
                "from_supernet": settings.from_supernet, **initial, **final}
-    export_model(model.eval(), out, data=settings.data, test_top1=final["test_top1"], test_top5=final["test_top5"])
+    export_model(model.eval(), out, mean=splits.mean, std=splits.std,
+                 interpolation="bicubic" if splits.natural_images else "bilinear",
+                 data=settings.data, test_top1=final["test_top1"], test_top5=final["test_top5"])
     write_json(out / METRICS, metrics)
     console.print(f"test top-1 {final['test_top1']:.2f}%, top-5 {final['test_top5']:.2f}%; "
                   f"model: {out / WEIGHTS} + {out / ARCH}")
