@@ -22,9 +22,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# The edit loop's tier: every test that starts neither Ray nor a Python process (about a minute); CI runs `make test`.
+# The edit loop's tier: every test that starts neither Ray nor a Python process nor exports to ONNX (about a minute);
+# CI runs `make test`.
 test-quick: install
-	$(BIN)/python -m pytest -m "not ray and not subprocess"
+	$(BIN)/python -m pytest -m "not ray and not subprocess and not onnx"
 
 # Benchmarks P1-P8, P6b, P10-P13, P13r, P13b and P13p (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install

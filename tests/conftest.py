@@ -147,6 +147,7 @@ RAY_FIXTURES = {"ray_cluster", "high_search_process", "autoscaling_cluster"}
 def pytest_configure(config):
     config.addinivalue_line("markers", "ray: starts Ray or a run on it (set from the test's fixtures)")
     config.addinivalue_line("markers", "subprocess: starts a Python process (a command as a user runs it)")
+    config.addinivalue_line("markers", "onnx: exports through torch's dynamo exporter or runs ONNX Runtime (seconds each)")
 
 
 def pytest_collection_modifyitems(items):

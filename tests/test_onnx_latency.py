@@ -22,6 +22,8 @@ from glit_ray.models.onnx_export import INPUT, export_onnx, onnx_session
 from glit_ray.models.space import SearchSpace
 from glit_ray.training.data import build_splits, eval_transform, load_digits, normalize
 
+pytestmark = pytest.mark.onnx  # out of the quick tier: torch.export and ONNX Runtime take seconds a test
+
 ONNX_ATOL = 1e-4  # ONNX Runtime's logits against torch's (float32; they differ by about 2e-7)
 KIND_HEADS = {"global": (3,), "mixed": (1, 2), "local": (0,)}  # glit_micro's 3 heads: G = H, 0 < G < H, G = 0
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"
