@@ -86,13 +86,15 @@ def band_limits(limits: Limits, winner_flops: int, band: float) -> Limits:
 
 def random_group(search: SearchRun, inside: Limits, count: int, taken: set[str], num_classes: int,
                  rng: random.Random) -> list[str]:
-    """`count` distinct architectures drawn uniformly from the search's level inside `inside`, none in `taken`."""
+    """`count` distinct architectures drawn uniformly from the search's level inside `inside` (and its latency limit,
+    when its table predicts latency), none in `taken`."""
     found: list[str] = []
     for _ in range(MAX_DRAWS):
         if len(found) == count:
             return found
         arch = search.space.sample(search.level, rng, search.distribution)
-        if str(arch) not in taken and str(arch) not in found and inside.admits(inside.cost(search.space, arch, num_classes)):
+        if (str(arch) not in taken and str(arch) not in found and inside.admits(inside.cost(search.space, arch, num_classes))
+                and (not search.latency_table or search.latency_table.allows(arch))):
             found.append(str(arch))
     if len(found) < count:
         raise UserError(f"{MAX_DRAWS} random draws from {search.space.name} found {len(found)} distinct architecture(s) "

@@ -2,7 +2,8 @@
 
 Reads only the runs' Parquet rows, and writes under OUT (default: the first RUN_DIR/report):
 evolution.png (best and spread of held-out top-1 per generation, each run overlaid),
-pareto.png (top-1 against FLOPs, the Pareto front of each run marked), split.png (the
+pareto.png (top-1 against FLOPs, and against latency when the runs know it, predicted by a latency table or
+measured; the Pareto front of each run marked), split.png (the
 global/local head split of every block of the first run's top-k) and summary.md. When the first
 run has been audited (`glit_ray.audit`), audit.png (supernet against standalone top-1, groups
 coloured, the found architecture marked) and the audit's verdict in summary.md.
@@ -33,11 +34,14 @@ TOPK = 10
 def run_summary(rows: list[dict], objective: str = "top1") -> dict:
     """What the plots and summary.md show of one run, computed once from its rows (its best by its `objective`)."""
     ok = [r for r in rows if r["status"] == "ok"]
+    timed = [r for r in ok if r["latency_ms"] is not None]
     generations = sorted({r["generation"] for r in ok})
     best = best_record(rows, rows[0]["level"], TOPK, objective=objective)
     return {"candidates": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
             "rejected": sum(r["status"] == "rejected" for r in rows), "generations": len({r["generation"] for r in rows}),
             "ok": ok, "best": best, "topk": best["topk"] if best else [], "front": pareto.front(ok, "flops"),
+            "timed": timed, "latency_front": pareto.front(timed, "latency_ms"),
+            "latency_sources": sorted({r["latency_source"] or "measured" for r in timed}),
             "scores": {g: [r["top1"] for r in ok if r["generation"] == g] for g in generations},
             "best_so_far": list(accumulate((max(r["top1"] for r in ok if r["generation"] == g) for g in generations),
                                            max))}
@@ -74,15 +78,21 @@ def plot_evolution(summaries: dict[str, dict], path: Path) -> None:
 
 
 def plot_pareto(summaries: dict[str, dict], path: Path) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for name, summary in summaries.items():
-        ok, front = summary["ok"], summary["front"]
-        points = ax.scatter([r["flops"] / 1e6 for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
-        ax.plot([r["flops"] / 1e6 for r in front], [r["top1"] for r in front], drawstyle="steps-post", marker="D",
-                color=points.get_facecolor()[0][:3], lw=2, label=f"{name}: Pareto front")
-    ax.set(xlabel="MFLOPs (multiply-accumulates)", ylabel="held-out top-1 (%)", title="accuracy against cost")
-    ax.legend(fontsize=8)
+    """Top-1 against FLOPs, and against latency beside it when a run knows its candidates' latency (predicted by a
+    table or measured), each run's Pareto front marked."""
+    axes = [("flops", "front", 1e6, "MFLOPs (multiply-accumulates)")]
+    if any(summary["timed"] for summary in summaries.values()):
+        sources = sorted({source for summary in summaries.values() for source in summary["latency_sources"]})
+        axes.append(("latency_ms", "latency_front", 1, f"latency, ms ({' and '.join(sources)})"))
+    fig = Figure(figsize=(7 * len(axes), 4.5))
+    for ax, (column, front_key, unit, label) in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes):
+        for name, summary in summaries.items():
+            ok, front = (summary["ok"], summary["front"]) if column == "flops" else (summary["timed"], summary[front_key])
+            points = ax.scatter([r[column] / unit for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
+            ax.plot([r[column] / unit for r in front], [r["top1"] for r in front], drawstyle="steps-post", marker="D",
+                    color=points.get_facecolor()[0][:3], lw=2, label=f"{name}: Pareto front")
+        ax.set(xlabel=label, ylabel="held-out top-1 (%)", title="accuracy against cost")
+        ax.legend(fontsize=8)
     save(fig, path)
 
 
@@ -150,12 +160,16 @@ def summary_markdown(summaries: dict[str, dict], audit: dict | None = None) -> s
                   + (f", {s['rejected']} over the latency limit" if s["rejected"] else "") + ". "
                   f"Pareto front: {len(s['front'])} candidates.", ""]
         if best:
+            timed = best["latency_ms"] is not None
             lines += [f"Best: `{best['arch']}`, top-1 {best['top1']:.2f} %, {best['flops'] / 1e6:.2f} MFLOPs, "
-                      f"{best['params'] / 1e6:.3f} M params (generation {best['generation']}, {best['operator']}).", "",
-                      "| rank | architecture | top-1 % | MFLOPs | M params | generation |",
-                      "| ---: | --- | ---: | ---: | ---: | ---: |"]
-            lines += [f"| {i} | `{r['arch']}` | {r['top1']:.2f} | {r['flops'] / 1e6:.2f} | {r['params'] / 1e6:.3f} "
-                      f"| {r['generation']} |" for i, r in enumerate(s["topk"], 1)]
+                      f"{best['params'] / 1e6:.3f} M params"
+                      + (f", {best['latency_ms']:.3g} ms ({best['latency_source'] or 'measured'})" if timed else "")
+                      + f" (generation {best['generation']}, {best['operator']}).", "",
+                      "| rank | architecture | top-1 % | MFLOPs | M params |" + (" ms |" if timed else "") + " generation |",
+                      "| ---: | --- | ---: | ---: | ---: |" + (" ---: |" if timed else "") + " ---: |"]
+            lines += [f"| {i} | `{r['arch']}` | {r['top1']:.2f} | {r['flops'] / 1e6:.2f} | {r['params'] / 1e6:.3f} |"
+                      + (f" {r['latency_ms']:.3g} |" if timed else "") + f" {r['generation']} |"
+                      for i, r in enumerate(s["topk"], 1)]
             lines.append("")
     lines += ["![evolution](evolution.png)", "", "![pareto](pareto.png)", "", "![split](split.png)", ""]
     if audit:

@@ -16,6 +16,7 @@ from glit_ray.core.files import read_json, write_json
 from glit_ray.core.progress import console
 from glit_ray.models.arch import Architecture
 from glit_ray.models.constraints import Limits
+from glit_ray.models.latency_table import TableLatency
 from glit_ray.models.space import SearchSpace
 from glit_ray.searching.settings import Latency, SearchRun
 from glit_ray.training.recipe import Recipe
@@ -32,6 +33,7 @@ _STORED = {
     "recipe": (asdict, lambda value: Recipe(**value)),
     "supernet_recipe": (asdict, lambda value: Recipe(**value)),
     "latency": (lambda latency: {"batch": latency.batch, "max_ms": latency.max_ms}, lambda value: Latency(**value)),
+    "latency_table": (asdict, lambda value: TableLatency(**value)),  # the table itself: a resume needs no file
 }
 
 
@@ -49,8 +51,9 @@ def to_json(settings) -> dict[str, Any]:
 
 
 # fields added since the release before training recipes (2291a49), with what a run file without them meant
-# (a supernet trained before fair sampling, a search's included, was sampled uniformly)
-ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform"}
+# (a supernet trained before fair sampling, a search's included, was sampled uniformly; a search before latency
+# tables predicted none)
+ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform", "latency_table": None}
 
 
 def from_json(kind: str, stored: dict, source: str = "run.json"):

@@ -10,6 +10,7 @@ distribution of a high-level run (`--distribution RUN_DIR`) and searches the blo
 """
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from glit_ray.core.cli import add_setting, ArgumentParser, callers_signal_handle
 from glit_ray.core.errors import UserError
 from glit_ray.core.progress import bar, driver_has_terminal
 from glit_ray.core.progress import console as make_console
-from glit_ray.models.constraints import Limits, add_flops_convention, count_within
+from glit_ray.models.constraints import Limits, MAX_DRAWS, add_flops_convention, count_within
+from glit_ray.models.latency_table import TableLatency
 from glit_ray.models.space import LEVELS, SearchSpace
 from glit_ray.models.supernet import load_supernet
 from glit_ray.runs import RUN_FILE, check_run, open_run, resolve_distribution
@@ -120,8 +122,12 @@ def build_parser() -> ArgumentParser:
     add_setting(p, "--strategy", SearchRun, choices=("evolution", "random"))
     add_setting(p, "--objective", SearchRun, choices=("loss", "top1", "pareto"))
     add_setting(p, "--pareto-cost", SearchRun, choices=tuple(COST_COLUMNS))
+    p.add_argument("--latency-table", type=Path, metavar="TABLE.json",
+                   help="predict each candidate's latency from this table, built on the device the model will run on "
+                        "(python -m glit_ray.latency_table); --latency-max-ms then rejects candidates as they are bred")
     p.add_argument("--latency", action="store_true", help="measure each candidate's latency on its evaluator's device")
-    p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this (implies --latency)")
+    p.add_argument("--latency-max-ms", type=float, help="reject candidates slower than this: predicted by "
+                                                        "--latency-table, else measured (implies --latency)")
     add_setting(p, "--latency-batch", Latency, "batch", type=int)
     for bound in ("flops-min", "flops-max"):
         p.add_argument(f"--{bound}", type=float, help="in millions, counted in --flops-convention")
@@ -163,8 +169,9 @@ def settings_from_args(args) -> SearchRun:
     if args.level == "high" and args.distribution:
         raise UserError("--distribution applies to --level low only; drop it for the high level")
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
-    latency = Latency(args.latency_batch, args.latency_max_ms)  # (checked whether or not latency is measured)
-    measured = args.latency or args.latency_max_ms is not None or args.pareto_cost == "latency"
+    table = TableLatency.load(args.latency_table, space, args.latency_max_ms) if args.latency_table else None
+    latency = Latency(args.latency_batch, None if table else args.latency_max_ms)  # (checked even if not measured)
+    measured = args.latency or (not table and (args.latency_max_ms is not None or args.pareto_cost == "latency"))
     # checked as given, before the data set is read for the recipe that depends on it
     given = SearchRun(
         space=space, level=args.level, distribution=distribution, data=args.data,
@@ -174,7 +181,7 @@ def settings_from_args(args) -> SearchRun:
         population=args.population, generations=args.generations, topk=args.topk, mutations=args.mutations,
         crossovers=args.crossovers, mutation_prob=args.mutation_prob, strategy=args.strategy, objective=args.objective,
         pareto_cost=COST_COLUMNS[args.pareto_cost],
-        latency=latency if measured else None,
+        latency=latency if measured else None, latency_table=table,
         supernet_epochs=args.supernet_epochs, supernet_workers=args.supernet_workers, seed=args.seed,
         supernet_sampling=args.supernet_sampling)
     recipe = None if args.supernet else training_recipe(args, given.data, space, SupernetRun.batch_size,
@@ -228,6 +235,9 @@ def check_search(settings: SearchRun, splits) -> None:
     architectures inside them than a generation, a supernet of another space or level, an epoch without a step."""
     space, level, limits = settings.space, settings.level, settings.limits
     limits.check_feasible(space, level, splits.num_classes, settings.distribution)
+    if settings.latency_table:
+        settings.latency_table.check_fits(space, level, splits.num_classes, settings.distribution)
+        check_draws_meet(settings, splits.num_classes)
     inside = count_within(limits, space, level, splits.num_classes, settings.distribution)
     if inside is not None and inside < settings.population:
         raise UserError(f"only {inside} architecture(s) of {space.name} ({level} level) meet {limits}, fewer than "
@@ -239,6 +249,19 @@ def check_search(settings: SearchRun, splits) -> None:
         check_epoch_has_a_step(len(splits.train), SupernetRun.batch_size, settings.supernet_workers,
                                "lower --supernet-workers, or train one with python -m glit_ray.train_supernet "
                                "--batch-size N and give it as --supernet")
+
+
+def check_draws_meet(settings: SearchRun, num_classes: int) -> None:
+    """Refuse FLOPs/params limits and a latency limit that each leave architectures but none together (as far as
+    MAX_DRAWS random draws tell)."""
+    space, limits, latency, rng = settings.space, settings.limits, settings.latency_table, random.Random(settings.seed)
+    for _ in range(MAX_DRAWS):
+        arch = space.sample(settings.level, rng, settings.distribution)
+        if limits.admits(limits.cost(space, arch, num_classes)) and latency.allows(arch):
+            return
+    raise UserError(f"none of {MAX_DRAWS} random architectures of {space.name} meets both {limits} and "
+                    f"--latency-max-ms {latency.max_ms:g} by {latency.path}; raise the latency limit or widen the "
+                    "FLOPs/params limits")
 
 
 def requests(settings: SearchRun, where: Placement) -> tuple[Request | None, Request]:
@@ -320,6 +343,10 @@ def run_generations(settings: SearchRun, searcher: EvolutionSearcher, pool: list
     else:
         console.print(f"{settings.level}-level search of {settings.space.name} on {settings.data}: "
                       f"{settings.generations} generations -> {out}")
+        if settings.latency_table:
+            limit = settings.latency_table.max_ms
+            console.print(f"latency predicted by {settings.latency_table.path} ({settings.latency_table.about})"
+                          + (f"; candidates over {limit:g} ms are not bred" if limit is not None else ""))
     console.print(str(scorers))
     callbacks = [ResultsCallback(out, settings.level, settings.topk, settings.generations, settings.pareto_cost, about,
                                  settings.objective)]

@@ -9,7 +9,7 @@ code and recipe (`glit_ray.training.trials`: side by side, resumable, the test s
 it stopped when run again.
 
 Written into the search's run: RUN_DIR/shortlist.json (every candidate's search and shortlist
-top-1, epochs trained, the winner, and the Kendall tau between the two orders: how far the
+top-1, its latency as the search knew it (predicted by its table, or measured), epochs trained, the winner, and the Kendall tau between the two orders: how far the
 supernet's ranking held) and RUN_DIR/shortlist/ (Tune's experiment, one retraining directory per
 candidate with its checkpoints and TensorBoard).
 """
@@ -40,7 +40,8 @@ RECORD, FOLDER = "shortlist.json", "shortlist"
 
 def top_candidates(run_dir: Path, top: int) -> list[dict]:
     """The `top` best distinct architectures the search in `run_dir` scored, best first by its objective."""
-    return [{"arch": r["arch"], "search_top1": r["top1"], "search_loss": r["loss"], "generation": r["generation"]}
+    return [{"arch": r["arch"], "search_top1": r["top1"], "search_loss": r["loss"], "generation": r["generation"],
+             "latency_ms": r["latency_ms"], "latency_source": r["latency_source"]}
             for r in ranked_architectures(run_dir, search_settings(run_dir, "high").objective)[:top]]
 
 
@@ -78,7 +79,8 @@ def shortlist(settings: ShortlistRun, where: Placement, console=None) -> dict:
     write_json(run_dir / RECORD, record)
     for i, c in enumerate(candidates):
         console.print(f"{i + 1}. {c['arch']}: search top-1 {c['search_top1']:.2f}%, after {c['epochs']} epoch(s) "
-                      f"held-out top-1 {c['shortlist_top1']:.2f}%{' (stopped early)' if c['stopped_early'] else ''}")
+                      f"held-out top-1 {c['shortlist_top1']:.2f}%{' (stopped early)' if c['stopped_early'] else ''}"
+                      + (f", {c['latency_ms']:.3g} ms ({c['latency_source']})" if c["latency_ms"] is not None else ""))
     if tau is not None:
         console.print(f"the search's order against the shortlist's: Kendall tau {tau:.2f} over {len(candidates)} "
                       "distributions (1: the same order, -1: reversed)")

@@ -25,6 +25,23 @@ def tiny() -> SearchSpace:
     return SearchSpace.load("glit_tiny")
 
 
+@pytest.fixture(scope="session")
+def micro_latency_table(micro) -> dict:
+    """A latency table of glit_micro for 10 classes, assembled by `assemble_table` from made-up part times (a block's
+    0.05 ms per MFLOP plus 5 us): the search's bookkeeping, not the table's timing (tests/test_onnx_latency.py)."""
+    from glit_ray.models.cost import block_cost
+    from glit_ray.models.latency_table import (HEAD, NETWORK, OVERHEAD, STEM, Runtime, assemble_table,
+                                               block_options)
+
+    def in_sequence(block):  # `depth` copies, one call
+        return micro.depth * (0.05 * block_cost(micro, block).flops / 1e6 + 0.005) + 0.01
+
+    parts = {OVERHEAD: 0.01, STEM: 0.03, HEAD: 0.02, **{str(b): in_sequence(b) for b in block_options(micro)}}
+    for g in micro.global_heads:
+        parts[NETWORK.format(g)] = 0.054 + in_sequence(micro.default_block(g)) - 0.01
+    return assemble_table(micro, Runtime("torch"), parts, num_classes=10)
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)

@@ -20,6 +20,7 @@ from glit_ray.core.cli import run
 from glit_ray.core.files import write_json
 from glit_ray.models.arch import Architecture
 from glit_ray.models.cost import arch_cost
+from glit_ray.models.latency_table import TableLatency, write_table
 from glit_ray.report import report
 from glit_ray.runs import RUN_FILE, to_json
 from glit_ray.search import build_parser as search_parser
@@ -87,6 +88,19 @@ def test_the_sample_is_stratified_random_networks_sit_in_the_band_and_the_baseli
     assert plain.distribution == (3,) * 6 and conv.distribution == (0,) * 6
     assert plain.blocks[0] == micro.default_block(3)  # the high level's sizes
     assert choose_sample(settings, search, ranked, 10) == sample  # drawn from the seed: the same again
+
+
+def test_the_random_group_of_a_search_under_a_latency_table_meets_its_limit(micro, micro_latency_table, tmp_path):
+    write_table(tmp_path / "table.json", micro_latency_table)
+    limited = ["--latency-table", str(tmp_path / "table.json"), "--latency-max-ms", "0.65"]
+    drawn = {}
+    for name, argv in (("free", []), ("limited", limited)):
+        search = fake_search(tmp_path / name, micro, argv=argv)
+        settings = audit_settings(tmp_path / name, "--sample", "4", "--top", "1", "--random", "12", "--band", "0.3")
+        sample = choose_sample(settings, search, ranked_architectures(tmp_path / name), 10)
+        drawn[name] = [TableLatency(micro_latency_table).ms(Architecture.parse(row["arch"]))
+                       for row in sample if row["group"] == "random"]
+    assert len(drawn["limited"]) == 12 and max(drawn["limited"]) <= 0.65 < max(drawn["free"])
 
 
 @pytest.mark.parametrize("argv, message", [

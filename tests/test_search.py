@@ -19,6 +19,7 @@ from glit_ray.cluster.resources import evaluators
 from glit_ray.core.errors import UserError
 from glit_ray.models.arch import Architecture
 from glit_ray.models.cost import cost_range
+from glit_ray.models.latency_table import write_table
 from glit_ray.models.space import SearchSpace
 from glit_ray.models.supernet import load_supernet
 from glit_ray.runs import from_json, to_json
@@ -307,7 +308,8 @@ def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, un
     sets = scoring_sets(DIGITS, 1, 64)
     free = Evaluator(untrained_supernet.read_bytes(), sets, 0, latency=Latency(batch=2))
     row = free.score(arch)
-    assert row["latency_ms"] > 0 and row["device"].startswith("cpu") and 0 <= row["top1"] <= 100
+    assert row["latency_ms"] > 0 and row["latency_source"] == "measured" and row["device"].startswith("cpu")
+    assert 0 <= row["top1"] <= 100
     assert free.score(arch)["latency_ms"] == row["latency_ms"]  # measured once per architecture
     strict = Evaluator(untrained_supernet.read_bytes(), sets, 1, latency=Latency(batch=2, max_ms=1e-6))
     rejected = strict.score(arch)
@@ -316,26 +318,69 @@ def test_latency_is_measured_cached_and_a_limit_rejects_unscored(ray_session, un
     assert "latency_ms" not in Evaluator(untrained_supernet.read_bytes(), sets, 2).score(arch)
 
 
-def test_pareto_search_over_latency_records_it_and_lists_the_front(ray_session, untrained_supernet, tmp_path):
+def test_a_pareto_search_under_a_latency_table_breeds_none_over_its_limit_and_reports_the_predictions(
+        ray_session, untrained_supernet, micro_latency_table, tmp_path):
+    """Latency predicted on the target device: the limit applied as children are bred (none scored is over it), the
+    Pareto front and parents over it, and best.json, the report and the shortlist's candidates carrying it."""
+    from glit_ray.report import report
     from glit_ray.searching import pareto
+    from glit_ray.shortlist import top_candidates
 
-    out = tmp_path / "pareto"
-    best = search(settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL,
-                               "--objective", "pareto",
-                               "--pareto-cost", "latency", "--latency-max-ms", "1000"), Placement(out),
-                  search_unlearnt=True)
+    table, out = tmp_path / "table.json", tmp_path / "run"
+    write_table(table, micro_latency_table)
+    settings = settings_for("--level", "high", "--supernet", str(untrained_supernet), *SMALL, "--latency-table",
+                            str(table), "--latency-max-ms", "0.66", "--objective", "pareto", "--pareto-cost", "latency")
+    assert settings.latency is None and from_json("search", to_json(settings)) == settings  # run.json holds the table
+    best = search(settings, Placement(out), search_unlearnt=True)
+    rows = check_run(out, "high", improves=False)  # every candidate bred was scored: none over the limit
+    latency = settings.latency_table
+    assert all(r["latency_source"] == "table" and r["latency_ms"] == latency.ms(Architecture.parse(r["arch"])) <= 0.66
+               for r in rows)
     assert best["supernet"] == {"learnt": None, "searched_unlearnt": True}  # no probes kept: said, and searched anyway
     assert json.loads((out / "best.json").read_text())["supernet"] == best["supernet"]
-    rows = check_run(out, "high", improves=False)
-    assert all(r["latency_ms"] > 0 and r["device"] for r in rows)
     front = [r["arch"] for r in pareto.front(rows, "latency_ms")]
     assert [r["arch"] for r in best["front"]] == front and best["front_cost"] == "latency_ms"
-    assert json.loads((out / "best.json").read_text())["front"] == best["front"]
+    assert json.loads((out / "best.json").read_text())["front"] == best["front"] and best["latency_source"] == "table"
     # every bred child's parents were on the lowest Pareto ranks of what had been scored before it
     for g in (1, 2):
         earlier = [r for r in rows if r["generation"] < g]
         allowed = {r["arch"] for r in pareto.select(earlier, 4, "latency_ms")}
         assert all(set(r["parents"]) <= allowed for r in rows if r["generation"] == g)
+    assert all(c["latency_ms"] == latency.ms(Architecture.parse(c["arch"])) and c["latency_source"] == "table"
+               for c in top_candidates(out, 3))
+    summary = (report([out]) / "summary.md").read_text()
+    assert "| ms |" in summary and f"{best['latency_ms']:.3g} ms (table)" in summary
+
+
+def test_latency_is_measured_by_the_evaluators_unless_a_table_predicts_it(micro_latency_table, tmp_path):
+    assert settings_for("--level", "high").latency is None
+    assert settings_for("--level", "high", "--pareto-cost", "latency").latency == Latency(1, None)
+    assert settings_for("--level", "high", "--latency-max-ms", "3", "--latency-batch", "4").latency == Latency(4, 3.0)
+    write_table(tmp_path / "table.json", micro_latency_table)
+    predicted = settings_for("--level", "high", "--latency-table", str(tmp_path / "table.json"), "--latency-max-ms", "3",
+                             "--pareto-cost", "latency")
+    assert predicted.latency is None and predicted.latency_table.max_ms == 3.0
+    assert predicted.evolution.latency_table == predicted.latency_table and predicted.pareto_cost == "latency_ms"
+
+
+def test_a_latency_table_that_cannot_serve_the_search_is_refused_before_ray(micro_latency_table, tmp_path, cli_error):
+    table, out = tmp_path / "table.json", tmp_path / "run"
+    write_table(table, micro_latency_table)
+    run = ["--level", "high", "--latency-table", str(table), "--out", str(out)]
+    assert ("no architecture of glit_micro (high level) meets --latency-max-ms 0.5: the fastest takes 0.588 ms"
+            in cli_error(main, [*run, "--latency-max-ms", "0.5"]))
+    assert ("none of 10000 random architectures of glit_micro meets both flops-min 12M and --latency-max-ms 0.6"
+            in cli_error(main, [*run, "--latency-max-ms", "0.6", "--flops-min", "12"]))
+    assert "give one of them" in cli_error(main, [*run, "--latency"])
+    assert "measured for space glit_micro, not for glit_pico" in cli_error(main, [*run, "--space", "glit_pico"])
+    write_table(table, {**micro_latency_table, "num_classes": 1000})
+    assert ("measured with a head of 1000 classes, the data has 10; build one with python -m glit_ray.latency_table "
+            "--space glit_micro --out TABLE.json --classes 10") in cli_error(main, run)
+    write_table(table, {**micro_latency_table, "blocks_ms": dict(list(micro_latency_table["blocks_ms"].items())[1:])})
+    assert "has no entry for 1 block option(s) of glit_micro" in cli_error(main, run)
+    table.write_text(json.dumps(micro_latency_table)[:300])
+    assert "cut short, or not JSON" in cli_error(main, run)
+    assert not out.exists()
 
 
 def test_resume_rebuilds_a_truncated_generation_file_from_tunes_snapshot(ray_session, high_search, tmp_path, capsys):

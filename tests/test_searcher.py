@@ -7,6 +7,7 @@ from ray.tune.search import Searcher
 from glit_ray.models.arch import Architecture
 from glit_ray.models.constraints import Limits
 from glit_ray.models.cost import arch_cost
+from glit_ray.models.latency_table import TableLatency
 from glit_ray.models.space import SearchSpace
 from glit_ray.search import build_parser, settings_from_args
 from glit_ray.searching import pareto
@@ -245,3 +246,23 @@ def test_a_searcher_pickled_by_an_earlier_glit_ray_is_refused_in_one_line(micro,
         pickle.loads(pickle.dumps(old))
     again = pickle.loads(pickle.dumps(make(micro)))  # today's round-trips
     assert again.evolution == make(micro).evolution
+
+
+@pytest.mark.parametrize("level", ["high", "low"])
+def test_a_latency_table_limit_keeps_every_bred_candidate_under_it_and_records_the_prediction(micro, micro_latency_table,
+                                                                                              level):
+    distribution = (3, 2, 1, 0, 1, 2) if level == "low" else None
+    free = TableLatency(micro_latency_table)
+    unlimited = run_to_end(make(micro, level=level, distribution=distribution, latency_table=free))
+    predicted = sorted(c["latency_ms"] for config in unlimited for c in config["candidates"])
+    limit = predicted[len(predicted) // 2]  # half of what the unlimited search bred is over it
+    latency = TableLatency(micro_latency_table, max_ms=limit)
+    configs = run_to_end(make(micro, level=level, distribution=distribution, latency_table=latency))
+    candidates = [c for config in configs for c in config["candidates"]]
+    assert len(candidates) == BUDGET["population"] + 3 * (BUDGET["mutations"] + BUDGET["crossovers"])
+    assert all(c["latency_source"] == "table" for c in candidates)
+    assert all(c["latency_ms"] == latency.ms(Architecture.parse(c["arch"])) <= limit for c in candidates)
+    assert all(config["draws"]["met"] < config["draws"]["total"] for config in configs[:1])  # rejected as bred
+    assert {c["arch"] for c in candidates} != {c["arch"] for config in unlimited for c in config["candidates"]}
+    if level == "low":
+        assert all(Architecture.parse(c["arch"]).distribution == distribution for c in candidates)

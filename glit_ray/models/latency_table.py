@@ -38,6 +38,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +56,9 @@ RUNTIMES = ("onnxruntime", "torch")
 SPAN_S, MIN_REPEATS, MAX_REPEATS, WARMUP, ROUNDS = 0.2, 20, 5000, 5, 3
 OVERHEAD, STEM, HEAD, NETWORK = "call_overhead", "stem", "head", "network of G={}"
 BUILD = "python -m glit_ray.latency_table --space {space} --out TABLE.json"
+ENTRIES = {"space": str, "space_digest": str, "runtime": str, "device": str, "img_size": int, "num_classes": int,
+           "batch": int, "threads": int, "call_overhead_ms": float, "joint_ms": float, "stem_ms": float,
+           "head_ms": float, "blocks_ms": dict}  # what a prediction, its checks and its messages read
 
 
 class Stem(nn.Module):
@@ -248,7 +252,16 @@ def load_table(path: str | Path, space: SearchSpace, img_size: int | None = None
                         f"rebuild it with {build}") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT:
         raise UserError(f"{path} is not a glit_ray latency table (format {FORMAT} expected); build one with {build}")
-    return check_table(table, space, img_size, str(path))
+    missing = [key for key, kind in ENTRIES.items()
+               if not isinstance(table.get(key), (int, float) if kind is float else kind)]
+    if missing:
+        raise UserError(f"latency table {path} lacks {missing[0]} (edited, or written in part); rebuild it with {build}")
+    table = check_table(table, space, img_size, str(path))
+    absent = [str(block) for block in block_options(space) if str(block) not in table["blocks_ms"]]
+    if absent:
+        raise UserError(f"latency table {path} has no entry for {len(absent)} block option(s) of {space.name} "
+                        f"({absent[0]}, ...); rebuild it with {build}")
+    return table
 
 
 def check_table(table: dict, space: SearchSpace, img_size: int | None = None, source: str = "the latency table") -> dict:
@@ -268,6 +281,61 @@ def predict_ms(table: dict, space: SearchSpace, arch: Architecture | str, img_si
     """The predicted milliseconds of a forward pass of `arch` at the table's batch, runtime and threads: the stem,
     its blocks' entries, the head, the cost of joining them and the runtime's cost of one call."""
     check_table(table, space, img_size)
-    arch = space.validate(Architecture.parse(arch) if isinstance(arch, str) else arch)
+    return summed_ms(table, space.validate(Architecture.parse(arch) if isinstance(arch, str) else arch).blocks)
+
+
+def summed_ms(table: dict, blocks) -> float:
+    """The parts every network pays once, plus the entries of `blocks`."""
     return (table["call_overhead_ms"] + table["joint_ms"] + table["stem_ms"] + table["head_ms"]
-            + sum(table["blocks_ms"][str(block)] for block in arch.blocks))
+            + sum(table["blocks_ms"][str(block)] for block in blocks))
+
+
+@dataclass(frozen=True)
+class TableLatency:
+    """A search's latency predicted from a table built on the target device (`--latency-table`), and its limit
+    (`--latency-max-ms`): known before a candidate is scored, so one over the limit is never bred (the FLOPs limits'
+    way), where latency measured by the evaluators costs their time and is known only after."""
+    table: dict = field(repr=False, hash=False)  # checked to fit the search's space and image size when loaded
+    max_ms: float | None = None
+    path: str = ""  # where the table was read from: what messages name
+
+    def __post_init__(self):
+        if self.max_ms is not None and self.max_ms <= 0:
+            raise UserError(f"--latency-max-ms {self.max_ms:g} is not a positive time; give milliseconds above 0")
+
+    @classmethod
+    def load(cls, path: str | Path, space: SearchSpace, max_ms: float | None = None) -> TableLatency:
+        return cls(load_table(path, space), max_ms, str(Path(path).resolve()))
+
+    @property
+    def about(self) -> str:
+        """What the table's milliseconds are: its runtime, threads, batch and device."""
+        t = self.table
+        return f"{t['runtime']}, {t['threads']} thread{'s' * (t['threads'] > 1)}, batch {t['batch']}, {t['device']}"
+
+    def ms(self, arch: Architecture) -> float:
+        return summed_ms(self.table, arch.blocks)
+
+    def admits(self, ms: float) -> bool:
+        return self.max_ms is None or ms <= self.max_ms
+
+    def allows(self, arch: Architecture) -> bool:
+        """Whether `arch`'s predicted latency is inside the limit."""
+        return self.admits(self.ms(arch))
+
+    def check_fits(self, space: SearchSpace, level: str, num_classes: int,
+                   distribution: tuple[int, ...] | None = None) -> None:
+        """Refuse a table whose head has another number of classes than the data, or a limit that no architecture
+        of the level meets (the fastest takes the fastest option at every position)."""
+        build = BUILD.format(space=space.name)
+        if self.table["num_classes"] != num_classes:
+            raise UserError(f"latency table {self.path} was measured with a head of {self.table['num_classes']} "
+                            f"classes, the data has {num_classes}; build one with {build} --classes {num_classes}")
+        if self.max_ms is None:
+            return
+        blocks = self.table["blocks_ms"]
+        fastest = summed_ms(self.table, []) + sum(min(blocks[str(b)] for b in allowed)
+                                                  for allowed in space.block_choices(level, distribution))
+        if fastest > self.max_ms:
+            raise UserError(f"no architecture of {space.name} ({level} level) meets --latency-max-ms {self.max_ms:g}: "
+                            f"the fastest takes {fastest:.3g} ms by {self.path} ({self.about}); raise the limit")

@@ -59,7 +59,7 @@ class Evaluator:
                "device": self.device_name}
         with self.autocast:
             if self.latency:
-                row["latency_ms"] = latency = self.measure(arch)
+                row.update(latency_ms=(latency := self.measure(arch)), latency_source="measured")
                 limit = self.latency.max_ms
                 if limit is not None and latency > limit:
                     return {**row, "status": "rejected", "eval_seconds": time.perf_counter() - started,

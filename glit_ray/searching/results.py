@@ -26,6 +26,7 @@ SCHEMA = pa.schema([
     ("parents", pa.list_(pa.string())), ("operator", pa.string()),
     ("top1", pa.float64()), ("top5", pa.float64()), ("loss", pa.float64()),
     ("flops", pa.int64()), ("flops_convention", pa.string()), ("params", pa.int64()), ("latency_ms", pa.float64()),
+    ("latency_source", pa.string()),  # "table" (predicted on the target device) or "measured" (on the evaluator)
     ("eval_seconds", pa.float64()),
     ("actor", pa.int32()), ("node", pa.string()), ("device", pa.string()), ("trial_id", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ("status", pa.string()), ("error", pa.string()),
@@ -115,7 +116,7 @@ def best_record(rows: list[dict], level: str, topk: int, cost: str = "flops", ob
     ok = pareto.best_first([r for r in rows if r["status"] == "ok"], objective)
     if not ok:
         return None
-    keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params", "latency_ms")
+    keep = ("arch", "generation", "operator", "top1", "top5", "loss", "flops", "params", "latency_ms", "latency_source")
 
     def record(r):
         return {k: r.get(k) for k in keep}

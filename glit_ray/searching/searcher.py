@@ -1,6 +1,7 @@
 """GLiT's evolution (SPOS-style) as a Ray Tune `Searcher`, one generation per trial.
 
-Generation 0 is `population` random architectures inside the limits. (`strategy="random"`, the
+Generation 0 is `population` random architectures inside the limits (FLOPs, params, and the latency a table
+predicts on the target device: a candidate over them is never bred, so no evaluator time goes to it). (`strategy="random"`, the
 baseline, draws every later generation at random too, with the same budget.) Every later generation
 takes the top-k of all candidates scored so far as parents (by top-1, by held-out loss with `objective="loss"`, or with `objective="pareto"`
 by Pareto rank and crowding over top-1 and `cost`, as NSGA-II does) and breeds `mutations` children by
@@ -141,16 +142,21 @@ class Brood:
         self.candidates, self.draws = [], {"total": 0, "met": 0}
 
     def admit(self, arch: Architecture, operator: str, parents: list[Architecture]) -> bool:
-        """Take `arch` as a candidate if it is inside the limits and never suggested before."""
+        """Take `arch` as a candidate if it is inside the limits (its latency predicted by a table too) and never
+        suggested before."""
         evolution, self.draws["total"] = self.evolution, self.draws["total"] + 1
         if not evolution.limits.admits(evolution.limits.cost(evolution.space, arch, self.num_classes)):
+            return False
+        latency = evolution.latency_table
+        predicted = {"latency_ms": latency.ms(arch), "latency_source": "table"} if latency else {}
+        if latency and not latency.admits(predicted["latency_ms"]):
             return False
         self.draws["met"] += 1
         if str(arch) in self.seen:
             return False
         self.seen.add(str(arch))
         self.candidates.append({"arch": str(arch), "generation": self.generation, "operator": operator,
-                                "parents": [str(p) for p in parents]})
+                                "parents": [str(p) for p in parents], **predicted})
         return True
 
     def made(self, operator: str, parents: list[Architecture]) -> tuple[Architecture, list[Architecture], Architecture]:

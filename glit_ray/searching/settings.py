@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from glit_ray.core.cli import described, like
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
+from glit_ray.models.latency_table import TableLatency
 from glit_ray.models.space import SearchSpace
 from glit_ray.training.data import located
 from glit_ray.training.imagesets import scoring_sizes
@@ -52,7 +53,9 @@ class Evolution:
                                        "it orders networks as training them does better than top-1, BENCHMARKS.md "
                                        "P13b); top1, held-out top-1 (ties: loss); pareto, non-dominated rank and "
                                        "crowding over top-1 and --pareto-cost")
-    pareto_cost: str = described("flops", "the cost axis of the Pareto front (latency implies --latency)")
+    pareto_cost: str = described("flops", "the cost axis of the Pareto front (latency: predicted by --latency-table, "
+                                          "else measured, as --latency)")
+    latency_table: TableLatency | None = None  # latency predicted on the target device, its limit applied in breeding
     seed: int = described(0, "seeds the evolution, and the supernet the search trains")
 
     def __post_init__(self):
@@ -94,7 +97,8 @@ class SearchRun:
     strategy: str = like(Evolution, "strategy")
     objective: str = like(Evolution, "objective")
     pareto_cost: str = like(Evolution, "pareto_cost")
-    latency: Latency | None = None
+    latency: Latency | None = None  # measured by the evaluators
+    latency_table: TableLatency | None = None  # predicted from a table built on the target device
     supernet_epochs: int = described(SupernetRun.epochs, "when training the supernet here: its epochs")
     supernet_workers: int = described(SupernetRun.workers, "when training the supernet here: its data-parallel Ray "
                                                            "Train workers")
@@ -105,6 +109,9 @@ class SearchRun:
     def __post_init__(self):
         if self.level not in ("high", "low"):
             raise UserError(f"level {self.level!r} is not one of high, low")
+        if self.latency and self.latency_table:
+            raise UserError("--latency measures latency on the evaluators, --latency-table predicts it on the device "
+                            "the table was built on; give one of them")
         if (self.level == "low") != (self.distribution is not None):
             raise UserError("--level low needs --distribution RUN_DIR (a high-level search run) or an ARCH_STRING"
                             if self.level == "low" else
