@@ -27,7 +27,7 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess and not onnx"
 
-# Benchmarks P1-P8, P6b, P10-P13, P13r, P13b and P13p (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b, P10-P14, P13r, P13b and P13p (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -52,6 +52,8 @@ bench: install
 	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/bench-pico/folder224 \
 	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/bench-pico/search-high
 	$(BIN)/python bench/audit_value.py --run runs/bench-pico/search-high --epochs 10 --batch-size 32 --id P13p --record
+	# P14: latency predicted from a table against whole networks under ONNX Runtime (about 15 minutes)
+	$(BIN)/python bench/latency_table.py --spaces glit_micro,glit_pico --archs 30 --record
 
 # The real 224-px path (P10 and P11, supernet training, scoring, search, retrain) on one GPU with bfloat16, with its
 # figures; then P12, GLiT-Base's peak memory with and without gradient checkpointing on that GPU.

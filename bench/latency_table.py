@@ -82,7 +82,7 @@ def main() -> None:
         rows += space_rows
     body = "\n".join([
         f"ONNX Runtime {runtime.version} (CPU), {args.threads} thread{'s' * (args.threads > 1)}, batch {args.batch}, "
-        f"1000 classes; each part and network: the median of {args.rounds} interleaved rounds, each the median of "
+        f"1000 classes; each part and network: the median of {args.rounds} interleaved rounds, each the fastest of "
         "enough repeats to span 0.2 s. error = |predicted - measured| / measured.", "",
         "| space | table entries | table cost (export + timing) | networks | measured ms | median error | worst error "
         "| mean signed error | Kendall tau | export per network |",
