@@ -80,18 +80,18 @@ def plot_evolution(summaries: dict[str, dict], path: Path) -> None:
 def plot_pareto(summaries: dict[str, dict], path: Path) -> None:
     """Top-1 against FLOPs, and against latency beside it when a run knows its candidates' latency (predicted by a
     table or measured), each run's Pareto front marked."""
-    axes = [("flops", "front", 1e6, "MFLOPs (multiply-accumulates)")]
+    axes = [("flops", "front", 1e6, "MFLOPs (multiply-accumulates)", "FLOPs")]
     if any(summary["timed"] for summary in summaries.values()):
         sources = sorted({source for summary in summaries.values() for source in summary["latency_sources"]})
-        axes.append(("latency_ms", "latency_front", 1, f"latency, ms ({' and '.join(sources)})"))
+        axes.append(("latency_ms", "latency_front", 1, f"latency, ms ({' and '.join(sources)})", "latency"))
     fig = Figure(figsize=(7 * len(axes), 4.5))
-    for ax, (column, front_key, unit, label) in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes):
+    for ax, (column, front_key, unit, label, cost) in zip(fig.subplots(1, len(axes), squeeze=False)[0], axes):
         for name, summary in summaries.items():
             ok, front = (summary["ok"], summary["front"]) if column == "flops" else (summary["timed"], summary[front_key])
             points = ax.scatter([r[column] / unit for r in ok], [r["top1"] for r in ok], s=10, alpha=0.4, label=name)
             ax.plot([r[column] / unit for r in front], [r["top1"] for r in front], drawstyle="steps-post", marker="D",
                     color=points.get_facecolor()[0][:3], lw=2, label=f"{name}: Pareto front")
-        ax.set(xlabel=label, ylabel="held-out top-1 (%)", title="accuracy against cost")
+        ax.set(xlabel=label, ylabel="held-out top-1 (%)", title=f"accuracy against {cost}")
         ax.legend(fontsize=8)
     save(fig, path)
 
@@ -158,7 +158,8 @@ def summary_markdown(summaries: dict[str, dict], audit: dict | None = None) -> s
         lines += [f"## {name}", "",
                   f"{s['candidates']} candidates in {s['generations']} generations, {s['failed']} failed"
                   + (f", {s['rejected']} over the latency limit" if s["rejected"] else "") + ". "
-                  f"Pareto front: {len(s['front'])} candidates.", ""]
+                  f"Pareto front over FLOPs: {len(s['front'])} candidates"
+                  + (f", over latency: {len(s['latency_front'])}" if s["timed"] else "") + ".", ""]
         if best:
             timed = best["latency_ms"] is not None
             lines += [f"Best: `{best['arch']}`, top-1 {best['top1']:.2f} %, {best['flops'] / 1e6:.2f} MFLOPs, "

@@ -45,7 +45,7 @@ def test_report_writes_real_plots_and_a_summary_matching_the_parquet(micro, tmp_
         dominated = [r for r in ok if any(o["top1"] >= r["top1"] and o["flops"] <= r["flops"] and
                                           (o["top1"], o["flops"]) != (r["top1"], r["flops"]) for o in ok)]
         assert f"## {run_dir.name}" in summary
-        assert f"24 candidates in 3 generations, 3 failed. Pareto front: {len(ok) - len(dominated)} candidates." in summary
+        assert f"24 candidates in 3 generations, 3 failed. Pareto front over FLOPs: {len(ok) - len(dominated)} candidates." in summary
         assert f"Best: `{best['arch']}`, top-1 {best['top1']:.2f} %" in summary
 
 
