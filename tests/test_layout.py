@@ -63,9 +63,11 @@ def test_the_layer_check_sees_imports_upwards_relative_or_absolute(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_the_model_layer_and_the_base_load_without_ray():
+def test_the_model_layer_the_base_and_the_deployment_commands_load_without_ray():
+    """What a deployment device runs (the export, the latency table) needs no Ray: it may have none."""
     modules = sorted(f"glit_ray.{p.parent.name}.{p.stem}" for pkg in ("core", "models")
                      for p in (PACKAGE / pkg).glob("*.py") if p.stem != "__init__")
+    modules += ["glit_ray.export", "glit_ray.latency_table"]
     code = (f"import sys; import {', '.join(modules)}\n"
             "print(sorted({name.split('.')[0] for name in sys.modules} & {'ray', 'pyarrow', 'pandas'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
