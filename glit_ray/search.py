@@ -171,6 +171,10 @@ def settings_from_args(args) -> SearchRun:
     distribution = resolve_distribution(args.distribution, space) if args.level == "low" else None
     table = TableLatency.load(args.latency_table, space, args.latency_max_ms) if args.latency_table else None
     latency = Latency(args.latency_batch, None if table else args.latency_max_ms)  # (checked even if not measured)
+    if table and args.latency_batch != table.table["batch"]:
+        raise UserError(f"--latency-batch {args.latency_batch} does not apply to {args.latency_table}, timed at batch "
+                        f"{table.table['batch']}; drop --latency-batch, or build a table with "
+                        f"`python -m glit_ray.latency_table --batch {args.latency_batch}`")
     measured = args.latency or (not table and (args.latency_max_ms is not None or args.pareto_cost == "latency"))
     # checked as given, before the data set is read for the recipe that depends on it
     given = SearchRun(

@@ -374,6 +374,8 @@ def test_a_latency_table_that_cannot_serve_the_search_is_refused_before_ray(micr
     assert ("none of 10000 random architectures of glit_micro meets both flops-min 12M and --latency-max-ms 0.6"
             in cli_error(main, [*run, "--latency-max-ms", "0.6", "--flops-min", "12"]))
     assert "give one of them" in cli_error(main, [*run, "--latency"])
+    assert (f"--latency-batch 8 does not apply to {table}, timed at batch 1; drop --latency-batch, or build a table "
+            "with `python -m glit_ray.latency_table --batch 8`") in cli_error(main, [*run, "--latency-batch", "8"])
     assert "measured for space glit_micro, not for glit_pico" in cli_error(main, [*run, "--space", "glit_pico"])
     write_table(table, {**micro_latency_table, "num_classes": 1000})
     assert ("measured with a head of 1000 classes, the data has 10; build one with python -m glit_ray.latency_table "
