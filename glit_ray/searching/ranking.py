@@ -161,9 +161,9 @@ def verdict_lines(verdict: dict) -> list[str]:
         reading.append("the supernet orders networks better than chance" if low is not None and low > 0 else
                        "the supernet's order cannot be told from chance over this sample")
     if "random" in verdict:
-        reading.append("its find beats 80 % of random networks of its cost"
+        reading.append("its find is at or above the 80th percentile of random networks of its cost"
                        if verdict["random"]["winner_percentile"] >= 80 else
-                       "its find does not beat 80 % of random networks of its cost")
+                       "its find is below the 80th percentile of random networks of its cost")
     if "seed_sd" in verdict and verdict["seed_sd"] >= verdict["between_networks_sd"]:
         reading.append("one training's noise is as large as the differences between the networks: they have not "
                        "learnt enough to be told apart, so train them longer (--epochs) before trusting this order")
