@@ -156,17 +156,20 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
     assert verdict["seed_sd"] == pytest.approx(statistics.fmean(
         statistics.stdev(r["standalone_top1"] for r in rows if r["arch"] == f"a{j}") for j in range(12)))
 
-    def warns(standalone) -> bool:  # the reading that says the trainings are too short to tell the networks apart
+    def reading(standalone) -> str:  # the verdict's reading line when each row trains to standalone(i, row)
         scored = [{**r, "standalone_top1": standalone(i, r)} for i, r in enumerate(rows)]
-        return "train them longer (--epochs)" in "\n".join(verdict_lines(audit_verdict(scored, 3, ())))
-
-    def reading(winner_top1) -> str:  # the find against the random group (a8-a10 at 70, 80 and 90 %)
-        scored = [{**r, "standalone_top1": winner_top1 if r["arch"] == "a0" else
-                   {"a8": 70, "a9": 80, "a10": 90}.get(r["arch"], r["standalone_top1"])} for r in rows]
         return verdict_lines(audit_verdict(scored, 3, ()))[-1]
 
-    assert "its find is at or above the 80th percentile of random networks of its cost" in reading(95)  # above all 3
-    assert "its find is below the 80th percentile of random networks of its cost" in reading(85)  # above 2 of 3
+    def warns(standalone) -> bool:  # the reading that says the trainings are too short to tell the networks apart
+        return "train them longer (--epochs)" in reading(standalone)
+
+    def against_random(winner_top1):  # the find against the random group (a8-a10 at 70, 80 and 90 %)
+        return lambda i, r: winner_top1 if r["arch"] == "a0" else {"a8": 70, "a9": 80, "a10": 90}.get(r["arch"],
+                                                                                                   r["standalone_top1"])
+
+    above_all, above_two = reading(against_random(95)), reading(against_random(85))  # of the 3 random networks
+    assert "its find is at or above the 80th percentile of random networks of its cost" in above_all
+    assert "its find is below the 80th percentile of random networks of its cost" in above_two
     assert warns(lambda i, r: 20 + 10 * (i % 2))  # every network the same, each seed 10 points apart: noise only
     assert not warns(lambda i, r: 60 + 3 * int(r["arch"][1:]) + 0.5 * (i % 2))  # networks apart, seeds agree
 

@@ -10,41 +10,50 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import warnings
 
+import numpy as np
 from scipy import stats
 
 TOP_SHARE = 0.2  # the supernet's top fifth
 RESAMPLES = 2000
+CHUNK = 100  # resamples a statistic takes at once in `interval`: 100 x n x n pair signs in memory
 
 
-def kendall(a: list[float], b: list[float]) -> float:
-    """Kendall tau-b (ties counted as scipy counts them); NaN when either side is constant."""
-    with warnings.catch_warnings(action="ignore", category=stats.ConstantInputWarning):
-        return float(stats.kendalltau(a, b).statistic)
+def kendall(a, b):
+    """Kendall tau-b (ties counted as scipy's `kendalltau` counts them: a pair tied on one side counts in the other
+    side's normaliser, one tied on both in neither) along the last axis, so that a bootstrap's resamples are one call;
+    NaN where either side is constant. A float for two lists."""
+    sa, sb = (np.sign(x[..., :, None] - x[..., None, :]).astype(np.int8) for x in np.broadcast_arrays(
+        np.asarray(a, float), np.asarray(b, float)))
+    pairs = (-2, -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (sa * sb).sum(pairs, dtype=np.int64) / np.sqrt(
+            (sa * sa).sum(pairs, dtype=np.int64) * (sb * sb).sum(pairs, dtype=np.int64))
+    return float(tau) if tau.ndim == 0 else tau
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rho; NaN when either side is constant."""
-    with warnings.catch_warnings(action="ignore", category=stats.ConstantInputWarning):
-        return float(stats.spearmanr(a, b).statistic)
+def spearman(a, b):
+    """Spearman's rho (Pearson's r of the average ranks, as scipy's `spearmanr`) along the last axis; NaN where either
+    side is constant. A float for two lists."""
+    ra, rb = (stats.rankdata(x, axis=-1) for x in (np.asarray(a, float), np.asarray(b, float)))
+    ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(-1) / np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    return float(rho) if rho.ndim == 0 else rho
 
 
 def interval(a: list[float], b: list[float], statistic, resamples: int = RESAMPLES,
              seed: int = 0) -> tuple[float, float]:
-    """The bootstrap 95 % interval of `statistic(a, b)`: the pairs resampled with replacement, the 2.5th and 97.5th
-    percentiles of the statistic (resamples where it is undefined left out)."""
+    """The bootstrap 95 % interval of `statistic(a, b)` (`kendall` or `spearman`): the pairs resampled with
+    replacement, the 2.5th and 97.5th percentiles of the statistic (resamples where it is undefined left out)."""
     rng, n = random.Random(seed), len(a)
-    values = []
-    for _ in range(resamples):
-        picks = [rng.randrange(n) for _ in range(n)]
-        value = statistic([a[i] for i in picks], [b[i] for i in picks])
-        if not math.isnan(value):
-            values.append(value)
-    if not values:
+    picks = np.array([[rng.randrange(n) for _ in range(n)] for _ in range(resamples)])
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    values = np.concatenate([statistic(a[rows], b[rows]) for rows in np.array_split(picks, max(1, resamples // CHUNK))])
+    values = np.sort(values[~np.isnan(values)])
+    if not len(values):
         return math.nan, math.nan
-    values.sort()
-    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+    return float(values[int(0.025 * (len(values) - 1))]), float(values[int(0.975 * (len(values) - 1))])
 
 
 def precision_at_k(supernet: list[float], standalone: list[float], k: int) -> float:
