@@ -56,7 +56,7 @@ bench: install
 	test -d runs/readme-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/readme-pico/folder224
 	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/readme-pico/folder224 \
 	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/readme-pico/search-high
-	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --epochs 4 --batch-size 32 --id P13t --record
+	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --epochs 5 --batch-size 32 --id P13t --record
 	# P14: latency predicted from a table against whole networks under ONNX Runtime (about 15 minutes)
 	$(BIN)/python bench/latency_table.py --spaces glit_micro,glit_pico --archs 30 --record
 
