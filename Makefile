@@ -27,7 +27,11 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m "not ray and not subprocess and not onnx"
 
-# Benchmarks P1-P8, P6b, P10-P14, P13r, P13b and P13p (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
+# The README's 224-px trial search (glit_pico, high level), which P13p and P13t audit on their folders
+PICO_SEARCH = $(BIN)/python -m glit_ray.search --level high --space glit_pico \
+	--population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4
+
+# Benchmarks P1-P8, P6b, P10-P14, P13r, P13b, P13p and P13t (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -49,13 +53,11 @@ bench: install
 	$(BIN)/python bench/audit_levers.py --run runs/bench-levers/demo --record
 	# P13p: P13 at 224 px, glit_pico's search on the tests' generated folder (10 classes x 40 training images)
 	test -d runs/bench-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/bench-pico/folder224 --classes 10 --train-per-class 40 --val-per-class 10
-	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/bench-pico/folder224 \
-	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/bench-pico/search-high
+	$(PICO_SEARCH) --data imagefolder:runs/bench-pico/folder224 --out runs/bench-pico/search-high
 	$(BIN)/python bench/audit_value.py --run runs/bench-pico/search-high --epochs 10 --batch-size 32 --id P13p --record
 	# P13t: P13 on the README's 224-px trial (50 classes x 40 training images), its search as the README gives it
 	test -d runs/readme-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/readme-pico/folder224
-	$(BIN)/python -m glit_ray.search --level high --space glit_pico --data imagefolder:runs/readme-pico/folder224 \
-	    --population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4 --out runs/readme-pico/search-high
+	$(PICO_SEARCH) --data imagefolder:runs/readme-pico/folder224 --out runs/readme-pico/search-high
 	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --epochs 5 --batch-size 32 --id P13t --record
 	# P14: latency predicted from a table against whole networks under ONNX Runtime (about 15 minutes)
 	$(BIN)/python bench/latency_table.py --spaces glit_micro,glit_pico --archs 30 --record
