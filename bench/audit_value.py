@@ -9,11 +9,15 @@ Prints the verdict, each group's standalone top-1, and the ratio of the found ar
 the random group's mean.
 
     .venv/bin/python bench/audit_value.py [--run runs/demo/search-high] [--sample 20] [--random 10] [--seeds 3] \
-        [--epochs 5] [--batch-size 64] [--id P13] [--record]
+        [--ranking-seeds 1] [--epochs 5] [--batch-size 64] [--cpus-per-worker C] [--keep DIR] [--id P13] [--record]
+
+--keep DIR copies the run into DIR and leaves it there, so that the same command run again after a kill resumes the
+audit (a temporary copy is lost with the process).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -28,7 +32,7 @@ from glit_ray import audit  # noqa: E402
 
 from glit_ray import search  # noqa: E402
 from glit_ray.core.files import read_json  # noqa: E402
-from glit_ray.searching.ranking import networks, verdict_lines  # noqa: E402
+from glit_ray.searching.ranking import networks, seeds_said, verdict_lines  # noqa: E402
 
 
 def group_rows(rows: list[dict]) -> list[str]:
@@ -54,21 +58,27 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=20)
     parser.add_argument("--random", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ranking-seeds", type=int, help="the audit's --ranking-seeds (default: --seeds)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cpus-per-worker", type=int, help="the audit's (1 on 2 cores: two trainings side by side)")
+    parser.add_argument("--keep", type=Path, help="copy the run here and keep it: run again, the audit resumes")
     parser.add_argument("--id", default="P13", help="the BENCHMARKS.md section to record in (P13p: the 224-px trial)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "search-high"
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as where:
+        run_dir = Path(where) / "search-high"
+        resumed = (run_dir / audit.FOLDER).is_dir()
         started = time.perf_counter()
-        if args.run:
+        if args.run and not run_dir.is_dir():
             shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns(audit.FOLDER, "shortlist*", "report"))
-        else:
+        elif not args.run:
             search.main(["--level", "high", "--out", str(run_dir)])
         searched = time.perf_counter()
+        optional = [*(["--ranking-seeds", str(args.ranking_seeds)] if args.ranking_seeds else []),
+                    *(["--cpus-per-worker", str(args.cpus_per_worker)] if args.cpus_per_worker else [])]
         audit.main([str(run_dir), "--sample", str(args.sample), "--random", str(args.random), "--seeds",
-                    str(args.seeds), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)])
+                    str(args.seeds), *optional, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)])
         audited = time.perf_counter()
         rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
         verdict = read_json(run_dir / audit.FOLDER / audit.RECORD)["verdict"]
@@ -80,9 +90,11 @@ def main() -> None:
         f"{settings['level']} level: supernet {settings['supernet_epochs']} epochs, "
         f"{settings['population']} x {settings['generations']} candidates{', audited from a copy of ' + str(args.run) if args.run else ''}), "
         f"audited: {args.sample} of its ranking, {args.random} random networks within 10 % of the winner's FLOPs, the "
-        f"all-global and all-local networks; each trained {args.seeds} time(s) for {args.epochs} epochs of batch {args.batch_size} "
+        f"all-global and all-local networks; each trained {seeds_said(args.seeds, args.ranking_seeds)} for "
+        f"{args.epochs} epochs of batch {args.batch_size} "
         f"with the small-data recipe and scored on the held-out split ({len(rows)} trainings, "
-        f"{(audited - searched) / 60:.1f} min; the search {(searched - started) / 60:.1f} min).", "",
+        f"{(audited - searched) / 60:.1f} min{' for the rest after a kill' if resumed else ''}; "
+        f"the search {(searched - started) / 60:.1f} min).", "",
         *group_rows(rows), "",
         *(f"- {line}" for line in verdict_lines(verdict)), "",
         f"**Found architecture / random group's mean, standalone top-1: {winner / randoms:.3f}** "

@@ -11,7 +11,8 @@ architectures on their own and sets their held-out top-1 beside their supernet t
 - where the space has them, the all-global network (the plain transformer) and the all-local one (pure
   convolution), at the level's sizes nearest the winner's FLOPs.
 
-Each is trained `--seeds S` times for `--epochs E` with retraining's recipe as Tune trials
+Each is trained `--seeds S` times (the ranking's networks but the winner `--ranking-seeds R` times, when given: tau
+over many networks at one training each, the find against its rivals at S) for `--epochs E` with retraining's recipe as Tune trials
 (`glit_ray.training.trials`: side by side over the cluster, resumable, the test split never scored), and
 scored on the run's held-out split. Written into the search's run: RUN_DIR/audit/audit.parquet (one
 row per trained network), audit.json (the verdict, `ranking.audit_verdict`), sample.json (the sample,
@@ -61,10 +62,11 @@ SCHEMA = pa.schema([
 ])
 
 
-def default_sample(search: SearchRun, epochs: int, seeds: int, extra: int) -> int:
+def default_sample(search: SearchRun, epochs: int, seeds: int, ranking_seeds: int, extra: int) -> int:
     """N such that the audit trains about as many epochs as the search's supernet did (a path's step costs what its
-    network's step costs, P1), and at least MIN_SAMPLE; `extra`: the random and baseline networks besides."""
-    return max(MIN_SAMPLE, search.supernet_epochs // (epochs * seeds) - extra)
+    network's step costs, P1), and at least MIN_SAMPLE; `extra`: the random and baseline networks besides, which
+    train `seeds` times like the winner, the rest of the sample `ranking_seeds` times."""
+    return max(MIN_SAMPLE, (search.supernet_epochs // epochs - (extra + 1) * seeds) // ranking_seeds + 1)
 
 
 def spread(ranked: int, sample: int, top: int) -> list[int]:
@@ -171,10 +173,17 @@ def supernet_scores(search: SearchRun, supernet: Path, splits, archs: list[str],
     return dict(zip(held, scores))
 
 
+def seeds_of(row: dict, settings: AuditRun) -> int:
+    """How often the sample's network `row` trains: the winner, the random group and the baselines --seeds times,
+    the ranking's other networks --ranking-seeds times when given."""
+    ranked = row["group"] in ("top", "quantile") and not row["winner"]
+    return settings.ranking_seeds if ranked and settings.ranking_seeds else settings.seeds
+
+
 def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:
     """One trial per network of the sample and seed, named aNNsS."""
     return [Standalone(f"a{j:02d}s{s}", row["arch"], settings.seed + s, f"({row['group']})")
-            for j, row in enumerate(sample) for s in range(settings.seeds)]
+            for j, row in enumerate(sample) for s in range(seeds_of(row, settings))]
 
 
 def table_rows(sample: list[dict], trials: list[Standalone], results: list[dict]) -> list[dict]:
@@ -213,7 +222,7 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
         return record
     fresh = choose_sample(settings, search, ranked, splits.num_classes)  # bad --sample or --band: before Ray
     ensure_ray(where.address)
-    placed = side_by_side(FOLDER, settings, len(fresh) * settings.seeds, where)  # or fits no node: before anything is written
+    placed = side_by_side(FOLDER, settings, len(trials_of(fresh, settings)), where)  # or fits no node: before anything is written
     resumed = open_run(folder, settings, where.resume)
     if resumed and (folder / SAMPLE).is_file():
         sample = read_json(folder / SAMPLE)  # drawn once: the same trials whatever the search's files do since
@@ -232,11 +241,12 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
     results = train_standalone(
         FOLDER, settings, trials, where, placed, resumed, console.print,
         f"audit of {run_dir}: {len(sample)} networks ({', '.join(f'{n} {g}' for g, n in groups.items() if n)}), "
-        f"{settings.seeds} seed(s) x {settings.epochs} epochs", epoch_lines=False)
+        f"{ranking.seeds_said(settings.seeds, settings.ranking_seeds)} x {settings.epochs} epochs", epoch_lines=False)
     rows = table_rows(sample, trials, results)
     write_table(folder / TABLE, rows)
     verdict = ranking.audit_verdict(rows, settings.top, tuple(BASELINES), search.objective)
-    record = {"run": str(run_dir), "epochs": settings.epochs, "seeds": settings.seeds, "band": settings.band,
+    record = {"run": str(run_dir), "epochs": settings.epochs, "seeds": settings.seeds,
+              "ranking_seeds": settings.ranking_seeds or settings.seeds, "band": settings.band,
               "verdict": verdict}
     write_json(folder / RECORD, record)
     for line in ranking.verdict_lines(verdict):
@@ -255,9 +265,9 @@ def settings_from_args(args, run_dir: Path) -> AuditRun:
     given = AuditRun(space=search.space, data=search.data, epochs=args.epochs, batch_size=args.batch_size,
                      workers=args.workers, recipe=training_recipe(args, search.data, search.space), seed=args.seed,
                      sample=args.sample or MIN_SAMPLE, top=args.top, random=args.random, band=args.band,
-                     seeds=args.seeds)  # checked as given; then the sample sized from the checked counts
-    return given if args.sample else replace(given, sample=default_sample(search, given.epochs, given.seeds,
-                                                                          given.random + baselines))
+                     seeds=args.seeds, ranking_seeds=args.ranking_seeds)  # checked; then the sample sized from them
+    return given if args.sample else replace(given, sample=default_sample(
+        search, given.epochs, given.seeds, given.ranking_seeds or given.seeds, given.random + baselines))
 
 
 def build_parser() -> ArgumentParser:
@@ -266,7 +276,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample", type=int, default=None,
                         help="architectures from the search's ranking (default: as many as train, with the random and "
                              f"baseline ones, about the epochs of the search's supernet; at least {MIN_SAMPLE})")
-    for flag, kind in (("--top", int), ("--random", int), ("--band", float), ("--seeds", int)):
+    for flag, kind in (("--top", int), ("--random", int), ("--band", float), ("--seeds", int),
+                       ("--ranking-seeds", int)):
         add_setting(parser, flag, AuditRun, type=kind)
     add_arguments(parser, AuditRun, from_run=True)
     return parser

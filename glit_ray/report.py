@@ -25,7 +25,7 @@ from glit_ray.core.files import read_json, write_atomic
 from glit_ray.models.arch import Architecture
 from glit_ray.runs import RUN_FILE, search_settings
 from glit_ray.searching import pareto
-from glit_ray.searching.ranking import networks, verdict_lines
+from glit_ray.searching.ranking import networks, seeds_said, verdict_lines
 from glit_ray.searching.results import best_record, read_candidates
 
 TOPK = 10
@@ -174,8 +174,9 @@ def summary_markdown(summaries: dict[str, dict], audit: dict | None = None) -> s
             lines.append("")
     lines += ["![evolution](evolution.png)", "", "![pareto](pareto.png)", "", "![split](split.png)", ""]
     if audit:
-        lines += ["## Audit", "", f"{audit['verdict']['networks']} networks trained on their own, {audit['seeds']} "
-                  f"seed(s) x {audit['epochs']} epochs each (python -m glit_ray.audit):", ""]
+        lines += ["## Audit", "", f"{audit['verdict']['networks']} networks trained on their own, "
+                  f"{seeds_said(audit['seeds'], audit.get('ranking_seeds'))} x {audit['epochs']} epochs each "
+                  "(python -m glit_ray.audit):", ""]
         lines += [f"- {line}" for line in verdict_lines(audit["verdict"])]
         lines += ["", "![audit](audit.png)", ""]
     return "\n".join(lines)

@@ -14,8 +14,8 @@ import scipy.stats
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glit_ray.audit import (FOLDER, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table,
-                            settings_from_args, spread)
+from glit_ray.audit import (FOLDER, MIN_SAMPLE, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table,
+                            settings_from_args, spread, trials_of)
 from glit_ray.core.cli import run
 from glit_ray.core.files import write_json
 from glit_ray.models.arch import Architecture
@@ -103,12 +103,44 @@ def test_the_random_group_of_a_search_under_a_latency_table_meets_its_limit(micr
     assert len(drawn["limited"]) == 12 and max(drawn["limited"]) <= 0.65 < max(drawn["free"])
 
 
+def test_ranking_seeds_train_the_ranking_once_and_the_find_against_its_rivals_at_seeds(micro, tmp_path):
+    search = fake_search(tmp_path, micro, archs=80, argv=["--supernet-epochs", "80"])
+    ranked = ranked_architectures(tmp_path)
+    settings = audit_settings(tmp_path, "--sample", "6", "--top", "2", "--random", "3", "--seeds", "3",
+                              "--ranking-seeds", "1")
+    sample = choose_sample(settings, search, ranked, 10)
+    trained = {}
+    for trial in trials_of(sample, settings):
+        trained.setdefault(trial.arch, []).append(trial)
+    by_group = {}
+    for row in sample:
+        by_group.setdefault("winner" if row["winner"] else row["group"], set()).add(len(trained[row["arch"]]))
+    assert by_group == {"winner": {3}, "top": {1}, "quantile": {1}, "random": {3}, "plain-transformer": {3},
+                        "convolution": {3}}
+    assert [t.seed for t in trained[sample[0]["arch"]]] == [0, 1, 2]
+    names = [t.name for ts in trained.values() for t in ts]
+    assert len(set(names)) == len(names) == 1 + 5 + 5 * 3 + 2  # 5 of the ranking at 1 seed, 6 networks at 3
+    rows = [{**row, "standalone_top1": 40.0 + 7 * j + 2 * t.seed}  # the verdict: each network the mean of its seeds,
+            for j, row in enumerate(sample) for t in trained[row["arch"]]]  # the noise from the networks with 3
+    verdict = audit_verdict(rows, 2, ("plain-transformer",))
+    assert verdict["networks"] == len(sample) and verdict["trainings"] == 23
+    assert verdict["seed_sd"] == pytest.approx(2.0) and verdict["winner"]["standalone_top1"] == pytest.approx(42.0)
+    sizes = []
+    for seeds in (["--seeds", "2"], ["--seeds", "2", "--ranking-seeds", "1"]):  # the default sample: the supernet's
+        sized = audit_settings(tmp_path, *seeds, "--epochs", "1", "--random", "0")  # epochs, the baselines at --seeds,
+        trainings = len(trials_of(choose_sample(sized, search, ranked, 10), sized))  # the rest at --ranking-seeds
+        assert sized.sample > MIN_SAMPLE and 79 <= trainings <= 80
+        sizes.append(sized.sample)
+    assert sizes[1] > 1.9 * sizes[0]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sample", "41"], "--sample 41 is more than the 40 distinct architectures the search scored; give --sample 40"),
     (["--random", "3000", "--band", "0.01"], "not the 3000 --random asks for; widen --band or lower --random"),
     (["--band", "1.5"], "--band 1.5 is not a share between 0 and 1"),
     (["--sample", "1"], "--sample 1 is too few: give at least 2"),
     (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--ranking-seeds", "0"], "--ranking-seeds must be at least 1"),
     (["--data", "digits"], "drop --space and --data"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(micro, tmp_path, cli_error, argv, message):

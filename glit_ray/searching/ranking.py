@@ -133,6 +133,13 @@ def audit_verdict(rows: list[dict], k: int, baselines: tuple[str, ...], objectiv
     return verdict
 
 
+def seeds_said(seeds: int, ranking_seeds: int | None) -> str:
+    """An audit's trainings per network (`--seeds`, `--ranking-seeds`), as the console and the report say them."""
+    if not ranking_seeds or ranking_seeds == seeds:
+        return f"{seeds} seed(s)"
+    return f"{seeds} seed(s) ({ranking_seeds} for the ranking's networks but the winner)"
+
+
 def verdict_lines(verdict: dict) -> list[str]:
     """The audit's verdict as the console and the report say it."""
     def figure(value: float | None) -> str:

@@ -79,7 +79,8 @@ class ShortlistRun(Training):
 @dataclass(frozen=True, kw_only=True)
 class AuditRun(Training):
     """A search's audit: `sample` architectures of its ranking (its `top` among them), `random` ones within `band`
-    of the winner's FLOPs and the baselines, each trained `seeds` times (`glit_ray.audit`)."""
+    of the winner's FLOPs and the baselines, each trained `seeds` times, the ranking's other networks
+    `ranking_seeds` times when given (`glit_ray.audit`)."""
     epochs: int = described(5, "training epochs of each network: a few, for a ranking, not a finished network")
     batch_size: int = described(64, "images per worker and step")
     sample: int
@@ -87,12 +88,15 @@ class AuditRun(Training):
     random: int = described(10, "architectures drawn at random inside the run's limits and the winner's FLOPs band")
     band: float = described(0.1, "the FLOPs band: within this share of the winner's")
     seeds: int = described(1, "trainings of each architecture (their spread: its noise)")
+    ranking_seeds: int | None = described(None, "trainings of each of the ranking's networks but the winner, where "
+                                                "--seeds holds for the winner, the random group and the baselines "
+                                                "(default: --seeds); 1: tau over more networks for the same cost")
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("top", "seeds"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
+        for name in ("top", "seeds", "ranking_seeds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.random < 0:
             raise UserError("--random must be 0 or more")
         if not 0 < self.band < 1:
