@@ -58,7 +58,7 @@ bench: install
 	# P13t: P13 on the README's 224-px trial (50 classes x 40 training images), its search as the README gives it
 	test -d runs/readme-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/readme-pico/folder224
 	$(PICO_SEARCH) --data imagefolder:runs/readme-pico/folder224 --out runs/readme-pico/search-high
-	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --epochs 5 --batch-size 32 --id P13t --record
+	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --seeds 3 --ranking-seeds 1 --epochs 10 --batch-size 32 --cpus-per-worker 1 --id P13t --record
 	# P14: latency predicted from a table against whole networks under ONNX Runtime (about 15 minutes)
 	$(BIN)/python bench/latency_table.py --spaces glit_micro,glit_pico --archs 30 --record
 

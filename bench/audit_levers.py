@@ -21,6 +21,10 @@ searched with `--objective loss`: parents and the find by held-out loss instead 
     .venv/bin/python -m glit_ray.audit runs/bench-levers/demo --seeds 3
     .venv/bin/python bench/audit_levers.py --run runs/bench-levers/demo [--levers today,loss,...] [--record]
 
+Any audited high-level search serves (`--run`): a lever's search repeats the audited search's own space, data,
+evolution and calibration flags and changes only the lever; `--id` names the BENCHMARKS.md section (P13bt: the README's
+224-px trial, audited by P13t).
+
 (The figures in BENCHMARKS.md were measured on `runs/demo/search-high`, the same search made by `make demo` before
 the search ranked by held-out loss by default.)
 """
@@ -48,8 +52,9 @@ from glit_ray.core.files import read_json, write_json  # noqa: E402
 from glit_ray.core.progress import console as make_console  # noqa: E402
 from glit_ray.runs import search_settings  # noqa: E402
 from glit_ray.runs import from_json  # noqa: E402
-from glit_ray.searching.ranking import agreement, defined, kendall, networks  # noqa: E402
+from glit_ray.searching.ranking import agreement, defined, kendall, networks, seeds_said  # noqa: E402
 from glit_ray.searching.results import ranked_architectures  # noqa: E402
+from glit_ray.searching.settings import SearchRun  # noqa: E402
 from glit_ray.training.data import build_splits  # noqa: E402
 from glit_ray.training.fit import ensure_ray  # noqa: E402
 from glit_ray.training.trials import Standalone, side_by_side, train_standalone  # noqa: E402
@@ -58,15 +63,15 @@ from glit_ray.training.trials import Standalone, side_by_side, train_standalone 
 @dataclass(frozen=True)
 class Lever:
     about: str
-    epochs: int | None = None  # a supernet trained here (None: the demo's)
+    epochs: int | None = None  # a supernet trained here (None: the audited search's)
     sampling: str = "uniform"
     calib_batches: int | None = None  # None: the search's
     objective: str = "top1"  # the search's --objective
-    supernet_of: str | None = None  # the lever whose supernet it searches (None: its own, or the demo's)
+    supernet_of: str | None = None  # the lever whose supernet it searches (None: its own, or the audited search's)
 
 
 LEVERS = {
-    "today": Lever("the demo's supernet (uniform, 30 epochs), ranked by top-1 (the audited search's own ranking)"),
+    "today": Lever("the audited search's supernet (uniform paths, its epochs), ranked by top-1"),
     "loss": Lever("the same supernet, the search ranking by held-out loss (`--objective loss`)", objective="loss"),
     "calib16": Lever("the same supernet, 16 calibration batches", calib_batches=16),
     "epochs60": Lever("uniform paths, 60 epochs", epochs=60),
@@ -79,13 +84,22 @@ LEVERS = {
 }
 
 
+def search_flags(run: SearchRun) -> list[str]:
+    """The audited search's own space, data, evolution and calibration flags: a lever's search differs from it only
+    in the lever (a built-in space by its name)."""
+    return ["--space", run.space.name, "--data", run.data, "--population", str(run.population), "--generations",
+            str(run.generations), "--topk", str(run.topk), "--mutations", str(run.mutations), "--crossovers",
+            str(run.crossovers), *(["--calib-batches", str(run.calib_batches)] if run.calib_batches else [])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo/search-high"),
-                        help="the demo's search, audited (RUN/audit/audit.parquet)")
+                        help="an audited high-level search (RUN/audit/audit.parquet); default: the demo's")
     parser.add_argument("--levers", default="today,loss,calib16,epochs60,fair8,fair,epochs60-loss,fair8-loss,fair-loss")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-levers"),
                         help="the levers' supernets, searches and trainings (kept: a rerun reuses what is there)")
+    parser.add_argument("--id", default="P13b", help="the BENCHMARKS.md section to record in")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     ray_workarounds.apply()  # as the commands do: Ray's lines stay in its logs
@@ -97,8 +111,9 @@ def main() -> None:
     groups = {r["arch"]: r["group"] for r in truth_rows}
     compared = [a for a in truth if groups[a] in ("top", "quantile", "random")]
     randoms = [truth[a] for a in truth if groups[a] == "random"]
-    demo = search_settings(run_dir)
-    splits = build_splits(demo.data, demo.space.img_size, demo.space.in_chans)
+    audited_search = search_settings(run_dir)
+    splits = build_splits(audited_search.data, audited_search.space.img_size, audited_search.space.in_chans)
+    flags = search_flags(audited_search)
 
     results: dict[str, dict] = {}
     for name in args.levers.split(","):
@@ -106,16 +121,16 @@ def main() -> None:
         supernet, searched = run_dir / "supernet" / "supernet.pt", run_dir
         if lever.supernet_of:
             supernet = work / lever.supernet_of / "search-high" / "supernet" / train_supernet.SUPERNET_FILE
-        if lever.epochs:  # the demo's search, training its own supernet with the lever
+        if lever.epochs:  # the audited search, training its own supernet with the lever
             searched = work / name / "search-high"
             supernet = searched / "supernet" / train_supernet.SUPERNET_FILE
-            search.main(["--level", "high", "--supernet-epochs", str(lever.epochs), "--supernet-sampling",
+            search.main(["--level", "high", *flags, "--supernet-epochs", str(lever.epochs), "--supernet-sampling",
                          lever.sampling, "--objective", lever.objective, "--search-unlearnt",
                          "--out", str(searched)])  # again: finds it done
-        elif lever.calib_batches or lever.objective != "top1":  # the demo's search on a supernet, otherwise
+        elif lever.calib_batches or lever.objective != "top1":  # the audited search on a supernet, otherwise
             searched = work / name / "search-high"
-            search.main(["--level", "high", "--supernet", str(supernet), "--calib-batches",
-                         str(lever.calib_batches or demo.calib_batches), "--objective", lever.objective,
+            search.main(["--level", "high", *flags, "--supernet", str(supernet), "--calib-batches",
+                         str(lever.calib_batches or audited_search.calib_batches), "--objective", lever.objective,
                          "--out", str(searched)])
         ensure_ray(None)
         scores = audit.supernet_scores(search_settings(searched), supernet, splits, compared, Placement(work / name))
@@ -124,8 +139,8 @@ def main() -> None:
         figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
                                                        [truth[a] for a in compared]))
         trained = LEVERS[lever.supernet_of] if lever.supernet_of else lever
-        paths = max(map(len, demo.space.block_choices("high"))) if trained.sampling == "fair" else 1  # a step's
-        steps = (trained.epochs or demo.supernet_epochs) * paths
+        paths = max(map(len, audited_search.space.block_choices("high"))) if trained.sampling == "fair" else 1  # a step's
+        steps = (trained.epochs or audited_search.supernet_epochs) * paths
         verdict = read_json(searched / "best.json")["supernet"]
         results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,
                          "probes": verdict["median"], "learnt": verdict["learnt"]}
@@ -148,8 +163,9 @@ def main() -> None:
     truth.update({arch: statistics.fmean(seeds) for arch, seeds in finds.items()})
 
     band = [r["flops"] for r in truth_rows if r["group"] == "random"]
-    lines = [f"Ground truth: the audit of {args.run} ({len(truth)} networks incl. the finds, {audited.seeds} seeds x "
-             f"{audited.epochs} epochs each; its random group: {len(randoms)} networks of {min(band) / 1e6:.2f}-"
+    lines = [f"Ground truth: the audit of {args.run} ({len(truth)} networks incl. the finds, "
+             f"{seeds_said(audited.seeds, audited.ranking_seeds)} x {audited.epochs} epochs each, the levers' finds "
+             f"{audited.seeds}; its random group: {len(randoms)} networks of {min(band) / 1e6:.2f}-"
              f"{max(band) / 1e6:.2f} M FLOPs, standalone mean {statistics.fmean(randoms):.2f} %). Tau over the "
              f"{len(compared)} networks of the search's ranking and the random group, scored by each lever.", "",
              "| lever | what | supernet compute, path-epochs | probe median % | tau (95 %) | by loss | tau, lever's top fifth | found "
@@ -172,7 +188,7 @@ def main() -> None:
                              f"{base['figures']['kendall_tau']:.2f}; found architecture's standalone top-1 "
                              f"{truth[r['winner']['arch']]:.2f} against {truth[base['winner']['arch']]:.2f} % "
                              f"(ratio **{truth[r['winner']['arch']] / truth[base['winner']['arch']]:.3f}**)")
-    publish("P13b", "\n".join(lines), args.record)
+    publish(args.id, "\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

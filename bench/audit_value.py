@@ -70,6 +70,9 @@ def main() -> None:
         run_dir = Path(where) / "search-high"
         resumed = (run_dir / audit.FOLDER).is_dir()
         started = time.perf_counter()
+        if args.run and run_dir.is_dir() and any(read_json(run_dir / name) != read_json(args.run / name)
+                                                 for name in ("run.json", "best.json")):
+            sys.exit(f"error: {run_dir} holds a copy of another search than {args.run}; remove it or give another --keep")
         if args.run and not run_dir.is_dir():
             shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns(audit.FOLDER, "shortlist*", "report"))
         elif not args.run:

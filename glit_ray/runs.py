@@ -52,8 +52,9 @@ def to_json(settings) -> dict[str, Any]:
 
 # fields added since the release before training recipes (2291a49), with what a run file without them meant
 # (a supernet trained before fair sampling, a search's included, was sampled uniformly; a search before latency
-# tables predicted none)
-ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform", "latency_table": None}
+# tables predicted none; an audit before --ranking-seeds trained every network --seeds times)
+ADDED = {"supernet_recipe": None, "sampling": "uniform", "supernet_sampling": "uniform", "latency_table": None,
+         "ranking_seeds": None}
 
 
 def from_json(kind: str, stored: dict, source: str = "run.json"):

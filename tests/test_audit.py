@@ -7,6 +7,7 @@ import re
 import shutil
 import statistics
 import sys
+from dataclasses import replace
 
 import matplotlib.image
 import pytest
@@ -17,12 +18,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from glit_ray.audit import (FOLDER, MIN_SAMPLE, RECORD, SAMPLE, TABLE, build_parser, choose_sample, main, read_table,
                             settings_from_args, spread, trials_of)
 from glit_ray.core.cli import run
+from glit_ray.core.errors import UserError
 from glit_ray.core.files import write_json
 from glit_ray.models.arch import Architecture
 from glit_ray.models.cost import arch_cost
 from glit_ray.models.latency_table import TableLatency, write_table
 from glit_ray.report import report
-from glit_ray.runs import RUN_FILE, to_json
+from glit_ray.runs import RUN_FILE, check_run, to_json
 from glit_ray.search import build_parser as search_parser
 from glit_ray.search import settings_from_args as search_settings
 from glit_ray.searching.ranking import audit_verdict, verdict_lines
@@ -132,6 +134,17 @@ def test_ranking_seeds_train_the_ranking_once_and_the_find_against_its_rivals_at
         assert sized.sample > MIN_SAMPLE and 79 <= trainings <= 80
         sizes.append(sized.sample)
     assert sizes[1] > 1.9 * sizes[0]
+
+
+def test_an_audit_written_before_ranking_seeds_resumes_as_the_same_run(micro, tmp_path):
+    fake_search(tmp_path, micro)
+    settings = audit_settings(tmp_path, "--sample", "4", "--seeds", "2")
+    stored = to_json(settings)
+    del stored["ranking_seeds"]  # run.json as an audit wrote it before --ranking-seeds
+    write_json(tmp_path / FOLDER / RUN_FILE, {"kind": "audit", "settings": stored})
+    assert check_run(tmp_path / FOLDER, settings, resume=False)  # the same run: the same command resumes it
+    with pytest.raises(UserError, match="ranking_seeds"):
+        check_run(tmp_path / FOLDER, replace(settings, ranking_seeds=1), resume=False)
 
 
 @pytest.mark.parametrize("argv, message", [
