@@ -31,7 +31,7 @@ test-quick: install
 PICO_SEARCH = $(BIN)/python -m glit_ray.search --level high --space glit_pico \
 	--population 16 --generations 5 --topk 4 --mutations 8 --crossovers 8 --calib-batches 4
 
-# Benchmarks P1-P8, P6b, P10-P14, P13r, P13b, P13p and P13t (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
+# Benchmarks P1-P8, P6b, P10-P14, P13r, P13b, P13p, P13t and P13bt (see BENCHMARKS.md; P10-P11 here are the CPU's), run one after another on a quiet machine; each rewrites its figures there.
 bench: install
 	$(BIN)/python bench/supernet_step.py --record
 	$(BIN)/python bench/scoring_cost.py --record
@@ -58,7 +58,10 @@ bench: install
 	# P13t: P13 on the README's 224-px trial (50 classes x 40 training images), its search as the README gives it
 	test -d runs/readme-pico/folder224 || $(BIN)/python -m glit_ray.synthetic runs/readme-pico/folder224
 	$(PICO_SEARCH) --data imagefolder:runs/readme-pico/folder224 --out runs/readme-pico/search-high
-	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --seeds 3 --ranking-seeds 1 --epochs 10 --batch-size 32 --cpus-per-worker 1 --id P13t --record
+	rm -rf runs/readme-pico/p13t runs/readme-pico/levers
+	$(BIN)/python bench/audit_value.py --run runs/readme-pico/search-high --sample 18 --seeds 3 --ranking-seeds 1 --epochs 10 --batch-size 32 --cpus-per-worker 1 --keep runs/readme-pico/p13t --id P13t --record
+	# P13bt: P13b's levers against P13t's audit (kept by --keep)
+	$(BIN)/python bench/audit_levers.py --run runs/readme-pico/p13t/search-high --levers loss,fair8,fair8-loss --work runs/readme-pico/levers --id P13bt --record
 	# P14: latency predicted from a table against whole networks under ONNX Runtime (about 15 minutes)
 	$(BIN)/python bench/latency_table.py --spaces glit_micro,glit_pico --archs 30 --record
 
