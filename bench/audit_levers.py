@@ -139,7 +139,8 @@ def main() -> None:
         figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
                                                        [truth[a] for a in compared]))
         trained = LEVERS[lever.supernet_of] if lever.supernet_of else lever
-        paths = max(map(len, audited_search.space.block_choices("high"))) if trained.sampling == "fair" else 1  # a step's
+        # a step's paths
+        paths = max(map(len, audited_search.space.block_choices("high"))) if trained.sampling == "fair" else 1
         steps = (trained.epochs or audited_search.supernet_epochs) * paths
         verdict = read_json(searched / "best.json")["supernet"]
         results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,

@@ -11,10 +11,10 @@ architectures on their own and sets their held-out top-1 beside their supernet t
 - where the space has them, the all-global network (the plain transformer) and the all-local one (pure
   convolution), at the level's sizes nearest the winner's FLOPs.
 
-Each is trained `--seeds S` times (the ranking's networks but the winner `--ranking-seeds R` times, when given: tau
-over many networks at one training each, the find against its rivals at S) for `--epochs E` with retraining's recipe as Tune trials
-(`glit_ray.training.trials`: side by side over the cluster, resumable, the test split never scored), and
-scored on the run's held-out split. Written into the search's run: RUN_DIR/audit/audit.parquet (one
+Each is trained `--seeds S` times (the ranking's networks but the winner `--ranking-seeds R` times, when given:
+tau over many networks at one training each, the find against its rivals at S) for `--epochs E` with retraining's
+recipe as Tune trials (`glit_ray.training.trials`: side by side over the cluster, resumable, the test split never
+scored), and scored on the run's held-out split. Written into the search's run: RUN_DIR/audit/audit.parquet (one
 row per trained network), audit.json (the verdict, `ranking.audit_verdict`), sample.json (the sample,
 drawn once) and one training directory per trial with its TensorBoard curves.
 `python -m glit_ray.report RUN_DIR` plots supernet against standalone top-1.
