@@ -177,7 +177,7 @@ def seeds_of(row: dict, settings: AuditRun) -> int:
     """How often the sample's network `row` trains: the winner, the random group and the baselines --seeds times,
     the ranking's other networks --ranking-seeds times when given."""
     ranked = row["group"] in ("top", "quantile") and not row["winner"]
-    return settings.ranking_seeds if ranked and settings.ranking_seeds else settings.seeds
+    return settings.ranked_seeds if ranked else settings.seeds
 
 
 def trials_of(sample: list[dict], settings: AuditRun) -> list[Standalone]:
@@ -241,12 +241,12 @@ def audit(settings: AuditRun, where: Placement, console=None) -> dict:
     results = train_standalone(
         FOLDER, settings, trials, where, placed, resumed, console.print,
         f"audit of {run_dir}: {len(sample)} networks ({', '.join(f'{n} {g}' for g, n in groups.items() if n)}), "
-        f"{ranking.seeds_said(settings.seeds, settings.ranking_seeds)} x {settings.epochs} epochs", epoch_lines=False)
+        f"{ranking.seeds_said(settings.seeds, settings.ranked_seeds)} x {settings.epochs} epochs", epoch_lines=False)
     rows = table_rows(sample, trials, results)
     write_table(folder / TABLE, rows)
     verdict = ranking.audit_verdict(rows, settings.top, tuple(BASELINES), search.objective)
     record = {"run": str(run_dir), "epochs": settings.epochs, "seeds": settings.seeds,
-              "ranking_seeds": settings.ranking_seeds or settings.seeds, "band": settings.band,
+              "ranking_seeds": settings.ranked_seeds, "band": settings.band,
               "verdict": verdict}
     write_json(folder / RECORD, record)
     for line in ranking.verdict_lines(verdict):
@@ -267,7 +267,7 @@ def settings_from_args(args, run_dir: Path) -> AuditRun:
                      sample=args.sample or MIN_SAMPLE, top=args.top, random=args.random, band=args.band,
                      seeds=args.seeds, ranking_seeds=args.ranking_seeds)  # checked; then the sample sized from them
     return given if args.sample else replace(given, sample=default_sample(
-        search, given.epochs, given.seeds, given.ranking_seeds or given.seeds, given.random + baselines))
+        search, given.epochs, given.seeds, given.ranked_seeds, given.random + baselines))
 
 
 def build_parser() -> ArgumentParser:

@@ -92,6 +92,11 @@ class AuditRun(Training):
                                                 "--seeds holds for the winner, the random group and the baselines "
                                                 "(default: --seeds); 1: tau over more networks for the same cost")
 
+    @property
+    def ranked_seeds(self) -> int:
+        """Trainings of each of the ranking's networks but the winner: --ranking-seeds, else --seeds."""
+        return self.ranking_seeds or self.seeds
+
     def __post_init__(self):
         super().__post_init__()
         for name in ("top", "seeds", "ranking_seeds"):
