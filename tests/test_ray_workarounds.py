@@ -12,12 +12,19 @@ import pyarrow.fs
 import pytest
 import ray
 import ray._private.worker
+import tempfile
+
 import tomllib
+import torch
 from packaging.requirements import Requirement
+from ray import tune
+from ray.train._internal.session import get_storage
 
 from glit_ray.cluster import ray_workarounds
 from glit_ray.cluster.ray_workarounds import (AUTOSCALER_MONITOR, ENVIRONMENT_DEFAULTS, RESTART_NOTE, STARTUP_NOTE,
                                               _our_lines_only, stderr_without)
+from glit_ray.training.loop import STATE_FILE
+from glit_ray.training.trials import last_epoch_persisted
 
 RAY = Path(ray.__file__).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +250,29 @@ def test_the_failure_policy_reaches_ray_trains_controller_without_glit_ray(tmp_p
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "policy.pkl")], cwd=tmp_path, capture_output=True,
                          text=True, check=True, timeout=120).stdout
     assert out.split() == ["BadInputIsNotRetried", "2", "[]"]
+
+
+def lost_after_its_last_checkpoint(config):
+    """A one-worker trial as `trials` runs it (2 epochs), killed after it persisted its last epoch's checkpoint but
+    before Tune recorded it (written here straight into its trial directory); resumed, it reports the persisted one."""
+    finished = tune.get_checkpoint() is None and last_epoch_persisted(2)
+    if finished:
+        tune.report(finished | {"resumed": True})
+        return
+    tune.report({"epoch": 0, "heldout_top1": 40.0})
+    storage = get_storage()
+    last = Path(storage.trial_fs_path, "checkpoint_000000")
+    last.mkdir()
+    torch.save({"epoch": 1, "metrics": {"epoch": 1, "heldout_top1": 41.0}}, last / STATE_FILE)
+    raise RuntimeError("killed before Tune recorded its checkpoint")
+
+
+def test_a_trial_resumed_without_its_last_checkpoint_finds_it_on_the_storage(ray_session, tmp_path,
+                                                                            shipped_by_value):
+    trainable = tune.with_resources(lost_after_its_last_checkpoint, {"cpu": 1})
+    run = tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0)
+    [lost] = tune.Tuner(trainable, run_config=run).fit()
+    assert lost.error is not None and lost.checkpoint is None
+    [resumed] = tune.Tuner.restore(str(tmp_path / "tune"), trainable, resume_errored=True).fit()
+    assert resumed.error is None
+    assert resumed.metrics["resumed"] and resumed.metrics["heldout_top1"] == 41.0

@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from glit_ray.cluster.failure_policy import MAX_FAILURES
 from glit_ray.cluster.placement import Placement
+from glit_ray.cluster.ray_workarounds import trial_checkpoints_persisted
 from glit_ray.cluster.resources import Request, capacity, check_together, cluster_shape, plan, waiting_note
 from glit_ray.cluster.storage import check_reachable
 from glit_ray.core.cli import callers_signal_handlers
@@ -25,7 +27,7 @@ from glit_ray.core.errors import UserError, one_line
 from glit_ray.core.progress import console
 from glit_ray.training.fit import finished_run, fit
 from glit_ray.training.flags import check_ingest
-from glit_ray.training.loop import TrainJob
+from glit_ray.training.loop import STATE_FILE, TrainJob
 from glit_ray.training.retrain_loop import train_loop as retrain_loop
 from glit_ray.training.settings import RetrainRun, Training
 
@@ -65,6 +67,10 @@ def _train_trial(config: dict) -> None:
                           where=where, score_test=False, epoch_lines=config["epoch_lines"])
     storage = f"{where.storage.rstrip('/')}/{folder}/{trial.name}" if where.storage else None
     if settings.workers == 1:
+        finished = tune.get_checkpoint() is None and last_epoch_persisted(settings.epochs)
+        if finished:  # killed after its last checkpoint, before Tune recorded it: Tune gets its last report from there
+            tune.report(finished)
+            return
         retrain_loop({"job": replace(job, in_trial=True, storage=storage).fed(config["request"].cpus)})
         return
     finished = finished_run(storage or job.out, settings.epochs)
@@ -73,6 +79,20 @@ def _train_trial(config: dict) -> None:
         return
     fit(retrain_loop, job, replace(config["request"], count=settings.workers), storage,
         callbacks=[TuneReportCallback()])
+
+
+def last_epoch_persisted(epochs: int) -> dict | None:
+    """The metrics of this one-worker trial's last epoch (of `epochs`) when its checkpoint is on the storage though
+    Tune restored the trial without one; None otherwise (a checkpoint half written counts as none)."""
+    persisted = trial_checkpoints_persisted()
+    if not persisted:
+        return None
+    try:
+        with persisted[-1].as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return state["metrics"] if state["epoch"] == epochs - 1 else None
 
 
 def side_by_side(what: str, settings: Training, trials: int, where: Placement) -> tuple[int, Request]:
