@@ -63,10 +63,10 @@ SCHEMA = pa.schema([
 
 
 def default_sample(search: SearchRun, epochs: int, seeds: int, ranking_seeds: int, extra: int) -> int:
-    """N such that the audit trains about as many epochs as the search's supernet did (a path's step costs what its
-    network's step costs, P1), and at least MIN_SAMPLE; `extra`: the random and baseline networks besides, which
-    train `seeds` times like the winner, the rest of the sample `ranking_seeds` times."""
-    return max(MIN_SAMPLE, (search.supernet_epochs // epochs - (extra + 1) * seeds) // ranking_seeds + 1)
+    """N such that the audit trains about as many epochs as the search's supernet trained paths (a path's step costs
+    what its network's step costs, P1), and at least MIN_SAMPLE; `extra`: the random and baseline networks besides,
+    which train `seeds` times like the winner, the rest of the sample `ranking_seeds` times."""
+    return max(MIN_SAMPLE, (search.supernet_path_epochs // epochs - (extra + 1) * seeds) // ranking_seeds + 1)
 
 
 def spread(ranked: int, sample: int, top: int) -> list[int]:

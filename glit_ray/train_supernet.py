@@ -1,8 +1,9 @@
 """`python -m glit_ray.train_supernet`: train one level's weight-sharing supernet (SPOS) on Ray Train.
 
-Each step samples one path uniformly (inside `--flops-max/--params-max` when given) and trains only
-it; or, with `--sampling fair` (FairNAS), as many paths as a block has choices, each choice trained equally
-often (`glit_ray.training.supernet_loop`, the workers' side). Each epoch checkpoints through Ray Train
+Each step trains as many paths as a block has choices, every choice of every block in one of them (FairNAS's fair
+sampling, for the compute of 30 epochs of one path: it orders networks as training them does better, BENCHMARKS.md
+P13b and P13bt); or, with `--sampling uniform` (SPOS), one path drawn at random, the default inside
+`--flops-max/--params-max` (`glit_ray.training.supernet_loop`, the workers' side). Each epoch checkpoints through Ray Train
 (model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
 TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split. The run's last line is the verdict on those probes
 (`glit_ray.training.verdict`): whether the supernet has learnt, which a search on it requires.
@@ -56,7 +57,7 @@ def settings_from_args(args) -> SupernetRun:
     return supernet_run(space, args.level, distribution, data, args.epochs, args.batch_size, args.workers,
                         training_recipe(args, data, space, **RECIPE_DEFAULTS),
                         Limits(flops_max=args.flops_max, params_max=args.params_max, convention=args.flops_convention),
-                        args.seed, args.sampling)
+                        args.seed, args.sampling or ("uniform" if args.flops_max or args.params_max else "fair"))
 
 
 def supernet_run(space: SearchSpace, level: str, distribution, data: str, epochs: int = SupernetRun.epochs,
@@ -137,9 +138,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--level", required=True, choices=LEVELS)
     parser.add_argument("--distribution", help="low level: ARCH_STRING or a high-level RUN_DIR")
     add_arguments(parser, SupernetRun, **RECIPE_DEFAULTS)
-    parser.add_argument("--sampling", choices=SAMPLING, default="uniform",
-                        help="a step's paths: uniform, one drawn at random (SPOS); fair, one per choice of a block, "
-                             "every choice of every block in one of them (FairNAS: that many times a step's compute)")
+    parser.add_argument("--sampling", choices=SAMPLING,
+                        help="a step's paths: fair, one per choice of a block, every choice of every block in one of "
+                             "them (FairNAS: that many times a step's compute); uniform, one drawn at random (SPOS) "
+                             "(default: fair; uniform under --flops-max or --params-max, which only it keeps)")
     parser.add_argument("--flops-max", type=float, help="train only paths of at most this many M FLOPs (MAC)")
     parser.add_argument("--params-max", type=float, help="train only paths of at most this many M params")
     add_flops_convention(parser)

@@ -106,7 +106,7 @@ def test_the_random_group_of_a_search_under_a_latency_table_meets_its_limit(micr
 
 
 def test_ranking_seeds_train_the_ranking_once_and_the_find_against_its_rivals_at_seeds(micro, tmp_path):
-    search = fake_search(tmp_path, micro, archs=80, argv=["--supernet-epochs", "80"])
+    search = fake_search(tmp_path, micro, archs=80, argv=["--supernet-epochs", "20"])  # fair: 4 paths, 80 path-epochs
     ranked = ranked_architectures(tmp_path)
     settings = audit_settings(tmp_path, "--sample", "6", "--top", "2", "--random", "3", "--seeds", "3",
                               "--ranking-seeds", "1")
@@ -129,7 +129,7 @@ def test_ranking_seeds_train_the_ranking_once_and_the_find_against_its_rivals_at
     assert verdict["seed_sd"] == pytest.approx(2.0) and verdict["winner"]["standalone_top1"] == pytest.approx(42.0)
     sizes = []
     for seeds in (["--seeds", "2"], ["--seeds", "2", "--ranking-seeds", "1"]):  # the default sample: the supernet's
-        sized = audit_settings(tmp_path, *seeds, "--epochs", "1", "--random", "0")  # epochs, the baselines at --seeds,
+        sized = audit_settings(tmp_path, *seeds, "--epochs", "1", "--random", "0")  # compute, baselines at --seeds,
         trainings = len(trials_of(choose_sample(sized, search, ranked, 10), sized))  # the rest at --ranking-seeds
         assert sized.sample > MIN_SAMPLE and 79 <= trainings <= 80
         sizes.append(sized.sample)

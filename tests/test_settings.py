@@ -25,7 +25,8 @@ def test_the_previous_releases_search_reads_and_its_training_runs_are_refused_in
     """Before training recipes: a search's run file still names its space and data (retrain and the shortlist read
     them), with no supernet recipe recorded; a training run's `lr` cannot be resumed as the same recipe."""
     search_args = search.build_parser().parse_args(
-        ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20", "--objective", "top1"])
+        ["--level", "high", "--population", "8", "--topk", "4", "--latency", "--flops-max", "20", "--objective", "top1",
+         "--supernet-epochs", "30", "--supernet-sampling", "uniform"])  # that release's supernet defaults
     today, old = search.settings_from_args(search_args), from_json("search", stored("search"))
     assert old.supernet_recipe is None
     assert dataclasses.replace(old, supernet_recipe=today.supernet_recipe) == today  # all else reads as it did
@@ -49,11 +50,26 @@ def test_the_supernet_a_search_trains_keeps_inside_its_limits_or_with_fair_paths
         return search.supernet_settings(search.settings_from_args(search.build_parser().parse_args(
             ["--level", "high", "--flops-min", "10", "--flops-max", "14", "--supernet-epochs", "3", *argv])))
 
-    uniform, fair = trained(), trained("--supernet-sampling", "fair")
+    uniform, fair = trained("--supernet-sampling", "uniform"), trained()
     assert (uniform.sampling, uniform.limits.flops_max, uniform.limits.flops_min, uniform.epochs) == ("uniform", 14, None, 3)
     assert (fair.sampling, fair.limits.flops_max, fair.epochs) == ("fair", None, 3)
     assert dataclasses.replace(fair, sampling="uniform", limits=uniform.limits) == uniform  # all else the same
     assert from_json("supernet", json.loads(json.dumps(to_json(fair)))) == fair
+
+
+def test_a_supernets_default_epochs_are_the_compute_of_30_uniform_ones_and_limits_keep_it_uniform():
+    def supernet(*argv, level="high"):
+        given = ["--level", level, "--out", "x"] + (["--distribution", "1:-1:-1:-1:-1:-1:"] if level == "low" else [])
+        return train_supernet.settings_from_args(train_supernet.build_parser().parse_args([*given, *argv]))
+
+    high, low = supernet(), supernet(level="low")  # glit_micro: 4 choices a block at the high level, 9 at the low
+    assert (high.sampling, high.epochs, high.path_epochs) == ("fair", 8, 32)
+    assert (low.sampling, low.epochs, low.path_epochs) == ("fair", 4, 36)
+    limited = supernet("--flops-max", "14")  # only a uniform path keeps inside a limit
+    assert (limited.sampling, limited.epochs, limited.limits.flops_max) == ("uniform", 30, 14)
+    assert supernet("--sampling", "uniform", "--epochs", "12").path_epochs == 12
+    searched = search.settings_from_args(search.build_parser().parse_args(["--level", "high"]))
+    assert searched.supernet_path_epochs == search.supernet_settings(searched).path_epochs == 32
 
 
 def test_a_shortlist_of_the_previous_release_is_refused_in_one_line():
@@ -150,6 +166,8 @@ def test_training_settings_built_in_python_have_the_command_lines_defaults_and_c
                RetrainRun: retrain.build_parser().parse_args(["--arch", ARCH, "--out", "run"]),
                ShortlistRun: shortlist.build_parser().parse_args(["run"]),
                AuditRun: audit.build_parser().parse_args(["run"])}
+    # a supernet's epochs default to None on both sides, resolved from its sampling (test above): compare the settings
+    parsers[SupernetRun] = train_supernet.settings_from_args(parsers[SupernetRun])
     for kind, parsed in parsers.items():
         given = {"arch": ARCH} if kind is RetrainRun else {"sample": 20} if kind is AuditRun else {}
         run = kind(space=micro, recipe=recipe, **given)
@@ -157,7 +175,7 @@ def test_training_settings_built_in_python_have_the_command_lines_defaults_and_c
                                                                        parsed.workers, parsed.seed), kind
         with pytest.raises(ValueError, match="--batch-size must be at least 1"):  # a UserError from the command line
             kind(space=micro, recipe=recipe, batch_size=0, **given)
-    assert search.build_parser().parse_args(["--level", "high"]).supernet_epochs == SupernetRun.epochs  # the one 30
+    assert search.build_parser().parse_args(["--level", "high"]).supernet_epochs == SupernetRun.epochs  # None: one rule
     with pytest.raises(ValueError, match="--sampling fair trains every choice"):
         SupernetRun(space=micro, recipe=recipe, sampling="fair", limits=dataclasses.replace(SupernetRun.limits,
                                                                                             flops_max=10.0))

@@ -207,7 +207,7 @@ def test_a_different_run_is_never_overwritten(tmp_path, cli_error):
     (out / "run.json").write_text(json.dumps({"kind": "supernet", "settings": to_json(settings_for("--level", "high"))}))
     (out / "supernet.pt").write_bytes(b"weights")
     err = cli_error(main, ["--level", "high", "--epochs", "5", "--out", str(out)])
-    assert "holds a different supernet run (epochs: 30 -> 5)" in err
+    assert "holds a different supernet run (epochs: 8 -> 5)" in err
     assert (out / "supernet.pt").read_bytes() == b"weights"
     err = cli_error(main, ["--level", "high", "--out", str(out)])  # same settings: the damaged file is refused
     assert "is not a readable supernet checkpoint" in err

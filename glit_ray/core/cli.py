@@ -58,6 +58,7 @@ def like(settings: type, name: str) -> dataclasses.Field:
 
 def add_setting(parser: argparse.ArgumentParser, flag: str, settings: type, name: str | None = None, **kwargs) -> None:
     """The option `flag` of `settings`' field `name` (default: the flag's own name): its default and help the
-    field's (`described`), each written once, on the settings."""
+    field's (`described`), each written once, on the settings; a default of None is the help's to explain."""
     field = settings.__dataclass_fields__[name or flag.removeprefix("--").replace("-", "_")]
-    parser.add_argument(flag, default=field.default, help=f"{field.metadata['help']} (default: %(default)s)", **kwargs)
+    default = "" if field.default is None else " (default: %(default)s)"  # None: the help says what it means
+    parser.add_argument(flag, default=field.default, help=field.metadata["help"] + default, **kwargs)

@@ -15,7 +15,7 @@ from glit_ray.models.space import SearchSpace
 from glit_ray.training.data import located
 from glit_ray.training.imagesets import scoring_sizes
 from glit_ray.training.recipe import Recipe
-from glit_ray.training.settings import SupernetRun
+from glit_ray.training.settings import UNIFORM_EPOCHS, SupernetRun, default_epochs, paths_per_step
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,15 @@ class SearchRun:
     pareto_cost: str = like(Evolution, "pareto_cost")
     latency: Latency | None = None  # measured by the evaluators
     latency_table: TableLatency | None = None  # predicted from a table built on the target device
-    supernet_epochs: int = described(SupernetRun.epochs, "when training the supernet here: its epochs")
+    supernet_epochs: int | None = described(None, "when training the supernet here: its epochs (default: the compute "
+                                                  f"of {UNIFORM_EPOCHS} epochs of one path a step, see train_supernet "
+                                                  "--epochs)")
     supernet_workers: int = described(SupernetRun.workers, "when training the supernet here: its data-parallel Ray "
                                                            "Train workers")
     seed: int = like(Evolution, "seed")
     supernet_sampling: str = described(SupernetRun.sampling, "when training the supernet here: its steps' paths "
-                                                             "(see train_supernet --sampling)")
+                                                             "(see train_supernet --sampling); fair ones cover every "
+                                                             "choice whatever the limits, which the search applies")
 
     def __post_init__(self):
         if self.level not in ("high", "low"):
@@ -124,6 +127,13 @@ class SearchRun:
         sizes = scoring_sizes(self.data, self.calib_batches, self.heldout_images)
         object.__setattr__(self, "calib_batches", sizes[0])
         object.__setattr__(self, "heldout_images", sizes[1])
+
+    @property
+    def supernet_path_epochs(self) -> int:
+        """The compute of the supernet this search trains (or would train), in epochs of one path."""
+        paths = paths_per_step(self.space, self.level, self.distribution, self.supernet_sampling)
+        return paths * (self.supernet_epochs or default_epochs(self.space, self.level, self.distribution,
+                                                               self.supernet_sampling))
 
     @property
     def evolution(self) -> Evolution:

@@ -5,6 +5,7 @@ one `error:` line from the command line).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from glit_ray.core.cli import described
@@ -36,21 +37,45 @@ class Training:
         return self.recipe.learning_rate(self.batch_size * self.workers)
 
 
+UNIFORM_EPOCHS = 30  # a supernet's default compute: 30 epochs of one path a step (SPOS's uniform sampling)
+
+
+def paths_per_step(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str) -> int:
+    """The paths a supernet's step trains: one uniform path, or a fair step's one per choice of its blocks."""
+    return 1 if sampling == "uniform" else max(map(len, space.block_choices(level, distribution)))
+
+
+def default_epochs(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str) -> int:
+    """A supernet's epochs when none are given: the compute of UNIFORM_EPOCHS epochs of one path (a fair step's
+    paths each cost a uniform step), rounded up: 8 fair epochs at GLiT's high level (4 paths), 4 at its low (9)."""
+    return math.ceil(UNIFORM_EPOCHS / paths_per_step(space, level, distribution, sampling))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SupernetRun(Training):
-    """A supernet of one level (of one distribution at the low level), trained on paths inside `limits`."""
-    epochs: int = described(30, "training epochs")
+    """A supernet of one level (of one distribution at the low level), trained on paths inside `limits`: by default
+    fair paths for the compute of UNIFORM_EPOCHS uniform epochs (fair sampling orders networks as training them
+    does better at that compute, BENCHMARKS.md P13b and P13bt)."""
+    epochs: int | None = described(None, f"training epochs (default: the compute of {UNIFORM_EPOCHS} epochs of one "
+                                         f"path a step: {UNIFORM_EPOCHS} uniform, 8 fair at GLiT's high level, 4 at its low)")
     batch_size: int = described(32, "images per worker and step")
     level: str = "high"
     distribution: tuple[int, ...] | None = None
     limits: Limits = Limits()
-    sampling: str = "uniform"  # the paths of a step: "uniform" (SPOS's one) or "fair" (FairNAS's, `PathSampler`)
+    sampling: str = "fair"  # the paths of a step: "fair" (FairNAS's, `PathSampler`) or "uniform" (SPOS's one)
 
     def __post_init__(self):
+        if self.epochs is None:  # (frozen) resolved once: run.json holds the epochs trained
+            object.__setattr__(self, "epochs", default_epochs(self.space, self.level, self.distribution, self.sampling))
         super().__post_init__()
         if self.sampling == "fair" and (self.limits.flops_max or self.limits.params_max):
             raise UserError("--sampling fair trains every choice of every block each step, paths over --flops-max or "
                             "--params-max too; drop the limits (the search applies them) or use --sampling uniform")
+
+    @property
+    def path_epochs(self) -> int:
+        """Its compute in epochs of one path (P1: a path's step costs what its network's step costs)."""
+        return self.epochs * paths_per_step(self.space, self.level, self.distribution, self.sampling)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +93,8 @@ class ShortlistRun(Training):
     epochs: int = described(10, "training epochs of each distribution")
     batch_size: int = described(128, "images per worker and step")
     top: int = described(5, "distributions to retrain (GLiT: 5)")
-    scheduler: str | None = described(None, "asha: Tune's ASHA stops weak trials early")
+    scheduler: str | None = described(None, "asha: Tune's ASHA stops weak trials early (default: none, each trains "
+                                                "its epochs)")
 
     def __post_init__(self):
         super().__post_init__()
