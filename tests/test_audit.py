@@ -220,10 +220,12 @@ def test_the_verdict_from_the_table_is_the_direct_computation():
 
 
 def trial_checkpoints(folder, index: int) -> list:
-    """The checkpoints Tune keeps of trial `index` of a command's `folder` (a one-worker trial trains in its own process
-    and checkpoints through Tune, under FOLDER/tune/<its trial directory, named ..._index=N_...>)."""
-    [trial] = [d for d in (folder / "tune").iterdir() if d.is_dir() and re.search(rf"_index={index}(_|$)", d.name)]
-    return sorted((p for p in trial.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    """The checkpoints Tune keeps of trial `index` of a command's `folder`, oldest first (a one-worker trial trains in
+    its own process and checkpoints through Tune, under FOLDER/tune/<its trial directory, named ..._index=N_...>; a
+    trial started just before a kill that Tune's snapshot had not recorded yet is started again in a new one)."""
+    trials = [d for d in (folder / "tune").iterdir() if d.is_dir() and re.search(rf"_index={index}(_|$)", d.name)]
+    return sorted((p for trial in trials for p in trial.glob("checkpoint_*") if p.is_dir()),
+                  key=lambda p: p.stat().st_mtime)
 
 
 def epochs_logged(trial_dir) -> list[int]:

@@ -208,11 +208,11 @@ def kill_node(node_id: str) -> int:
 
 def test_a_training_that_loses_a_gpu_node_restarts_on_its_own_and_ends_as_an_uninterrupted_one(autoscaling_cluster,
                                                                                               micro_supernet, tmp_path):
-    """The session search's supernet (`train_supernet --epochs 5 --batch-size 32`) trained again on a GPU node, the
+    """The session search's supernet (`train_supernet --epochs 2 --batch-size 32`) trained again on a GPU node, the
     node killed once the first epoch is checkpointed: Ray Train restarts the worker from that checkpoint, the
     autoscaler brings up a node for it, and the run ends with the uninterrupted supernet's weights and probes."""
     out = tmp_path / "supernet"
-    command = [sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "5", "--batch-size", "32",
+    command = [sys.executable, "-m", "glit_ray.train_supernet", "--level", "high", "--epochs", "2", "--batch-size", "32",
                "--gpus-per-worker", "1", "--out", str(out)]
     proc = subprocess.Popen(command, env=autoscaling_cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -229,7 +229,7 @@ def test_a_training_that_loses_a_gpu_node_restarts_on_its_own_and_ends_as_an_uni
     assert proc.returncode == 0, console[-3000:]
     # one worker goes to the smallest GPU node type, aws.yaml's spot instances
     assert f"supernet: 1 worker x (1 GPU, {A10G['CPU']} CPU) on gpu_a10g" in console
-    assert re.search(r"^supernet: resuming at epoch [2-5]/5 from its last checkpoint$", console, re.M), console[-3000:]
+    assert re.search(r"^supernet: resuming at epoch 2/2 from its last checkpoint$", console, re.M), console[-3000:]
     assert gpu_nodes(autoscaling_cluster)[worker["node_id"]] == "DEAD"
     assert json.loads((out / "run.json").read_text())["settings"] == \
         json.loads((micro_supernet.parent / "run.json").read_text())["settings"]

@@ -1,7 +1,8 @@
 """A supernet's Ray Train worker (SPOS): the paths of each step and the probes scored every few epochs.
 
-Each step samples one path uniformly (inside the run's limits), or with `sampling="fair"` (FairNAS) as many paths
-as a block has choices, every choice of every block in exactly one of them, their gradients summed into one update.
+Each step trains, with `sampling="fair"` (FairNAS, the default), as many paths as a block has choices, every choice
+of every block in exactly one of them, their gradients summed into one update; or one path drawn uniformly (SPOS,
+inside the run's limits).
 The paths are a pure function of the seed and the global step, so every data-parallel worker runs the same path
 without talking to the others (DDP would otherwise average gradients of different subnets), and a resumed run
 replays the same paths. Rank 0 scores fixed probe paths on held-out images, which the verdict reads
