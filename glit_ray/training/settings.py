@@ -73,9 +73,14 @@ class SupernetRun(Training):
                             "--params-max too; drop the limits (the search applies them) or use --sampling uniform")
 
     @property
+    def paths(self) -> int:
+        """The paths each step trains (`paths_per_step`)."""
+        return paths_per_step(self.space, self.level, self.distribution, self.sampling)
+
+    @property
     def path_epochs(self) -> int:
         """Its compute in epochs of one path (P1: a path's step costs what its network's step costs)."""
-        return self.epochs * paths_per_step(self.space, self.level, self.distribution, self.sampling)
+        return self.epochs * self.paths
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -84,7 +84,8 @@ def train_loop(config: dict) -> None:
         probes = sampler.probes()
         probe_sets = place(scoring_sets(splits, CALIB_BATCHES, PROBE_IMAGES, cluster=False,
                                         workers=job.workers.loader_workers), device)
-        every = probe_every(len(probes) * sum(map(len, probe_sets.values())), len(loader) * settings.batch_size)
+        every = probe_every(len(probes) * sum(map(len, probe_sets.values())),
+                            len(loader) * settings.batch_size * settings.paths)
 
     def score_probes(epoch: int) -> tuple[dict, str]:
         if (epoch + 1) % every and epoch != settings.epochs - 1:
@@ -98,5 +99,6 @@ def train_loop(config: dict) -> None:
 def probe_every(probe_images: int, epoch_images: int) -> int:
     """Epochs between probe rounds (the last epoch always has one): every epoch unless scoring the probes (one
     forward pass over `probe_images`, calibration and held-out images of every probe) costs more than PROBE_SHARE of
-    an epoch's training on the worker (`epoch_images`, a forward and a backward pass: about three forward passes)."""
+    an epoch's training on the worker (`epoch_images`, each path's images of a step, a forward and a backward pass:
+    about three forward passes)."""
     return max(1, math.ceil(probe_images / (PROBE_SHARE * 3 * epoch_images)))
