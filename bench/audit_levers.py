@@ -12,10 +12,11 @@ scoring or ranking with one. For each the bench:
   found architecture `--seeds` times with the audit's recipe (unless the audit trained it already), placing it among
   the audit's random networks of the demo winner's FLOPs band.
 
-Levers: `today` (the demo's supernet: uniform paths, 30 epochs; the audit's own search), `loss` (the same supernet,
+Levers: `today` (the audited search's supernet: for P13b the demo's of then, uniform paths, 30 epochs; the audit's own
+search), `loss` (the same supernet,
 searched with `--objective loss`: parents and the find by held-out loss instead of top-1), `calib16` (16 calibration batches instead of 4),
 `epochs60` / `epochs120` (uniform paths, longer), `fair` (FairNAS: every choice of every block each step, 30 epochs,
-4x the compute of a step), `fair8` (fair for 8 epochs: about today's compute).
+4x the compute of a step), `fair8` (fair for 8 epochs: about the uniform supernet's compute, today's default).
 
     .venv/bin/python -m glit_ray.search --level high --objective top1 --out runs/bench-levers/demo   # (make bench)
     .venv/bin/python -m glit_ray.audit runs/bench-levers/demo --seeds 3
@@ -57,6 +58,7 @@ from glit_ray.searching.results import ranked_architectures  # noqa: E402
 from glit_ray.searching.settings import SearchRun  # noqa: E402
 from glit_ray.training.data import build_splits  # noqa: E402
 from glit_ray.training.fit import ensure_ray  # noqa: E402
+from glit_ray.training.settings import paths_per_step  # noqa: E402
 from glit_ray.training.trials import Standalone, side_by_side, train_standalone  # noqa: E402
 
 
@@ -71,7 +73,7 @@ class Lever:
 
 
 LEVERS = {
-    "today": Lever("the audited search's supernet (uniform paths, its epochs), ranked by top-1"),
+    "today": Lever("the audited search's supernet (its sampling and epochs), ranked by top-1"),
     "loss": Lever("the same supernet, the search ranking by held-out loss (`--objective loss`)", objective="loss"),
     "calib16": Lever("the same supernet, 16 calibration batches", calib_batches=16),
     "epochs60": Lever("uniform paths, 60 epochs", epochs=60),
@@ -139,9 +141,8 @@ def main() -> None:
         figures["loss_kendall_tau"] = defined(kendall([-scores[a]["loss"] for a in compared],
                                                        [truth[a] for a in compared]))
         trained = LEVERS[lever.supernet_of] if lever.supernet_of else lever
-        # a step's paths
-        paths = max(map(len, audited_search.space.block_choices("high"))) if trained.sampling == "fair" else 1
-        steps = (trained.epochs or audited_search.supernet_epochs) * paths
+        steps = (trained.epochs * paths_per_step(audited_search.space, "high", None, trained.sampling) if trained.epochs
+                 else audited_search.supernet_path_epochs)
         verdict = read_json(searched / "best.json")["supernet"]
         results[name] = {"figures": figures, "winner": ranked_architectures(searched, lever.objective)[0], "path_epochs": steps,
                          "probes": verdict["median"], "learnt": verdict["learnt"]}

@@ -86,11 +86,12 @@ def main() -> None:
         rows = audit.read_table(run_dir / audit.FOLDER / audit.TABLE)
         verdict = read_json(run_dir / audit.FOLDER / audit.RECORD)["verdict"]
         settings = read_json(run_dir / "run.json")["settings"]
+        trained = read_json(run_dir / "supernet" / "run.json")["settings"]  # its epochs and sampling, resolved
     winner, randoms = verdict["winner"]["standalone_top1"], verdict["random"]["mean_top1"]
     whose = "The" if args.run else "The demo's"
     body = "\n".join([
         f"{whose} search ({settings['data'].split(':')[0]}, {settings['space']['name']}, "
-        f"{settings['level']} level: supernet {settings['supernet_epochs']} epochs, "
+        f"{settings['level']} level: supernet {trained['epochs']} epochs of {trained.get('sampling', 'uniform')} paths, "
         f"{settings['population']} x {settings['generations']} candidates{', audited from a copy of ' + str(args.run) if args.run else ''}), "
         f"audited: {args.sample} of its ranking, {args.random} random networks within 10 % of the winner's FLOPs, the "
         f"all-global and all-local networks; each trained {seeds_said(args.seeds, args.ranking_seeds)} for "

@@ -3,10 +3,10 @@
 On two small real folders a user could bring (the shipped digits written as 28-px PNGs in ImageNet layout, about
 1,150 training images after the held-out fifth, with glit_micro at 28 px in 4-px patches; and the generated 224-px
 folder of the tests, 320 training images, with glit_pico), each recipe trains a high-level supernet and retrains one
-architecture from scratch (30 and 10 epochs, the README's), through the commands' own code (`train_supernet.main`, `retrain.main`):
+architecture from scratch (train_supernet's default epochs and 10, the README's), through the commands' own code (`train_supernet.main`, `retrain.main`):
 the supernet's probes and verdict (`glit_ray.training.verdict`), the retrained network's held-out and test top-1.
 
-    .venv/bin/python bench/recipe_fit.py [--supernet-epochs 30] [--epochs 10] [--record]
+    .venv/bin/python bench/recipe_fit.py [--supernet-epochs E] [--epochs 10] [--record]
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def one_recipe(data: str, space: str, recipe: list[str], supernet_epochs: int, e
     arch = str(SearchSpace.load(space).sample("high", random.Random(0)))  # a G per block, its sizes the defaults
     common = ["--space", space, "--data", data, *recipe]
     started = time.perf_counter()
-    train_supernet.main(["--level", "high", *common, "--epochs", str(supernet_epochs), "--out", str(out / "supernet")])
+    epochs = ["--epochs", str(supernet_epochs)] if supernet_epochs else []  # none: train_supernet's default
+    train_supernet.main(["--level", "high", *common, *epochs, "--out", str(out / "supernet")])
     supernet_seconds = time.perf_counter() - started
     retrain.main(["--arch", arch, *common, "--epochs", str(epochs), "--batch-size", str(batch),
                   "--out", str(out / "retrain")])
@@ -72,7 +73,7 @@ def row(folder: str, result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--supernet-epochs", type=int, default=30, help="train_supernet's default")
+    parser.add_argument("--supernet-epochs", type=int, help="default: train_supernet's (8 fair epochs)")
     parser.add_argument("--epochs", type=int, default=10, help="retraining's")
     parser.add_argument("--batch", type=int, default=32, help="the retraining's batch (the supernet's: its default)")
     parser.add_argument("--folders", default="digits28,folder224")
@@ -107,8 +108,9 @@ def main() -> None:
                 ratios.append(f"{name}: retrained test top-1, chosen / {other['recipe']} = "
                               f"{chosen['test'] / max(other['test'], 1e-9):.2f}; probe median {chosen['verdict'].median:.1f}"
                               f" against {other['verdict'].median:.1f}")
+    supernet_epochs = args.supernet_epochs or "train_supernet's default (8 fair)"
     body = "\n".join([*lines, "", *(f"- {r}" for r in ratios), "",
-                      f"Supernet: {args.supernet_epochs} epochs of batch 32 (train_supernet's defaults); retraining: "
+                      f"Supernet: {supernet_epochs} epochs of batch 32 (its default sampling, fair); retraining: "
                       f"{args.epochs} epochs of batch {args.batch}."])
     publish("P13r", body, args.record)
 

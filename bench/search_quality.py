@@ -10,10 +10,10 @@ evaluators and budget; generation 0 is the same random draw for all):
 - `random`: random search.
 
 Two settings (`--setting`):
-- `demo`: what `make demo` runs: glit_micro on digits, its supernet (30 epochs), population 50,
+- `demo`: what `make demo` runs: glit_micro on digits, its supernet (the default: 8 fair epochs), population 50,
   top-k 10, 25 mutations + 25 crossovers a generation, 20 generations (1,000 candidates);
 - `pico`: the README's 224-px trial: glit_pico on a synthetic ImageNet-layout folder
-  (`glit_ray.synthetic`, written under --out unless --data names one), its supernet (12 epochs),
+  (`glit_ray.synthetic`, written under --out unless --data names one), its supernet (the default),
   population 16, top-k 4, 8 + 8 a generation, 5 generations (80 of the space's 256 distributions),
   scored on 2 calibration batches and 200 held-out images to keep a run at about two minutes.
 
@@ -52,6 +52,7 @@ from glit_ray.searching.searcher import Brood
 from glit_ray.synthetic import write_imagefolder
 from glit_ray.train_supernet import supernet_run, train_supernet
 from glit_ray.training.data import build_splits
+from glit_ray.training.settings import SupernetRun
 from glit_ray.training.imagesets import decode, score_on, scoring_sets, scoring_sizes
 
 from harness import BENCHMARKS, publish
@@ -64,7 +65,7 @@ STYLES = ("-", "--", "-")  # the old breeding dashed: where it matches today's, 
 @dataclass(frozen=True)
 class Setting:
     space: str
-    supernet_epochs: int
+    supernet_epochs: int | None  # None: the supernet's default (fair paths for 30 uniform epochs' compute)
     population: int
     topk: int
     generations: int
@@ -74,8 +75,8 @@ class Setting:
 
 
 SETTINGS = {
-    "demo": Setting("glit_micro", 30, 50, 10, 20, what="`make demo`'s search: glit_micro high level on digits"),
-    "pico": Setting("glit_pico", 12, 16, 4, 5, calib_batches=2, heldout_images=200,
+    "demo": Setting("glit_micro", None, 50, 10, 20, what="`make demo`'s search: glit_micro high level on digits"),
+    "pico": Setting("glit_pico", None, 16, 4, 5, calib_batches=2, heldout_images=200,
                     what="the README's 224-px trial: glit_pico high level on a synthetic 50-class 256-px JPEG folder"),
 }
 
@@ -119,8 +120,8 @@ def main() -> None:
             write_imagefolder(folder, classes=50, train_per_class=40, val_per_class=10)
         data = args.data or f"imagefolder:{folder}"
     supernet_dir = out_root / "supernet"
-    supernet = train_supernet(supernet_run(space, "high", None, data, setting.supernet_epochs),
-                              Placement(supernet_dir, resume=(supernet_dir / "run.json").exists()))
+    trained = supernet_run(space, "high", None, data, setting.supernet_epochs)
+    supernet = train_supernet(trained, Placement(supernet_dir, resume=(supernet_dir / "run.json").exists()))
 
     net, _ = load_supernet(supernet)
     splits = build_splits(data, space.img_size, space.in_chans)
@@ -156,7 +157,7 @@ def main() -> None:
                   f"random fill {results[side][-1]['fill']:.0f}%", flush=True)
 
     candidates = len(results["evolution"][0]["curve"])
-    body = report(args.setting, setting, args.seeds, generations, candidates, results)
+    body = report(setting, trained, args.seeds, generations, candidates, results)
     figure = BENCHMARKS.parent / "bench" / "figures" / f"search_quality_{args.setting}.png"
     body += f"\n\n![best so far against candidates evaluated]({figure.relative_to(BENCHMARKS.parent)})"
     if args.record:
@@ -165,7 +166,8 @@ def main() -> None:
     ray.shutdown()
 
 
-def report(name: str, setting: Setting, seeds: list[int], generations: int, candidates: int, results: dict) -> str:
+def report(setting: Setting, trained: SupernetRun, seeds: list[int], generations: int, candidates: int,
+           results: dict) -> str:
     column = {s: {k: [r[k] for r in results[s]] for k in ("heldout", "test", "reached", "fill")} for s in SIDES}
     rows = []
     for i, seed in enumerate(seeds):
@@ -178,7 +180,7 @@ def report(name: str, setting: Setting, seeds: list[int], generations: int, cand
     wins = {s: sum(d > 0 for d in over[s]) for s in over}
     ties = {s: sum(d == 0 for d in over[s]) for s in over}
     return "\n".join([
-        f"{setting.what}, one supernet ({setting.supernet_epochs} epochs), {candidates} candidates per run "
+        f"{setting.what}, one supernet ({trained.epochs} epochs of {trained.sampling} paths), {candidates} candidates per run "
         f"(population {setting.population}, top-k {setting.topk}, {setting.population // 2} mutations + "
         f"{setting.population - setting.population // 2} crossovers a generation, {generations} generations), seeds "
         f"{seeds}. Each cell: best held-out top-1 % (candidates evaluated to reach it). Random fill: the share of "

@@ -12,8 +12,6 @@ import pyarrow.fs
 import pytest
 import ray
 import ray._private.worker
-import tempfile
-
 import tomllib
 import torch
 from packaging.requirements import Requirement
