@@ -49,8 +49,8 @@ def one_recipe(data: str, space: str, recipe: list[str], supernet_epochs: int, e
     arch = str(SearchSpace.load(space).sample("high", random.Random(0)))  # a G per block, its sizes the defaults
     common = ["--space", space, "--data", data, *recipe]
     started = time.perf_counter()
-    epochs = ["--epochs", str(supernet_epochs)] if supernet_epochs else []  # none: train_supernet's default
-    train_supernet.main(["--level", "high", *common, *epochs, "--out", str(out / "supernet")])
+    supernet_flags = ["--epochs", str(supernet_epochs)] if supernet_epochs else []  # none: train_supernet's default
+    train_supernet.main(["--level", "high", *common, *supernet_flags, "--out", str(out / "supernet")])
     supernet_seconds = time.perf_counter() - started
     retrain.main(["--arch", arch, *common, "--epochs", str(epochs), "--batch-size", str(batch),
                   "--out", str(out / "retrain")])

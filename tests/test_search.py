@@ -433,8 +433,11 @@ def test_the_console_shows_our_lines_and_none_of_rays(high_search_process):
     box, C++ warnings, worker prefixes, tracebacks)."""
     _, console = high_search_process
     lines = console.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("supernet epoch ")] == \
-        [f"supernet epoch {e}/2" for e in range(1, 3)]
+    epochs = [line for line in lines if line.startswith("supernet epoch ")]
+    assert [line.split(":")[0] for line in epochs] == [f"supernet epoch {e}/2" for e in range(1, 3)]
+    # a fair step trains 4 paths on each image: the probes' share of an epoch allows them every 3rd epoch (every 9th
+    # of one path a step), and the last epoch always has them
+    assert "probes every 3 epochs" in epochs[0] and "probe top-1" in epochs[1]
     generations = [line for line in lines if line.startswith("generation ")]
     assert [line.split(":")[0] for line in generations] == [f"generation {g}/4" for g in range(1, 5)]
     best = json.loads((high_search_process[0] / "best.json").read_text())  # the best by the default objective
