@@ -12,6 +12,7 @@ from glit_ray.core.errors import UserError
 from glit_ray.runs import from_json, to_json
 from glit_ray.searching.settings import Latency
 from glit_ray.synthetic import write_imagefolder
+from glit_ray.training.settings import MIN_STEPS
 
 PREVIOUS = Path(__file__).parent / "data" / "runs-2291a49"  # run.json files the previous release (2291a49) wrote
 ARCH = "2:k5c2v1m4-1:k5c2v1m4-1:k5c2v1m4-3:v1m4-0:k5c2m4-1:k5c2v1m4"  # the best.json of its search run
@@ -57,14 +58,17 @@ def test_the_supernet_a_search_trains_keeps_inside_its_limits_or_with_fair_paths
     assert from_json("supernet", json.loads(json.dumps(to_json(fair)))) == fair
 
 
-def test_a_supernets_default_epochs_are_the_compute_of_30_uniform_ones_and_limits_keep_it_uniform():
+def test_a_supernets_default_epochs_are_the_compute_of_30_uniform_ones_and_limits_keep_it_uniform(folder224):
     def supernet(*argv, level="high"):
         given = ["--level", level, "--out", "x"] + (["--distribution", "1:-1:-1:-1:-1:-1:"] if level == "low" else [])
         return train_supernet.settings_from_args(train_supernet.build_parser().parse_args([*given, *argv]))
 
-    high, low = supernet(), supernet(level="low")  # glit_micro: 4 choices a block at the high level, 9 at the low
+    # glit_micro on digits (35 steps of 32 an epoch): 4 choices a block at the high level, 9 at the low
+    high, low = supernet(), supernet(level="low")
     assert (high.sampling, high.epochs, high.path_epochs) == ("fair", 8, 32)
-    assert (low.sampling, low.epochs, low.path_epochs) == ("fair", 4, 36)
+    assert (low.sampling, low.epochs, low.path_epochs) == ("fair", 5, 45)  # 4 would be 140 steps: MIN_STEPS wants 5
+    small = supernet("--space", "glit_pico", "--data", f"imagefolder:{folder224}")  # 320 images: 10 steps an epoch
+    assert (small.epochs, small.epochs * 10) == (16, MIN_STEPS)
     limited = supernet("--flops-max", "14")  # only a uniform path keeps inside a limit
     assert (limited.sampling, limited.epochs, limited.limits.flops_max) == ("uniform", 30, 14)
     assert supernet("--sampling", "uniform", "--epochs", "12").path_epochs == 12

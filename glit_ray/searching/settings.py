@@ -15,7 +15,7 @@ from glit_ray.models.space import SearchSpace
 from glit_ray.training.data import located
 from glit_ray.training.imagesets import scoring_sizes
 from glit_ray.training.recipe import Recipe
-from glit_ray.training.settings import UNIFORM_EPOCHS, SupernetRun, default_epochs, paths_per_step
+from glit_ray.training.settings import UNIFORM_EPOCHS, SupernetRun, default_epochs, paths_per_step, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,9 @@ class SearchRun:
     def supernet_path_epochs(self) -> int:
         """The compute of the supernet this search trains (or would train), in epochs of one path."""
         paths = paths_per_step(self.space, self.level, self.distribution, self.supernet_sampling)
+        steps = steps_per_epoch(self.data, self.space, SupernetRun.batch_size, self.supernet_workers)
         return paths * (self.supernet_epochs or default_epochs(self.space, self.level, self.distribution,
-                                                               self.supernet_sampling))
+                                                               self.supernet_sampling, steps))
 
     @property
     def evolution(self) -> Evolution:

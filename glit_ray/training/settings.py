@@ -12,6 +12,7 @@ from glit_ray.core.cli import described
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
+from glit_ray.training.data import build_splits
 from glit_ray.training.recipe import Recipe
 
 
@@ -27,7 +28,7 @@ class Training:
     seed: int = described(0, "seeds the initial weights, the paths and the data order")
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "workers"):
+        for name in ("batch_size", "workers", "epochs"):  # (a supernet's default epochs are counted in steps)
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
@@ -38,6 +39,9 @@ class Training:
 
 
 UNIFORM_EPOCHS = 30  # a supernet's default compute: 30 epochs of one path a step (SPOS's uniform sampling)
+# the optimizer steps a supernet's default epochs give it at the least: on 320 training images (10 steps an epoch) 8
+# fair epochs left the probes at chance, 16 learnt (BENCHMARKS.md, P13r)
+MIN_STEPS = 160
 
 
 def paths_per_step(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str) -> int:
@@ -45,10 +49,18 @@ def paths_per_step(space: SearchSpace, level: str, distribution: tuple[int, ...]
     return 1 if sampling == "uniform" else max(map(len, space.block_choices(level, distribution)))
 
 
-def default_epochs(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str) -> int:
+def steps_per_epoch(data: str, space: SearchSpace, batch_size: int, workers: int) -> int:
+    """The optimizer steps of an epoch on `data`'s training split."""
+    return max(1, len(build_splits(data, space.img_size, space.in_chans).train) // (batch_size * workers))
+
+
+def default_epochs(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str,
+                   steps: int) -> int:
     """A supernet's epochs when none are given: the compute of UNIFORM_EPOCHS epochs of one path (a fair step's
-    paths each cost a uniform step), rounded up: 8 fair epochs at GLiT's high level (4 paths), 4 at its low (9)."""
-    return math.ceil(UNIFORM_EPOCHS / paths_per_step(space, level, distribution, sampling))
+    paths each cost a uniform step), rounded up: 8 fair epochs at GLiT's high level (4 paths), 4 at its low (9); and
+    at least MIN_STEPS optimizer steps at `steps` an epoch (a fair step is one update of all its paths)."""
+    return max(math.ceil(UNIFORM_EPOCHS / paths_per_step(space, level, distribution, sampling)),
+               math.ceil(MIN_STEPS / steps))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +69,8 @@ class SupernetRun(Training):
     fair paths for the compute of UNIFORM_EPOCHS uniform epochs (fair sampling orders networks as training them
     does better at that compute, BENCHMARKS.md P13b and P13bt)."""
     epochs: int | None = described(None, f"training epochs (default: the compute of {UNIFORM_EPOCHS} epochs of one "
-                                         f"path a step: {UNIFORM_EPOCHS} uniform, 8 fair at GLiT's high level, 4 at its low)")
+                                         f"path a step: {UNIFORM_EPOCHS} uniform, 8 fair at GLiT's high level, 4 at its "
+                                         f"low; and at least {MIN_STEPS} optimizer steps)")
     batch_size: int = described(32, "images per worker and step")
     level: str = "high"
     distribution: tuple[int, ...] | None = None
@@ -65,8 +78,10 @@ class SupernetRun(Training):
     sampling: str = "fair"  # the paths of a step: "fair" (FairNAS's, `PathSampler`) or "uniform" (SPOS's one)
 
     def __post_init__(self):
-        if self.epochs is None:  # (frozen) resolved once: run.json holds the epochs trained
-            object.__setattr__(self, "epochs", default_epochs(self.space, self.level, self.distribution, self.sampling))
+        if self.epochs is None and self.batch_size >= 1 and self.workers >= 1:  # (frozen) resolved once: run.json
+            steps = steps_per_epoch(self.data, self.space, self.batch_size, self.workers)  # holds the epochs trained
+            object.__setattr__(self, "epochs", default_epochs(self.space, self.level, self.distribution, self.sampling,
+                                                              steps))
         super().__post_init__()
         if self.sampling == "fair" and (self.limits.flops_max or self.limits.params_max):
             raise UserError("--sampling fair trains every choice of every block each step, paths over --flops-max or "
