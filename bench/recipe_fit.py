@@ -108,9 +108,9 @@ def main() -> None:
                 ratios.append(f"{name}: retrained test top-1, chosen / {other['recipe']} = "
                               f"{chosen['test'] / max(other['test'], 1e-9):.2f}; probe median {chosen['verdict'].median:.1f}"
                               f" against {other['verdict'].median:.1f}")
-    supernet_epochs = args.supernet_epochs or "train_supernet's default (8 fair)"
+    supernet_epochs = args.supernet_epochs or "train_supernet's default (30 uniform epochs' compute, 160 steps at least)"
     body = "\n".join([*lines, "", *(f"- {r}" for r in ratios), "",
-                      f"Supernet: {supernet_epochs} epochs of batch 32 (its default sampling, fair); retraining: "
+                      f"Supernet: {supernet_epochs} epochs of fair paths, batch 32; retraining: "
                       f"{args.epochs} epochs of batch {args.batch}."])
     publish("P13r", body, args.record)
 

@@ -1,8 +1,8 @@
 """`python -m glit_ray.train_supernet`: train one level's weight-sharing supernet (SPOS) on Ray Train.
 
 Each step trains as many paths as a block has choices, every choice of every block in one of them (FairNAS's fair
-sampling, for the compute of 30 epochs of one path: it orders networks as training them does better, BENCHMARKS.md
-P13b and P13bt); or, with `--sampling uniform` (SPOS), one path drawn at random, the default inside
+sampling, for the compute of 30 epochs of one path and at least 160 optimizer steps: it orders networks as training
+them does better, BENCHMARKS.md P13b and P13bt); or, with `--sampling uniform` (SPOS), one path drawn at random, the default inside
 `--flops-max/--params-max` (`glit_ray.training.supernet_loop`, the workers' side). Each epoch checkpoints through Ray Train
 (model, optimizer, scheduler, scaler, epoch; the path sampler's state is the step count), logs to
 TensorBoard under RUN_DIR/tb and scores fixed probe paths on the held-out split. The run's last line is the verdict on those probes
