@@ -30,10 +30,10 @@ from glit_ray.models.constraints import Limits, add_flops_convention
 from glit_ray.models.space import LEVELS, SearchSpace
 from glit_ray.models.supernet import GLiTSupernet, load_supernet, save_supernet
 from glit_ray.runs import check_run, open_run, resolve_distribution
-from glit_ray.training.data import Splits, build_splits, labels_of, located
+from glit_ray.training.data import Splits, build_splits, labels_of, located, training_images
 from glit_ray.training.fit import ensure_ray, final_state, fit
 from glit_ray.training.flags import (add_arguments, check_epoch_has_a_step, check_ingest, say_recipe,
-                                     training_images, training_recipe)
+                                     training_recipe)
 from glit_ray.training.imagesets import heldout_indices
 from glit_ray.training.loop import TrainJob
 from glit_ray.training.recipe import PRESETS, Recipe, choose_preset

@@ -98,6 +98,12 @@ def build_splits(spec: str, img_size: int, in_chans: int, recipe: Recipe = PRESE
                   len(train_view.classes), True, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
+def training_images(data: str, space) -> int:
+    """How many images `data`'s training split holds at `space`'s size (what a recipe preset is chosen by, and the
+    steps a supernet's default epochs count)."""
+    return len(build_splits(data, space.img_size, space.in_chans).train)
+
+
 def build_test(spec: str, img_size: int, in_chans: int) -> tuple[Dataset, tuple | None, tuple | None, int]:
     """Only the test split as (uint8 view, mean, std, classes): what evaluating a trained model reads, without
     scanning the training images (an ImageNet copy may hold only val/)."""
@@ -229,7 +235,7 @@ def _imagefolder(path: Path):
 
 class ListedImageFolder(ImageFolder):
     """torchvision's ImageFolder whose file listing this process keeps while no class folder changes (its mtime): a
-    command builds the splits to choose its recipe (`training_flags.training_images`) and again to run, and listing
+    command builds the splits to choose its recipe (`training_images`) and again to run, and listing
     ImageNet's 1.28 M files is the slow part of both."""
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 from glit_ray.cluster.resources import ClusterShape, Request
 from glit_ray.core.cli import ArgumentParser, add_setting
 from glit_ray.core.errors import UserError
-from glit_ray.training.data import build_splits
+from glit_ray.training.data import training_images
 from glit_ray.training.recipe import Recipe, add_recipe_arguments, header, recipe_from_args
 from glit_ray.training.settings import Training
 
@@ -108,11 +108,6 @@ def training_recipe(args, data: str, space, batch_size: int | None = None, prefi
     recipe = recipe_from_args(args, training_images(data, space), space.img_size, prefix, **command_defaults)
     recipe.check_batch(batch_size or args.batch_size)
     return recipe
-
-
-def training_images(data: str, space) -> int:
-    """How many images `data`'s training split holds at `space`'s size (what a recipe preset is chosen by)."""
-    return len(build_splits(data, space.img_size, space.in_chans).train)
 
 
 def say_recipe(settings: Training, train_images: int, say) -> None:

@@ -12,7 +12,7 @@ from glit_ray.core.cli import described
 from glit_ray.core.errors import UserError
 from glit_ray.models.constraints import Limits
 from glit_ray.models.space import SearchSpace
-from glit_ray.training.data import build_splits
+from glit_ray.training.data import training_images
 from glit_ray.training.recipe import Recipe
 
 
@@ -51,7 +51,7 @@ def paths_per_step(space: SearchSpace, level: str, distribution: tuple[int, ...]
 
 def steps_per_epoch(data: str, space: SearchSpace, batch_size: int, workers: int) -> int:
     """The optimizer steps of an epoch on `data`'s training split."""
-    return max(1, len(build_splits(data, space.img_size, space.in_chans).train) // (batch_size * workers))
+    return max(1, training_images(data, space) // (batch_size * workers))
 
 
 def default_epochs(space: SearchSpace, level: str, distribution: tuple[int, ...] | None, sampling: str,
